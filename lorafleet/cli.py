@@ -1,0 +1,87 @@
+"""The ``lorafleet`` command line: one parser, subcommands imported only when run.
+
+Importing a subcommand lazily keeps ``lorafleet --help``, the gateway and the operator free of
+torch. Flags are parsed here, once, into values handed down; nothing reads the environment at
+import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Sequence
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _not_built(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(f"lorafleet {name}: not built yet (tracked in issue {issue})", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from lorafleet import model_store
+
+    try:
+        path = model_store.fetch(args.name, log=lambda line: print(line, file=sys.stderr))
+    except KeyError as exc:
+        print(f"lorafleet models fetch: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _models_list(_: argparse.Namespace) -> int:
+    from lorafleet import model_store
+
+    for name, folder, state in model_store.list_models():
+        print(f"{name:<24} {state:<12} {folder}")
+    return 0
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="lorafleet", description="Serve many LoRA adapters of one base model as a fleet.")
+    from lorafleet import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorafleet {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    commands.required = True
+
+    def add(name: str, help_text: str, run: Callable[[argparse.Namespace], int]) -> OneLineParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(run=run)
+        return sub
+
+    add("serve", "run one replica: the batched multi-LoRA engine and its HTTP APIs", _not_built("serve", 6))
+    add("gateway", "route requests by adapter id to the replica holding it hot", _not_built("gateway", 7))
+    add("operator", "run the kopf operator for BaseModel and Adapter resources", _not_built("operator", 9))
+    add("up", "run the whole fleet on this machine", _not_built("up", 10))
+    add("down", "stop the fleet started by `lorafleet up`", _not_built("down", 10))
+    add("status", "show fleets, replicas and where each adapter is hot", _not_built("status", 10))
+
+    models = commands.add_parser("models", help="fetch and list base models", description="Fetch and list base models.")
+    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", parser_class=OneLineParser)
+    model_commands.required = True
+    fetch = model_commands.add_parser("fetch", help="make a known model's safetensors folder (no hub access)")
+    fetch.add_argument("name", help="a known model name, e.g. smollm2")
+    fetch.set_defaults(run=_models_fetch)
+    listing = model_commands.add_parser("list", help="list the models in the store")
+    listing.set_defaults(run=_models_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
