@@ -100,7 +100,7 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **config_o
     tokenizer = write_tokenizer(folder)
     config = tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **config_overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if getattr(config, "attention_bias", False) or arch == "qwen2":
         # transformers zero-inits biases; random ones prove the engine really adds them.
         with torch.no_grad():
@@ -131,7 +131,7 @@ def make_lora_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_folder, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(
         r=r,
@@ -154,3 +154,23 @@ def make_lora_adapter(
     # Record what the adapter was made from, for humans reading a test's tmp folder.
     (folder / "lorafleet-fixture.json").write_text(json.dumps({"base": str(base_folder), "seed": seed}))
     return folder
+
+
+def reference_greedy(model: Any, prompt: list[int], max_new_tokens: int, **forward_kwargs: Any) -> tuple[list[int], list[Any]]:
+    """Greedy decoding with a transformers (or peft) model and its own KV cache, EOS not special.
+
+    ``generate`` would suppress or stop at EOS depending on its settings; this loop is the plain
+    reference: the logits of every step and the argmax tokens.
+    """
+    import torch
+
+    tokens: list[int] = []
+    step_logits = []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True, **forward_kwargs)
+        for _ in range(max_new_tokens):
+            logits = out.logits[0, -1].float()
+            step_logits.append(logits)
+            tokens.append(int(logits.argmax()))
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True, **forward_kwargs)
+    return tokens, step_logits

@@ -1,0 +1,88 @@
+"""Attention over the paged KV cache, and the per-step metadata that describes the batch.
+
+A step's batch is flat: the tokens of every sequence laid end to end, a prefill chunk
+contributing many and a decoding sequence one. The torch path here is the reference and the CPU
+path: prefill chunks attend one sequence at a time (a causal mask offset by what the cache already
+holds); decoding sequences attend together in one padded, masked SDPA call, which is where a
+large batch spends its attention time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSegment:
+    start: int  # first token of the chunk in the flat batch
+    end: int
+    context_len: int  # tokens of this sequence in the cache once the chunk is written
+    block_table: torch.Tensor
+
+
+@dataclass(slots=True)
+class BatchMetadata:
+    slot_mapping: torch.Tensor  # [T] flat cache index of each new token
+    prefills: list[PrefillSegment]
+    decode_rows: torch.Tensor  # [Bd] token index of each decoding sequence
+    decode_block_tables: torch.Tensor  # [Bd, max_blocks], padded with block 0 (masked)
+    decode_context_lens: torch.Tensor  # [Bd]
+    rope_lengths: list[tuple[int, int, int]]  # (start, end, sequence length) for length-dependent RoPE
+    lora: Any = None  # a LoraBatch when any row uses an adapter
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, limit: torch.Tensor, window: int | None) -> torch.Tensor:
+    visible = (key_pos <= query_pos) & (key_pos < limit)
+    if window is not None:
+        visible &= key_pos > query_pos - window
+    return visible
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: BatchMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """q: [T, heads, d]; k, v: [T, kv_heads, d] for the new tokens. Writes k, v into the cache."""
+    num_blocks, block_size, kv_heads, head_dim = key_cache.shape
+    key_cache.view(-1, kv_heads, head_dim)[meta.slot_mapping] = k
+    value_cache.view(-1, kv_heads, head_dim)[meta.slot_mapping] = v
+    out = torch.empty_like(q)
+    for seg in meta.prefills:
+        length = seg.context_len
+        keys = key_cache[seg.block_table].reshape(-1, kv_heads, head_dim)[:length]
+        values = value_cache[seg.block_table].reshape(-1, kv_heads, head_dim)[:length]
+        queries = q[seg.start : seg.end]
+        q_len = queries.shape[0]
+        if q_len == length and (sliding_window is None or length <= sliding_window):
+            mask, causal = None, True
+        else:
+            query_pos = torch.arange(length - q_len, length, device=q.device)[:, None]
+            key_pos = torch.arange(length, device=q.device)[None, :]
+            mask, causal = _window_mask(query_pos, key_pos, torch.tensor(length, device=q.device), sliding_window), False
+        attended = F.scaled_dot_product_attention(
+            queries.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+        )
+        out[seg.start : seg.end] = attended.transpose(0, 1)
+    if meta.decode_rows.numel():
+        batch = meta.decode_rows.shape[0]
+        keys = key_cache[meta.decode_block_tables].reshape(batch, -1, kv_heads, head_dim).transpose(1, 2)
+        values = value_cache[meta.decode_block_tables].reshape(batch, -1, kv_heads, head_dim).transpose(1, 2)
+        lens = meta.decode_context_lens[:, None]
+        key_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+        mask = _window_mask(lens - 1, key_pos, lens, sliding_window)[:, None, None, :]
+        queries = q[meta.decode_rows].unsqueeze(2)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[meta.decode_rows] = attended.squeeze(2)
+    return out

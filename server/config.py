@@ -1,0 +1,46 @@
+"""The engine's settings: one dataclass, parsed once at the edge (CLI or test) and passed down.
+
+Every default lives here and only here, so ``--help``, ``/info`` and the engine cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # auto: float32 on cpu (no fast bf16 matmul there), the checkpoint's dtype on cuda
+    device: str = "cpu"
+    allow_pickle: bool = False
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: 1 GiB on cpu, kv_cache_fraction of free memory on cuda
+    kv_cache_fraction: float = 0.85
+    max_input_length: int = 1024
+    max_total_tokens: int = 2048
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int = 65536
+    max_running_requests: int = 256
+    max_lora_rank: int = 64
+    max_active_adapters: int = 8
+    lora_kernel: str = "auto"  # auto: triton on cuda, torch elsewhere; or "torch" / "triton"
+
+    def validate(self) -> None:
+        problems = []
+        if self.block_size <= 0:
+            problems.append(f"block_size must be > 0, got {self.block_size}")
+        if self.max_input_length <= 0 or self.max_input_length >= self.max_total_tokens:
+            problems.append(f"max_input_length ({self.max_input_length}) must be > 0 and < max_total_tokens ({self.max_total_tokens})")
+        if self.max_batch_prefill_tokens <= 0:
+            problems.append(f"max_batch_prefill_tokens must be > 0, got {self.max_batch_prefill_tokens}")
+        if self.max_batch_total_tokens < self.max_total_tokens:
+            problems.append(
+                f"max_batch_total_tokens ({self.max_batch_total_tokens}) must be >= max_total_tokens ({self.max_total_tokens})"
+            )
+        if self.max_lora_rank <= 0 or self.max_active_adapters < 0:
+            problems.append("max_lora_rank must be > 0 and max_active_adapters >= 0")
+        if self.lora_kernel not in ("auto", "torch", "triton"):
+            problems.append(f"lora_kernel must be auto, torch or triton, got {self.lora_kernel!r}")
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -1,0 +1,253 @@
+"""The engine core: one ``step()`` schedules a batch, runs one forward pass, samples, and reports.
+
+This is synchronous and single-threaded on purpose (tests drive it step by step, with arrivals
+at chosen steps); ``AsyncEngine`` runs it in a background thread for the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafleet.server import detokenizer
+from lorafleet.server.attention import BatchMetadata, PrefillSegment
+from lorafleet.server.checkpoint import CheckpointError, load_weights, read_config
+from lorafleet.server.config import EngineConfig
+from lorafleet.server.kv_cache import BlockAllocator, KVCache
+from lorafleet.server.model import CausalLM
+from lorafleet.server.sampler import sample
+from lorafleet.server.scheduler import ScheduledChunk, Scheduler
+from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence, Status, TokenInfo
+
+log = logging.getLogger(__name__)
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(slots=True)
+class StepOutput:
+    seq: Sequence
+    token: TokenInfo | None  # None when the sequence ended without a new token (cancelled)
+    finished: bool
+
+
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        name = checkpoint_dtype or "bfloat16"
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return table[name]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Any = None) -> None:
+        config.validate()
+        self.config = config
+        folder = Path(config.model)
+        self.device = torch.device(config.device)
+        self.model_config = read_config(folder)
+        raw_dtype = self.model_config.raw.get("torch_dtype") or self.model_config.raw.get("dtype")
+        self.dtype = resolve_dtype(config.dtype, self.device, raw_dtype)
+        self.model = CausalLM(folder, self.model_config, load_weights(folder, config.allow_pickle), self.dtype, self.device)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = tokenizer
+        self.special_ids = set(getattr(self.tokenizer, "all_special_ids", []))
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+
+        block_bytes = KVCache.bytes_per_block(self.model_config, config.block_size, self.dtype)
+        budget = config.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * config.kv_cache_fraction)
+            else:
+                budget = DEFAULT_CPU_KV_BYTES
+        num_blocks = budget // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {budget} bytes holds no block ({block_bytes} bytes each)")
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.kv = KVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.lora: Any = None  # a LoraManager once adapters are enabled (lorafleet.server.lora_manager)
+        self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
+        self.num_steps = 0
+        log.info("engine ready: %s %s on %s, %d KV blocks of %d tokens", self.model_config.architecture, self.dtype, self.device, num_blocks, config.block_size)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _adapter_ready(self, adapter: str | None) -> bool:
+        return adapter is None or (self.lora is not None and self.lora.is_resident(adapter))
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None, request_id: str | None = None) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.config.max_total_tokens:
+            raise ValueError(
+                f"inputs tokens + max_new_tokens must be <= {self.config.max_total_tokens}. "
+                f"Given: {len(prompt_ids)} inputs tokens and {params.max_new_tokens} max_new_tokens"
+            )
+        needed = -(-total // self.config.block_size)
+        if needed > self.allocator.num_blocks:
+            raise ValueError(f"the request needs {needed} KV blocks; the whole pool has {self.allocator.num_blocks}")
+        seq = Sequence(list(prompt_ids), params, adapter)
+        if request_id is not None:
+            seq.request_id = request_id
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Mark for cancellation; the next step frees its blocks."""
+        seq.cancelled = True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        outputs = [self._end(seq, FinishReason.CANCELLED) for seq in self.scheduler.take_cancelled()]
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return outputs
+        self.num_steps += 1
+        input_ids, positions, meta = self._prepare(chunks)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv)
+
+        sample_rows, sample_seqs = [], []
+        offset = 0
+        for chunk in chunks:
+            seq = chunk.seq
+            end = offset + chunk.num_tokens
+            if seq.params.prefill_logprobs and seq.num_computed < seq.num_prompt and seq.num_preemptions == 0:
+                self._record_prefill_logprobs(seq, hidden[offset:end])
+            seq.num_computed += chunk.num_tokens
+            if seq.num_computed == len(seq.token_ids):
+                sample_rows.append(end - 1)
+                sample_seqs.append(seq)
+            offset = end
+        if sample_seqs:
+            logits = self.model.logits(hidden[sample_rows])
+            tokens, logprobs = sample(logits, sample_seqs)
+            for row, (seq, token_id) in enumerate(zip(sample_seqs, tokens)):
+                outputs.append(self._append(seq, token_id, logprobs[row]))
+        return outputs
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, BatchMetadata]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSegment] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        rope_lengths: list[tuple[int, int, int]] = []
+        bs = self.config.block_size
+        for chunk in chunks:
+            seq, start = chunk.seq, len(ids)
+            first, last = seq.num_computed, seq.num_computed + chunk.num_tokens
+            ids.extend(seq.token_ids[first:last])
+            positions.extend(range(first, last))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(first, last))
+            rope_lengths.append((start, len(ids), last))
+            if chunk.num_tokens == 1 and first > 0:
+                decode_rows.append(start)
+                decode_tables.append(seq.block_table)
+                decode_lens.append(last)
+            else:
+                table = torch.tensor(seq.block_table[: -(-last // bs)], dtype=torch.long, device=self.device)
+                prefills.append(PrefillSegment(start, len(ids), last, table))
+        width = max((len(t) for t in decode_tables), default=0)
+        device = self.device
+        meta = BatchMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            prefills=prefills,
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
+            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=device).reshape(len(decode_tables), width),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
+            rope_lengths=rope_lengths,
+        )
+        if self.lora is not None:
+            meta.lora = self.lora.batch_for([(c.seq.adapter, c.num_tokens) for c in chunks])
+        return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(positions, dtype=torch.long, device=device), meta
+
+    def _record_prefill_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Log-probability of each prompt token given the ones before it (the first has none)."""
+        logprobs = self.model.logits(hidden).log_softmax(-1)
+        first = seq.num_computed
+        if first == 0:
+            seq.prefill.append(TokenInfo(seq.prompt_ids[0], self._token_text(seq.prompt_ids[0]), None))
+        elif seq.prefill_carry is not None:
+            token = seq.prompt_ids[first]
+            seq.prefill.append(TokenInfo(token, self._token_text(token), float(seq.prefill_carry[token])))
+        for i in range(logprobs.shape[0] - 1):
+            token = seq.prompt_ids[first + i + 1]
+            seq.prefill.append(TokenInfo(token, self._token_text(token), float(logprobs[i, token])))
+        seq.prefill_carry = logprobs[-1]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _append(self, seq: Sequence, token_id: int, logprobs: torch.Tensor) -> StepOutput:
+        seq.token_ids.append(token_id)
+        seq.num_computed = len(seq.token_ids) - 1
+        special = token_id in self.special_ids
+        alternatives = []
+        if seq.params.alternatives:
+            top = torch.topk(logprobs, seq.params.alternatives)
+            alternatives = [TokenInfo(int(i), self._token_text(int(i)), float(lp), int(i) in self.special_ids) for lp, i in zip(top.values, top.indices)]
+        text = detokenizer.next_text(self.tokenizer, seq)
+        token = TokenInfo(token_id, text, float(logprobs[token_id]), special, alternatives)
+        seq.tokens.append(token)
+        reason = None
+        seq.text += text
+        if token_id in self.eos_ids and not seq.params.ignore_eos:
+            reason = FinishReason.EOS
+        elif seq.params.stop:
+            cut = detokenizer.find_stop(seq.text, len(text), seq.params.stop)
+            if cut is not None:
+                # The generated text ends with the matched stop sequence, and nothing after it.
+                token.text = text[: len(text) - (len(seq.text) - cut)]
+                seq.text = seq.text[:cut]
+                reason = FinishReason.STOP
+        if reason is None and len(seq.generated_ids) >= seq.params.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if reason is not FinishReason.STOP:
+                tail = detokenizer.flush_text(self.tokenizer, seq)
+                token.text += tail
+                seq.text += tail
+            self._finish(seq, reason)
+        return StepOutput(seq, token, reason is not None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+
+    def _end(self, seq: Sequence, reason: FinishReason) -> StepOutput:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        return StepOutput(seq, None, True)
+
+    # -- convenience for tests and benchmarks ---------------------------------------------------
+
+    def run_to_completion(self, max_steps: int = 100_000) -> None:
+        for _ in range(max_steps):
+            if not self.has_work():
+                return
+            self.step()
+        raise RuntimeError(f"engine still busy after {max_steps} steps")
+
+
+__all__ = ["LLMEngine", "StepOutput", "CheckpointError", "resolve_dtype"]

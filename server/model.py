@@ -1,0 +1,135 @@
+"""The Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) written for the paged KV cache.
+
+Read it top to bottom like gpt-fast's model: weights are plain tensors, the forward pass is a
+flat batch of tokens with their positions and a ``BatchMetadata``. Q/K/V and gate/up are fused
+into one matmul each (the CPU and GPU both prefer one larger GEMM); a LoRA delta is added onto
+each fused output's slice, so adapters still see the q/k/v/gate/up projections peft defines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.server.attention import BatchMetadata, paged_attention
+from lorafleet.server.checkpoint import CheckpointError, ModelConfig
+from lorafleet.server.kv_cache import KVCache
+from lorafleet.server.rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """In float32, then back, exactly as the Hugging Face reference does it."""
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(x.dtype)
+
+
+class CausalLM:
+    def __init__(self, folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.rope = RotaryEmbedding(folder, config.rope_type, device)
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+            return weights.pop(name).to(device=device, dtype=dtype)
+
+        self.embed = take("model.embed_tokens.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            attn, mlp = p + "self_attn.", p + "mlp."
+            bias = None
+            if config.qkv_bias:
+                bias = torch.cat([take(attn + f"{m}_proj.bias") for m in "qkv"])
+            self.layers.append(
+                LayerWeights(
+                    input_norm=take(p + "input_layernorm.weight"),
+                    qkv=torch.cat([take(attn + f"{m}_proj.weight") for m in "qkv"]),
+                    qkv_bias=bias,
+                    o=take(attn + "o_proj.weight"),
+                    post_norm=take(p + "post_attention_layernorm.weight"),
+                    gate_up=torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
+                    down=take(mlp + "down_proj.weight"),
+                )
+            )
+        self.norm = take("model.norm.weight")
+        if config.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = take("lm_head.weight")
+        if self.embed.shape != (config.vocab_size, config.hidden_size):
+            raise CheckpointError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says ({config.vocab_size}, {config.hidden_size})")
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every projection an adapter may target."""
+        c = self.config
+        return {
+            "q_proj": (c.hidden_size, self.q_size),
+            "k_proj": (c.hidden_size, self.kv_size),
+            "v_proj": (c.hidden_size, self.kv_size),
+            "o_proj": (self.q_size, c.hidden_size),
+            "gate_proj": (c.hidden_size, c.intermediate_size),
+            "up_proj": (c.hidden_size, c.intermediate_size),
+            "down_proj": (c.intermediate_size, c.hidden_size),
+        }
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMetadata, kv: KVCache) -> torch.Tensor:
+        """Hidden states after the final norm, one row per input token."""
+        c = self.config
+        lora = meta.lora
+        cos, sin = self.rope.cos_sin(positions, meta.rope_lengths, self.dtype)
+        hidden = F.embedding(input_ids, self.embed)
+        for index, layer in enumerate(self.layers):
+            x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            if lora is not None:
+                lora.add(index, "q_proj", x, q)
+                lora.add(index, "k_proj", x, k)
+                lora.add(index, "v_proj", x, v)
+            q = apply_rotary(q.reshape(-1, c.num_heads, c.head_dim), cos, sin)
+            k = apply_rotary(k.reshape(-1, c.num_kv_heads, c.head_dim), cos, sin)
+            v = v.reshape(-1, c.num_kv_heads, c.head_dim)
+            attended = paged_attention(q, k, v, kv.keys[index], kv.values[index], meta, self.scale, c.sliding_window)
+            attended = attended.reshape(-1, self.q_size)
+            out = F.linear(attended, layer.o)
+            if lora is not None:
+                lora.add(index, "o_proj", attended, out)
+            hidden = hidden + out
+
+            x = rms_norm(hidden, layer.post_norm, c.rms_norm_eps)
+            gate_up = F.linear(x, layer.gate_up)
+            gate, up = gate_up.split([c.intermediate_size, c.intermediate_size], dim=-1)
+            if lora is not None:
+                lora.add(index, "gate_proj", x, gate)
+                lora.add(index, "up_proj", x, up)
+            act = F.silu(gate) * up
+            out = F.linear(act, layer.down)
+            if lora is not None:
+                lora.add(index, "down_proj", act, out)
+            hidden = hidden + out
+        return rms_norm(hidden, self.norm, c.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,64 @@
+"""Rotary position embeddings, every scaling kind transformers defines for Llama-family models.
+
+The inverse frequencies come from transformers' own ``ROPE_INIT_FUNCTIONS`` so that linear,
+dynamic-NTK, llama3, yarn and longrope scaling agree with the reference by construction. Dynamic
+and longrope depend on the sequence's length; transformers uses the longest position in the
+forward pass, which for one sequence is its own length, so here each sequence gets the
+frequencies for its own length and batching never changes a sequence's result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class RotaryEmbedding:
+    def __init__(self, folder: Path, rope_type: str, device: torch.device) -> None:
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        self.hf_config = AutoConfig.from_pretrained(folder)
+        self.rope_type = rope_type
+        self.init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+        self.device = device
+        self.original_max = getattr(self.hf_config, "original_max_position_embeddings", None) or self.hf_config.max_position_embeddings
+        self.base_inv_freq, self.base_scaling = self.init_fn(self.hf_config, device)
+        self._by_length: dict[int, tuple[torch.Tensor, float]] = {}
+
+    @property
+    def length_dependent(self) -> bool:
+        return self.rope_type in ("dynamic", "longrope")
+
+    def _inv_freq(self, seq_len: int) -> tuple[torch.Tensor, float]:
+        if not self.length_dependent or seq_len <= self.original_max:
+            return self.base_inv_freq, self.base_scaling
+        key = seq_len if self.rope_type == "dynamic" else self.original_max + 1
+        if key not in self._by_length:
+            self._by_length[key] = self.init_fn(self.hf_config, self.device, seq_len=key)
+        return self._by_length[key]
+
+    def cos_sin(self, positions: torch.Tensor, seq_lens: list[tuple[int, int, int]], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each token ([T, head_dim]); seq_lens holds (start, end, length) of each sequence's tokens."""
+        if not self.length_dependent:
+            return self._compute(positions, self.base_inv_freq, self.base_scaling, dtype)
+        cos = torch.empty(positions.shape[0], self.base_inv_freq.shape[0] * 2, dtype=dtype, device=positions.device)
+        sin = torch.empty_like(cos)
+        for start, end, length in seq_lens:
+            inv_freq, scaling = self._inv_freq(length)
+            cos[start:end], sin[start:end] = self._compute(positions[start:end], inv_freq, scaling, dtype)
+        return cos, sin
+
+    @staticmethod
+    def _compute(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; the half-rotation layout of Hugging Face Llama checkpoints."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

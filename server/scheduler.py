@@ -1,0 +1,118 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Every step, running sequences decode one token each and waiting ones are admitted first come,
+first served, their prompts prefilled in chunks that share the step within the prefill budget.
+When the block pool runs dry the newest running sequence is preempted: its blocks are freed and it
+goes back to the front of the queue to be recomputed later, so the oldest requests always make
+progress (no starvation) and nothing is ever cut short. A waiting request that does not fit stops
+admission (head of line), so a large request is never overtaken forever by small ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from lorafleet.server.config import EngineConfig
+from lorafleet.server.kv_cache import BlockAllocator
+from lorafleet.server.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator, adapter_ready: Callable[[str | None], bool] | None = None) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.adapter_ready = adapter_ready or (lambda adapter: adapter is None)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def take_cancelled(self) -> list[Sequence]:
+        cancelled = [s for s in [*self.running, *self.waiting] if s.cancelled]
+        for seq in cancelled:
+            self.finish(seq)
+        return cancelled
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and requeue it, to be recomputed from its tokens."""
+        self.running.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Keep the queue in arrival order: a preempted sequence is older than most that wait.
+        index = next((i for i, s in enumerate(self.waiting) if s.arrival > seq.arrival), len(self.waiting))
+        self.waiting.insert(index, seq)
+        log.info("preempted %s (pool out of KV blocks); it will be recomputed", seq.request_id)
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow ``seq``'s table to hold ``num_tokens``, preempting newer sequences; False if ``seq`` itself was preempted."""
+        while not self.allocator.can_grow(seq.block_table, num_tokens):
+            victim = max(self.running, key=lambda s: s.arrival)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.allocator.grow(seq.block_table, num_tokens)
+        return True
+
+    def schedule(self) -> list[ScheduledChunk]:
+        prefill_budget = self.config.max_batch_prefill_tokens
+        chunks: list[ScheduledChunk] = []
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq not in self.running:  # preempted while making room for an older one
+                continue
+            if seq.num_uncomputed == 1:
+                num_tokens = 1
+            else:
+                num_tokens = min(seq.num_uncomputed, prefill_budget)
+                if num_tokens == 0:
+                    continue
+            if self._reserve(seq, seq.num_computed + num_tokens):
+                chunks.append(ScheduledChunk(seq, num_tokens))
+                if num_tokens > 1:
+                    prefill_budget -= num_tokens
+        chunks = [c for c in chunks if c.seq in self.running]
+
+        total_tokens = sum(len(s.token_ids) for s in self.running)
+        for seq in list(self.waiting):
+            if prefill_budget <= 0 or len(self.running) >= self.config.max_running_requests:
+                break
+            if not self.adapter_ready(seq.adapter):
+                continue  # its adapter is not on the device yet; it must not hold up the others
+            if total_tokens + len(seq.token_ids) > self.config.max_batch_total_tokens:
+                break
+            num_tokens = min(seq.num_uncomputed, prefill_budget)
+            if not self.allocator.can_grow(seq.block_table, seq.num_computed + num_tokens):
+                break
+            self.allocator.grow(seq.block_table, seq.num_computed + num_tokens)
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            total_tokens += len(seq.token_ids)
+            prefill_budget -= num_tokens
+            chunks.append(ScheduledChunk(seq, num_tokens))
+        return chunks

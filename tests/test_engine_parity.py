@@ -1,0 +1,114 @@
+"""The engine's logits and greedy tokens against transformers, alone and inside mixed batches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine_helpers import capture_logits, make_engine
+from lorafleet.server.checkpoint import CheckpointError
+from lorafleet.server.sequence import SamplingParams
+from lorafleet.testing import make_tiny_model, reference_greedy
+
+PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], [1] + list(range(30, 53)), [1, 99]]
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "llama-tied"])
+def test_every_step_logits_match_transformers(tiny_models: dict[str, Path], arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    captured = capture_logits(monkeypatch)
+    engine = make_engine(tiny_models[arch], max_batch_prefill_tokens=16)  # forces chunked prefill of the long prompt
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    engine.run_to_completion()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    for prompt, seq in zip(PROMPTS, seqs):
+        tokens, logits = reference_greedy(reference, prompt, GREEDY.max_new_tokens)
+        assert seq.generated_ids == tokens
+        for ours, theirs in zip(captured[seq.request_id], logits):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_arrivals_at_different_steps_do_not_change_greedy_tokens(tiny_models: dict[str, Path]) -> None:
+    alone = []
+    for prompt in PROMPTS:
+        engine = make_engine(tiny_models["llama"])
+        seq = engine.add_request(prompt, GREEDY)
+        engine.run_to_completion()
+        alone.append(seq.generated_ids)
+    engine = make_engine(tiny_models["llama"])
+    seqs = []
+    for prompt in PROMPTS:  # one new arrival every two steps, joining a running batch
+        seqs.append(engine.add_request(prompt, GREEDY))
+        engine.step()
+        engine.step()
+    engine.run_to_completion()
+    assert [s.generated_ids for s in seqs] == alone
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    ],
+    ids=lambda s: s["rope_type"],
+)
+def test_rope_scaling_kinds_match_transformers(tmp_path: Path, rope_scaling: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A short max_position_embeddings so that dynamic scaling really kicks in past 16 tokens.
+    folder = make_tiny_model(tmp_path / "m", arch="llama", max_position_embeddings=16, rope_scaling=rope_scaling)
+    captured = capture_logits(monkeypatch)
+    engine = make_engine(folder)
+    prompt = [1] + list(range(40, 52))
+    seq = engine.add_request(prompt, GREEDY)
+    engine.run_to_completion()
+    tokens, logits = reference_greedy(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), prompt, 12)
+    assert seq.generated_ids == tokens
+    for ours, theirs in zip(captured[seq.request_id], logits):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_unsupported_architecture_and_rope_kind_are_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "gpt"
+    shutil.copytree(tiny_models["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="unsupported architecture \\['GPT2LMHeadModel'\\]"):
+        make_engine(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "su", "factor": 2.0}}))
+    with pytest.raises(CheckpointError, match="unsupported rope_scaling type 'su'"):
+        make_engine(folder)
+
+
+def test_pickle_checkpoints_need_allow_pickle(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_models["llama"], folder)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        make_engine(folder)
+    engine = make_engine(folder, allow_pickle=True)
+    seq = engine.add_request(PROMPTS[0], GREEDY)
+    engine.run_to_completion()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    assert seq.generated_ids == reference_greedy(reference, PROMPTS[0], 12)[0]
+
+
+def test_sharded_checkpoint_loads(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_models["qwen2"] / name).exists():
+            shutil.copy(tiny_models["qwen2"] / name, tmp_path / "sharded" / name)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    engine = make_engine(tmp_path / "sharded")
+    seq = engine.add_request(PROMPTS[0], GREEDY)
+    engine.run_to_completion()
+    assert seq.generated_ids == reference_greedy(model, PROMPTS[0], 12)[0]
