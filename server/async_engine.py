@@ -1,0 +1,147 @@
+"""The engine loop in one background thread, and an asyncio-facing API for the HTTP layer.
+
+The forward pass holds the GIL only between kernels, so one engine thread leaves the event loop
+free to accept and stream requests. Commands (add, cancel) cross into the thread through a queue
+and are applied between steps; each request's events come back through its own asyncio queue.
+A consumer that stops iterating (a client gone) cancels its request, and the next step frees its
+KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from lorafleet.server.engine import LLMEngine, StepOutput
+from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence, TokenInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    token: TokenInfo | None
+    finish_reason: FinishReason | None = None
+    seq: Sequence | None = None  # set on the last event: the finished sequence, for its details
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class _Handle:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self.seq: Sequence | None = None
+
+    def put(self, item: TokenEvent | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[tuple] = queue.Queue()
+        self._handles: dict[int, _Handle] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.healthy = True
+        self.last_error: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._handles)
+
+    # -- the API ------------------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> AsyncIterator[TokenEvent]:
+        """Yield one event per generated token; the last one carries the finish reason and sequence."""
+        handle = _Handle(asyncio.get_running_loop())
+        self._commands.put(("add", handle, prompt_ids, params, adapter))
+        finished = False
+        try:
+            while True:
+                item = await handle.events.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("cancel", handle))
+
+    # -- the engine thread ----------------------------------------------------------------------
+
+    def _apply(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, handle, prompt_ids, params, adapter = command
+            try:
+                handle.seq = self.engine.add_request(prompt_ids, params, adapter)
+            except ValueError as exc:
+                handle.put(exc)
+                return
+            self._handles[id(handle.seq)] = handle
+        elif kind == "cancel":
+            seq = command[1].seq
+            if seq is not None and not seq.finished:
+                self.engine.cancel(seq)
+
+    def _deliver(self, output: StepOutput) -> None:
+        handle = self._handles.get(id(output.seq))
+        if handle is None:
+            return
+        reason = output.seq.finish_reason if output.finished else None
+        handle.put(TokenEvent(output.token, reason, output.seq if output.finished else None))
+        if output.finished:
+            del self._handles[id(output.seq)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                # Idle: wait for work. Busy: apply whatever arrived, then step.
+                idle = not self.engine.has_work()
+                command = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
+                self._apply(command)
+                continue  # drain every pending command before the next step
+            except queue.Empty:
+                pass
+            if not self.engine.has_work():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step fails its requests, never the process
+                log.exception("engine step failed")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._fail_all(exc)
+                continue
+            for output in outputs:
+                self._deliver(output)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for handle in list(self._handles.values()):
+            if handle.seq is not None:
+                self.engine.cancel(handle.seq)
+            handle.put(RuntimeError(f"generation failed: {exc}"))
+        self._handles.clear()
+        self.engine.scheduler.take_cancelled()
