@@ -66,6 +66,8 @@ def main() -> None:
     folder = model_store.resolve_model("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     engine = LLMEngine(EngineConfig(model=str(folder), kv_cache_memory=1 << 30), tokenizer=tokenizer)
     print(f"SmolLM2-135M-Instruct, cpu float32, {args.threads} threads; tokens/s of useful generated tokens")

@@ -17,7 +17,9 @@ from lorafleet.server import detokenizer
 from lorafleet.server.attention import BatchMetadata, PrefillSegment
 from lorafleet.server.checkpoint import CheckpointError, load_weights, read_config
 from lorafleet.server.config import EngineConfig
+from lorafleet.server.adapter_format import LoraAdapter, load_adapter
 from lorafleet.server.kv_cache import BlockAllocator, KVCache
+from lorafleet.server.lora_slots import LoraSlots
 from lorafleet.server.model import CausalLM
 from lorafleet.server.sampler import sample
 from lorafleet.server.scheduler import ScheduledChunk, Scheduler
@@ -78,7 +80,7 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block ({block_bytes} bytes each)")
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         self.kv = KVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
-        self.lora: Any = None  # a LoraManager once adapters are enabled (lorafleet.server.lora_manager)
+        self.lora: LoraSlots | None = None  # made on the first adapter load: slots cost memory
         self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
         self.num_steps = 0
         log.info("engine ready: %s %s on %s, %d KV blocks of %d tokens", self.model_config.architecture, self.dtype, self.device, num_blocks, config.block_size)
@@ -105,6 +107,20 @@ class LLMEngine:
             seq.request_id = request_id
         self.scheduler.add(seq)
         return seq
+
+    def lora_kernel(self) -> str:
+        if self.config.lora_kernel == "auto":
+            return "triton" if self.device.type == "cuda" else "torch"
+        return self.config.lora_kernel
+
+    def load_adapter(self, name: str, folder: Path) -> LoraAdapter:
+        """Validate a PEFT adapter against this base model and put it in a device slot."""
+        adapter = load_adapter(name, Path(folder), self.model.module_shapes(), self.model_config.num_layers, self.config.max_lora_rank, self.config.allow_pickle)
+        if self.lora is None:
+            self.lora = LoraSlots(self.model.module_shapes(), self.model_config.num_layers, self.config.max_active_adapters,
+                                  self.config.max_lora_rank, self.dtype, self.device, self.lora_kernel())
+        self.lora.load(adapter)
+        return adapter
 
     def cancel(self, seq: Sequence) -> None:
         """Mark for cancellation; the next step frees its blocks."""

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 
+import os
+
+# The Triton LoRA kernels are checked on CPU through the interpreter; it must be chosen before
+# triton is first imported, which is why this is the one setting made at import time here.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from lorafleet import model_store
 from lorafleet.testing import make_tiny_model
 

@@ -1,0 +1,101 @@
+"""The batched LoRA op: y += (x·A_i)·B_i, where i is each row's slot, for one projection of one layer.
+
+``LoraBatch`` is built once per step from each sequence's slot and token count and then serves
+every projection of every layer. Two implementations sit behind ``add``:
+
+- torch (the reference and the CPU path): rows of the few adapters that fill most of a batch are
+  grouped, one matmul pair per adapter; single decode rows of many adapters are gathered and
+  multiplied with one bmm (BGMV); prefill chunks are segments, one matmul pair each (SGMV).
+- triton (cuda): the same segments and rows through the kernels in ``lora_triton``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+GROUP_LIMIT = 4  # at most this many distinct adapters among decode rows: one matmul pair per adapter
+
+
+@dataclass(slots=True)
+class LoraBatch:
+    slots: Any  # the LoraSlots with the stacked buffers
+    segments: list[tuple[int, int, int]]  # (start, end, slot) of multi-token chunks
+    groups: list[tuple[torch.Tensor, int]]  # (row indices, slot) of decode rows, grouped by adapter
+    rows: torch.Tensor  # decode rows gathered per token (when adapters are many)
+    row_slots: torch.Tensor
+    modules_used: set[str]
+    kernel: str
+    triton_meta: Any = None
+
+    @classmethod
+    def build(cls, slots: Any, seq_slots: list[int], seq_tokens: list[int]) -> "LoraBatch":
+        segments: list[tuple[int, int, int]] = []
+        decode: dict[int, list[int]] = {}
+        start = 0
+        for slot, count in zip(seq_slots, seq_tokens):
+            if slot >= 0:
+                if count == 1:
+                    decode.setdefault(slot, []).append(start)
+                else:
+                    segments.append((start, start + count, slot))
+            start += count
+        device = slots.a[0][next(iter(slots.a[0]))].device
+        used = set().union(*(slots.modules_of_slot.get(s, set()) for s in set(seq_slots) if s >= 0))
+        groups: list[tuple[torch.Tensor, int]] = []
+        rows: list[int] = []
+        row_slots: list[int] = []
+        if len(decode) <= GROUP_LIMIT:
+            groups = [(torch.tensor(r, dtype=torch.long, device=device), s) for s, r in decode.items()]
+        else:
+            for s, r in decode.items():
+                rows.extend(r)
+                row_slots.extend([s] * len(r))
+        batch = cls(
+            slots=slots,
+            segments=segments,
+            groups=groups,
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            row_slots=torch.tensor(row_slots, dtype=torch.long, device=device),
+            modules_used=used,
+            kernel=slots.kernel,
+        )
+        if batch.kernel == "triton":
+            from lorafleet.server import lora_triton
+
+            batch.triton_meta = lora_triton.TritonMeta.build(seq_slots, seq_tokens, device)
+        return batch
+
+    def add(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y (a view of the projection's output) += this batch's LoRA delta for (layer, module)."""
+        if module not in self.modules_used:
+            return
+        a = self.slots.a[layer][module]
+        b = self.slots.b[layer][module]
+        if self.kernel == "triton":
+            from lorafleet.server import lora_triton
+
+            lora_triton.lora_add(x, y, a, b, self.triton_meta)
+            return
+        lora_add_torch(x, y, a, b, self)
+
+
+def lora_add_torch(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoraBatch) -> None:
+    for start, end, slot in batch.segments:
+        y[start:end] += (x[start:end] @ a[slot]) @ b[slot]
+    for rows, slot in batch.groups:
+        y[rows] += (x[rows] @ a[slot]) @ b[slot]
+    if batch.rows.numel():
+        shrunk = torch.bmm(x[batch.rows].unsqueeze(1), a[batch.row_slots])
+        y[batch.rows] += torch.bmm(shrunk, b[batch.row_slots]).squeeze(1)
+
+
+def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """The plainest statement of the op, one token at a time: what every path is tested against."""
+    out = torch.zeros(x.shape[0], b.shape[-1], dtype=torch.float32, device=x.device)
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot >= 0:
+            out[t] = (x[t].float() @ a[slot].float()) @ b[slot].float()
+    return out

@@ -1,0 +1,75 @@
+"""Device slots: the adapters resident on the device, stacked so one kernel call serves a batch.
+
+For each layer and projection there is one A buffer [slots, in, r_max] and one B buffer
+[slots, r_max, out]; an adapter of a smaller rank is zero-padded, so padded ranks add nothing.
+Rows of the batch that use no adapter have no slot and cost nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lorafleet.server.adapter_format import LoraAdapter
+from lorafleet.server.lora_ops import LoraBatch
+
+log = logging.getLogger(__name__)
+
+
+class LoraSlots:
+    def __init__(self, module_shapes: dict[str, tuple[int, int]], num_layers: int, num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device, kernel: str = "torch") -> None:
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.kernel = kernel
+        self.a = [{m: torch.zeros(num_slots, i, max_rank, dtype=dtype, device=device) for m, (i, o) in module_shapes.items()} for _ in range(num_layers)]
+        self.b = [{m: torch.zeros(num_slots, max_rank, o, dtype=dtype, device=device) for m, (i, o) in module_shapes.items()} for _ in range(num_layers)]
+        self.slot_of: dict[str, int] = {}
+        self.adapters: dict[str, LoraAdapter] = {}
+        # Which modules each slot touches, so a batch skips projections no resident row adapts.
+        self.modules_of_slot: dict[int, set[str]] = {}
+
+    @property
+    def free_slots(self) -> list[int]:
+        used = set(self.slot_of.values())
+        return [s for s in range(self.num_slots) if s not in used]
+
+    def is_resident(self, name: str) -> bool:
+        return name in self.slot_of
+
+    def load(self, adapter: LoraAdapter) -> int:
+        """Copy an adapter into a free slot (zeroing it first) and return the slot."""
+        if adapter.name in self.slot_of:
+            return self.slot_of[adapter.name]
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank}, above the slots' max rank {self.max_rank}")
+        free = self.free_slots
+        if not free:
+            raise RuntimeError(f"all {self.num_slots} adapter slots are in use")
+        slot = free[0]
+        for layer in range(len(self.a)):
+            for module in self.a[layer]:
+                self.a[layer][module][slot].zero_()
+                self.b[layer][module][slot].zero_()
+        for (layer, module), (a, b) in adapter.weights.items():
+            rank = a.shape[1]
+            self.a[layer][module][slot, :, :rank].copy_(a)
+            self.b[layer][module][slot, :rank, :].copy_(b)
+        self.slot_of[adapter.name] = slot
+        self.adapters[adapter.name] = adapter
+        self.modules_of_slot[slot] = set(adapter.target_modules)
+        log.info("adapter %s (rank %d, %s) in slot %d", adapter.name, adapter.rank, ",".join(adapter.target_modules), slot)
+        return slot
+
+    def unload(self, name: str) -> None:
+        slot = self.slot_of.pop(name)
+        self.adapters.pop(name)
+        self.modules_of_slot.pop(slot, None)
+
+    def batch_for(self, rows: list[tuple[str | None, int]]) -> LoraBatch | None:
+        """The per-step LoRA metadata for a batch given as (adapter name or None, number of tokens) per sequence."""
+        if all(name is None for name, _ in rows):
+            return None
+        slots = [self.slot_of[name] if name is not None else -1 for name, _ in rows]
+        return LoraBatch.build(self, slots, [n for _, n in rows])
