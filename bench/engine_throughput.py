@@ -57,7 +57,7 @@ def run_transformers(model, tokenizer, requests: list[tuple[list[int], int]], co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, concurrency)")
+    parser.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 3 x concurrency): a stream, as real traffic is")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, cpu float32, {args.threads} threads; tokens/s of useful generated tokens")
     print(f"{'concurrent':>10} {'requests':>8} {'lorafleet':>10} {'transformers':>12} {'ratio':>6}")
     for concurrency in args.concurrency:
-        requests = workload(tokenizer, args.requests_per_level or max(4, concurrency), seed=concurrency)
+        requests = workload(tokenizer, args.requests_per_level or max(4, 3 * concurrency), seed=concurrency)
         ours, ours_s = timed(lambda: run_lorafleet(engine, requests, concurrency))
         theirs, theirs_s = timed(lambda: run_transformers(model, tokenizer, requests, concurrency))
         ours_rate, theirs_rate = ours / ours_s, theirs / theirs_s

@@ -28,6 +28,7 @@ class LoraBatch:
     row_slots: torch.Tensor
     modules_used: set[str]
     kernel: str
+    row_range: slice | None = None  # the gathered rows as a slice, when they are contiguous (all-decode steps)
     triton_meta: Any = None
 
     @classmethod
@@ -50,9 +51,9 @@ class LoraBatch:
         if len(decode) <= GROUP_LIMIT:
             groups = [(torch.tensor(r, dtype=torch.long, device=device), s) for s, r in decode.items()]
         else:
-            for s, r in decode.items():
-                rows.extend(r)
-                row_slots.extend([s] * len(r))
+            pairs = sorted((row, s) for s, r in decode.items() for row in r)
+            rows = [row for row, _ in pairs]
+            row_slots = [s for _, s in pairs]
         batch = cls(
             slots=slots,
             segments=segments,
@@ -62,6 +63,8 @@ class LoraBatch:
             modules_used=used,
             kernel=slots.kernel,
         )
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+            batch.row_range = slice(rows[0], rows[0] + len(rows))
         if batch.kernel == "triton":
             from lorafleet.server import lora_triton
 
@@ -88,8 +91,14 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.T
     for rows, slot in batch.groups:
         y[rows] += (x[rows] @ a[slot]) @ b[slot]
     if batch.rows.numel():
-        shrunk = torch.bmm(x[batch.rows].unsqueeze(1), a[batch.row_slots])
-        y[batch.rows] += torch.bmm(shrunk, b[batch.row_slots]).squeeze(1)
+        # index_select copies each row's adapter once, multi-threaded; that copy is most of the cost.
+        rows = batch.row_range if batch.row_range is not None else batch.rows
+        shrunk = torch.bmm(x[rows].unsqueeze(1), a.index_select(0, batch.row_slots))
+        delta = torch.bmm(shrunk, b.index_select(0, batch.row_slots)).squeeze(1)
+        if batch.row_range is not None:
+            y[rows] += delta
+        else:
+            y.index_add_(0, rows, delta)
 
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:

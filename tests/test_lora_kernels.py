@@ -42,6 +42,7 @@ BATCHES = {
     "prefill+decode mixed": ([0, -1, 3, 3, 5, -1, 1], [7, 3, 1, 1, 20, 1, 1]),
     "decode over many adapters": ([0, 1, 2, 3, 4, 5, -1, 2], [1] * 8),
     "one adapter": ([2, 2, 2, 2], [1, 1, 5, 1]),
+    "contiguous decode rows": ([4, 0, 3, 1, 2, 5], [1] * 6),
 }
 
 
