@@ -5,7 +5,8 @@ Every default lives here and only here, so ``--help``, ``/info`` and the engine 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(slots=True)
@@ -25,6 +26,11 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_active_adapters: int = 8
     lora_kernel: str = "auto"  # auto: triton on cuda, torch elsewhere; or "torch" / "triton"
+    adapter_roots: list[Path] = field(default_factory=list)
+    adapter_cache_dir: Path = Path("/data/adapters")
+    adapter_disk_cache: int = 20 << 30
+    adapter_cpu_memory: int = 4 << 30
+    adapter_cycle_time_s: float = 2.0
 
     def validate(self) -> None:
         problems = []

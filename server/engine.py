@@ -18,6 +18,7 @@ from lorafleet.server.attention import BatchMetadata, PrefillSegment
 from lorafleet.server.checkpoint import CheckpointError, load_weights, read_config
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.adapter_format import LoraAdapter, load_adapter
+from lorafleet.server.adapter_manager import AdapterManager, AdapterSettings
 from lorafleet.server.kv_cache import BlockAllocator, KVCache
 from lorafleet.server.lora_slots import LoraSlots
 from lorafleet.server.model import CausalLM
@@ -80,7 +81,14 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block ({block_bytes} bytes each)")
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         self.kv = KVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
-        self.lora: LoraSlots | None = None  # made on the first adapter load: slots cost memory
+        shapes, layers = self.model.module_shapes(), self.model_config.num_layers
+        self.adapters = AdapterManager(
+            AdapterSettings(config.adapter_roots, config.adapter_cache_dir, config.adapter_disk_cache,
+                            config.adapter_cpu_memory, config.adapter_cycle_time_s),
+            # Slots are made on the first adapter load: they cost memory a base-only replica never uses.
+            make_slots=lambda: LoraSlots(shapes, layers, config.max_active_adapters, config.max_lora_rank, self.dtype, self.device, self.lora_kernel()),
+            parse=lambda name, folder: load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle),
+        )
         self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
         self.num_steps = 0
         log.info("engine ready: %s %s on %s, %d KV blocks of %d tokens", self.model_config.architecture, self.dtype, self.device, num_blocks, config.block_size)
@@ -88,7 +96,7 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------------
 
     def _adapter_ready(self, adapter: str | None) -> bool:
-        return adapter is None or (self.lora is not None and self.lora.is_resident(adapter))
+        return adapter is None or self.adapters.is_ready(adapter)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None, request_id: str | None = None) -> Sequence:
         if not prompt_ids:
@@ -114,13 +122,8 @@ class LLMEngine:
         return self.config.lora_kernel
 
     def load_adapter(self, name: str, folder: Path) -> LoraAdapter:
-        """Validate a PEFT adapter against this base model and put it in a device slot."""
-        adapter = load_adapter(name, Path(folder), self.model.module_shapes(), self.model_config.num_layers, self.config.max_lora_rank, self.config.allow_pickle)
-        if self.lora is None:
-            self.lora = LoraSlots(self.model.module_shapes(), self.model_config.num_layers, self.config.max_active_adapters,
-                                  self.config.max_lora_rank, self.dtype, self.device, self.lora_kernel())
-        self.lora.load(adapter)
-        return adapter
+        """Validate a PEFT adapter folder against this base model and pin it in a device slot now."""
+        return self.adapters.load_now(name, Path(folder))
 
     def cancel(self, seq: Sequence) -> None:
         """Mark for cancellation; the next step frees its blocks."""
@@ -133,6 +136,11 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         outputs = [self._end(seq, FinishReason.CANCELLED) for seq in self.scheduler.take_cancelled()]
+        outputs += self._fail_adapter_waiters()
+        running = {s.adapter for s in self.scheduler.running if s.adapter is not None}
+        waiting = list(dict.fromkeys(s.adapter for s in self.scheduler.waiting if s.adapter is not None))
+        if running or waiting or self.adapters.states:
+            self.adapters.between_steps(running, waiting)
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
@@ -157,6 +165,16 @@ class LLMEngine:
             tokens, logprobs = sample(logits, sample_seqs)
             for row, (seq, token_id) in enumerate(zip(sample_seqs, tokens)):
                 outputs.append(self._append(seq, token_id, logprobs[row]))
+        return outputs
+
+    def _fail_adapter_waiters(self) -> list[StepOutput]:
+        """Requests waiting for an adapter that failed to load get its error; nothing else is touched."""
+        outputs = []
+        for key, error in self.adapters.take_failed():
+            for seq in [s for s in self.scheduler.waiting if s.adapter == key]:
+                seq.error = error
+                self.scheduler.finish(seq)
+                outputs.append(self._end(seq, FinishReason.ERROR))
         return outputs
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, BatchMetadata]:
@@ -193,8 +211,8 @@ class LLMEngine:
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
             rope_lengths=rope_lengths,
         )
-        if self.lora is not None:
-            meta.lora = self.lora.batch_for([(c.seq.adapter, c.num_tokens) for c in chunks])
+        if self.adapters.slots is not None:
+            meta.lora = self.adapters.slots.batch_for([(c.seq.adapter, c.num_tokens) for c in chunks])
         return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(positions, dtype=torch.long, device=device), meta
 
     def _record_prefill_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:

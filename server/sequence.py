@@ -81,7 +81,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
-    error: str | None = None
+    error: BaseException | None = None  # why a FinishReason.ERROR sequence failed
     cancelled: bool = False
     tokens: list[TokenInfo] = field(default_factory=list)
     prefill: list[TokenInfo] = field(default_factory=list)

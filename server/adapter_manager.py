@@ -1,0 +1,249 @@
+"""Which adapters are where, and moving them between tiers without ever stalling the engine loop.
+
+A request names an adapter; ``request`` registers it and, if no tier holds it, starts a fetch and
+parse in a worker thread. Between steps the engine thread calls ``between_steps``, which copies
+adapters that are ready in CPU memory into free device slots, evicting the least recently used
+adapter that no running request uses and that is not pinned. When every slot is busy and other
+adapters have been waiting, the adapter that has held its slot longest past ``cycle_time_s``
+drains: its running requests finish, new ones wait, and its slot goes to the next in line — so
+no adapter starves (LoRAX's rotation, with the same default of 2 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lorafleet.server.adapter_cache import CpuCache, DiskCache
+from lorafleet.server.adapter_format import LoraAdapter, load_adapter
+from lorafleet.server.adapter_sources import AdapterRef, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.lora_slots import LoraSlots
+
+log = logging.getLogger(__name__)
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass(slots=True)
+class AdapterState:
+    ref: AdapterRef
+    status: str = "loading"  # loading | cpu | device | failed
+    pinned: bool = False
+    error: BaseException | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+    resident_since: float = 0.0
+    draining: bool = False
+    rank: int = 0
+    size_bytes: int = 0
+    tier_hit: str = ""  # where the last load found it: cpu | disk | source
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class AdapterSettings:
+    roots: list[Path] = field(default_factory=list)
+    cache_dir: Path = Path("/data/adapters")
+    disk_bytes: int = 20 << 30
+    cpu_bytes: int = 4 << 30
+    cycle_time_s: float = 2.0
+    load_threads: int = 2
+
+
+class AdapterManager:
+    def __init__(self, settings: AdapterSettings, make_slots: Callable[[], LoraSlots], parse: Callable[[str, Path], LoraAdapter]) -> None:
+        self.settings = settings
+        self.disk = DiskCache(settings.cache_dir, settings.disk_bytes)
+        self.cpu = CpuCache(settings.cpu_bytes)
+        self._make_slots = make_slots
+        self._parse = parse
+        self.slots: LoraSlots | None = None
+        self.states: dict[str, AdapterState] = {}
+        self._failed: list[tuple[str, BaseException]] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter")
+        self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "source_fetch": 0, "device_evictions": 0, "rotations": 0}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- requests (engine thread) ---------------------------------------------------------------
+
+    def request(self, ref: AdapterRef, token: str | None = None, pin: bool = False) -> str:
+        """Register a use of ``ref``; start loading it if no tier holds it. Raises at once for a bad id or a recent failure."""
+        key = ref.key
+        now = time.monotonic()
+        with self._lock:
+            state = self.states.get(key)
+            if state is not None and state.status == "failed" and now < state.retry_at:
+                raise state.error  # type: ignore[misc]
+            if state is None or state.status == "failed":
+                folder = resolve_local(ref.id, self.settings.roots) if ref.source == "local" else None
+                state = self.states[key] = AdapterState(ref, failures=state.failures if state else 0)
+                self._pool.submit(self._load, state, folder, token)
+            elif state.status == "device":
+                self.counts["device_hit"] += 1
+            state.last_used = now
+            state.pinned = state.pinned or pin
+        return key
+
+    def is_ready(self, key: str) -> bool:
+        state = self.states.get(key)
+        return state is not None and state.status == "device" and not state.draining
+
+    def take_failed(self) -> list[tuple[str, BaseException]]:
+        with self._lock:
+            failed, self._failed = self._failed, []
+        return failed
+
+    def load_now(self, name: str, folder: Path, pin: bool = True) -> LoraAdapter:
+        """Parse a folder and put it straight into a slot (tests, benchmarks, and start-up preloads)."""
+        adapter = self._parse(name, folder)
+        state = AdapterState(AdapterRef("local", name), status="cpu", pinned=pin, rank=adapter.rank, size_bytes=adapter.size_bytes)
+        self.states[name] = state
+        self.cpu.put(name, adapter)
+        self._to_device(name, state, adapter, running=set())
+        return adapter
+
+    def unpin(self, key: str) -> None:
+        state = self.states.get(key)
+        if state is not None:
+            state.pinned = False
+
+    def unload(self, key: str, running: set[str]) -> bool:
+        """Drop an adapter from every tier but disk; False when running requests still use it."""
+        if key in running:
+            return False
+        with self._lock:
+            state = self.states.pop(key, None)
+        if state is not None and self.slots is not None and self.slots.is_resident(key):
+            self.slots.unload(key)
+        self.cpu.drop(key)
+        return state is not None
+
+    # -- loading (worker threads) ---------------------------------------------------------------
+
+    def _load(self, state: AdapterState, local_folder: Path | None, token: str | None) -> None:
+        key = state.ref.key
+        started = time.perf_counter()
+        try:
+            adapter = self.cpu.get(key)
+            if adapter is not None:
+                state.tier_hit = "cpu"
+                self.counts["cpu_hit"] += 1
+            else:
+                folder = local_folder or self._disk_copy(state, token)
+                parse_start = time.perf_counter()
+                adapter = self._parse(key, folder)
+                state.load_seconds["disk_to_cpu"] = time.perf_counter() - parse_start
+                self.cpu.put(key, adapter, protect={k for k, s in self.states.items() if s.pinned})
+            with self._lock:
+                state.rank, state.size_bytes = adapter.rank, adapter.size_bytes
+                state.status = "cpu"
+                state.failures = 0
+            state.load_seconds["total_to_cpu"] = time.perf_counter() - started
+        except BaseException as exc:  # every failure reaches the waiting requests
+            with self._lock:
+                state.status = "failed"
+                state.error = exc
+                state.failures += 1
+                state.retry_at = time.monotonic() + min(MAX_BACKOFF_S, 0.0 if state.failures == 1 else 2.0 ** (state.failures - 2))
+                self._failed.append((key, exc))
+            log.warning("adapter %s failed to load (%s: %s)", key, type(exc).__name__, exc)
+
+    def _disk_copy(self, state: AdapterState, token: str | None) -> Path:
+        key = state.ref.key
+        folder = self.disk.get(key)
+        if folder is not None:
+            state.tier_hit = "disk"
+            self.counts["disk_hit"] += 1
+            return folder
+        state.tier_hit = "source"
+        self.counts["source_fetch"] += 1
+        fetch_start = time.perf_counter()
+        ref = state.ref
+        fetch = (lambda dest: fetch_hub(ref, dest, token)) if ref.source == "hub" else (lambda dest: fetch_s3(ref, dest))
+        folder = self.disk.put(key, fetch, protect={k for k, s in self.states.items() if s.status in ("loading", "device")})
+        state.load_seconds["source_to_disk"] = time.perf_counter() - fetch_start
+        return folder
+
+    # -- device slots (engine thread, between steps) --------------------------------------------
+
+    def between_steps(self, running: set[str], waiting: list[str]) -> None:
+        """Move adapters wanted by waiting requests (oldest first) and pinned ones into device slots."""
+        wanted = list(dict.fromkeys([*waiting, *(k for k, s in self.states.items() if s.pinned)]))
+        for key in wanted:
+            state = self.states.get(key)
+            if state is None:
+                continue
+            if state.status == "device":
+                continue
+            if state.status != "cpu":
+                continue
+            adapter = self.cpu.get(key)
+            if adapter is None:  # evicted from CPU memory since it loaded: load it again
+                with self._lock:
+                    state.status = "loading"
+                self._pool.submit(self._load, state, resolve_local(state.ref.id, self.settings.roots) if state.ref.source == "local" else None, None)
+                continue
+            if not self._to_device(key, state, adapter, running):
+                self._rotate(running, waiting)
+                break
+        for state in self.states.values():  # a drained adapter that left the device may serve again later
+            if state.draining and state.status != "device":
+                state.draining = False
+
+    def _to_device(self, key: str, state: AdapterState, adapter: LoraAdapter, running: set[str]) -> bool:
+        if self.slots is None:
+            self.slots = self._make_slots()
+        if not self.slots.free_slots:
+            victims = [k for k in self.slots.slot_of if k not in running and not self.states.get(k, state).pinned]
+            if not victims:
+                return False
+            victim = min(victims, key=lambda k: self.states[k].last_used if k in self.states else 0.0)
+            self.slots.unload(victim)
+            if victim in self.states:
+                self.states[victim].status = "cpu"
+            self.counts["device_evictions"] += 1
+        start = time.perf_counter()
+        self.slots.load(adapter)
+        state.load_seconds["cpu_to_device"] = time.perf_counter() - start
+        state.status = "device"
+        state.resident_since = time.monotonic()
+        return True
+
+    def _rotate(self, running: set[str], waiting: list[str]) -> None:
+        """Every slot is used by running requests: drain the one resident longest past the cycle time."""
+        if any(s.draining for s in self.states.values()):
+            return
+        now = time.monotonic()
+        candidates = [
+            k for k in (self.slots.slot_of if self.slots else {})
+            if k in self.states and not self.states[k].pinned
+            and now - self.states[k].resident_since >= self.settings.cycle_time_s
+        ]
+        if candidates:
+            victim = min(candidates, key=lambda k: self.states[k].resident_since)
+            self.states[victim].draining = True
+            self.counts["rotations"] += 1
+            log.info("adapter %s drains after %.1fs so waiting adapters get a slot", victim, now - self.states[victim].resident_since)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def describe(self, in_flight: dict[str, int]) -> list[dict]:
+        now = time.monotonic()
+        return [
+            {
+                "id": s.ref.id, "source": s.ref.source, "revision": s.ref.revision, "key": k,
+                "tier": s.status, "pinned": s.pinned, "rank": s.rank, "size_bytes": s.size_bytes,
+                "in_flight": in_flight.get(k, 0), "last_used_s_ago": round(now - s.last_used, 3),
+                "load_seconds": {n: round(v, 4) for n, v in s.load_seconds.items()},
+                "error": str(s.error) if s.error else None,
+            }
+            for k, s in self.states.items()
+        ]
