@@ -77,7 +77,14 @@ def fetch_hub(ref: AdapterRef, destination: Path, token: str | None) -> None:
 
     for filename in ADAPTER_FILES:
         try:
-            path = hf_hub_download(ref.id, filename, revision=ref.revision, token=token or os.environ.get("HF_TOKEN") or None)
+            # Read the environment per call (huggingface_hub reads it once at import), so a
+            # replica's HF_ENDPOINT, HF_HUB_CACHE and HF_TOKEN always apply.
+            path = hf_hub_download(
+                ref.id, filename, revision=ref.revision,
+                token=token or os.environ.get("HF_TOKEN") or None,
+                endpoint=os.environ.get("HF_ENDPOINT") or None,
+                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            )
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise AdapterNotFound(f"hub adapter {ref.id!r} not found (or private without a valid token)") from exc
         except EntryNotFoundError as exc:

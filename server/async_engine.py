@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from lorafleet.server.adapter_sources import AdapterRef
 from lorafleet.server.engine import LLMEngine, StepOutput
 from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence, TokenInfo
 
@@ -71,10 +72,13 @@ class AsyncEngine:
 
     # -- the API ------------------------------------------------------------------------------
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> AsyncIterator[TokenEvent]:
-        """Yield one event per generated token; the last one carries the finish reason and sequence."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None, token: str | None = None) -> AsyncIterator[TokenEvent]:
+        """Yield one event per generated token; the last one carries the finish reason and sequence.
+
+        A bad request or an adapter that cannot be loaded raises before the first event.
+        """
         handle = _Handle(asyncio.get_running_loop())
-        self._commands.put(("add", handle, prompt_ids, params, adapter))
+        self._commands.put(("add", handle, prompt_ids, params, adapter, token))
         finished = False
         try:
             while True:
@@ -95,13 +99,16 @@ class AsyncEngine:
     def _apply(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
-            _, handle, prompt_ids, params, adapter = command
+            _, handle, prompt_ids, params, adapter, token = command
             try:
-                handle.seq = self.engine.add_request(prompt_ids, params, adapter)
-            except ValueError as exc:
+                key = self.engine.adapters.request(adapter, token) if adapter is not None else None
+                handle.seq = self.engine.add_request(prompt_ids, params, key)
+            except Exception as exc:  # validation and adapter errors belong to this request alone
                 handle.put(exc)
                 return
             self._handles[id(handle.seq)] = handle
+        elif kind == "call":
+            command[1]()
         elif kind == "cancel":
             seq = command[1].seq
             if seq is not None and not seq.finished:
@@ -112,9 +119,28 @@ class AsyncEngine:
         if handle is None:
             return
         reason = output.seq.finish_reason if output.finished else None
-        handle.put(TokenEvent(output.token, reason, output.seq if output.finished else None))
+        if reason is FinishReason.ERROR and output.seq.error is not None:
+            handle.put(output.seq.error)
+        else:
+            handle.put(TokenEvent(output.token, reason, output.seq if output.finished else None))
         if output.finished:
             del self._handles[id(output.seq)]
+
+    def call(self, fn, *args):  # noqa: ANN001, ANN201
+        """Run ``fn(*args)`` on the engine thread between steps and await its result (admin actions)."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = future.get_loop()
+
+        def run() -> None:
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                loop.call_soon_threadsafe(future.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(future.set_result, result)
+
+        self._commands.put(("call", run))
+        return future
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -1,0 +1,72 @@
+"""A stand-in for the Hugging Face Hub on loopback: just the file-resolve protocol huggingface_hub uses.
+
+``HEAD/GET /{org}/{name}/resolve/{revision}/{filename}`` answer with the headers hf_hub_download
+reads (X-Repo-Commit, ETag, Content-Length) or a 404 carrying X-Error-Code, as the real Hub does.
+A repo listed in ``private`` answers 401 unless the request carries its token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class HubStandIn:
+    def __init__(self) -> None:
+        self.repos: dict[str, Path] = {}
+        self.private: dict[str, str] = {}
+        self.downloads: list[str] = []
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _resolve(self, send_body: bool) -> None:
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) < 5 or parts[2] != "resolve":
+                    return self._error(404, "RepoNotFound")
+                repo, filename = f"{parts[0]}/{parts[1]}", "/".join(parts[4:])
+                if repo not in standin.repos:
+                    return self._error(404, "RepoNotFound")
+                token = standin.private.get(repo)
+                if token and self.headers.get("authorization") != f"Bearer {token}":
+                    return self._error(401, "RepoNotFound")
+                path = standin.repos[repo] / filename
+                if not path.is_file():
+                    return self._error(404, "EntryNotFound")
+                body = path.read_bytes()
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if send_body:
+                    standin.downloads.append(f"{repo}/{filename}")
+                    self.wfile.write(body)
+
+            def _error(self, status: int, code: str) -> None:
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                self._resolve(send_body=False)
+
+            def do_GET(self) -> None:
+                self._resolve(send_body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "HubStandIn":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

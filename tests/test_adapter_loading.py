@@ -1,0 +1,229 @@
+"""Dynamic adapter loading: sources, tiers, failures, and fair sharing of scarce device slots."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import make_engine
+from hub_standin import HubStandIn
+from lorafleet.server.adapter_format import AdapterError
+from lorafleet.server.adapter_sources import AdapterNotFound, AdapterRef
+from lorafleet.server.async_engine import AsyncEngine
+from lorafleet.server.sequence import FinishReason, SamplingParams
+from lorafleet.testing import make_lora_adapter
+
+GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("adapter-root")
+    for i in range(10):
+        make_lora_adapter(tiny_models["llama"], root / f"a{i}", r=4 + i, target_modules=["q_proj", "v_proj"], seed=i)
+    return root
+
+
+def dynamic_engine(tiny_models, adapter_root: Path, tmp_path: Path, **overrides):
+    settings = dict(adapter_roots=[adapter_root], adapter_cache_dir=tmp_path / "cache", max_active_adapters=3, max_lora_rank=16)
+    settings.update(overrides)
+    return make_engine(tiny_models["llama"], **settings)
+
+
+def drive(engine, seqs, timeout: float = 60.0) -> None:
+    """Step the engine until every sequence ends; loads happen in worker threads meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not all(s.finished for s in seqs):
+        assert time.monotonic() < deadline, "engine did not finish in time"
+        if not engine.step():
+            time.sleep(0.002)
+
+
+def test_local_adapter_loads_in_the_background_and_serves(tiny_models, adapter_root, tmp_path) -> None:
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+    key = engine.adapters.request(AdapterRef("local", "a1"))
+    seq = engine.add_request([1, 5, 6], GREEDY, key)
+    drive(engine, [seq])
+    reference = make_engine(tiny_models["llama"], max_lora_rank=16)
+    reference.load_adapter("a1", adapter_root / "a1")
+    expected = reference.add_request([1, 5, 6], GREEDY, "a1")
+    reference.run_to_completion()
+    assert seq.generated_ids == expected.generated_ids
+    state = engine.adapters.states[key]
+    assert state.status == "device" and state.rank == 5 and "cpu_to_device" in state.load_seconds
+
+
+@pytest.mark.parametrize(
+    "adapter_id,error,message",
+    [
+        ("../a1", ValueError, "must not contain '..'"),
+        ("a1/../../etc", ValueError, "must not contain '..'"),
+        ("/etc", ValueError, "resolves outside the allowed adapter roots"),
+        ("escape", ValueError, "resolves outside the allowed adapter roots"),
+        ("nope", AdapterNotFound, "local adapter 'nope' not found"),
+    ],
+)
+def test_local_paths_cannot_escape_the_roots(tiny_models, adapter_root, tmp_path, adapter_id, error, message) -> None:
+    if not (adapter_root / "escape").exists():
+        (adapter_root / "escape").symlink_to(tmp_path)  # a symlink that points out of the root
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+    with pytest.raises(error, match=message):
+        engine.adapters.request(AdapterRef("local", adapter_id))
+
+
+def test_a_failed_load_fails_its_waiters_only_and_the_next_request_retries(tiny_models, adapter_root, tmp_path) -> None:
+    bad = adapter_root.parent / "bad-root"
+    make_lora_adapter(tiny_models["llama"], bad / "big", r=32, target_modules=["q_proj"])
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_roots=[adapter_root, bad])
+    good_key = engine.adapters.request(AdapterRef("local", "a2"))
+    good = engine.add_request([1, 5, 6], GREEDY, good_key)
+    bad_key = engine.adapters.request(AdapterRef("local", "big"))
+    waiters = [engine.add_request([1, 7], GREEDY, bad_key) for _ in range(3)]
+    drive(engine, [good, *waiters])
+    assert good.finish_reason is FinishReason.LENGTH
+    for seq in waiters:
+        assert seq.finish_reason is FinishReason.ERROR and isinstance(seq.error, AdapterError)
+        assert "rank 32 is above --max-lora-rank 16" in str(seq.error)
+    engine.adapters.request(AdapterRef("local", "big"))  # first retry is immediate
+    drive(engine, [engine.add_request([1, 7], GREEDY, bad_key)])
+    with pytest.raises(AdapterError):  # then backoff: the error comes back at once, no reload
+        engine.adapters.request(AdapterRef("local", "big"))
+
+
+def test_ten_adapters_share_three_slots_and_none_starves(tiny_models, adapter_root, tmp_path) -> None:
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_cycle_time_s=0.05)
+    seqs, submitted = [], {}
+    for round_ in range(2):
+        for i in range(10):
+            key = engine.adapters.request(AdapterRef("local", f"a{i}"))
+            seq = engine.add_request([1, 5 + i, 6 + round_], SamplingParams(max_new_tokens=8, ignore_eos=True), key)
+            seqs.append(seq)
+            submitted[seq.request_id] = time.monotonic()
+    first_token: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while not all(s.finished for s in seqs):
+        assert time.monotonic() < deadline
+        outputs = engine.step()
+        for out in outputs:
+            first_token.setdefault(out.seq.request_id, time.monotonic())
+        if not outputs:
+            time.sleep(0.002)
+    waits = [first_token[s.request_id] - submitted[s.request_id] for s in seqs]
+    assert all(s.finish_reason is FinishReason.LENGTH for s in seqs)
+    assert len(engine.adapters.slots.slot_of) == 3
+    print(f"longest wait for a first token with 10 adapters over 3 slots: {max(waits):.3f}s")
+    assert max(waits) < 5.0
+
+
+def test_device_eviction_is_lru_and_skips_running_and_pinned(tiny_models, adapter_root, tmp_path) -> None:
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+    manager = engine.adapters
+    manager.load_now("pinned", adapter_root / "a0", pin=True)
+    manager.load_now("old", adapter_root / "a1", pin=False)
+    manager.load_now("new", adapter_root / "a2", pin=False)
+    manager.states["old"].last_used, manager.states["new"].last_used = 1.0, 2.0
+    for name in ("x", "y"):
+        adapter = manager._parse(name, adapter_root / "a3")
+        manager.cpu.put(name, adapter)
+        manager.states[name] = type(manager.states["old"])(AdapterRef("local", name), status="cpu")
+    manager.between_steps(running={"old"}, waiting=["x"])  # "old" is older but running: "new" goes
+    assert set(manager.slots.slot_of) == {"pinned", "old", "x"}
+    manager.states["x"].last_used = 3.0
+    manager.between_steps(running=set(), waiting=["y"])  # now "old" is the least recently used
+    assert set(manager.slots.slot_of) == {"pinned", "x", "y"}
+    assert manager.counts["device_evictions"] == 2
+
+
+def test_hub_source_through_huggingface_hub_and_a_truncated_disk_copy_is_refetched(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
+    with HubStandIn() as hub:
+        hub.repos["acme/pirate"] = adapter_root / "a3"
+        hub.private["acme/secret"] = "hf_right"
+        hub.repos["acme/secret"] = adapter_root / "a4"
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+        key = engine.adapters.request(AdapterRef.parse("acme/pirate", "hub"))
+        first = engine.add_request([1, 5, 6], GREEDY, key)
+        drive(engine, [first])
+        assert engine.adapters.states[key].tier_hit == "source"
+        disk_copy = engine.adapters.disk.get(key)
+        weights = disk_copy / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])  # truncated, as by a full disk
+        engine.adapters.unload(key, running=set())
+        again = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef.parse("acme/pirate", "hub")))
+        drive(engine, [again])
+        assert again.generated_ids == first.generated_ids
+        assert engine.adapters.disk.corrupt_dropped == 1 and engine.adapters.states[key].tier_hit == "source"
+        assert hub.downloads.count("acme/pirate/adapter_model.safetensors") == 2  # fetched again, through the hub protocol
+
+        missing_key = engine.adapters.request(AdapterRef.parse("acme/missing", "hub"))
+        missing = engine.add_request([1, 5], GREEDY, missing_key)
+        drive(engine, [missing])
+        assert isinstance(missing.error, AdapterNotFound)
+        private_key = engine.adapters.request(AdapterRef.parse("acme/secret", "hub"), token="hf_right")
+        private = engine.add_request([1, 5], GREEDY, private_key)
+        drive(engine, [private])
+        assert private.finish_reason is FinishReason.LENGTH
+
+
+def test_s3_source_against_moto_on_loopback(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
+    boto3 = pytest.importorskip("boto3", reason="boto3 is in the test extra; missing means `make setup` did not run")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        monkeypatch.setenv("S3_ENDPOINT_URL", f"http://{host}:{port}")
+        for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+        client.create_bucket(Bucket="adapters")
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            client.upload_file(str(adapter_root / "a5" / file), "adapters", f"team/a5/{file}")
+        engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+        seq = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef.parse("s3://adapters/team/a5", "s3")))
+        missing = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef.parse("s3://adapters/none", "s3")))
+        drive(engine, [seq, missing])
+        assert seq.finish_reason is FinishReason.LENGTH
+        assert isinstance(missing.error, AdapterNotFound)
+    finally:
+        server.stop()
+
+
+async def test_a_cold_adapter_does_not_stall_other_streams(tiny_models, adapter_root, tmp_path) -> None:
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+    original_parse = engine.adapters._parse
+
+    def slow_parse(name, folder):
+        if "a7" in name:
+            time.sleep(0.5)  # a slow disk or a large adapter
+        return original_parse(name, folder)
+
+    engine.adapters._parse = slow_parse
+    runner = AsyncEngine(engine)
+    runner.start()
+    try:
+        hot_times: list[float] = []
+
+        async def hot() -> None:
+            async for _ in runner.generate([1, 5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True), AdapterRef("local", "a0")):
+                hot_times.append(time.monotonic())
+
+        async def cold() -> float:
+            await asyncio.sleep(0.05)
+            start = time.monotonic()
+            async for _ in runner.generate([1, 9], SamplingParams(max_new_tokens=3, ignore_eos=True), AdapterRef("local", "a7")):
+                return start
+            return start
+
+        _, cold_started = await asyncio.gather(hot(), cold())
+        during_load = [t for t in hot_times if cold_started < t < cold_started + 0.5]
+        assert len(during_load) > 5, "the hot stream stalled while the cold adapter loaded"
+    finally:
+        runner.stop()
