@@ -27,6 +27,12 @@ def _not_built(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from lorafleet.server.main import run
+
+    return run(args)
+
+
 def _models_fetch(args: argparse.Namespace) -> int:
     from lorafleet import model_store
 
@@ -60,7 +66,10 @@ def build_parser() -> OneLineParser:
         sub.set_defaults(run=run)
         return sub
 
-    add("serve", "run one replica: the batched multi-LoRA engine and its HTTP APIs", _not_built("serve", 6))
+    serve = add("serve", "run one replica: the batched multi-LoRA engine and its HTTP APIs", _serve)
+    from lorafleet.server.serve_config import add_serve_flags
+
+    add_serve_flags(serve)
     add("gateway", "route requests by adapter id to the replica holding it hot", _not_built("gateway", 7))
     add("operator", "run the kopf operator for BaseModel and Adapter resources", _not_built("operator", 9))
     add("up", "run the whole fleet on this machine", _not_built("up", 10))

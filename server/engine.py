@@ -104,8 +104,8 @@ class LLMEngine:
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.config.max_total_tokens:
             raise ValueError(
-                f"inputs tokens + max_new_tokens must be <= {self.config.max_total_tokens}. "
-                f"Given: {len(prompt_ids)} inputs tokens and {params.max_new_tokens} max_new_tokens"
+                f"`inputs` tokens + `max_new_tokens` must be <= {self.config.max_total_tokens}. "
+                f"Given: {len(prompt_ids)} `inputs` tokens and {params.max_new_tokens} `max_new_tokens`"
             )
         needed = -(-total // self.config.block_size)
         if needed > self.allocator.num_blocks:

@@ -44,7 +44,7 @@ def test_a_request_larger_than_the_pool_is_refused(tiny_models: dict[str, Path])
 
 def test_input_plus_new_tokens_over_the_limit_is_refused(tiny_models: dict[str, Path]) -> None:
     engine = make_engine(tiny_models["llama"], max_total_tokens=32, max_input_length=16)
-    with pytest.raises(ValueError, match="must be <= 32. Given: 10 inputs tokens and 30 max_new_tokens"):
+    with pytest.raises(ValueError, match="must be <= 32. Given: 10 `inputs` tokens and 30 `max_new_tokens`"):
         engine.add_request(list(range(1, 11)), SamplingParams(max_new_tokens=30))
 
 

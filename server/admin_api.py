@@ -1,0 +1,59 @@
+"""lorafleet's own admin routes (LoRAX has none): list, load (pre-warm, pin) and unload adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from lorafleet.server.errors import ValidationError
+from lorafleet.server.http_common import bearer_token, error_response, read_json
+from lorafleet.server.service import ReplicaService
+from lorafleet.server.validation import parse_adapter
+
+
+def admin_router(service: ReplicaService) -> APIRouter:
+    router = APIRouter(prefix="/adapters")
+
+    @router.get("", summary="adapters this replica knows, with their tier")
+    async def list_adapters() -> list[dict]:
+        return service.engine.adapters.describe(service.in_flight_by_adapter())
+
+    @router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
+    async def load(request: Request) -> Any:
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ValidationError("the request body must be a JSON object")
+            ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits)
+            if ref is None:
+                raise ValidationError("`adapter_id` is required")
+            pin = body.get("pin", False)
+            if not isinstance(pin, bool):
+                raise ValidationError("`pin` must be true or false")
+            return await service.load_adapter(ref, pin, body.get("api_token") or bearer_token(request))
+        except TimeoutError as exc:
+            return JSONResponse({"error": str(exc), "error_type": "overloaded"}, status_code=503)
+        except Exception as exc:
+            return error_response(exc)
+
+    @router.delete("/{adapter_id:path}", summary="unpin and unload an adapter (by id or key)")
+    async def unload(adapter_id: str) -> Any:
+        manager = service.engine.adapters
+        keys = [k for k, s in list(manager.states.items()) if adapter_id in (k, s.ref.id)]
+        if not keys:
+            return JSONResponse({"error": f"adapter {adapter_id!r} is not loaded", "error_type": "not_found"}, status_code=404)
+        for key in keys:
+            manager.unpin(key)
+
+            def drop(key: str = key) -> bool:
+                running = {s.adapter for s in service.engine.scheduler.running if s.adapter}
+                return manager.unload(key, running)
+
+            if not await service.runner.call(drop):
+                return JSONResponse({"error": f"adapter {adapter_id!r} is serving requests; unpinned, it will be evicted when idle",
+                                     "error_type": "overloaded"}, status_code=409)
+        return {"unloaded": keys}
+
+    return router

@@ -1,0 +1,272 @@
+"""OpenAI-compatible routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
+
+A request is translated into the TGI parameters and validated by the same code, so both APIs
+accept and refuse exactly the same things. ``model`` names the adapter; the base model's id or an
+empty string means no adapter. As in OpenAI, an omitted temperature means 1.0 (sampling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lorafleet.server.errors import ValidationError, classify
+from lorafleet.server.http_common import bearer_token, error_response, read_json, sse, until_disconnect
+from lorafleet.server.sequence import FinishReason
+from lorafleet.server.service import Completion, ReplicaService
+from lorafleet.server.validation import GenerateJob, validate_generate
+
+PASSED_THROUGH = ("top_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "adapter_source", "api_token")
+
+
+def finish_reason(reason: FinishReason | None) -> str:
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def to_job(service: ReplicaService, body: dict, inputs: str, stream: bool) -> GenerateJob:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValidationError("`model` must be a string")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    temperature = body.get("temperature", 1.0)
+    logprobs = body.get("logprobs")
+    if isinstance(logprobs, bool):  # chat: a flag plus top_logprobs
+        logprobs = body.get("top_logprobs") or 0 if logprobs else None
+    parameters: dict[str, Any] = {name: body.get(name) for name in PASSED_THROUGH}
+    parameters.update(
+        max_new_tokens=body.get("max_tokens", body.get("max_completion_tokens")),
+        temperature=temperature,
+        do_sample=isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
+        stop=stop,
+        return_k_alternatives=logprobs,
+        adapter_id=None if model in (None, "", service.config.model_id) else model,
+    )
+    job = validate_generate({"inputs": inputs, "parameters": parameters}, service.limits, stream=stream)
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise ValidationError("`response_format` (constrained decoding) is not supported by this server yet")
+    return job
+
+
+def _count(body: dict, name: str, default: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 16:
+        raise ValidationError(f"`{name}` must be an integer from 1 to 16, got {value!r}")
+    return value
+
+
+async def run_all(service: ReplicaService, request: Request, jobs: list[GenerateJob]) -> list[Completion]:
+    for job in jobs:
+        service.prompt_ids(job)  # validate every prompt before any starts
+    service.admit()
+    try:
+        return await until_disconnect(request, asyncio.gather(*(service.complete(j, service.prompt_ids(j)) for j in jobs)))
+    finally:
+        service.release()
+
+
+def copies(job: GenerateJob, n: int) -> list[GenerateJob]:
+    """n independent samples of one request: each its own seed, derived from the request's when it has one."""
+    import copy
+
+    if n == 1:
+        return [job]
+    out = []
+    for i in range(n):
+        clone = copy.copy(job)
+        clone.params = copy.copy(job.params)
+        if job.params.seed is not None:
+            clone.params.seed = job.params.seed + i
+        elif job.params.sampling:
+            clone.params.seed = random.getrandbits(63)
+        out.append(clone)
+    return out
+
+
+def usage(completions: list[Completion]) -> dict[str, int]:
+    prompt = sum(len(c.prompt_ids) for c in completions[:1]) if completions else 0
+    generated = sum(len(c.seq.tokens) for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def logprobs_json(completion: Completion, offset: int) -> dict[str, Any]:
+    tokens = completion.seq.tokens
+    offsets, position = [], offset
+    for token in tokens:
+        offsets.append(position)
+        position += len(token.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{a.text: a.logprob for a in t.alternatives} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+async def openai_stream(service: ReplicaService, job: GenerateJob, chunk: Any) -> Any:
+    """Start one generation; return an SSE response whose chunks ``chunk(delta, finish)`` shapes, ending with [DONE]."""
+    prompt_ids = service.prompt_ids(job)
+    service.admit()
+    try:
+        first, events = await service.stream(job, prompt_ids)
+    except Exception:
+        service.release()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            for prelude in chunk(None, None, start=True):
+                yield sse(prelude)
+            event = first
+            while True:
+                text = event.token.text if event.token is not None else ""
+                if event.finished:
+                    yield sse(chunk(text, finish_reason(event.finish_reason)))
+                    break
+                if text:
+                    yield sse(chunk(text, None))
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+            yield "data: [DONE]\n\n"
+        except Exception as exc:
+            _, error_type, message = classify(exc)
+            yield sse({"error": message, "error_type": error_type})
+        finally:
+            await events.aclose()
+            service.release()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+def openai_router(service: ReplicaService) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models", summary="the base model and the adapters this replica knows")
+    async def models() -> dict:
+        created = int(time.time())
+        data = [{"id": service.config.model_id, "object": "model", "created": created, "owned_by": "lorafleet", "root": service.config.model_id, "parent": None}]
+        for state in list(service.engine.adapters.states.values()):
+            data.append({"id": state.ref.id, "object": "model", "created": created, "owned_by": "lorafleet", "root": state.ref.id, "parent": service.config.model_id})
+        return {"object": "list", "data": data}
+
+    @router.post("/completions", summary="OpenAI completions; `model` is the adapter id")
+    async def completions(request: Request) -> Any:
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ValidationError("the request body must be a JSON object")
+            prompts = body.get("prompt")
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValidationError("`prompt` must be a string or a non-empty list of strings")
+            n = _count(body, "n", 1)
+            stream = bool(body.get("stream"))
+            body.setdefault("max_tokens", 16)
+            jobs = [c for p in prompts for c in copies(to_job(service, body, p, stream), n)]
+            for job in jobs:
+                job.api_token = job.api_token or bearer_token(request)
+            model = body.get("model") or service.config.model_id
+            ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+            echo = bool(body.get("echo"))
+            if stream:
+                if len(jobs) != 1:
+                    raise ValidationError("streaming supports one prompt with n = 1")
+
+                def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
+                    if start:
+                        return [{"id": ident, "object": "text_completion", "created": created, "model": model,
+                                 "choices": [{"index": 0, "text": prompts[0], "logprobs": None, "finish_reason": None}]}] if echo else []
+                    return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+                return await openai_stream(service, jobs[0], chunk)
+            results = await run_all(service, request, jobs)
+        except Exception as exc:
+            return error_response(exc)
+        choices = []
+        for index, (job, completion) in enumerate(zip(jobs, results)):
+            prefix = job.inputs if echo else ""
+            choices.append({
+                "index": index, "text": prefix + completion.seq.text,
+                "logprobs": logprobs_json(completion, len(prefix)) if job.params.alternatives or body.get("logprobs") == 0 else None,
+                "finish_reason": finish_reason(completion.seq.finish_reason),
+            })
+        return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage(results)}
+
+    @router.post("/chat/completions", summary="OpenAI chat completions with the tokenizer's chat template")
+    async def chat(request: Request) -> Any:
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ValidationError("the request body must be a JSON object")
+            prompt_ids = chat_prompt(service, body.get("messages"))
+            n = _count(body, "n", 1)
+            stream = bool(body.get("stream"))
+            job = to_job(service, body, service.tokenizer.decode(prompt_ids), stream)
+            job.prompt_ids = prompt_ids
+            job.api_token = job.api_token or bearer_token(request)
+            jobs = copies(job, n)
+            model = body.get("model") or service.config.model_id
+            ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            if stream:
+                if n != 1:
+                    raise ValidationError("streaming supports n = 1")
+
+                def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
+                    base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+                    if start:
+                        return [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}]
+                    delta = {"content": text} if text else {}
+                    return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+                return await openai_stream(service, job, chunk)
+            results = await run_all(service, request, jobs)
+        except Exception as exc:
+            return error_response(exc)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": c.seq.text}, "logprobs": None, "finish_reason": finish_reason(c.seq.finish_reason)}
+            for i, c in enumerate(results)
+        ]
+        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage(results)})
+
+    return router
+
+
+def chat_prompt(service: ReplicaService, messages: Any) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise ValidationError("`messages` must be a non-empty list")
+    flat = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValidationError(f"`messages[{i}]` must be an object with a `role`")
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValidationError(f"`messages[{i}].content` parts must be text parts ({{\"type\": \"text\", \"text\": ...}})")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ValidationError(f"`messages[{i}].content` must be a string or a list of text parts")
+        flat.append({"role": message["role"], "content": content})
+    if service.tokenizer.chat_template is None:
+        raise ValidationError("this model's tokenizer has no chat template; use /v1/completions")
+    try:
+        ids = service.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:
+        raise ValidationError(f"the chat template could not render these messages: {exc}") from exc
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)

@@ -1,0 +1,159 @@
+"""TGI/LoRAX routes: ``/`` (what lorax-client uses), ``/generate``, ``/generate_stream``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lorafleet.server.async_engine import TokenEvent
+from lorafleet.server.errors import classify
+from lorafleet.server.http_common import bearer_token, error_response, next_or_keepalive, read_json, sse, until_disconnect
+from lorafleet.server.sequence import TokenInfo
+from lorafleet.server.service import Completion, ReplicaService
+from lorafleet.server.validation import GenerateJob, validate_generate
+
+
+def token_json(token: TokenInfo) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special, "skipped": False}
+    if token.alternatives:
+        body["alternative_tokens"] = [{"id": a.id, "text": a.text, "logprob": a.logprob} for a in token.alternatives]
+    return body
+
+
+def prefill_json(completion: Completion, job: GenerateJob) -> list[dict]:
+    if not job.decoder_input_details:
+        return []
+    return [{"id": t.id, "text": t.text, "logprob": t.logprob} for t in completion.seq.prefill]
+
+
+def generated_text(completion: Completion, job: GenerateJob) -> str:
+    return (job.inputs + completion.seq.text) if job.return_full_text else completion.seq.text
+
+
+def response_json(completion: Completion, job: GenerateJob) -> dict[str, Any]:
+    seq = completion.seq
+    body: dict[str, Any] = {"generated_text": generated_text(completion, job)}
+    if job.details or job.decoder_input_details:
+        body["details"] = {
+            "finish_reason": completion.finish_reason.value,
+            "prompt_tokens": len(completion.prompt_ids),
+            "generated_tokens": len(seq.tokens),
+            "skipped_tokens": 0,
+            "seed": seq.seed_used,
+            "prefill": prefill_json(completion, job),
+            "tokens": [token_json(t) for t in seq.tokens],
+        }
+        if completion.best_of:
+            body["details"]["best_of_sequences"] = [
+                {"generated_text": generated_text(c, job), "finish_reason": c.finish_reason.value, "generated_tokens": len(c.seq.tokens),
+                 "seed": c.seq.seed_used, "prefill": prefill_json(c, job), "tokens": [token_json(t) for t in c.seq.tokens]}
+                for c in completion.best_of
+            ]
+    return body
+
+
+def completion_headers(completion: Completion, job: GenerateJob) -> dict[str, str]:
+    generated = max(1, len(completion.seq.tokens))
+    return {
+        "x-prompt-tokens": str(len(completion.prompt_ids)),
+        "x-generated-tokens": str(len(completion.seq.tokens)),
+        "x-queue-time": f"{completion.queue_s * 1000:.0f}",
+        "x-inference-time": f"{completion.inference_s * 1000:.0f}",
+        "x-time-per-token": f"{completion.inference_s * 1000 / generated:.0f}",
+        "x-adapter-id": job.adapter.id if job.adapter else "",
+    }
+
+
+async def prepared(service: ReplicaService, request: Request, stream: bool) -> tuple[GenerateJob, list[int]]:
+    job = validate_generate(await read_json(request), service.limits, stream=stream)
+    if job.api_token is None:
+        job.api_token = bearer_token(request)
+    return job, service.prompt_ids(job)
+
+
+async def token_stream(service: ReplicaService, job: GenerateJob, prompt_ids: list[int], first: TokenEvent,
+                       events: AsyncIterator[TokenEvent], started: float) -> AsyncIterator[str]:
+    """TGI's SSE: one event per token; the last carries generated_text (and details when asked)."""
+    first_at = time.perf_counter()
+    pending: dict = {}
+    try:
+        event: TokenEvent | None = first
+        while event is not None:
+            if event.finished and event.seq is not None:
+                seq = event.seq
+                service.observe_stream(job, seq, first_at - started, time.perf_counter() - first_at)
+                details = None
+                if job.details:
+                    details = {"finish_reason": seq.finish_reason.value, "prompt_tokens": len(prompt_ids),
+                               "generated_tokens": len(seq.tokens), "seed": seq.seed_used}
+                text = (job.inputs + seq.text) if job.return_full_text else seq.text
+                token = event.token or (seq.tokens[-1] if seq.tokens else TokenInfo(0, "", 0.0, True))
+                yield sse({"token": token_json(token), "generated_text": text, "details": details})
+                return
+            if event.token is not None:
+                yield sse({"token": token_json(event.token), "generated_text": None, "details": None})
+            while True:
+                try:
+                    event = await next_or_keepalive(events, pending)
+                except StopAsyncIteration:
+                    return
+                if event is None:
+                    yield ":\n\n"
+                    continue
+                break
+    except Exception as exc:  # once streaming, an error is the last event, never a broken connection
+        _, error_type, message = classify(exc)
+        yield sse({"error": message, "error_type": error_type})
+    finally:
+        task = pending.get("task")
+        if task is not None:
+            task.cancel()
+        await events.aclose()
+        service.release()
+
+
+async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
+    """mode: generate (one object), stream (SSE), root (``/``: a list of one object, or SSE with stream)."""
+    try:
+        job, prompt_ids = await prepared(service, request, stream=mode == "stream")
+        service.admit()
+    except Exception as exc:
+        return error_response(exc)
+    started = time.perf_counter()
+    if job.stream or mode == "stream":
+        try:
+            first, events = await service.stream(job, prompt_ids)
+        except Exception as exc:
+            service.release()
+            return error_response(exc)
+        headers = {"x-prompt-tokens": str(len(prompt_ids)), "x-adapter-id": job.adapter.id if job.adapter else "", "cache-control": "no-cache"}
+        return StreamingResponse(token_stream(service, job, prompt_ids, first, events, started), media_type="text/event-stream", headers=headers)
+    try:
+        completion = await until_disconnect(request, service.complete(job, prompt_ids))
+    except Exception as exc:
+        return error_response(exc)
+    finally:
+        service.release()
+    body = response_json(completion, job)
+    return JSONResponse([body] if mode == "root" else body, headers=completion_headers(completion, job))
+
+
+def tgi_router(service: ReplicaService) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/", summary="Generate (LoRAX compatible: a list of one response, or SSE when stream is true)")
+    async def root(request: Request) -> Any:
+        return await generate(service, request, "root")
+
+    @router.post("/generate", summary="Generate one response")
+    async def generate_route(request: Request) -> Any:
+        return await generate(service, request, "generate")
+
+    @router.post("/generate_stream", summary="Generate, streaming tokens as Server-Sent Events")
+    async def generate_stream(request: Request) -> Any:
+        return await generate(service, request, "stream")
+
+    return router

@@ -1,0 +1,126 @@
+"""The replica's FastAPI application: routes, the body-size limit, and request metrics."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lorafleet import __version__
+from lorafleet.server.admin_api import admin_router
+from lorafleet.server.api_openai import openai_router
+from lorafleet.server.api_tgi import tgi_router
+from lorafleet.server.errors import RequestError
+from lorafleet.server.http_common import error_response, read_json
+from lorafleet.server.service import ReplicaService
+
+GENERATE_ROUTES = {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
+
+
+class BodyLimit:
+    """Refuse a body over ``limit`` bytes with 413 before reading it whole (Content-Length or while streaming in)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = JSONResponse({"error": f"the request body is larger than {self.limit} bytes", "error_type": "validation"}, status_code=413)
+        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+        await send({"type": "http.response.body", "body": body.body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(service: ReplicaService) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not service.started:
+            service.start()
+        await service.preload()
+        yield
+        service.stop()
+
+    app = FastAPI(title="lorafleet replica", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
+
+    @app.middleware("http")
+    async def record(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.url.path if request.url.path in GENERATE_ROUTES else "other"
+        adapter = response.headers.get("x-adapter-id", "")
+        service.metrics.requests.labels(route, str(response.status_code), adapter).inc()
+        service.metrics.duration.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def schema_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": str(exc.errors()), "error_type": "validation"}, status_code=422)
+
+    @app.get("/health", summary="200 when the engine can serve, 503 otherwise")
+    async def health() -> Response:
+        if service.healthy:
+            return Response(status_code=200)
+        reason = "shutting down" if service.draining else (service.runner.last_error or "not ready")
+        return JSONResponse({"error": reason, "error_type": "unhealthy"}, status_code=503)
+
+    @app.get("/info", summary="model and limits")
+    async def info() -> dict:
+        return service.info()
+
+    @app.get("/metrics", summary="Prometheus text")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize", summary="tokens of an input, with character offsets")
+    async def tokenize(request: Request) -> Any:
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("inputs"), str):
+            raise RequestError("`inputs` must be a string")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise RequestError("`add_special_tokens` must be true or false")
+        encoded = service.tokenizer(body["inputs"], add_special_tokens=special, return_offsets_mapping=True)
+        text = body["inputs"]
+        return [
+            {"id": token, "text": text[start:stop], "start": start, "stop": stop}
+            for token, (start, stop) in zip(encoded.input_ids, encoded.offset_mapping)
+        ]
+
+    app.include_router(tgi_router(service))
+    app.include_router(openai_router(service))
+    app.include_router(admin_router(service))
+    return app

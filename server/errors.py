@@ -1,0 +1,45 @@
+"""Errors a request can meet, each with the HTTP status and error_type clients expect (API.md)."""
+
+from __future__ import annotations
+
+from lorafleet.server.adapter_format import AdapterError
+from lorafleet.server.adapter_sources import AdapterFetchError, AdapterNotFound
+
+
+class RequestError(Exception):
+    """A request that cannot be served; carries its status and error_type."""
+
+    status = 422
+    error_type = "validation"
+
+    def __init__(self, message: str, status: int | None = None, error_type: str | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class ValidationError(RequestError):
+    status, error_type = 422, "validation"
+
+
+class Overloaded(RequestError):
+    status, error_type = 429, "overloaded"
+
+
+class Unhealthy(RequestError):
+    status, error_type = 503, "unhealthy"
+
+
+def classify(exc: BaseException) -> tuple[int, str, str]:
+    """(status, error_type, message) for any exception that reaches a route."""
+    if isinstance(exc, RequestError):
+        return exc.status, exc.error_type, str(exc)
+    if isinstance(exc, AdapterNotFound):
+        return 404, "not_found", str(exc)
+    if isinstance(exc, (AdapterError, AdapterFetchError)):
+        return 424, "generation", str(exc)
+    if isinstance(exc, ValueError):  # the engine's and the adapter ids' own checks
+        return 422, "validation", str(exc)
+    return 424, "generation", f"generation failed: {exc}"

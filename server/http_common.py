@@ -1,0 +1,72 @@
+"""What every route shares: reading a JSON body, error responses, SSE framing, disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Awaitable, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from lorafleet.server.errors import RequestError, classify
+
+T = TypeVar("T")
+KEEPALIVE_S = 15.0
+
+
+async def read_json(request: Request) -> Any:
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type not in ("application/json", ""):
+        raise RequestError(f"Content-Type must be application/json, got {content_type!r}", 415, "validation")
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the request body is not valid UTF-8 (byte {exc.start})", 400, "validation") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}", 400, "validation") from exc
+
+
+def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
+    status, error_type, message = classify(exc)
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def sse(data: Any) -> str:
+    return f"data:{json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def bearer_token(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    return value[7:].strip() or None if value.lower().startswith("bearer ") else None
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first (which cancels its generation)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def next_or_keepalive(events: Any, pending: dict) -> Any:
+    """The next event, or None when KEEPALIVE_S pass without one (the caller sends a comment line)."""
+    task = pending.get("task")
+    if task is None:
+        task = pending["task"] = asyncio.ensure_future(events.__anext__())
+    done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_S)
+    if not done:
+        return None
+    pending.pop("task")
+    return task.result()

@@ -1,0 +1,258 @@
+"""One replica's serving state: the engine, admission (concurrency limit, draining), tokenizing
+and the generate flow shared by the TGI/LoRAX and OpenAI routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from lorafleet import __version__
+from lorafleet.server.adapter_sources import AdapterRef
+from lorafleet.server.async_engine import AsyncEngine, TokenEvent
+from lorafleet.server.engine import LLMEngine
+from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
+from lorafleet.server.metrics import ServerMetrics
+from lorafleet.server.sequence import FinishReason, Sequence
+from lorafleet.server.serve_config import ServeConfig
+from lorafleet.server.validation import GenerateJob, Limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished generation, with what responses and headers report."""
+
+    seq: Sequence
+    prompt_ids: list[int]
+    queue_s: float
+    inference_s: float
+    first_token_s: float
+    best_of: list["Completion"] = field(default_factory=list)
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.seq.finish_reason or FinishReason.LENGTH
+
+
+class ReplicaService:
+    def __init__(self, config: ServeConfig, engine: LLMEngine | None = None) -> None:
+        self.config = config
+        self.engine = engine if engine is not None else LLMEngine(config.engine)
+        self.tokenizer = self.engine.tokenizer
+        self.runner = AsyncEngine(self.engine)
+        self.limits = Limits(
+            max_input_length=config.engine.max_input_length, max_total_tokens=config.engine.max_total_tokens,
+            max_stop_sequences=config.max_stop_sequences, max_best_of=config.max_best_of,
+            default_adapter_source=config.adapter_source,
+        )
+        self.metrics = ServerMetrics(self.snapshot)
+        self.in_flight = 0
+        self.draining = False
+        self.started = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.runner.start()
+        self.started = True
+
+    async def preload(self) -> None:
+        for adapter_id in self.config.preload_adapters:
+            ref = AdapterRef.parse(adapter_id, self.config.adapter_source)
+            await self.load_adapter(ref, pin=True)
+            log.info("preloaded and pinned adapter %s", ref.key)
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.engine.adapters.close()
+
+    @property
+    def healthy(self) -> bool:
+        return self.started and not self.draining and self.runner.last_error is None
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        if self.draining:
+            raise Unhealthy("the server is shutting down")
+        if not self.started:
+            raise Unhealthy("the engine is not ready")
+        if self.in_flight >= self.config.max_concurrent_requests:
+            raise Overloaded(f"Model is overloaded: {self.in_flight} requests in flight, the limit is {self.config.max_concurrent_requests}")
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def prompt_ids(self, job: GenerateJob) -> list[int]:
+        """Tokenize, truncate, and settle max_new_tokens against the length limits (API.md)."""
+        ids = job.prompt_ids if job.prompt_ids is not None else self.tokenizer(job.inputs).input_ids
+        if job.truncate is not None:
+            ids = ids[-job.truncate :]
+        limits = self.limits
+        if len(ids) > limits.max_input_length:
+            raise ValidationError(f"`inputs` must have less than {limits.max_input_length} tokens. Given: {len(ids)}")
+        room = limits.max_total_tokens - len(ids)
+        new = job.max_new_tokens if job.max_new_tokens is not None else room
+        if new > room:
+            raise ValidationError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. Given: {len(ids)} `inputs` tokens and {new} `max_new_tokens`"
+            )
+        job.params.max_new_tokens = new
+        return ids
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def stream(self, job: GenerateJob, prompt_ids: list[int]) -> tuple[TokenEvent, AsyncIterator[TokenEvent]]:
+        """Start a generation and wait for its first event, so errors before it still get their HTTP status."""
+        events = self.runner.generate(prompt_ids, job.params, job.adapter, job.api_token).__aiter__()
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration as exc:  # pragma: no cover - the engine always ends with an event
+            raise RuntimeError("generation ended without output") from exc
+        return first, events
+
+    async def complete(self, job: GenerateJob, prompt_ids: list[int]) -> Completion:
+        if job.best_of > 1:
+            return await self._best_of(job, prompt_ids)
+        start = time.perf_counter()
+        first, events = await self.stream(job, prompt_ids)
+        first_at = time.perf_counter()
+        last = first
+        async for event in events:
+            last = event
+        done = time.perf_counter()
+        assert last.seq is not None
+        self._observe(job, last.seq, first_at - start, done - first_at)
+        return Completion(last.seq, prompt_ids, queue_s=0.0, inference_s=done - start, first_token_s=first_at - start)
+
+    async def _best_of(self, job: GenerateJob, prompt_ids: list[int]) -> Completion:
+        """n sampled candidates with different seeds; the one with the highest total log-probability wins."""
+        import copy
+
+        jobs = []
+        for _ in range(job.best_of):
+            candidate = copy.copy(job)
+            candidate.params = copy.copy(job.params)
+            candidate.params.seed = random.getrandbits(63)
+            candidate.best_of = 1
+            jobs.append(candidate)
+        results = await asyncio.gather(*(self.complete(j, prompt_ids) for j in jobs))
+        best = max(results, key=lambda c: sum(t.logprob or 0.0 for t in c.seq.tokens))
+        best.best_of = [c for c in results if c is not best]
+        return best
+
+    def observe_stream(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
+        self._observe(job, seq, first_token_s, rest_s)
+
+    def _observe(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
+        adapter = job.adapter.id if job.adapter else ""
+        self.metrics.generated_tokens.labels(adapter).inc(len(seq.tokens))
+        self.metrics.time_to_first_token.observe(first_token_s)
+        if len(seq.tokens) > 1:
+            self.metrics.time_per_output_token.observe(rest_s / (len(seq.tokens) - 1))
+
+    # -- adapters (admin) -----------------------------------------------------------------------
+
+    async def load_adapter(self, ref: AdapterRef, pin: bool, token: str | None = None, timeout_s: float = 300.0) -> dict:
+        """Load an adapter to the device (and pin it if asked); report where it ended up."""
+        manager = self.engine.adapters
+        key = await self.runner.call(manager.request, ref, token, pin)
+
+        def to_device() -> None:  # on the engine thread, so the running batch is seen as it is
+            manager.between_steps({s.adapter for s in self.engine.scheduler.running if s.adapter}, [key])
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = manager.states.get(key)
+            if state is None:
+                raise ValidationError(f"adapter {ref.key} was unloaded while loading")
+            if state.status == "failed" and state.error is not None:
+                raise state.error
+            if state.status == "device":
+                return self.describe_adapter(key)
+            if state.status == "cpu":
+                await self.runner.call(to_device)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"adapter {ref.key} did not reach a device slot within {timeout_s}s (all slots busy?)")
+            await asyncio.sleep(0.01)
+
+    def in_flight_by_adapter(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
+            if seq.adapter:
+                counts[seq.adapter] = counts.get(seq.adapter, 0) + 1
+        return counts
+
+    def describe_adapter(self, key: str) -> dict:
+        return next(a for a in self.engine.adapters.describe(self.in_flight_by_adapter()) if a["key"] == key)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        scheduler, manager = self.engine.scheduler, self.engine.adapters
+        allocator = self.engine.allocator
+        tiers: dict[str, int] = {"device": 0, "cpu": 0, "loading": 0, "failed": 0}
+        for state in list(manager.states.values()):
+            tiers[state.status] = tiers.get(state.status, 0) + 1
+        slots = manager.slots
+        return {
+            "waiting": len(scheduler.waiting),
+            "running": len(scheduler.running),
+            "kv_usage": 1.0 - allocator.num_free / allocator.num_blocks,
+            "max_lora": self.config.engine.max_active_adapters,
+            "running_adapters": sorted({s.adapter for s in list(scheduler.running) if s.adapter}),
+            "waiting_adapters": sorted({s.adapter for s in list(scheduler.waiting) if s.adapter}),
+            "timestamp": time.time(),
+            "adapters_per_tier": tiers,
+            "bytes_per_tier": {
+                "device": sum(a.size_bytes for a in (slots.adapters.values() if slots else [])),
+                "cpu": manager.cpu.used_bytes(),
+                "disk": manager.disk.used_bytes(),
+            },
+            "adapter_events": {**manager.counts, "cpu_evictions": manager.cpu.evictions, "disk_evictions": manager.disk.evictions,
+                               "disk_corrupt_dropped": manager.disk.corrupt_dropped},
+        }
+
+    def info(self) -> dict[str, Any]:
+        c, e = self.config, self.config.engine
+        return {
+            "model_id": c.model_id,
+            "model_sha": None,
+            "model_dtype": str(self.engine.dtype).removeprefix("torch."),
+            "model_device_type": self.engine.device.type,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": c.max_concurrent_requests,
+            "max_best_of": c.max_best_of,
+            "max_stop_sequences": c.max_stop_sequences,
+            "max_input_length": e.max_input_length,
+            "max_total_tokens": e.max_total_tokens,
+            "max_batch_total_tokens": e.max_batch_total_tokens,
+            "max_batch_prefill_tokens": e.max_batch_prefill_tokens,
+            "waiting_served_ratio": None,
+            "max_waiting_tokens": None,
+            "validation_workers": 1,
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+            "request_logger_url": None,
+            "eager_prefill": None,
+            "adapter_source": c.adapter_source,
+            "max_active_adapters": e.max_active_adapters,
+            "max_lora_rank": e.max_lora_rank,
+            "adapter_cycle_time_s": e.adapter_cycle_time_s,
+            "adapter_cpu_memory": e.adapter_cpu_memory,
+            "adapter_disk_cache": e.adapter_disk_cache,
+            "adapter_roots": [str(p) for p in e.adapter_roots],
+            "lora_kernel": self.engine.lora_kernel(),
+        }

@@ -1,0 +1,201 @@
+"""Validating a TGI/LoRAX generate request into engine parameters, with LoRAX's messages.
+
+Every parameter may be absent or null (lorax-client sends every key); unknown keys are ignored.
+Where API.md departs from LoRAX (temperature 0 means greedy, top_p 1.0 is allowed), API.md wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lorafleet.server.adapter_sources import SOURCES, AdapterRef
+from lorafleet.server.errors import ValidationError
+from lorafleet.server.sequence import SamplingParams
+
+MAX_SEED = 2**64 - 1
+MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
+
+
+@dataclass(slots=True)
+class Limits:
+    max_input_length: int
+    max_total_tokens: int
+    max_stop_sequences: int = 4
+    max_best_of: int = 2
+    max_alternatives: int = 10
+    default_adapter_source: str = "hub"
+
+
+@dataclass(slots=True)
+class GenerateJob:
+    inputs: str
+    params: SamplingParams
+    max_new_tokens: int | None  # None: whatever max_total_tokens leaves after the input
+    adapter: AdapterRef | None
+    api_token: str | None = None
+    truncate: int | None = None
+    details: bool = False
+    decoder_input_details: bool = False
+    return_full_text: bool = False
+    best_of: int = 1
+    stream: bool = False
+    response_format: dict | None = None
+    prompt_ids: list[int] | None = None  # already tokenized (chat templates), else inputs is tokenized
+
+
+def _number(parameters: dict, name: str, kind: type, default: Any = None) -> Any:
+    value = parameters.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise ValidationError(f"`{name}` must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
+def _flag(parameters: dict, name: str) -> bool:
+    value = parameters.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValidationError(f"`{name}` must be true or false, got {value!r}")
+    return value
+
+
+def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits) -> AdapterRef | None:
+    if adapter_id is None or adapter_id == "":
+        return None
+    if not isinstance(adapter_id, str):
+        raise ValidationError(f"`adapter_id` must be a string, got {adapter_id!r}")
+    source = adapter_source if adapter_source is not None else limits.default_adapter_source
+    if source not in SOURCES:
+        raise ValidationError(f"`adapter_source` must be one of {', '.join(SOURCES)}. Given: {source!r}")
+    try:
+        return AdapterRef.parse(adapter_id, source)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
+
+
+def validate_generate(body: Any, limits: Limits, stream: bool = False) -> GenerateJob:
+    if not isinstance(body, dict):
+        raise ValidationError("the request body must be a JSON object")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str):
+        raise ValidationError("`inputs` must be a string")
+    if not inputs:
+        raise ValidationError("`inputs` cannot be empty")
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ValidationError("`parameters` must be a JSON object")
+    if "stream" in body and body["stream"] is not None:
+        if not isinstance(body["stream"], bool):
+            raise ValidationError("`stream` must be true or false")
+        stream = stream or body["stream"]
+    p = parameters
+
+    temperature = _number(p, "temperature", float)
+    if temperature is not None and temperature < 0:
+        raise ValidationError("`temperature` must be >= 0.0")
+    repetition_penalty = _number(p, "repetition_penalty", float)
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    penalties = {}
+    for name in ("frequency_penalty", "presence_penalty"):
+        penalties[name] = _number(p, name, float, 0.0)
+        if not -2.0 <= penalties[name] <= 2.0:
+            raise ValidationError(f"`{name}` must be >= -2.0 and <= 2.0")
+    top_k = _number(p, "top_k", int)
+    if top_k is not None and top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive")
+    top_p = _number(p, "top_p", float)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValidationError("`top_p` must be > 0.0 and <= 1.0")
+    typical_p = _number(p, "typical_p", float)
+    if typical_p is not None and not 0.0 < typical_p < 1.0:
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+    max_new_tokens = _number(p, "max_new_tokens", int)
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    if max_new_tokens is not None and max_new_tokens >= limits.max_total_tokens:
+        raise ValidationError(f"`max_new_tokens` must be < {limits.max_total_tokens}. Given: {max_new_tokens}")
+    seed = _number(p, "seed", int)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValidationError(f"`seed` must be an unsigned 64-bit integer. Given: {seed}")
+    truncate = _number(p, "truncate", int)
+    if truncate is not None and not 0 < truncate <= limits.max_input_length:
+        raise ValidationError(f"`truncate` must be strictly positive and less than {limits.max_input_length}. Given: {truncate}")
+    stop = p.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ValidationError("`stop` must be a list of strings")
+    if len(stop) > limits.max_stop_sequences:
+        raise ValidationError(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
+    alternatives = _number(p, "return_k_alternatives", int, 0)
+    if not 0 <= alternatives <= limits.max_alternatives:
+        raise ValidationError(f"`return_k_alternatives` must be >= 0 and <= {limits.max_alternatives}. Given: {alternatives}")
+    best_of = _number(p, "best_of", int, 1)
+    do_sample = _flag(p, "do_sample")
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens or 1,
+        temperature=temperature,
+        do_sample=do_sample,
+        top_k=top_k,
+        top_p=top_p,
+        typical_p=typical_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=penalties["frequency_penalty"],
+        presence_penalty=penalties["presence_penalty"],
+        seed=seed,
+        stop=list(stop),
+        ignore_eos=_flag(p, "ignore_eos_token"),
+        alternatives=alternatives,
+        prefill_logprobs=_flag(p, "decoder_input_details"),
+    )
+    if not 0 < best_of <= limits.max_best_of:
+        raise ValidationError(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
+    if best_of > 1:
+        if not params.sampling:
+            raise ValidationError("you must use sampling when `best_of` is > 1")
+        if seed is not None:
+            raise ValidationError("`seed` must not be set when `best_of` > 1")
+        if stream:
+            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+    if params.prefill_logprobs and stream:
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+
+    adapter = parse_adapter(p.get("adapter_id"), p.get("adapter_source"), limits)
+    merged = p.get("merged_adapters")
+    if merged is not None:
+        _validate_merged(merged, adapter)
+    api_token = p.get("api_token")
+    if api_token is not None and not isinstance(api_token, str):
+        raise ValidationError("`api_token` must be a string")
+    response_format = p.get("response_format")
+    if response_format is not None:
+        raise ValidationError("`response_format` (constrained decoding) is not supported by this server yet")
+    return GenerateJob(
+        inputs=inputs, params=params, max_new_tokens=max_new_tokens, adapter=adapter, api_token=api_token,
+        truncate=truncate, details=_flag(p, "details"), decoder_input_details=params.prefill_logprobs,
+        return_full_text=_flag(p, "return_full_text"), best_of=best_of, stream=stream,
+    )
+
+
+def _validate_merged(merged: Any, adapter: AdapterRef | None) -> None:
+    if adapter is not None:
+        raise ValidationError("`merged_adapters` cannot be used together with `adapter_id`")
+    if not isinstance(merged, dict):
+        raise ValidationError("`merged_adapters` must be a JSON object")
+    ids, weights = merged.get("ids"), merged.get("weights")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise ValidationError("`merged_adapters.ids` must be a non-empty list of adapter ids")
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(ids) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+        raise ValidationError("`merged_adapters.weights` must be a list of numbers, one per id")
+    strategy = merged.get("merge_strategy", "linear")
+    if strategy not in MERGE_STRATEGIES:
+        raise ValidationError(f"`merged_adapters.merge_strategy` must be one of {', '.join(MERGE_STRATEGIES)}. Given: {strategy!r}")
+    density = merged.get("density", 1.0)
+    if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 < density <= 1.0:
+        raise ValidationError("`merged_adapters.density` must be > 0.0 and <= 1.0")
+    sign = merged.get("majority_sign_method", "total")
+    if sign not in ("total", "frequency"):
+        raise ValidationError(f"`merged_adapters.majority_sign_method` must be total or frequency. Given: {sign!r}")
+    raise ValidationError("`merged_adapters` is valid, but merging adapters per request is not supported by this server yet")
