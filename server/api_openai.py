@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.server.errors import ValidationError, classify
-from lorafleet.server.http_common import bearer_token, error_response, read_json, sse, until_disconnect
+from lorafleet.server.http_common import bearer_token, close_events, error_response, read_json, sse, until_disconnect
 from lorafleet.server.sequence import FinishReason
 from lorafleet.server.service import Completion, ReplicaService
 from lorafleet.server.validation import GenerateJob, validate_generate
@@ -143,8 +143,8 @@ async def openai_stream(service: ReplicaService, job: GenerateJob, chunk: Any) -
             _, error_type, message = classify(exc)
             yield sse({"error": message, "error_type": error_type})
         finally:
-            await events.aclose()
             service.release()
+            await close_events(events)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.server.async_engine import TokenEvent
 from lorafleet.server.errors import classify
-from lorafleet.server.http_common import bearer_token, error_response, next_or_keepalive, read_json, sse, until_disconnect
+from lorafleet.server.http_common import bearer_token, close_events, error_response, next_or_keepalive, read_json, sse, until_disconnect
 from lorafleet.server.sequence import TokenInfo
 from lorafleet.server.service import Completion, ReplicaService
 from lorafleet.server.validation import GenerateJob, validate_generate
@@ -108,11 +108,8 @@ async def token_stream(service: ReplicaService, job: GenerateJob, prompt_ids: li
         _, error_type, message = classify(exc)
         yield sse({"error": message, "error_type": error_type})
     finally:
-        task = pending.get("task")
-        if task is not None:
-            task.cancel()
-        await events.aclose()
         service.release()
+        await close_events(events, pending.get("task"))
 
 
 async def generate(service: ReplicaService, request: Request, mode: str) -> Any:

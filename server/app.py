@@ -60,6 +60,34 @@ class _TooLarge(Exception):
     pass
 
 
+class RequestMetrics:
+    """Counts and times requests by route, status and adapter (pure ASGI, so streams and disconnects pass untouched)."""
+
+    def __init__(self, app: ASGIApp, service: ReplicaService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        seen: dict[str, str] = {}
+
+        async def watching(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = str(message["status"])
+                seen["adapter"] = dict(message.get("headers", [])).get(b"x-adapter-id", b"").decode()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching)
+        finally:
+            route = scope["path"] if scope["path"] in GENERATE_ROUTES else "other"
+            metrics = self.service.metrics
+            metrics.requests.labels(route, seen.get("status", "499"), seen.get("adapter", "")).inc()
+            metrics.duration.labels(route).observe(time.perf_counter() - started)
+
+
 def create_app(service: ReplicaService) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,15 +100,7 @@ def create_app(service: ReplicaService) -> FastAPI:
     app = FastAPI(title="lorafleet replica", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
 
-    @app.middleware("http")
-    async def record(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.url.path if request.url.path in GENERATE_ROUTES else "other"
-        adapter = response.headers.get("x-adapter-id", "")
-        service.metrics.requests.labels(route, str(response.status_code), adapter).inc()
-        service.metrics.duration.labels(route).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics, service=service)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:

@@ -70,3 +70,17 @@ async def next_or_keepalive(events: Any, pending: dict) -> Any:
         return None
     pending.pop("task")
     return task.result()
+
+
+async def close_events(events: Any, pending: "asyncio.Future | None" = None) -> None:
+    """Close a generation's event stream (which cancels it in the engine if it is still running)."""
+    if pending is not None and not pending.done():
+        pending.cancel()
+        try:
+            await pending
+        except BaseException:  # noqa: BLE001 - the cancellation we asked for, or the stream's own end
+            pass
+    try:
+        await events.aclose()
+    except RuntimeError:  # already closing on another path
+        pass

@@ -1,0 +1,57 @@
+"""A real replica server on a free loopback port, in a background thread, stopped by the fixture."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import uvicorn
+
+from lorafleet.server.app import create_app
+from lorafleet.server.config import EngineConfig
+from lorafleet.server.serve_config import ServeConfig
+from lorafleet.server.service import ReplicaService
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, model: Path, adapter_root: Path, cache: Path, **overrides) -> None:
+        engine_settings = dict(model=str(model), block_size=4, kv_cache_memory=1 << 22, max_total_tokens=256, max_input_length=128,
+                               adapter_roots=[adapter_root], adapter_cache_dir=cache, max_active_adapters=4, max_lora_rank=16)
+        engine_settings.update(overrides.pop("engine", {}))
+        self.port = free_port()
+        config = ServeConfig(engine=EngineConfig(**engine_settings), model_id="tiny-llama", port=self.port, adapter_source="local", **overrides)
+        self.service = ReplicaService(config)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "RunningServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the test server did not become healthy")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def running_server(model: Path, adapter_root: Path, cache: Path, **overrides) -> Iterator[RunningServer]:
+    with RunningServer(model, adapter_root, cache, **overrides) as server:
+        yield server

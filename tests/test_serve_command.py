@@ -1,0 +1,96 @@
+"""`lorafleet serve` as a process: the default model answers, and SIGTERM drains before exit 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server_helpers import free_port
+
+
+def start_serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-P", "-m", "lorafleet", "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"lorafleet serve exited early:\n{process.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("lorafleet serve did not become healthy")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+def test_serve_default_model_answers_paris(smollm2_path: Path, tmp_path: Path) -> None:
+    process, url = start_serve("--model", "smollm2", "--adapter-cache-dir", str(tmp_path / "cache"))
+    try:
+        reply = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": "", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0,
+        })
+        assert reply.status_code == 200, reply.text
+        assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+        assert httpx.get(url + "/info").json()["model_id"] == "smollm2"
+    finally:
+        stop(process)
+
+
+def test_flags_come_from_the_environment_and_bad_values_exit_2(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    bad = subprocess.run([sys.executable, "-P", "-m", "lorafleet", "serve", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--port: must be > 0, got 0" in bad.stderr
+    env_bad = subprocess.run([sys.executable, "-P", "-m", "lorafleet", "serve", "--help"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "LORAFLEET_MAX_INPUT_LENGTH": "lots"})
+    assert env_bad.returncode == 2 and "LORAFLEET_MAX_INPUT_LENGTH='lots'" in env_bad.stderr
+    process, url = start_serve("--model", str(tiny_models["llama"]), "--adapter-cache-dir", str(tmp_path / "cache"),
+                               env={"LORAFLEET_MAX_INPUT_LENGTH": "100", "LORAFLEET_MAX_TOTAL_TOKENS": "300"})
+    try:
+        info = httpx.get(url + "/info").json()
+        assert info["max_input_length"] == 100 and info["max_total_tokens"] == 300
+    finally:
+        stop(process)
+
+
+def test_sigterm_drains_running_requests_then_exits_0(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    process, url = start_serve("--model", str(tiny_models["llama"]), "--adapter-cache-dir", str(tmp_path / "cache"), "--grace-period-s", "30")
+    try:
+        result: dict = {}
+
+        def long_request() -> None:
+            result["response"] = httpx.post(url + "/generate", timeout=60, json={"inputs": "Hello", "parameters": {"max_new_tokens": 400, "ignore_eos_token": True}})
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["error_type"] == "unhealthy"
+        refused = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=5)
+        assert refused.status_code == 503
+        worker.join(60)
+        assert result["response"].status_code == 200
+        assert result["response"].headers["x-generated-tokens"] == "400"
+        assert process.wait(30) == 0
+    finally:
+        stop(process)

@@ -1,0 +1,130 @@
+"""Malformed and hostile requests: each gets its status, error_type and message; none crashes the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lorafleet.testing import make_lora_adapter
+from server_helpers import running_server
+
+OK = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+
+
+def gen(**parameters) -> dict:
+    return {"inputs": "Hello", "parameters": {"max_new_tokens": 2, **parameters}}
+
+
+# (name, path, body (dict, or bytes sent raw), headers, status, error_type, message fragment)
+CASES = [
+    ("bad json", "/generate", b'{"inputs": "x",', {}, 400, "validation", "not valid JSON"),
+    ("wrong content type", "/generate", b"inputs=x", {"content-type": "text/plain"}, 415, "validation", "Content-Type must be application/json"),
+    ("invalid utf-8", "/generate", b'{"inputs": "\xff\xfe"}', {}, 400, "validation", "not valid UTF-8"),
+    ("body is a list", "/generate", [1, 2], {}, 422, "validation", "must be a JSON object"),
+    ("inputs missing", "/generate", {"parameters": {}}, {}, 422, "validation", "`inputs` must be a string"),
+    ("inputs empty", "/generate", {"inputs": ""}, {}, 422, "validation", "`inputs` cannot be empty"),
+    ("inputs a number", "/generate", {"inputs": 42}, {}, 422, "validation", "`inputs` must be a string"),
+    ("parameters a string", "/generate", {"inputs": "x", "parameters": "fast"}, {}, 422, "validation", "`parameters` must be a JSON object"),
+    ("max_new_tokens 0", "/generate", gen(max_new_tokens=0), {}, 422, "validation", "`max_new_tokens` must be strictly positive"),
+    ("max_new_tokens negative", "/generate", gen(max_new_tokens=-5), {}, 422, "validation", "`max_new_tokens` must be strictly positive"),
+    ("max_new_tokens huge", "/generate", gen(max_new_tokens=10**9), {}, 422, "validation", "`max_new_tokens` must be < 256"),
+    ("max_new_tokens a word", "/generate", gen(max_new_tokens="ten"), {}, 422, "validation", "`max_new_tokens` must be an integer"),
+    ("max_new_tokens fractional", "/generate", gen(max_new_tokens=2.5), {}, 422, "validation", "`max_new_tokens` must be an integer"),
+    ("temperature negative", "/generate", gen(temperature=-1), {}, 422, "validation", "`temperature` must be >= 0.0"),
+    ("top_p 0", "/generate", gen(top_p=0), {}, 422, "validation", "`top_p` must be > 0.0 and <= 1.0"),
+    ("top_p above 1", "/generate", gen(top_p=1.5), {}, 422, "validation", "`top_p` must be > 0.0 and <= 1.0"),
+    ("top_k 0", "/generate", gen(top_k=0), {}, 422, "validation", "`top_k` must be strictly positive"),
+    ("typical_p 1", "/generate", gen(typical_p=1.0), {}, 422, "validation", "`typical_p` must be > 0.0 and < 1.0"),
+    ("repetition_penalty 0", "/generate", gen(repetition_penalty=0), {}, 422, "validation", "`repetition_penalty` must be strictly positive"),
+    ("frequency_penalty 3", "/generate", gen(frequency_penalty=3), {}, 422, "validation", "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ("too many stops", "/generate", gen(stop=["a", "b", "c", "d", "e"]), {}, 422, "validation", "`stop` supports up to 4 stop sequences. Given: 5"),
+    ("stop a string", "/generate", gen(stop="x"), {}, 422, "validation", "`stop` must be a list of strings"),
+    ("seed negative", "/generate", gen(seed=-1), {}, 422, "validation", "`seed` must be an unsigned 64-bit integer"),
+    ("truncate 0", "/generate", gen(truncate=0), {}, 422, "validation", "`truncate` must be strictly positive"),
+    ("best_of 5", "/generate", gen(best_of=5, do_sample=True), {}, 422, "validation", "`best_of` must be > 0 and <= 2. Given: 5"),
+    ("best_of greedy", "/generate", gen(best_of=2), {}, 422, "validation", "you must use sampling when `best_of` is > 1"),
+    ("best_of with seed", "/generate", gen(best_of=2, do_sample=True, seed=1), {}, 422, "validation", "`seed` must not be set when `best_of` > 1"),
+    ("best_of streaming", "/generate_stream", gen(best_of=2, do_sample=True), {}, 422, "validation", "`best_of` != 1 is not supported when streaming"),
+    ("prefill details streaming", "/generate_stream", gen(decoder_input_details=True), {}, 422, "validation", "`decoder_input_details` == true is not supported when streaming"),
+    ("details not a bool", "/generate", gen(details="yes"), {}, 422, "validation", "`details` must be true or false"),
+    ("do_sample a string", "/generate", gen(do_sample="true"), {}, 422, "validation", "`do_sample` must be true or false"),
+    ("too many alternatives", "/generate", gen(return_k_alternatives=100), {}, 422, "validation", "`return_k_alternatives` must be >= 0 and <= 10"),
+    ("unknown adapter", "/generate", gen(adapter_id="nobody", adapter_source="local"), {}, 404, "not_found", "local adapter 'nobody' not found"),
+    ("adapter path traversal", "/generate", gen(adapter_id="../../etc", adapter_source="local"), {}, 422, "validation", "must not contain '..'"),
+    ("adapter absolute path", "/generate", gen(adapter_id="/etc", adapter_source="local"), {}, 422, "validation", "resolves outside the allowed adapter roots"),
+    ("adapter source unknown", "/generate", gen(adapter_id="x", adapter_source="ftp"), {}, 422, "validation", "`adapter_source` must be one of hub, local, s3"),
+    ("adapter id a number", "/generate", gen(adapter_id=5), {}, 422, "validation", "`adapter_id` must be a string"),
+    ("adapter not a lora", "/generate", gen(adapter_id="not-lora", adapter_source="local"), {}, 424, "generation", "peft_type PROMPT_TUNING is not supported"),
+    ("merged with adapter_id", "/generate", gen(adapter_id="x", merged_adapters={"ids": ["a"]}), {}, 422, "validation", "cannot be used together with `adapter_id`"),
+    ("merge strategy unknown", "/generate", gen(merged_adapters={"ids": ["a", "b"], "merge_strategy": "average"}), {}, 422, "validation", "`merged_adapters.merge_strategy` must be one of"),
+    ("merge valid but not built", "/generate", gen(merged_adapters={"ids": ["a", "b"], "weights": [0.5, 0.5]}), {}, 422, "validation", "merging adapters per request is not supported"),
+    ("response_format", "/generate", gen(response_format={"type": "json_object"}), {}, 422, "validation", "`response_format` (constrained decoding) is not supported"),
+    ("input too long", "/generate", {"inputs": "word " * 400, "parameters": {"max_new_tokens": 1}}, {}, 422, "validation", "`inputs` must have less than 128 tokens"),
+    ("input + new over total", "/generate", {"inputs": "word " * 20, "parameters": {"max_new_tokens": 250}}, {}, 422, "validation", "`inputs` tokens + `max_new_tokens` must be <= 256"),
+    ("ten megabyte body", "/generate", b'{"inputs": "' + b"x" * (10 << 20) + b'"}', {}, 413, "validation", "larger than"),
+    ("chat without messages", "/v1/chat/completions", {"model": ""}, {}, 422, "validation", "`messages` must be a non-empty list"),
+    ("chat image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, {}, 422, "validation", "parts must be text parts"),
+    ("completions n 0", "/v1/completions", {"prompt": "x", "n": 0}, {}, 422, "validation", "`n` must be an integer from 1 to 16"),
+    ("completions prompt a number", "/v1/completions", {"prompt": 7}, {}, 422, "validation", "`prompt` must be a string or a non-empty list"),
+    ("completions unknown adapter", "/v1/completions", {"prompt": "x", "model": "ghost", "adapter_source": "local"}, {}, 404, "not_found", "local adapter 'ghost' not found"),
+    ("tokenize without inputs", "/tokenize", {"text": "x"}, {}, 422, "validation", "`inputs` must be a string"),
+    ("admin load without id", "/adapters", {"pin": True}, {}, 422, "validation", "`adapter_id` is required"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("hostile-adapters")
+    make_lora_adapter(tiny_models["llama"], root / "ok", r=4)
+    (root / "not-lora").mkdir()
+    (root / "not-lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
+    yield from running_server(tiny_models["llama"], root, tmp_path_factory.mktemp("cache"), max_concurrent_requests=2)
+
+
+@pytest.mark.parametrize("name,path,body,headers,status,error_type,message", CASES, ids=[c[0] for c in CASES])
+def test_hostile_request(server, name, path, body, headers, status, error_type, message) -> None:
+    if isinstance(body, bytes):
+        response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json", **headers}, timeout=30)
+    else:
+        response = httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+    assert response.status_code == status, response.text
+    payload = response.json()
+    assert payload["error_type"] == error_type
+    assert message in payload["error"]
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.post(server.url + "/generate", json=OK).status_code == 200
+
+
+def test_there_are_at_least_thirty_hostile_cases() -> None:
+    assert len(CASES) >= 30
+
+
+async def test_concurrency_limit_answers_429_at_once(server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        long = {"inputs": "Hello", "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+        streams = [client.stream("POST", "/generate_stream", json=long) for _ in range(2)]
+        opened = [await s.__aenter__() for s in streams]
+        try:
+            refused = await client.post("/generate", json=OK)
+            assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded"
+        finally:
+            for s in streams:
+                await s.__aexit__(None, None, None)
+
+
+async def test_a_client_that_disconnects_cancels_its_request(server) -> None:
+    engine = server.service.engine
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        async with client.stream("POST", "/generate_stream", json={"inputs": "Hello", "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}) as response:
+            async for _ in response.aiter_lines():
+                break
+    for _ in range(200):
+        if not engine.scheduler.running and not engine.scheduler.waiting and server.service.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert not engine.scheduler.running and server.service.in_flight == 0
+    assert engine.allocator.num_free == engine.allocator.num_blocks
