@@ -48,11 +48,9 @@ def to_job(service: ReplicaService, body: dict, inputs: str, stream: bool) -> Ge
         stop=stop,
         return_k_alternatives=logprobs,
         adapter_id=None if model in (None, "", service.config.model_id) else model,
+        response_format=body.get("response_format"),
     )
-    job = validate_generate({"inputs": inputs, "parameters": parameters}, service.limits, stream=stream)
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise ValidationError("`response_format` (constrained decoding) is not supported by this server yet")
-    return job
+    return validate_generate({"inputs": inputs, "parameters": parameters}, service.limits, stream=stream)
 
 
 def _count(body: dict, name: str, default: int) -> int:

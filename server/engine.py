@@ -90,6 +90,7 @@ class LLMEngine:
             parse=lambda name, folder: load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle),
         )
         self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
+        self._grammar: Any = None
         self.num_steps = 0
         log.info("engine ready: %s %s on %s, %d KV blocks of %d tokens", self.model_config.architecture, self.dtype, self.device, num_blocks, config.block_size)
 
@@ -111,10 +112,20 @@ class LLMEngine:
         if needed > self.allocator.num_blocks:
             raise ValueError(f"the request needs {needed} KV blocks; the whole pool has {self.allocator.num_blocks}")
         seq = Sequence(list(prompt_ids), params, adapter)
+        if params.response_format is not None:
+            seq.constraint = self.grammar().constraint(params.response_format)
         if request_id is not None:
             seq.request_id = request_id
         self.scheduler.add(seq)
         return seq
+
+    def grammar(self) -> Any:
+        """The structured-output compiler, made on first use (it indexes the whole vocabulary)."""
+        if self._grammar is None:
+            from lorafleet.server.structured import GrammarCompiler
+
+            self._grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
+        return self._grammar
 
     def lora_kernel(self) -> str:
         if self.config.lora_kernel == "auto":
@@ -234,6 +245,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token_id: int, logprobs: torch.Tensor) -> StepOutput:
         seq.token_ids.append(token_id)
+        if seq.constraint is not None:
+            seq.constraint.accept(token_id)
         seq.num_computed = len(seq.token_ids) - 1
         special = token_id in self.special_ids
         alternatives = []

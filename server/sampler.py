@@ -66,6 +66,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch
         t = seq.params.temperature
         if seq.params.sampling and t is not None and t not in (0.0, 1.0):
             scores[row] /= t
+        if seq.constraint is not None:
+            seq.constraint.mask(scores[row])
     logprobs = scores.log_softmax(-1)
     chosen = scores.argmax(-1).tolist()
     for row, seq in enumerate(seqs):

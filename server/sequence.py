@@ -6,6 +6,7 @@ import enum
 import itertools
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     alternatives: int = 0
     prefill_logprobs: bool = False
+    response_format: dict | None = None  # {"type": json_object|json_schema, "schema": {...}}
 
     @property
     def sampling(self) -> bool:
@@ -91,6 +93,7 @@ class Sequence:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     seed_used: int | None = None
+    constraint: Any = None  # a structured.Constraint when the output must follow a grammar
     prefill_carry: torch.Tensor | None = None  # last prefill chunk's final log-softmax, for the next chunk's first token
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from lorafleet.server.adapter_sources import SOURCES, AdapterRef
 from lorafleet.server.errors import ValidationError
 from lorafleet.server.sequence import SamplingParams
+from lorafleet.server.structured import validate_response_format
 
 MAX_SEED = 2**64 - 1
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
@@ -169,9 +170,10 @@ def validate_generate(body: Any, limits: Limits, stream: bool = False) -> Genera
     api_token = p.get("api_token")
     if api_token is not None and not isinstance(api_token, str):
         raise ValidationError("`api_token` must be a string")
-    response_format = p.get("response_format")
-    if response_format is not None:
-        raise ValidationError("`response_format` (constrained decoding) is not supported by this server yet")
+    try:
+        params.response_format = validate_response_format(p.get("response_format"))
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
     return GenerateJob(
         inputs=inputs, params=params, max_new_tokens=max_new_tokens, adapter=adapter, api_token=api_token,
         truncate=truncate, details=_flag(p, "details"), decoder_input_details=params.prefill_logprobs,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -52,6 +53,13 @@ def test_serve_default_model_answers_paris(smollm2_path: Path, tmp_path: Path) -
         assert reply.status_code == 200, reply.text
         assert "Paris" in reply.json()["choices"][0]["message"]["content"]
         assert httpx.get(url + "/info").json()["model_id"] == "smollm2"
+        schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}}, "required": ["capital"]}
+        structured = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in JSON."}], "max_tokens": 24, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        })
+        assert structured.status_code == 200, structured.text
+        assert "Paris" in json.loads(structured.json()["choices"][0]["message"]["content"])["capital"]
     finally:
         stop(process)
 

@@ -1,0 +1,89 @@
+"""Structured output: decoding constrained to a JSON schema (or to any JSON object).
+
+Built on xgrammar, the grammar engine vLLM, SGLang and TensorRT-LLM use: it compiles a JSON
+schema against the tokenizer's vocabulary once, then per step fills a bitmask of the tokens that
+keep the output valid, cheaply enough to run on every step of a CPU batch. Its own
+implementation is well tested against JSON Schema; writing our own would not be.
+Whitespace is kept compact so a small model cannot wander off into endless indentation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+
+class Constraint:
+    """One request's grammar state: which tokens may come next, advanced by each accepted token."""
+
+    def __init__(self, compiled: Any, vocab_size: int) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+
+    def mask(self, scores: torch.Tensor) -> None:
+        """Set every token the grammar forbids to -inf in a [vocab] row, in place."""
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        self._xgr.apply_token_bitmask_inplace(scores.unsqueeze(0), self.bitmask)
+
+    def accept(self, token_id: int) -> None:
+        self.matcher.accept_token(token_id)
+
+
+class GrammarCompiler:
+    """Compiles response formats for one tokenizer; keeps the last few compiled schemas."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], cache_size: int = 64) -> None:
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.vocab_size = vocab_size
+        self._compiler = xgr.GrammarCompiler(info)
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_size = cache_size
+
+    def constraint(self, response_format: dict) -> Constraint:
+        kind = response_format.get("type")
+        if kind == "json_object" and not response_format.get("schema"):
+            key = "json_object"
+        else:
+            key = json.dumps(response_format.get("schema"), sort_keys=True)
+        compiled = self._cache.get(key)
+        if compiled is None:
+            try:
+                # json_object means an object (OpenAI's contract), not any JSON value.
+                schema = '{"type": "object"}' if key == "json_object" else key
+                compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
+            except Exception as exc:  # xgrammar reports schema errors as RuntimeError
+                raise ValueError(f"`response_format` schema is not valid: {str(exc).splitlines()[-1]}") from exc
+            self._cache[key] = compiled
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return Constraint(compiled, self.vocab_size)
+
+
+def validate_response_format(value: Any) -> dict | None:
+    """Normalise TGI's ``{"type", "schema"}`` and OpenAI's ``{"type": "json_schema", "json_schema": {"schema"}}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("`response_format` must be a JSON object")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind not in ("json_object", "json_schema"):
+        raise ValueError(f"`response_format.type` must be json_object or json_schema. Given: {kind!r}")
+    schema = value.get("schema")
+    if schema is None and isinstance(value.get("json_schema"), dict):
+        schema = value["json_schema"].get("schema")
+    if kind == "json_schema" and not isinstance(schema, dict):
+        raise ValueError("`response_format` of type json_schema needs a `schema` object")
+    if schema is not None and not isinstance(schema, dict):
+        raise ValueError("`response_format.schema` must be a JSON object")
+    return {"type": kind, "schema": schema}
