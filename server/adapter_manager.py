@@ -67,6 +67,8 @@ class AdapterManager:
         self._failed: list[tuple[str, BaseException]] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter")
+        # Called with (step, seconds) for each tier move: source_to_disk, disk_to_cpu, cpu_to_device.
+        self.on_timing: Callable[[str, float], None] = lambda step, seconds: None
         self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "source_fetch": 0, "device_evictions": 0, "rotations": 0}
 
     def close(self) -> None:
@@ -141,6 +143,7 @@ class AdapterManager:
                 parse_start = time.perf_counter()
                 adapter = self._parse(key, folder)
                 state.load_seconds["disk_to_cpu"] = time.perf_counter() - parse_start
+                self.on_timing("disk_to_cpu", state.load_seconds["disk_to_cpu"])
                 self.cpu.put(key, adapter, protect={k for k, s in self.states.items() if s.pinned})
             with self._lock:
                 state.rank, state.size_bytes = adapter.rank, adapter.size_bytes
@@ -170,6 +173,7 @@ class AdapterManager:
         fetch = (lambda dest: fetch_hub(ref, dest, token)) if ref.source == "hub" else (lambda dest: fetch_s3(ref, dest))
         folder = self.disk.put(key, fetch, protect={k for k, s in self.states.items() if s.status in ("loading", "device")})
         state.load_seconds["source_to_disk"] = time.perf_counter() - fetch_start
+        self.on_timing("source_to_disk", state.load_seconds["source_to_disk"])
         return folder
 
     # -- device slots (engine thread, between steps) --------------------------------------------
@@ -213,6 +217,7 @@ class AdapterManager:
         start = time.perf_counter()
         self.slots.load(adapter)
         state.load_seconds["cpu_to_device"] = time.perf_counter() - start
+        self.on_timing("cpu_to_device", state.load_seconds["cpu_to_device"])
         state.status = "device"
         state.resident_since = time.monotonic()
         return True

@@ -87,7 +87,7 @@ class LLMEngine:
                             config.adapter_cpu_memory, config.adapter_cycle_time_s),
             # Slots are made on the first adapter load: they cost memory a base-only replica never uses.
             make_slots=lambda: LoraSlots(shapes, layers, config.max_active_adapters, config.max_lora_rank, self.dtype, self.device, self.lora_kernel()),
-            parse=lambda name, folder: load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle),
+            parse=lambda name, folder: self._pinned(load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle)),
         )
         self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
         self._grammar: Any = None
@@ -118,6 +118,12 @@ class LLMEngine:
             seq.request_id = request_id
         self.scheduler.add(seq)
         return seq
+
+    def _pinned(self, adapter: LoraAdapter) -> LoraAdapter:
+        """On cuda, the CPU tier holds page-locked tensors so the copy into a slot is asynchronous."""
+        if self.device.type == "cuda":
+            adapter.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in adapter.weights.items()}
+        return adapter
 
     def grammar(self) -> Any:
         """The structured-output compiler, made on first use (it indexes the whole vocabulary)."""

@@ -54,8 +54,8 @@ class LoraSlots:
                 self.b[layer][module][slot].zero_()
         for (layer, module), (a, b) in adapter.weights.items():
             rank = a.shape[1]
-            self.a[layer][module][slot, :, :rank].copy_(a)
-            self.b[layer][module][slot, :rank, :].copy_(b)
+            self.a[layer][module][slot, :, :rank].copy_(a, non_blocking=True)
+            self.b[layer][module][slot, :rank, :].copy_(b, non_blocking=True)
         self.slot_of[adapter.name] = slot
         self.adapters[adapter.name] = adapter
         self.modules_of_slot[slot] = set(adapter.target_modules)

@@ -52,6 +52,7 @@ class ReplicaService:
             default_adapter_source=config.adapter_source,
         )
         self.metrics = ServerMetrics(self.snapshot)
+        self.engine.adapters.on_timing = lambda step, seconds: self.metrics.adapter_load.labels(step).observe(seconds)
         self.in_flight = 0
         self.draining = False
         self.started = False

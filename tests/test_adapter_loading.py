@@ -147,9 +147,12 @@ def test_hub_source_through_huggingface_hub_and_a_truncated_disk_copy_is_refetch
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
         monkeypatch.delenv("HF_TOKEN", raising=False)
         engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
-        key = engine.adapters.request(AdapterRef.parse("acme/pirate", "hub"))
-        first = engine.add_request([1, 5, 6], GREEDY, key)
-        drive(engine, [first])
+        keys = [engine.adapters.request(AdapterRef.parse("acme/pirate", "hub")) for _ in range(10)]
+        concurrent = [engine.add_request([1, 5, 6], GREEDY, key) for key in keys]  # ten requests for one cold adapter
+        drive(engine, concurrent)
+        assert hub.downloads.count("acme/pirate/adapter_model.safetensors") == 1  # ... cause one fetch
+        assert len({tuple(s.generated_ids) for s in concurrent}) == 1
+        key, first = keys[0], concurrent[0]
         assert engine.adapters.states[key].tier_hit == "source"
         disk_copy = engine.adapters.disk.get(key)
         weights = disk_copy / "adapter_model.safetensors"

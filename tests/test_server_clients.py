@@ -143,7 +143,7 @@ def test_info_health_metrics_and_tokenize(server) -> None:
     assert httpx.get(server.url + "/health").status_code == 200
     httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
     metrics = httpx.get(server.url + "/metrics").text
-    for name in ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info", 'lorafleet_requests_total{adapter="",route="/generate",status="200"}'):
+    for name in ('lorafleet_adapter_load_seconds_count{step="cpu_to_device"}', 'lorafleet_adapter_events{event="device_hit"}', "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info", 'lorafleet_requests_total{adapter="",route="/generate",status="200"}'):
         assert name in metrics
     tokens = httpx.post(server.url + "/tokenize", json={"inputs": "Hello world"}).json()
     assert "".join(t["text"] for t in tokens) == "Hello world" and tokens[0]["start"] == 0
