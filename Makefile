@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -P -m pytest -q
 
 up: $(STAMP)
-	$(BIN)/lorafleet serve --model smollm2
+	$(BIN)/lorafleet serve --model smollm2 --adapter-cache-dir .lorafleet/adapters
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
