@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorafleet.server.adapter_cache import CpuCache, DiskCache
-from lorafleet.server.adapter_format import LoraAdapter, load_adapter
+from lorafleet.server.adapter_format import LoraAdapter
 from lorafleet.server.adapter_sources import AdapterRef, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.lora_slots import LoraSlots
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from lorafleet.server.errors import ValidationError
-from lorafleet.server.http_common import bearer_token, error_response, read_json
+from lorafleet.server.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.service import ReplicaService
 from lorafleet.server.validation import parse_adapter
 
@@ -23,9 +23,7 @@ def admin_router(service: ReplicaService) -> APIRouter:
     @router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
     async def load(request: Request) -> Any:
         try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ValidationError("the request body must be a JSON object")
+            body = await read_json_object(request)
             ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits)
             if ref is None:
                 raise ValidationError("`adapter_id` is required")

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.server.errors import ValidationError, classify
-from lorafleet.server.http_common import bearer_token, close_events, error_response, read_json, sse, until_disconnect
+from lorafleet.server.http_common import bearer_token, close_events, error_response, read_json_object, sse, until_disconnect
 from lorafleet.server.sequence import FinishReason
 from lorafleet.server.service import Completion, ReplicaService
 from lorafleet.server.validation import GenerateJob, validate_generate
@@ -161,9 +161,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
     @router.post("/completions", summary="OpenAI completions; `model` is the adapter id")
     async def completions(request: Request) -> Any:
         try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ValidationError("the request body must be a JSON object")
+            body = await read_json_object(request)
             prompts = body.get("prompt")
             prompts = [prompts] if isinstance(prompts, str) else prompts
             if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -205,9 +203,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
     @router.post("/chat/completions", summary="OpenAI chat completions with the tokenizer's chat template")
     async def chat(request: Request) -> Any:
         try:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ValidationError("the request body must be a JSON object")
+            body = await read_json_object(request)
             prompt_ids = chat_prompt(service, body.get("messages"))
             n = _count(body, "n", 1)
             stream = bool(body.get("stream"))

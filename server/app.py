@@ -16,7 +16,7 @@ from lorafleet.server.admin_api import admin_router
 from lorafleet.server.api_openai import openai_router
 from lorafleet.server.api_tgi import tgi_router
 from lorafleet.server.errors import RequestError
-from lorafleet.server.http_common import error_response, read_json
+from lorafleet.server.http_common import error_response, read_json_object
 from lorafleet.server.service import ReplicaService
 
 GENERATE_ROUTES = {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
@@ -127,8 +127,8 @@ def create_app(service: ReplicaService) -> FastAPI:
 
     @app.post("/tokenize", summary="tokens of an input, with character offsets")
     async def tokenize(request: Request) -> Any:
-        body = await read_json(request)
-        if not isinstance(body, dict) or not isinstance(body.get("inputs"), str):
+        body = await read_json_object(request)
+        if not isinstance(body.get("inputs"), str):
             raise RequestError("`inputs` must be a string")
         special = body.get("add_special_tokens", True)
         if not isinstance(special, bool):

@@ -77,12 +77,15 @@ def paged_attention(
         out[seg.start : seg.end] = attended.transpose(0, 1)
     if meta.decode_rows.numel():
         batch = meta.decode_rows.shape[0]
-        keys = key_cache[meta.decode_block_tables].reshape(batch, -1, kv_heads, head_dim).transpose(1, 2)
-        values = value_cache[meta.decode_block_tables].reshape(batch, -1, kv_heads, head_dim).transpose(1, 2)
+        flat_tables = meta.decode_block_tables.reshape(-1)
+        keys = key_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+        values = value_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
         lens = meta.decode_context_lens[:, None]
         key_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
         mask = _window_mask(lens - 1, key_pos, lens, sliding_window)[:, None, None, :]
         queries = q[meta.decode_rows].unsqueeze(2)
-        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[meta.decode_rows] = attended.squeeze(2)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
+        if not meta.prefills and batch == q.shape[0]:
+            return attended  # an all-decode step: rows are already in batch order
+        out[meta.decode_rows] = attended
     return out

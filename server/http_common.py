@@ -30,6 +30,13 @@ async def read_json(request: Request) -> Any:
         raise RequestError(f"the request body is not valid JSON: {exc}", 400, "validation") from exc
 
 
+async def read_json_object(request: Request) -> dict:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
 def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
     status, error_type, message = classify(exc)
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)

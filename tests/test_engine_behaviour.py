@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from engine_helpers import make_engine
 from lorafleet.server import detokenizer
 from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence
-from lorafleet.testing import reference_greedy
 
 PROMPTS = [[1] + list(range(10 + 7 * i, 10 + 7 * i + 3 + 5 * i)) for i in range(6)]
 

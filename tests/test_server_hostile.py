@@ -109,7 +109,8 @@ async def test_concurrency_limit_answers_429_at_once(server) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         long = {"inputs": "Hello", "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
         streams = [client.stream("POST", "/generate_stream", json=long) for _ in range(2)]
-        opened = [await s.__aenter__() for s in streams]
+        for s in streams:  # both slots taken by open streams
+            await s.__aenter__()
         try:
             refused = await client.post("/generate", json=OK)
             assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded"
