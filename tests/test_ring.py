@@ -1,0 +1,74 @@
+"""The placement ring's properties, checked with hypothesis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorafleet import ring
+
+member_names = st.lists(st.from_regex(r"replica-[a-z0-9]{1,8}", fullmatch=True), min_size=2, max_size=24, unique=True)
+KEYS = [f"org/adapter-{i}" for i in range(3000)]
+
+
+def test_owners_are_the_same_in_separate_processes() -> None:
+    members = [f"lorafleet-replica-{i}" for i in range(7)]
+    code = "from lorafleet import ring; import json; print(json.dumps([ring.owners(f'k{i}', %r, 3) for i in range(200)]))" % members
+    outputs = {subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True,
+                              env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    assert len(outputs) == 1
+    import json
+
+    assert json.loads(outputs.pop()) == [ring.owners(f"k{i}", members, 3) for i in range(200)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(members=member_names, newcomer=st.from_regex(r"new-[a-z]{1,6}", fullmatch=True))
+def test_adding_a_member_moves_only_its_share(members: list[str], newcomer: str) -> None:
+    before = {k: ring.owners(k, members, 1)[0] for k in KEYS}
+    after = {k: ring.owners(k, members + [newcomer], 1)[0] for k in KEYS}
+    moved = [k for k in KEYS if before[k] != after[k]]
+    assert all(after[k] == newcomer for k in moved)  # keys only ever move to the newcomer
+    share = 1 / (len(members) + 1)
+    assert len(moved) <= len(KEYS) * share * 1.5 + 30  # about 1/N, with room for hash noise on 3,000 keys
+
+
+@settings(max_examples=30, deadline=None)
+@given(members=member_names, data=st.data())
+def test_removing_a_member_moves_only_its_keys(members: list[str], data: st.DataObject) -> None:
+    gone = data.draw(st.sampled_from(members))
+    rest = [m for m in members if m != gone]
+    for key in KEYS[:1000]:
+        order = ring.owners(key, members)
+        assert ring.owners(key, rest) == [m for m in order if m != gone]  # everyone else keeps their order
+
+
+def test_keys_spread_evenly() -> None:
+    members = [f"replica-{i}" for i in range(16)]
+    counts = Counter(ring.owners(k, members, 1)[0] for k in [f"adapter-{i}" for i in range(32000)])
+    mean = 32000 / 16
+    assert max(counts.values()) <= mean * 1.10 and min(counts.values()) >= mean * 0.90  # within ±10 %
+
+
+@settings(max_examples=50, deadline=None)
+@given(members=member_names, keys=st.lists(st.integers(0, 40), min_size=1, max_size=300), factor=st.sampled_from([1.1, 1.25, 2.0]))
+def test_bounded_loads_never_exceed_the_bound(members: list[str], keys: list[int], factor: float) -> None:
+    loads = {m: 0 for m in members}
+    for k in keys:  # every request stays in flight: the worst case for the bound
+        bound = ring.load_bound(sum(loads.values()), len(loads), factor)
+        chosen, _ = ring.pick(f"adapter-{k}", loads, factor)
+        assert loads[chosen] < bound
+        loads[chosen] += 1
+        assert max(loads.values()) <= ring.load_bound(sum(loads.values()) - 1, len(loads), factor)
+
+
+def test_routing_order_tries_every_member_once_and_no_key_means_least_loaded() -> None:
+    loads = {"a": 3, "b": 0, "c": 1}
+    order = ring.routing_order("adapter-x", loads)
+    assert sorted(order) == ["a", "b", "c"]
+    assert ring.routing_order(None, loads) == ["b", "c", "a"]
+    assert ring.merged_key(["z", "a"]) == "merged:a,z"
