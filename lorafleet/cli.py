@@ -33,6 +33,12 @@ def _serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from lorafleet.gateway.main import run
+
+    return run(args)
+
+
 def _models_fetch(args: argparse.Namespace) -> int:
     from lorafleet import model_store
 
@@ -70,7 +76,10 @@ def build_parser() -> OneLineParser:
     from lorafleet.server.serve_config import add_serve_flags
 
     add_serve_flags(serve)
-    add("gateway", "route requests by adapter id to the replica holding it hot", _not_built("gateway", 7))
+    gateway = add("gateway", "route requests by adapter id to the replica holding it hot", _gateway)
+    from lorafleet.gateway.main import add_gateway_flags
+
+    add_gateway_flags(gateway)
     add("operator", "run the kopf operator for BaseModel and Adapter resources", _not_built("operator", 9))
     add("up", "run the whole fleet on this machine", _not_built("up", 10))
     add("down", "stop the fleet started by `lorafleet up`", _not_built("down", 10))

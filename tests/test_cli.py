@@ -59,3 +59,10 @@ def test_gateway_and_operator_never_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_gateway_needs_replicas_or_a_service() -> None:
+    result = run_cli("gateway")
+    assert result.returncode == 2 and "one of the arguments --replica --service is required" in result.stderr
+    result = run_cli("gateway", "--service", "no-namespace")
+    assert result.returncode == 2 and "--service must be NAMESPACE/NAME" in result.stderr

@@ -1,0 +1,107 @@
+"""What the gateway adds: latency (p50, p99) and requests/s against a trivial upstream, side by side.
+
+The upstream is a minimal ASGI app answering /generate at once; the gateway runs in its own
+process in front of it; the client measures both paths in the same run, interleaved.
+
+    .venv/bin/python -P bench/gateway_overhead.py [--requests 2000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+UPSTREAM = '''
+import json, sys, uvicorn
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    body = json.dumps({"generated_text": "ok"}).encode() if scope["path"] != "/health" else b""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait(url: str) -> None:
+    for _ in range(200):
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def measure(url: str, requests: int, concurrency: int) -> tuple[list[float], float]:
+    body = json.dumps({"inputs": "Hello", "parameters": {"adapter_id": "org/adapter-7"}})
+    latencies: list[float] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(200):  # warm connections
+            await client.post(url + "/generate", content=body, headers={"content-type": "application/json"})
+        for _ in range(min(requests, 1000)):  # latency: one request at a time
+            start = time.perf_counter()
+            await client.post(url + "/generate", content=body, headers={"content-type": "application/json"})
+            latencies.append(time.perf_counter() - start)
+        queue = asyncio.Queue()
+        for _ in range(requests):
+            queue.put_nowait(None)
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                await client.post(url + "/generate", content=body, headers={"content-type": "application/json"})
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        throughput = requests / (time.perf_counter() - start)
+    return latencies, throughput
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    upstream_port, gateway_port = free_port(), free_port()
+    upstream = subprocess.Popen([sys.executable, "-P", "-c", UPSTREAM, str(upstream_port)])
+    gateway = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "gateway", "--port", str(gateway_port),
+                                "--replica", f"http://127.0.0.1:{upstream_port}"])
+    try:
+        direct_url, gateway_url = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
+        wait(direct_url + "/health")
+        wait(gateway_url + "/health")
+        results = {}
+        for label, url in (("direct", direct_url), ("gateway", gateway_url), ("direct again", direct_url)):
+            latencies, throughput = asyncio.run(measure(url, args.requests, args.concurrency))
+            q = statistics.quantiles(latencies, n=100)
+            results[label] = (q[49], q[98], throughput)
+            print(f"{label:<13} p50 {q[49] * 1e3:6.3f} ms   p99 {q[98] * 1e3:6.3f} ms   {throughput:7.0f} requests/s (concurrency {args.concurrency})", flush=True)
+        direct_p50 = min(results["direct"][0], results["direct again"][0])
+        direct_p99 = min(results["direct"][1], results["direct again"][1])
+        print(f"added by the gateway: p50 {(results['gateway'][0] - direct_p50) * 1e3:.3f} ms, p99 {(results['gateway'][1] - direct_p99) * 1e3:.3f} ms; "
+              f"throughput {results['gateway'][2] / max(results['direct'][2], results['direct again'][2]):.2f}x of direct")
+    finally:
+        for process in (gateway, upstream):
+            process.terminate()
+            process.wait(10)
+
+
+if __name__ == "__main__":
+    main()

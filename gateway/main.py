@@ -1,0 +1,45 @@
+"""``lorafleet gateway``: adapter-aware routing in front of the replicas."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    members = parser.add_mutually_exclusive_group(required=True)
+    members.add_argument("--replica", action="append", metavar="URL", help="a replica's base URL (repeatable)")
+    members.add_argument("--service", metavar="NAMESPACE/NAME", help="discover replicas from this Service's EndpointSlices")
+    parser.add_argument("--load-factor", type=float, default=1.25, help="bounded-load factor c (default: 1.25)")
+    parser.add_argument("--api-key-file", type=Path, help="file of bearer keys, one per line, re-read on change")
+    parser.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body (default: 2 MiB)")
+    parser.add_argument("--upstream-timeout", type=float, default=300.0, help="seconds to wait for a replica's response to start")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lorafleet.gateway.app import create_gateway_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request would drown the decisions
+    if args.load_factor <= 1.0:
+        print("lorafleet gateway: --load-factor must be > 1.0", file=sys.stderr)
+        return 2
+    if args.service and "/" not in args.service:
+        print("lorafleet gateway: --service must be NAMESPACE/NAME", file=sys.stderr)
+        return 2
+    if args.api_key_file and not args.api_key_file.is_file():
+        print(f"lorafleet gateway: --api-key-file {args.api_key_file} does not exist", file=sys.stderr)
+        return 2
+    try:
+        app = create_gateway_app(args.replica, args.service, args.load_factor, args.api_key_file, args.max_body_bytes, args.upstream_timeout)
+    except ValueError as exc:
+        print(f"lorafleet gateway: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,97 @@
+"""The gateway's view of the replicas: who is there, how loaded, and who is ejected for failing.
+
+Membership comes from discovery (a static list, or a Service's ready EndpointSlices); health
+comes from both passive signals (a replica that fails ``eject_after`` requests in a row is left
+out for a while, doubling on repeats) and active ``/health`` probes that bring it back.
+Everything here runs on the gateway's one event loop; discovery threads hand updates over
+through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Replica:
+    name: str  # the identity the ring hashes (pod name), stable across IP changes
+    url: str
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+    model_id: str | None = None
+    info_read: bool = False
+
+    @property
+    def ejected(self) -> bool:
+        return time.monotonic() < self.ejected_until
+
+
+@dataclass
+class ReplicaSet:
+    eject_after: int = 3
+    eject_seconds: float = 5.0
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    on_eject: Callable[[], None] = lambda: None
+
+    def update(self, members: dict[str, str]) -> None:
+        """Replace membership with ``{name: url}``; known replicas keep their counters."""
+        for name in list(self.replicas):
+            if name not in members:
+                del self.replicas[name]
+        for name, url in members.items():
+            if name in self.replicas:
+                self.replicas[name].url = url
+            else:
+                self.replicas[name] = Replica(name, url)
+        log.info("replicas: %s", ", ".join(f"{n}={u}" for n, u in sorted(members.items())) or "none")
+
+    def routable(self) -> dict[str, Replica]:
+        live = {n: r for n, r in self.replicas.items() if not r.ejected}
+        return live or dict(self.replicas)  # all ejected: still try them rather than fail outright
+
+    def base_model_ids(self) -> set[str]:
+        return {r.model_id for r in self.replicas.values() if r.model_id}
+
+    def succeeded(self, replica: Replica) -> None:
+        replica.consecutive_failures = 0
+
+    def failed(self, replica: Replica) -> None:
+        replica.consecutive_failures += 1
+        if replica.consecutive_failures >= self.eject_after and not replica.ejected:
+            replica.ejections += 1
+            self.on_eject()
+            seconds = min(60.0, self.eject_seconds * 2 ** (replica.ejections - 1))
+            replica.ejected_until = time.monotonic() + seconds
+            log.warning("ejected %s for %.0fs after %d failures in a row", replica.name, seconds, replica.consecutive_failures)
+
+    async def probe_forever(self, client: httpx.AsyncClient, interval: float) -> None:
+        """Active health: every ``interval`` seconds, /health each replica; learn its model id from /info once."""
+        while True:
+            await asyncio.gather(*(self._probe(client, r) for r in list(self.replicas.values())), return_exceptions=True)
+            await asyncio.sleep(interval)
+
+    async def _probe(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        try:
+            healthy = (await client.get(replica.url + "/health", timeout=2.0)).status_code == 200
+            if healthy and not replica.info_read:
+                replica.model_id = (await client.get(replica.url + "/info", timeout=2.0)).json().get("model_id")
+                replica.info_read = True
+        except (httpx.HTTPError, ValueError):
+            healthy = False
+        if healthy and replica.ejected:
+            log.info("%s is healthy again", replica.name)
+            replica.ejected_until = 0.0
+            replica.consecutive_failures = 0
+        elif not healthy and not replica.ejected:
+            replica.consecutive_failures = max(replica.consecutive_failures, self.eject_after - 1)
+            self.failed(replica)

@@ -1,0 +1,163 @@
+"""The gateway in front of real replicas (`lorafleet serve` processes on 127.0.0.2-4, tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from lorafleet.gateway.app import create_gateway_app
+from lorafleet.testing import make_lora_adapter
+from server_helpers import free_port
+
+ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+
+def port_on(address: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
+def start_replica(address: str, model: Path, adapters: Path, cache: Path) -> tuple[subprocess.Popen, str]:
+    port = port_on(address)
+    process = subprocess.Popen(
+        [sys.executable, "-P", "-m", "lorafleet", "serve", "--model", str(model), "--host", address, "--port", str(port),
+         "--adapter-root", str(adapters), "--adapter-source", "local", "--adapter-cache-dir", str(cache), "--max-lora-rank", "16"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return process, f"http://{address}:{port}"
+
+
+def wait_healthy(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"replica at {url} exited"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"replica {url} did not become healthy")
+
+
+class GatewayThread:
+    def __init__(self, urls: list[str], **kwargs) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_gateway_app(urls, probe_interval=0.2, **kwargs)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "GatewayThread":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("gateway did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("fleet-adapters")
+    for i in range(6):
+        make_lora_adapter(tiny_models["llama"], root / f"ad{i}", r=4, seed=i)
+    started = [start_replica(a, tiny_models["llama"], root, tmp_path_factory.mktemp(f"cache-{a}")) for a in ADDRESSES]
+    try:
+        for process, url in started:
+            wait_healthy(url, process)
+        yield started
+    finally:
+        for process, _ in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+def generate(url: str, adapter: str | None, **extra) -> httpx.Response:
+    parameters = {"max_new_tokens": 4, **({"adapter_id": adapter} if adapter else {}), **extra}
+    return httpx.post(url + "/generate", json={"inputs": "Hello", "parameters": parameters}, timeout=60)
+
+
+def test_one_adapter_always_lands_on_the_same_replica(fleet) -> None:
+    with GatewayThread([url for _, url in fleet]) as gateway:
+        served = {}
+        for adapter in [f"ad{i}" for i in range(6)]:
+            replicas = {generate(gateway.url, adapter).headers["x-lorafleet-replica"] for _ in range(5)}
+            assert len(replicas) == 1, f"{adapter} was served by {replicas}"
+            served[adapter] = replicas.pop()
+        assert len(set(served.values())) >= 2  # six adapters spread over the three replicas
+        base = generate(gateway.url, None)
+        assert base.status_code == 200 and base.headers["x-lorafleet-replica"]
+        assert {r["name"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]} == {u.split("//")[1] for _, u in fleet}
+        assert 'lorafleet_gateway_routing_total{result="owner"}' in httpx.get(gateway.url + "/metrics").text
+
+
+def test_streaming_passes_through_byte_for_byte(fleet) -> None:
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 12, "adapter_id": "ad2", "details": True}}
+    with GatewayThread([url for _, url in fleet]) as gateway:
+        with httpx.stream("POST", gateway.url + "/generate_stream", json=body, timeout=60) as response:
+            via_gateway = b"".join(response.iter_raw())
+            replica = response.headers["x-lorafleet-replica"]
+            assert response.headers["content-type"].startswith("text/event-stream")
+        direct = httpx.post(f"http://{replica}/generate_stream", json=body, timeout=60).content
+    assert via_gateway == direct and via_gateway.count(b"data:") == 12
+
+
+def test_a_request_without_a_valid_key_is_401(fleet, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("team-secret\n")
+    with GatewayThread([url for _, url in fleet], api_key_file=keys) as gateway:
+        missing = httpx.post(gateway.url + "/generate", json={"inputs": "Hi"})
+        assert missing.status_code == 401 and missing.json()["error_type"] == "unauthorized"
+        assert httpx.post(gateway.url + "/generate", json={"inputs": "Hi"}, headers={"authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.post(gateway.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                        headers={"authorization": "Bearer team-secret"}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_killing_a_replica_mid_run_loses_no_request(fleet, tiny_models, tmp_path: Path) -> None:
+    args = fleet[0][0].args
+    adapter_root = Path(args[args.index("--adapter-root") + 1])
+    victim, victim_url = start_replica("127.0.0.5", tiny_models["llama"], adapter_root, tmp_path / "cache")
+    wait_healthy(victim_url, victim)
+    urls = [url for _, url in fleet] + [victim_url]
+    with GatewayThread(urls) as gateway:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def one(i: int) -> httpx.Response:
+                    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 120, "ignore_eos_token": True, "adapter_id": f"ad{i % 6}"}}
+                    return await client.post(gateway.url + "/generate", json=body)
+
+                tasks = [asyncio.create_task(one(i)) for i in range(24)]
+                await asyncio.sleep(0.4)
+                victim.send_signal(signal.SIGKILL)  # dies with requests in flight
+                return await asyncio.gather(*tasks)
+
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * 24
+        assert all(r.headers["x-generated-tokens"] == "120" for r in responses)
+        assert victim.wait(10) != 0
+        metrics = httpx.get(gateway.url + "/metrics").text
+        retries = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("lorafleet_gateway_retries_total"))
+        assert retries >= 1  # requests that were on the killed replica were served by the next owner

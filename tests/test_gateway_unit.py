@@ -1,0 +1,73 @@
+"""The gateway's pure parts: routing keys, EndpointSlice parsing, API keys, ejection."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from lorafleet.gateway.auth import ApiKeys
+from lorafleet.gateway.discovery import members_from_slices, static_members
+from lorafleet.gateway.proxy import routing_key
+from lorafleet.gateway.replicas import ReplicaSet
+
+
+@pytest.mark.parametrize(
+    "path,body,key",
+    [
+        ("/generate", {"inputs": "x", "parameters": {"adapter_id": "org/a"}}, "org/a"),
+        ("/", {"inputs": "x", "parameters": {"adapter_id": "org/a", "adapter_source": "hub"}}, "org/a"),
+        ("/generate_stream", {"inputs": "x", "parameters": {"adapter_id": ""}}, None),
+        ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["b", "a"]}}}, "merged:a,b"),
+        ("/generate", {"inputs": "x"}, None),
+        ("/v1/completions", {"model": "org/a", "prompt": "x"}, "org/a"),
+        ("/v1/chat/completions", {"model": "base-model", "messages": []}, None),
+        ("/v1/chat/completions", {"model": "", "messages": []}, None),
+        ("/tokenize", {"inputs": "x", "parameters": {"adapter_id": "org/a"}}, None),
+        ("/generate", "not json", None),
+    ],
+)
+def test_routing_key(path: str, body, key) -> None:
+    raw = json.dumps(body).encode() if not isinstance(body, str) else body.encode()
+    assert routing_key(path, raw, {"base-model"}) == key
+
+
+def test_members_from_endpoint_slices_use_pod_names_and_skip_unready() -> None:
+    slices = [{
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [
+            {"addresses": ["10.0.0.5"], "conditions": {"ready": True}, "targetRef": {"kind": "Pod", "name": "fleet-abc"}},
+            {"addresses": ["10.0.0.6"], "conditions": {"ready": False}, "targetRef": {"kind": "Pod", "name": "fleet-def"}},
+            {"addresses": ["10.0.0.7"], "conditions": {"ready": True, "terminating": True}, "targetRef": {"name": "fleet-old"}},
+            {"addresses": ["fd00::1"], "conditions": {}},
+        ],
+    }]
+    assert members_from_slices(slices) == {"fleet-abc": "http://10.0.0.5:8080", "fd00::1": "http://[fd00::1]:8080"}
+    assert static_members(["http://127.0.0.2:8080", "127.0.0.3:9000"]) == {"127.0.0.2:8080": "http://127.0.0.2:8080", "127.0.0.3:9000": "http://127.0.0.3:9000"}
+
+
+def test_api_keys_reload_when_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text("# team keys\nsecret-one\n")
+    keys = ApiKeys(path)
+    assert keys.allows("Bearer secret-one") and not keys.allows("Bearer nope") and not keys.allows(None)
+    path.write_text("secret-two\n")
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert keys.allows("Bearer secret-two") and not keys.allows("Bearer secret-one")
+    assert ApiKeys(None).allows(None)
+
+
+def test_repeated_failures_eject_and_all_ejected_still_routes() -> None:
+    ejected = []
+    replicas = ReplicaSet(eject_after=2, eject_seconds=30, on_eject=lambda: ejected.append(1))
+    replicas.update({"a": "http://a", "b": "http://b"})
+    replicas.failed(replicas.replicas["a"])
+    assert set(replicas.routable()) == {"a", "b"}
+    replicas.failed(replicas.replicas["a"])
+    assert set(replicas.routable()) == {"b"} and len(ejected) == 1
+    replicas.failed(replicas.replicas["b"])
+    replicas.failed(replicas.replicas["b"])
+    assert set(replicas.routable()) == {"a", "b"}  # nothing healthy: try them all rather than refuse
