@@ -1,4 +1,4 @@
-"""GPU check: the Triton LoRA kernels against the torch path at 7B-like shapes, with timings.
+"""GPU check: the Triton LoRA and decode-attention kernels against the torch path at 7B-like shapes, with timings.
 
 Hidden 4096 (q/o 4096->4096, k/v 4096->1024, gate/up 4096->14336, down 14336->4096), 32 adapters
 of ranks 8..64 in bf16 slots of rank 64. For a decode batch (one token per sequence, every
@@ -41,6 +41,38 @@ def timed_ms(fn, repeat: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeat
+
+
+def check_decode_attention(peak: float | None) -> int:
+    """The Triton paged decode kernel vs the torch path: 64 sequences x 1,024 tokens, 32 heads over 8 kv heads, d 128, bf16."""
+    from lorafleet.server.attention import BatchMetadata, paged_attention
+    from lorafleet.server.attention_triton import paged_decode_attention
+
+    batch, context, heads, kv_heads, dim, block = 64, 1024, 32, 8, 128, 16
+    blocks_per_seq = context // block
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    key_cache = torch.randn(batch * blocks_per_seq, block, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+    value_cache = torch.randn_like(key_cache)
+    tables = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, blocks_per_seq)
+    lens = torch.full((batch,), context, device="cuda")
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
+    slots = tables[:, -1] * block + block - 1
+    k_new = key_cache.view(-1, kv_heads, dim)[slots].clone()
+    v_new = value_cache.view(-1, kv_heads, dim)[slots].clone()
+    meta = BatchMetadata(slot_mapping=slots, prefills=[], decode_rows=torch.arange(batch, device="cuda"),
+                         decode_block_tables=tables, decode_context_lens=lens, rope_lengths=[])
+    expected = paged_attention(q, k_new, v_new, key_cache, value_cache, meta, dim**-0.5, None)
+    got = paged_decode_attention(q, key_cache, value_cache, tables, lens, dim**-0.5, None)
+    error = (got.float() - expected.float()).abs().max().item()
+    torch_ms = timed_ms(lambda: paged_attention(q, k_new, v_new, key_cache, value_cache, meta, dim**-0.5, None))
+    triton_ms = timed_ms(lambda: paged_decode_attention(q, key_cache, value_cache, tables, lens, dim**-0.5, None))
+    moved = 2 * key_cache.numel() * key_cache.element_size()
+    bandwidth = moved / (triton_ms / 1e3)
+    share = f" = {bandwidth / peak:5.1%} of peak" if peak else ""
+    ok = error < 2e-2
+    print(f"decode attention 64x1024 tokens  torch {torch_ms:7.3f} ms  triton {triton_ms:7.3f} ms  speed-up {torch_ms / triton_ms:5.2f}x  "
+          f"{bandwidth / 1e9:7.1f} GB/s{share}  max|diff| {error:.2e} {'ok' if ok else 'MISMATCH'}", flush=True)
+    return 0 if ok else 1
 
 
 def main() -> int:
@@ -86,6 +118,7 @@ def main() -> int:
             print(f"{module:<9} {label:<28} torch {times['torch']:7.3f} ms  triton {times['triton']:7.3f} ms  "
                   f"speed-up {times['torch'] / times['triton']:5.2f}x  {bandwidth / 1e9:7.1f} GB/s{share}  "
                   f"max|diff| {error:.2e} {'ok' if ok else 'MISMATCH'}", flush=True)
+    failures += check_decode_attention(peak)
     print("all kernels match the torch path" if not failures else f"{failures} mismatches")
     return 1 if failures else 0
 

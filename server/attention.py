@@ -33,6 +33,7 @@ class BatchMetadata:
     decode_context_lens: torch.Tensor  # [Bd]
     rope_lengths: list[tuple[int, int, int]]  # (start, end, sequence length) for length-dependent RoPE
     lora: Any = None  # a LoraBatch when any row uses an adapter
+    attention_kernel: str = "torch"  # "triton": decode rows read the paged cache in attention_triton
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,7 +76,15 @@ def paged_attention(
             attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
         )
         out[seg.start : seg.end] = attended.transpose(0, 1)
-    if meta.decode_rows.numel():
+    if meta.decode_rows.numel() and meta.attention_kernel == "triton":
+        from lorafleet.server.attention_triton import paged_decode_attention
+
+        attended = paged_decode_attention(q[meta.decode_rows], key_cache, value_cache, meta.decode_block_tables,
+                                          meta.decode_context_lens, scale, sliding_window)
+        if not meta.prefills and attended.shape[0] == q.shape[0]:
+            return attended
+        out[meta.decode_rows] = attended
+    elif meta.decode_rows.numel():
         batch = meta.decode_rows.shape[0]
         flat_tables = meta.decode_block_tables.reshape(-1)
         keys = key_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)

@@ -26,6 +26,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_active_adapters: int = 8
     lora_kernel: str = "auto"  # auto: triton on cuda, torch elsewhere; or "torch" / "triton"
+    attention_kernel: str = "auto"  # the same choice for decode attention over the paged cache
     adapter_roots: list[Path] = field(default_factory=list)
     adapter_cache_dir: Path = Path("/data/adapters")
     adapter_disk_cache: int = 20 << 30
@@ -46,7 +47,8 @@ class EngineConfig:
             )
         if self.max_lora_rank <= 0 or self.max_active_adapters < 0:
             problems.append("max_lora_rank must be > 0 and max_active_adapters >= 0")
-        if self.lora_kernel not in ("auto", "torch", "triton"):
-            problems.append(f"lora_kernel must be auto, torch or triton, got {self.lora_kernel!r}")
+        for name in ("lora_kernel", "attention_kernel"):
+            if getattr(self, name) not in ("auto", "torch", "triton"):
+                problems.append(f"{name} must be auto, torch or triton, got {getattr(self, name)!r}")
         if problems:
             raise ValueError("; ".join(problems))

@@ -134,9 +134,13 @@ class LLMEngine:
         return self._grammar
 
     def lora_kernel(self) -> str:
-        if self.config.lora_kernel == "auto":
+        return self._kernel(self.config.lora_kernel)
+
+    def _kernel(self, choice: str) -> str:
+        """auto: the Triton kernels on cuda, the torch path elsewhere."""
+        if choice == "auto":
             return "triton" if self.device.type == "cuda" else "torch"
-        return self.config.lora_kernel
+        return choice
 
     def load_adapter(self, name: str, folder: Path) -> LoraAdapter:
         """Validate a PEFT adapter folder against this base model and pin it in a device slot now."""
@@ -227,6 +231,7 @@ class LLMEngine:
             decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=device).reshape(len(decode_tables), width),
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
             rope_lengths=rope_lengths,
+            attention_kernel=self._kernel(self.config.attention_kernel),
         )
         if self.adapters.slots is not None:
             meta.lora = self.adapters.slots.batch_for([(c.seq.adapter, c.num_tokens) for c in chunks])
