@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -71,3 +72,26 @@ def test_repeated_failures_eject_and_all_ejected_still_routes() -> None:
     replicas.failed(replicas.replicas["b"])
     replicas.failed(replicas.replicas["b"])
     assert set(replicas.routable()) == {"a", "b"}  # nothing healthy: try them all rather than refuse
+
+
+async def test_active_probes_eject_a_dead_replica_and_bring_it_back() -> None:
+    import httpx
+
+    alive = {"a": True, "b": False}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if not alive[host]:
+            raise httpx.ConnectError("refused", request=request)
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"model_id": "base"})
+        return httpx.Response(200)
+
+    replicas = ReplicaSet(eject_after=3, eject_seconds=30)
+    replicas.update({"a": "http://a", "b": "http://b"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        await asyncio.gather(*(replicas._probe(client, r) for r in replicas.replicas.values()))
+        assert set(replicas.routable()) == {"a"} and replicas.base_model_ids() == {"base"}
+        alive["b"] = True
+        await replicas._probe(client, replicas.replicas["b"])
+        assert set(replicas.routable()) == {"a", "b"}
