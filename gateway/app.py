@@ -3,77 +3,84 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
+import logging
 import threading
 from pathlib import Path
-from typing import AsyncIterator
 
 import httpx
 from prometheus_client import generate_latest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.discovery import static_members, watch_service
 from lorafleet.gateway.metrics import GatewayMetrics
-from lorafleet.gateway.proxy import Gateway
+from lorafleet.gateway.proxy import Gateway, Receive, Send, respond, respond_error
 from lorafleet.gateway.replicas import ReplicaSet
+
+log = logging.getLogger(__name__)
+
+
+class GatewayApp:
+    """An ASGI app; the lifespan opens the upstream client, discovery and the health probes."""
+
+    def __init__(self, replica_urls: list[str] | None, service: str | None, load_factor: float, api_key_file: Path | None,
+                 max_body_bytes: int, upstream_timeout: float, probe_interval: float) -> None:
+        if bool(replica_urls) == bool(service):
+            raise ValueError("give either --replica URLs or --service NAMESPACE/NAME")
+        self.replica_urls, self.service = replica_urls, service
+        self.metrics = GatewayMetrics()
+        self.replicas = ReplicaSet(on_eject=self.metrics.ejections.inc)
+        self.keys = ApiKeys(api_key_file)
+        self.load_factor, self.max_body_bytes = load_factor, max_body_bytes
+        self.upstream_timeout, self.probe_interval = upstream_timeout, probe_interval
+        self.gateway: Gateway | None = None
+        self._stop = threading.Event()
+        self._probes: asyncio.Task | None = None
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return await self._lifespan(receive, send)
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/health" and method == "GET":
+            if any(not r.ejected for r in self.replicas.replicas.values()):
+                return await respond(send, 200, b"")
+            return await respond_error(send, 503, "no replica is ready", "unhealthy")
+        if path == "/metrics" and method == "GET":
+            return await respond(send, 200, generate_latest(self.metrics.registry), content_type=b"text/plain; version=0.0.4")
+        if path == "/replicas" and method == "GET":
+            authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            if not self.keys.allows(authorization):
+                return await respond_error(send, 401, "a valid API key is required", "unauthorized")
+            return await respond(send, 200, json.dumps(self.gateway.describe()).encode())
+        await self.gateway.handle(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                client = httpx.AsyncClient(timeout=httpx.Timeout(self.upstream_timeout, connect=2.0),
+                                           limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+                self.gateway = Gateway(self.replicas, client, self.metrics, self.keys, self.load_factor, self.max_body_bytes)
+                if self.replica_urls:
+                    self.replicas.update(static_members(self.replica_urls))
+                else:
+                    namespace, _, name = self.service.partition("/")
+                    watch_service(namespace, name, asyncio.get_running_loop(), self.replicas.update, self._stop)
+                self._probes = asyncio.create_task(self.replicas.probe_forever(client, self.probe_interval))
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self._stop.set()
+                if self._probes is not None:
+                    self._probes.cancel()
+                if self.gateway is not None:
+                    await self.gateway.client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
 
 def create_gateway_app(replica_urls: list[str] | None = None, service: str | None = None, load_factor: float = 1.25,
                        api_key_file: Path | None = None, max_body_bytes: int = 2 << 20, upstream_timeout: float = 300.0,
-                       probe_interval: float = 1.0) -> Starlette:
-    if bool(replica_urls) == bool(service):
-        raise ValueError("give either --replica URLs or --service NAMESPACE/NAME")
-    metrics = GatewayMetrics()
-    replicas = ReplicaSet(on_eject=metrics.ejections.inc)
-    keys = ApiKeys(api_key_file)
-    state: dict = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(upstream_timeout, connect=2.0)
-        async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
-            gateway = Gateway(replicas, client, metrics, keys, load_factor, max_body_bytes)
-            state["gateway"] = gateway
-            stop = threading.Event()
-            if replica_urls:
-                replicas.update(static_members(replica_urls))
-            else:
-                namespace, _, name = service.partition("/")
-                watch_service(namespace, name, asyncio.get_running_loop(), replicas.update, stop)
-            probes = asyncio.create_task(replicas.probe_forever(client, probe_interval))
-            try:
-                yield
-            finally:
-                stop.set()
-                probes.cancel()
-
-    async def health(_: Request) -> Response:
-        if replicas.routable() and any(not r.ejected for r in replicas.replicas.values()):
-            return Response(status_code=200)
-        return JSONResponse({"error": "no replica is ready", "error_type": "unhealthy"}, status_code=503)
-
-    async def metrics_route(_: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
-
-    async def replicas_route(request: Request) -> Response:
-        if not keys.allows(request.headers.get("authorization")):
-            return JSONResponse({"error": "a valid API key is required", "error_type": "unauthorized"}, status_code=401)
-        return JSONResponse(state["gateway"].describe())
-
-    async def proxy(request: Request) -> Response:
-        return await state["gateway"].handle(request)
-
-    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
-    return Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/metrics", metrics_route, methods=["GET"]),
-            Route("/replicas", replicas_route, methods=["GET"]),
-            Route("/{path:path}", proxy, methods=methods),
-        ],
-        lifespan=lifespan,
-    )
+                       probe_interval: float = 1.0) -> GatewayApp:
+    return GatewayApp(replica_urls, service, load_factor, api_key_file, max_body_bytes, upstream_timeout, probe_interval)

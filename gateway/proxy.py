@@ -4,7 +4,8 @@ Only ``parameters.adapter_id`` (TGI/LoRAX routes) or ``model`` (OpenAI routes) i
 body; the bytes and headers go upstream untouched, and the response streams back chunk by chunk
 as the replica writes it (SSE events are not buffered). A connection error, a timeout before the
 response starts, or a 503 sends the request to the next owner; once a response has started it is
-never replayed.
+never replayed. This is plain ASGI: a framework's per-request machinery would be most of what
+the gateway adds to a request's latency.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, Awaitable, Callable
 
 import httpx
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from lorafleet import ring
 from lorafleet.gateway.auth import ApiKeys
@@ -26,29 +25,27 @@ from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
 TGI_ROUTES = {"/", "/generate", "/generate_stream"}
 HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 BUFFER_LIMIT = 1 << 20  # sized responses up to this are read whole rather than relayed
 RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.WriteError, httpx.PoolTimeout)
 
 
-def error(status: int, message: str, error_type: str) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
+class ClientGone(Exception):
+    """The client disconnected; its upstream request was cancelled."""
 
 
-async def until_disconnect(request: Request, work: Any) -> Any:
-    """Await ``work`` unless the client disconnects first, in which case it is cancelled."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
+                  content_type: bytes = b"application/json") -> None:
+    head = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())] if headers is None else headers
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_error(send: Send, status: int, message: str, error_type: str) -> None:
+    await respond(send, status, json.dumps({"error": message, "error_type": error_type}).encode())
 
 
 def routing_key(path: str, body: bytes, base_model_ids: set[str]) -> str | None:
@@ -85,54 +82,64 @@ class Gateway:
     load_factor: float = ring.DEFAULT_LOAD_FACTOR
     max_body_bytes: int = 2 << 20
 
-    async def read_body(self, request: Request) -> bytes | None:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+    async def read_body(self, scope: dict, receive: Receive) -> bytes | None:
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return None
         chunks, size = [], 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
                 return None
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body"):
+                return b"".join(chunks)
 
-    async def handle(self, request: Request) -> Response:
-        if not self.keys.allows(request.headers.get("authorization")):
-            return error(401, "a valid API key is required (Authorization: Bearer <key>)", "unauthorized")
-        body = await self.read_body(request)
+    async def handle(self, scope: dict, receive: Receive, send: Send) -> None:
+        headers = scope["headers"]
+        authorization = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None)
+        if not self.keys.allows(authorization):
+            return await respond_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)", "unauthorized")
+        try:
+            body = await self.read_body(scope, receive)
+        except ClientGone:
+            return
         if body is None:
-            return error(413, f"the request body is larger than {self.max_body_bytes} bytes", "validation")
+            return await respond_error(send, 413, f"the request body is larger than {self.max_body_bytes} bytes", "validation")
         routable = self.replicas.routable()
         if not routable:
-            return error(503, "no replica is ready", "unhealthy")
-        path = request.url.path
+            return await respond_error(send, 503, "no replica is ready", "unhealthy")
+        path = scope["path"]
         key = routing_key(path, body, self.replicas.base_model_ids())
         loads = {name: r.in_flight for name, r in routable.items()}
         order = ring.routing_order(key, loads, self.load_factor)
         top_owner = ring.owners(key, loads, 1)[0] if key is not None else None
-        headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in HOP_BY_HOP]
-        target = path + (f"?{request.url.query}" if request.url.query else "")
+        forward = [(k, v) for k, v in headers if k.decode("latin-1").lower() not in HOP_BY_HOP]
+        target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         for attempt, name in enumerate(order):
             replica = routable[name]
-            upstream = self.client.build_request(request.method, replica.url + target, headers=headers, content=body)
+            upstream = self.client.build_request(scope["method"], replica.url + target, headers=forward, content=body)
             replica.in_flight += 1
             started = time.perf_counter()
             try:
-                response = await until_disconnect(request, self.client.send(upstream, stream=True))
+                response = await self._send_unless_gone(upstream, receive)
             except RETRYABLE as exc:
                 self._failed_attempt(replica, "connect_error")
-                log.warning("%s %s: %s failed before responding (%s); trying the next owner", request.method, path, name, type(exc).__name__)
+                log.warning("%s %s: %s failed before responding (%s); trying the next owner", scope["method"], path, name, type(exc).__name__)
                 continue
-            except BaseException:  # the client went away: the upstream request was cancelled with it
+            except ClientGone:
                 replica.in_flight -= 1
-                raise
+                return
             if response.status_code == 503 and attempt + 1 < len(order):
                 await response.aclose()
                 self._failed_attempt(replica, "unavailable")
                 continue
-            out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP - {"content-length"}}
-            out_headers["x-lorafleet-replica"] = replica.name
+            out_headers = [(k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP - {"content-length"}]
+            out_headers.append((b"x-lorafleet-replica", replica.name.encode()))
             length = response.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) <= BUFFER_LIMIT:
                 # A complete, sized answer (a non-streaming generation): read it whole, which costs
@@ -146,10 +153,39 @@ class Gateway:
                     await response.aclose()
                 replica.in_flight -= 1
                 self._served(replica, response.status_code, started, key, name == top_owner)
-                return Response(content, status_code=response.status_code, headers=out_headers)
+                return await respond(send, response.status_code, content, out_headers)
             self._served(replica, response.status_code, started, key, name == top_owner)
-            return StreamingResponse(self._relay(response, replica), status_code=response.status_code, headers=out_headers)
-        return error(503, f"no replica could serve the request ({len(order)} tried)", "unhealthy")
+            return await self._relay(response, replica, out_headers, send)
+        await respond_error(send, 503, f"no replica could serve the request ({len(order)} tried)", "unhealthy")
+
+    async def _send_unless_gone(self, upstream: httpx.Request, receive: Receive) -> httpx.Response:
+        """Send upstream; if the client disconnects before the answer starts, cancel it (the replica then cancels too)."""
+        sending = asyncio.ensure_future(self.client.send(upstream, stream=True))
+        watching = asyncio.ensure_future(receive())
+        try:
+            done, _ = await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if sending in done:
+                return sending.result()
+            sending.cancel()
+            raise ClientGone()
+        finally:
+            watching.cancel()
+
+    async def _relay(self, response: httpx.Response, replica: Replica, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+        """Pass the replica's bytes through as they arrive; a client gone closes the upstream response too."""
+        try:
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except httpx.HTTPError as exc:  # the replica died mid-response: the client sees the cut, nothing is replayed
+            log.warning("%s broke off a response (%s)", replica.name, type(exc).__name__)
+            self.replicas.failed(replica)
+        except OSError:  # the client went away
+            pass
+        finally:
+            replica.in_flight -= 1
+            await response.aclose()
 
     def _failed_attempt(self, replica: Replica, outcome: str) -> None:
         replica.in_flight -= 1
@@ -162,18 +198,6 @@ class Gateway:
         self.metrics.upstream_latency.observe(time.perf_counter() - started)
         self.metrics.routing.labels("none" if key is None else ("owner" if by_top_owner else "spill")).inc()
         self.metrics.requests.labels(replica.name, str(status)).inc()
-
-    async def _relay(self, response: httpx.Response, replica: Replica) -> AsyncIterator[bytes]:
-        """Pass the replica's bytes through as they arrive; closing early (client gone) closes upstream too."""
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:  # the replica died mid-response: the client sees the cut, nothing is replayed
-            log.warning("%s broke off a response (%s)", replica.name, type(exc).__name__)
-            self.replicas.failed(replica)
-        finally:
-            replica.in_flight -= 1
-            await response.aclose()
 
     def describe(self) -> dict[str, Any]:
         return {
