@@ -25,6 +25,7 @@ class EngineConfig:
     max_running_requests: int = 256
     max_lora_rank: int = 64
     max_active_adapters: int = 8
+    adapter_memory: int | None = None  # bytes for device slots; when set, the slot count follows from it
     lora_kernel: str = "auto"  # auto: triton on cuda, torch elsewhere; or "torch" / "triton"
     attention_kernel: str = "auto"  # the same choice for decode attention over the paged cache
     adapter_roots: list[Path] = field(default_factory=list)

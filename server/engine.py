@@ -20,7 +20,7 @@ from lorafleet.server.config import EngineConfig
 from lorafleet.server.adapter_format import LoraAdapter, load_adapter
 from lorafleet.server.adapter_manager import AdapterManager, AdapterSettings
 from lorafleet.server.kv_cache import BlockAllocator, KVCache
-from lorafleet.server.lora_slots import LoraSlots
+from lorafleet.server.lora_slots import LoraSlots, bytes_per_slot
 from lorafleet.server.model import CausalLM
 from lorafleet.server.sampler import sample
 from lorafleet.server.scheduler import ScheduledChunk, Scheduler
@@ -82,11 +82,18 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         self.kv = KVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
         shapes, layers = self.model.module_shapes(), self.model_config.num_layers
+        self.num_slots = config.max_active_adapters
+        if config.adapter_memory is not None:
+            per_slot = bytes_per_slot(shapes, layers, config.max_lora_rank, self.dtype)
+            self.num_slots = config.adapter_memory // per_slot
+            if self.num_slots < 1:
+                raise ValueError(f"--adapter-memory {config.adapter_memory} bytes holds no adapter slot "
+                                 f"({per_slot} bytes each at --max-lora-rank {config.max_lora_rank})")
         self.adapters = AdapterManager(
             AdapterSettings(config.adapter_roots, config.adapter_cache_dir, config.adapter_disk_cache,
                             config.adapter_cpu_memory, config.adapter_cycle_time_s),
             # Slots are made on the first adapter load: they cost memory a base-only replica never uses.
-            make_slots=lambda: LoraSlots(shapes, layers, config.max_active_adapters, config.max_lora_rank, self.dtype, self.device, self.lora_kernel()),
+            make_slots=lambda: LoraSlots(shapes, layers, self.num_slots, config.max_lora_rank, self.dtype, self.device, self.lora_kernel()),
             parse=lambda name, folder: self._pinned(load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle)),
         )
         self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)

@@ -17,6 +17,12 @@ from lorafleet.server.lora_ops import LoraBatch
 log = logging.getLogger(__name__)
 
 
+def bytes_per_slot(module_shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int, dtype: torch.dtype) -> int:
+    """Device bytes one slot costs: A and B of every projection of every layer, at the padded rank."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return num_layers * sum(i + o for i, o in module_shapes.values()) * max_rank * element
+
+
 class LoraSlots:
     def __init__(self, module_shapes: dict[str, tuple[int, int]], num_layers: int, num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device, kernel: str = "torch") -> None:

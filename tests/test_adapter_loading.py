@@ -232,3 +232,15 @@ async def test_a_cold_adapter_does_not_stall_other_streams(tiny_models, adapter_
         assert len(during_load) > 5, "the hot stream stalled while the cold adapter loaded"
     finally:
         runner.stop()
+
+
+def test_adapter_memory_sets_the_slot_count(tiny_models, adapter_root, tmp_path) -> None:
+    # tiny llama: 2 layers, (64+64)*2 + (64+32)*2 ... per rank; at rank 16 in float32 one slot is this many bytes:
+    shapes = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64), "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+    per_slot = 2 * sum(i + o for i, o in shapes.values()) * 16 * 4
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_memory=5 * per_slot + per_slot // 2)
+    assert engine.num_slots == 5
+    engine.load_adapter("x", adapter_root / "a0")
+    assert engine.adapters.slots.num_slots == 5
+    with pytest.raises(ValueError, match="holds no adapter slot"):
+        dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_memory=per_slot - 1)
