@@ -148,3 +148,22 @@ def test_info_health_metrics_and_tokenize(server) -> None:
     tokens = httpx.post(server.url + "/tokenize", json={"inputs": "Hello world"}).json()
     assert "".join(t["text"] for t in tokens) == "Hello world" and tokens[0]["start"] == 0
     assert httpx.get(server.url + "/openapi.json").json()["info"]["title"] == "lorafleet replica"
+
+
+def test_generate_options_best_of_full_text_truncate_and_prefill_details(server) -> None:
+    url = server.url + "/generate"
+    best = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 5, "best_of": 2, "do_sample": True, "details": True}}, timeout=60).json()
+    assert len(best["details"]["best_of_sequences"]) == 1
+    chosen = sum(t["logprob"] for t in best["details"]["tokens"])
+    other = sum(t["logprob"] for t in best["details"]["best_of_sequences"][0]["tokens"])
+    assert chosen >= other  # the kept sequence is the more likely one
+    full = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "return_full_text": True}}).json()
+    plain = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}).json()
+    assert full["generated_text"] == PROMPT + plain["generated_text"]
+    truncated = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "truncate": 2, "details": True}})
+    assert truncated.status_code == 200 and truncated.json()["details"]["prompt_tokens"] == 2
+    prefill = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "decoder_input_details": True}}).json()
+    ids = server.service.tokenizer(PROMPT).input_ids
+    assert [t["id"] for t in prefill["details"]["prefill"]] == ids and prefill["details"]["prefill"][0]["logprob"] is None
+    seeded = [httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "do_sample": True, "seed": 42}}).json()["generated_text"] for _ in range(2)]
+    assert seeded[0] == seeded[1]
