@@ -23,19 +23,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class RunningServer:
-    def __init__(self, model: Path, adapter_root: Path, cache: Path, **overrides) -> None:
-        engine_settings = dict(model=str(model), block_size=4, kv_cache_memory=1 << 22, max_total_tokens=256, max_input_length=128,
-                               adapter_roots=[adapter_root], adapter_cache_dir=cache, max_active_adapters=4, max_lora_rank=16)
-        engine_settings.update(overrides.pop("engine", {}))
+class ThreadedApp:
+    """Any ASGI app served by uvicorn on a free loopback port in a thread, healthy on entry, stopped on exit."""
+
+    def __init__(self, app: object) -> None:
         self.port = free_port()
-        config = ServeConfig(engine=EngineConfig(**engine_settings), model_id="tiny-llama", port=self.port, adapter_source="local", **overrides)
-        self.service = ReplicaService(config)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
         self.thread.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -45,11 +42,23 @@ class RunningServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError("the test server did not become healthy")
+        raise RuntimeError(f"{type(self).__name__} did not become healthy")
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+class RunningServer(ThreadedApp):
+    """A replica on the tiny model with local adapters."""
+
+    def __init__(self, model: Path, adapter_root: Path, cache: Path, **overrides) -> None:
+        engine_settings = dict(model=str(model), block_size=4, kv_cache_memory=1 << 22, max_total_tokens=256, max_input_length=128,
+                               adapter_roots=[adapter_root], adapter_cache_dir=cache, max_active_adapters=4, max_lora_rank=16)
+        engine_settings.update(overrides.pop("engine", {}))
+        config = ServeConfig(engine=EngineConfig(**engine_settings), model_id="tiny-llama", adapter_source="local", **overrides)
+        self.service = ReplicaService(config)
+        super().__init__(create_app(self.service))
 
 
 def running_server(model: Path, adapter_root: Path, cache: Path, **overrides) -> Iterator[RunningServer]:

@@ -7,17 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from lorafleet.gateway.app import create_gateway_app
 from lorafleet.testing import make_lora_adapter
-from server_helpers import free_port
+from server_helpers import ThreadedApp
 
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
@@ -51,29 +49,9 @@ def wait_healthy(url: str, process: subprocess.Popen) -> None:
     raise RuntimeError(f"replica {url} did not become healthy")
 
 
-class GatewayThread:
+class GatewayThread(ThreadedApp):
     def __init__(self, urls: list[str], **kwargs) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        app = create_gateway_app(urls, probe_interval=0.2, **kwargs)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "GatewayThread":
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("gateway did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().__init__(create_gateway_app(urls, probe_interval=0.2, **kwargs))
 
 
 @pytest.fixture(scope="module")
