@@ -63,11 +63,10 @@ def _count(body: dict, name: str, default: int) -> int:
 
 
 async def run_all(service: ReplicaService, request: Request, jobs: list[GenerateJob]) -> list[Completion]:
-    for job in jobs:
-        service.prompt_ids(job)  # validate every prompt before any starts
+    prompts = [service.prompt_ids(job) for job in jobs]  # every prompt is validated before any starts
     service.admit()
     try:
-        return await until_disconnect(request, asyncio.gather(*(service.complete(j, service.prompt_ids(j)) for j in jobs)))
+        return await until_disconnect(request, asyncio.gather(*(service.complete(j, p) for j, p in zip(jobs, prompts))))
     finally:
         service.release()
 

@@ -11,6 +11,7 @@ admission (head of line), so a large request is never overtaken forever by small
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -111,6 +112,8 @@ class Scheduler:
             self.allocator.grow(seq.block_table, seq.num_computed + num_tokens)
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
+            if seq.first_scheduled_at is None:
+                seq.first_scheduled_at = time.monotonic()
             self.running.append(seq)
             total_tokens += len(seq.token_ids)
             prefill_budget -= num_tokens

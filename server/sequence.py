@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,8 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     num_preemptions: int = 0
+    created_at: float = field(default_factory=time.monotonic)
+    first_scheduled_at: float | None = None  # queue time = first_scheduled_at - created_at
     generator: torch.Generator | None = None
     seed_used: int | None = None
     constraint: Any = None  # a structured.Constraint when the output must follow a grammar

@@ -135,7 +135,9 @@ class ReplicaService:
         done = time.perf_counter()
         assert last.seq is not None
         self._observe(job, last.seq, first_at - start, done - first_at)
-        return Completion(last.seq, prompt_ids, queue_s=0.0, inference_s=done - start, first_token_s=first_at - start)
+        seq = last.seq
+        queued = (seq.first_scheduled_at or seq.created_at) - seq.created_at
+        return Completion(seq, prompt_ids, queue_s=queued, inference_s=done - start - queued, first_token_s=first_at - start)
 
     async def _best_of(self, job: GenerateJob, prompt_ids: list[int]) -> Completion:
         """n sampled candidates with different seeds; the one with the highest total log-probability wins."""

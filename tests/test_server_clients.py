@@ -157,7 +157,10 @@ def test_generate_options_best_of_full_text_truncate_and_prefill_details(server)
     chosen = sum(t["logprob"] for t in best["details"]["tokens"])
     other = sum(t["logprob"] for t in best["details"]["best_of_sequences"][0]["tokens"])
     assert chosen >= other  # the kept sequence is the more likely one
-    full = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "return_full_text": True}}).json()
+    response = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3, "return_full_text": True}})
+    assert {"x-queue-time", "x-inference-time", "x-time-per-token", "x-prompt-tokens"} <= set(response.headers)
+    assert response.headers["x-generated-tokens"] == "3"
+    full = response.json()
     plain = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}).json()
     assert full["generated_text"] == PROMPT + plain["generated_text"]
     truncated = httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "truncate": 2, "details": True}})
