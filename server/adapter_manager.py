@@ -69,6 +69,8 @@ class AdapterManager:
         self._pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter")
         # Called with (step, seconds) for each tier move: source_to_disk, disk_to_cpu, cpu_to_device.
         self.on_timing: Callable[[str, float], None] = lambda step, seconds: None
+        self._pinned: set[str] = set()
+        self._draining: set[str] = set()
         self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "source_fetch": 0, "device_evictions": 0, "rotations": 0}
 
     def close(self) -> None:
@@ -92,6 +94,8 @@ class AdapterManager:
                 self.counts["device_hit"] += 1
             state.last_used = now
             state.pinned = state.pinned or pin
+            if pin:
+                self._pinned.add(key)
         return key
 
     def is_ready(self, key: str) -> bool:
@@ -108,12 +112,15 @@ class AdapterManager:
         adapter = self._parse(name, folder)
         state = AdapterState(AdapterRef("local", name), status="cpu", pinned=pin, rank=adapter.rank, size_bytes=adapter.size_bytes)
         self.states[name] = state
+        if pin:
+            self._pinned.add(name)
         self.cpu.put(name, adapter)
         self._to_device(name, state, adapter, running=set())
         return adapter
 
     def unpin(self, key: str) -> None:
         state = self.states.get(key)
+        self._pinned.discard(key)
         if state is not None:
             state.pinned = False
 
@@ -123,6 +130,8 @@ class AdapterManager:
             return False
         with self._lock:
             state = self.states.pop(key, None)
+        self._pinned.discard(key)
+        self._draining.discard(key)
         if state is not None and self.slots is not None and self.slots.is_resident(key):
             self.slots.unload(key)
         self.cpu.drop(key)
@@ -144,7 +153,7 @@ class AdapterManager:
                 adapter = self._parse(key, folder)
                 state.load_seconds["disk_to_cpu"] = time.perf_counter() - parse_start
                 self.on_timing("disk_to_cpu", state.load_seconds["disk_to_cpu"])
-                self.cpu.put(key, adapter, protect={k for k, s in self.states.items() if s.pinned})
+                self.cpu.put(key, adapter, protect=set(self._pinned))
             with self._lock:
                 state.rank, state.size_bytes = adapter.rank, adapter.size_bytes
                 state.status = "cpu"
@@ -180,7 +189,9 @@ class AdapterManager:
 
     def between_steps(self, running: set[str], waiting: list[str]) -> None:
         """Move adapters wanted by waiting requests (oldest first) and pinned ones into device slots."""
-        wanted = list(dict.fromkeys([*waiting, *(k for k, s in self.states.items() if s.pinned)]))
+        # Only what waits, and pinned adapters not yet on the device: never a scan of every known adapter.
+        pinned = [k for k in self._pinned if k in self.states and self.states[k].status != "device"]
+        wanted = list(dict.fromkeys([*waiting, *pinned]))
         for key in wanted:
             state = self.states.get(key)
             if state is None:
@@ -198,15 +209,18 @@ class AdapterManager:
             if not self._to_device(key, state, adapter, running):
                 self._rotate(running, waiting)
                 break
-        for state in self.states.values():  # a drained adapter that left the device may serve again later
-            if state.draining and state.status != "device":
-                state.draining = False
+        for key in list(self._draining):  # a drained adapter that left the device may serve again later
+            state = self.states.get(key)
+            if state is None or state.status != "device":
+                self._draining.discard(key)
+                if state is not None:
+                    state.draining = False
 
     def _to_device(self, key: str, state: AdapterState, adapter: LoraAdapter, running: set[str]) -> bool:
         if self.slots is None:
             self.slots = self._make_slots()
         if not self.slots.free_slots:
-            victims = [k for k in self.slots.slot_of if k not in running and not self.states.get(k, state).pinned]
+            victims = [k for k in self.slots.slot_of if k not in running and k not in self._pinned]
             if not victims:
                 return False
             victim = min(victims, key=lambda k: self.states[k].last_used if k in self.states else 0.0)
@@ -224,17 +238,18 @@ class AdapterManager:
 
     def _rotate(self, running: set[str], waiting: list[str]) -> None:
         """Every slot is used by running requests: drain the one resident longest past the cycle time."""
-        if any(s.draining for s in self.states.values()):
+        if self._draining:
             return
         now = time.monotonic()
         candidates = [
             k for k in (self.slots.slot_of if self.slots else {})
-            if k in self.states and not self.states[k].pinned
+            if k in self.states and k not in self._pinned
             and now - self.states[k].resident_since >= self.settings.cycle_time_s
         ]
         if candidates:
             victim = min(candidates, key=lambda k: self.states[k].resident_since)
             self.states[victim].draining = True
+            self._draining.add(victim)
             self.counts["rotations"] += 1
             log.info("adapter %s drains after %.1fs so waiting adapters get a slot", victim, now - self.states[victim].resident_since)
 
