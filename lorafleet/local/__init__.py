@@ -1,0 +1,1 @@
+"""The fleet on one machine: an embedded Kubernetes API and (later) the local node agent."""
