@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 
@@ -37,6 +38,29 @@ def _gateway(args: argparse.Namespace) -> int:
     from lorafleet.gateway.main import run
 
     return run(args)
+
+
+def _kube_api(args: argparse.Namespace) -> int:
+    import threading
+
+    from lorafleet.local.kubeapi import EmbeddedKubeAPI
+    from lorafleet.local.kubeapi.crd_files import read_crds
+
+    try:
+        crds = read_crds(args.crds) if args.crds else []
+    except (OSError, ValueError) as exc:
+        print(f"lorafleet kube-api: {exc}", file=sys.stderr)
+        return 2
+    api = EmbeddedKubeAPI(args.host, args.port, crds).start()
+    config = api.write_kubeconfig(args.kubeconfig)
+    print(f"embedded Kubernetes API at {api.url}\nexport KUBECONFIG={config.resolve()}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        api.stop()
+    return 0
 
 
 def _models_fetch(args: argparse.Namespace) -> int:
@@ -81,6 +105,11 @@ def build_parser() -> OneLineParser:
 
     add_gateway_flags(gateway)
     add("operator", "run the kopf operator for BaseModel and Adapter resources", _not_built("operator", 9))
+    kube = add("kube-api", "run the embedded Kubernetes API alone and write a kubeconfig for it", _kube_api)
+    kube.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    kube.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    kube.add_argument("--crds", type=Path, help="a folder of CustomResourceDefinition YAML files to install at start")
+    kube.add_argument("--kubeconfig", type=Path, default=Path(".lorafleet/kubeconfig"), help="where to write the kubeconfig")
     add("up", "run the whole fleet on this machine", _not_built("up", 10))
     add("down", "stop the fleet started by `lorafleet up`", _not_built("down", 10))
     add("status", "show fleets, replicas and where each adapter is hot", _not_built("status", 10))

@@ -33,3 +33,22 @@ def smollm2_path() -> Path:
     if problem:
         pytest.fail(f"the default model is not ready ({problem}); run `make setup`")
     return folder
+
+
+@pytest.fixture
+def kube_api(tmp_path: Path):
+    """The embedded Kubernetes API on a free loopback port, with the demo CRD installed and its own kubeconfig."""
+    from kube_fixtures import WIDGET_CRD
+    from lorafleet.local.kubeapi import EmbeddedKubeAPI
+
+    with EmbeddedKubeAPI(crds=[WIDGET_CRD]) as api:
+        api.kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        api.kubecache = tmp_path / "kubecache"
+        yield api
+
+
+@pytest.fixture
+def kubectl(kube_api):
+    from kube_fixtures import kubectl_for
+
+    return kubectl_for(kube_api.kubeconfig, kube_api.kubecache)

@@ -9,7 +9,7 @@ import pytest
 
 from lorafleet.cli import main
 
-SUBCOMMANDS = ["serve", "gateway", "operator", "up", "down", "status", "models"]
+SUBCOMMANDS = ["serve", "gateway", "operator", "kube-api", "up", "down", "status", "models"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
