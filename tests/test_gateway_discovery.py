@@ -1,4 +1,4 @@
-"""The gateway follows a Service's ready EndpointSlices through the kubernetes client, within a second."""
+"""The gateway follows a Service's ready EndpointSlices in the embedded Kubernetes API, within a second."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
+from kubernetes import client, config
 
-from kube_standin import KubeStandIn
 from server_helpers import free_port
 
 
@@ -23,27 +22,40 @@ def wait_for(predicate, timeout: float = 5.0) -> float:
     raise AssertionError("condition not met in time")
 
 
-def test_ready_set_changes_reach_the_gateway_within_a_second(tmp_path: Path) -> None:
-    with KubeStandIn(free_port()) as kube:
-        kube.set_slice("fleet-abc", [("fleet-0", "127.0.0.2", True), ("fleet-1", "127.0.0.3", False)], 8080)
-        kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
-        port = free_port()
-        gateway = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "gateway", "--port", str(port), "--service", "default/fleet"],
-                                   env={**os.environ, "KUBECONFIG": str(kubeconfig)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{port}/replicas"
+def endpoint_slice(endpoints: list[tuple[str, str, bool]]) -> dict:
+    """endpoints: (pod name, address, ready)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "fleet-abc", "labels": {"kubernetes.io/service-name": "fleet"}},
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [address], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"}}
+                      for pod, address, ready in endpoints],
+    }
 
-            def members() -> dict[str, str]:
-                try:
-                    return {r["name"]: r["url"] for r in httpx.get(url, timeout=1).json()["replicas"]}
-                except (httpx.HTTPError, ValueError):
-                    return {}
 
-            wait_for(lambda: members() == {"fleet-0": "http://127.0.0.2:8080"}, timeout=20)
-            kube.set_slice("fleet-abc", [("fleet-0", "127.0.0.2", True), ("fleet-1", "127.0.0.3", True)], 8080)
-            assert wait_for(lambda: set(members()) == {"fleet-0", "fleet-1"}) < 1.0
-            kube.set_slice("fleet-abc", [("fleet-0", "127.0.0.9", True), ("fleet-1", "127.0.0.3", False)], 8080)  # a new IP, one unready
-            assert wait_for(lambda: members() == {"fleet-0": "http://127.0.0.9:8080"}) < 1.0
-        finally:
-            gateway.terminate()
-            gateway.wait(10)
+def test_ready_set_changes_reach_the_gateway_within_a_second(kube_api) -> None:
+    discovery = client.DiscoveryV1Api(config.new_client_from_config(str(kube_api.kubeconfig)))
+    discovery.create_namespaced_endpoint_slice("default", endpoint_slice([("fleet-0", "127.0.0.2", True), ("fleet-1", "127.0.0.3", False)]))
+    port = free_port()
+    gateway = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "gateway", "--port", str(port), "--service", "default/fleet"],
+                               env={**os.environ, "KUBECONFIG": str(kube_api.kubeconfig)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/replicas"
+
+        def members() -> dict[str, str]:
+            try:
+                return {r["name"]: r["url"] for r in httpx.get(url, timeout=1).json()["replicas"]}
+            except (httpx.HTTPError, ValueError):
+                return {}
+
+        wait_for(lambda: members() == {"fleet-0": "http://127.0.0.2:8080"}, timeout=20)
+        discovery.replace_namespaced_endpoint_slice("fleet-abc", "default", endpoint_slice([("fleet-0", "127.0.0.2", True), ("fleet-1", "127.0.0.3", True)]))
+        assert wait_for(lambda: set(members()) == {"fleet-0", "fleet-1"}) < 1.0
+        # a new IP for one pod, the other no longer ready
+        discovery.replace_namespaced_endpoint_slice("fleet-abc", "default", endpoint_slice([("fleet-0", "127.0.0.9", True), ("fleet-1", "127.0.0.3", False)]))
+        assert wait_for(lambda: members() == {"fleet-0": "http://127.0.0.9:8080"}) < 1.0
+        discovery.delete_namespaced_endpoint_slice("fleet-abc", "default")
+        assert wait_for(lambda: members() == {}) < 1.0
+    finally:
+        gateway.terminate()
+        gateway.wait(10)

@@ -88,3 +88,39 @@ def test_namespaces_and_builtin_resources(kubectl) -> None:
     assert "c " in kubectl("get", "cm", "-n", "team-a").stdout + " "
     missing = kubectl("apply", "-n", "nowhere", "-f", "-", input="apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n", check=False)
     assert missing.returncode != 0 and 'namespaces "nowhere" not found' in missing.stderr
+
+
+GADGET_CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: gadgets.demo.lorafleet.io}
+spec:
+  group: demo.lorafleet.io
+  scope: Cluster
+  names: {plural: gadgets, singular: gadget, kind: Gadget}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"""
+
+
+def test_a_crd_applied_after_start_registers_its_resource(kubectl) -> None:
+    kubectl("get", "widgets")  # discovery is cached before the new kind exists
+    kubectl("apply", "-f", "-", input=GADGET_CRD)
+    kubectl("apply", "-f", "-", input="apiVersion: demo.lorafleet.io/v1\nkind: Gadget\nmetadata: {name: g1}\nspec: {x: 1}\n")
+    assert "g1" in kubectl("get", "gadgets").stdout
+    conditions = json.loads(kubectl("get", "crd", "gadgets.demo.lorafleet.io", "-o", "json").stdout)["status"]["conditions"]
+    assert {"type": "Established", "status": "True"}.items() <= conditions[0].items()
+    kubectl("delete", "crd", "gadgets.demo.lorafleet.io")
+    assert kubectl("get", "gadgets", check=False).returncode != 0
+
+
+def test_the_api_starts_in_under_a_second() -> None:
+    from lorafleet.local.kubeapi import EmbeddedKubeAPI
+
+    started = time.perf_counter()
+    with EmbeddedKubeAPI():
+        elapsed = time.perf_counter() - started
+    assert elapsed < 1.0, f"took {elapsed:.2f}s"
