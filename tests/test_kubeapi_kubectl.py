@@ -124,3 +124,29 @@ def test_the_api_starts_in_under_a_second() -> None:
     with EmbeddedKubeAPI():
         elapsed = time.perf_counter() - started
     assert elapsed < 1.0, f"took {elapsed:.2f}s"
+
+
+def test_lorafleet_kube_api_command_installs_crds_and_writes_a_kubeconfig(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from kube_fixtures import WIDGET_CRD, kubectl_for
+
+    (tmp_path / "crds").mkdir()
+    (tmp_path / "crds" / "widgets.yaml").write_text(yaml.safe_dump(WIDGET_CRD))
+    kubeconfig = tmp_path / "kubeconfig"
+    process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "kube-api", "--crds", str(tmp_path / "crds"), "--kubeconfig", str(kubeconfig)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("embedded Kubernetes API at http://127.0.0.1:")
+        assert process.stdout.readline().strip() == f"export KUBECONFIG={kubeconfig}"
+        kubectl = kubectl_for(kubeconfig, tmp_path / "cache")
+        kubectl("apply", "-f", "-", input=WIDGET)
+        assert "w1" in kubectl("get", "widgets").stdout
+    finally:
+        process.terminate()
+        process.wait(10)
+    bad = subprocess.run([sys.executable, "-P", "-m", "lorafleet", "kube-api", "--crds", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr
