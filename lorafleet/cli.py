@@ -40,6 +40,12 @@ def _gateway(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from lorafleet.operator.main import run
+
+    return run(args)
+
+
 def _kube_api(args: argparse.Namespace) -> int:
     import threading
 
@@ -104,7 +110,10 @@ def build_parser() -> OneLineParser:
     from lorafleet.gateway.main import add_gateway_flags
 
     add_gateway_flags(gateway)
-    add("operator", "run the kopf operator for BaseModel and Adapter resources", _not_built("operator", 9))
+    operator = add("operator", "run the kopf operator for BaseModel and Adapter resources", _operator)
+    from lorafleet.operator.main import add_operator_flags
+
+    add_operator_flags(operator)
     kube = add("kube-api", "run the embedded Kubernetes API alone and write a kubeconfig for it", _kube_api)
     kube.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     kube.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")

@@ -1,0 +1,185 @@
+"""BaseModel spec → the objects that make its fleet. Pure functions: a test diffs their output.
+
+For a BaseModel ``m``: a Deployment ``m-replicas`` of ``lorafleet serve``, a Service ``m-replicas``
+in front of it (its EndpointSlices are how the gateway finds the replicas), a gateway Deployment
+and Service ``m`` (the fleet's entry point), a PodDisruptionBudget, and the ServiceAccount, Role
+and RoleBinding that let the gateway read EndpointSlices. The operator adds owner references, so
+deleting the BaseModel removes all of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+REPLICA_PORT = 8080
+GATEWAY_PORT = 8000
+DRAIN_SECONDS = 30
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "lorafleet", "app.kubernetes.io/instance": name, "app.kubernetes.io/component": component}
+
+
+def replica_name(name: str) -> str:
+    return f"{name}-replicas"
+
+
+def gateway_url(name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc:{GATEWAY_PORT}"
+
+
+def serve_args(spec: dict[str, Any]) -> list[str]:
+    model, engine = spec["model"], spec.get("engine") or {}
+    args = ["serve", "--model", model["id"], "--model-source", model.get("source", "hub"), "--dtype", model.get("dtype", "auto"),
+            "--device", engine.get("device", "cuda"), "--host", "0.0.0.0", "--port", str(REPLICA_PORT),
+            "--adapter-cache-dir", "/data/adapters", "--grace-period-s", str(DRAIN_SECONDS)]
+    if model.get("revision"):
+        args += ["--revision", model["revision"]]
+    flags = {"maxActiveAdapters": "--max-active-adapters", "adapterMemory": "--adapter-memory", "maxLoraRank": "--max-lora-rank",
+             "maxBatchTotalTokens": "--max-batch-total-tokens", "maxBatchPrefillTokens": "--max-batch-prefill-tokens",
+             "maxInputLength": "--max-input-length", "maxTotalTokens": "--max-total-tokens", "maxConcurrentRequests": "--max-concurrent-requests"}
+    for field, flag in flags.items():
+        if engine.get(field) is not None:
+            args += [flag, str(engine[field])]
+    return args
+
+
+def _probe(path: str, period: int, failures: int, initial: int = 0) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures, "initialDelaySeconds": initial}
+
+
+def replica_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    env = [{"name": "LORAFLEET_HOME", "value": "/data"}, {"name": "HF_HOME", "value": "/data/hf"}]
+    token = spec.get("hfTokenSecretRef")
+    if token:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token.get("key", "token")}}})
+    cache = spec.get("cache") or {}
+    volume = ({"name": "data", "persistentVolumeClaim": {"claimName": cache["claimName"]}} if cache.get("claimName")
+              else {"name": "data", "emptyDir": {"sizeLimit": cache["sizeLimit"]} if cache.get("sizeLimit") else {}})
+    container = {
+        "name": "lorafleet",
+        "image": spec.get("image", "ghcr.io/lorafleet/lorafleet:0.1.0"),
+        "args": serve_args(spec),
+        "ports": [{"name": "http", "containerPort": REPLICA_PORT}],
+        "env": env,
+        "resources": spec.get("resources") or {},
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        # Model loading can take many minutes: the startup probe allows 30; liveness starts after it.
+        "startupProbe": _probe("/health", 10, 180),
+        "readinessProbe": _probe("/health", 5, 2),
+        "livenessProbe": _probe("/health", 15, 4),
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [volume],
+        "terminationGracePeriodSeconds": DRAIN_SECONDS + 15,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,
+    }
+    for field in ("nodeSelector", "tolerations", "affinity"):
+        if spec.get(field):
+            pod_spec[field] = spec[field]
+    component = labels(name, "replica")
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": replica_name(name), "namespace": namespace, "labels": component},
+        "spec": {
+            "replicas": spec.get("replicas", 1),
+            "selector": {"matchLabels": component},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": component, "annotations": {"lorafleet.io/spec-hash": spec_hash(spec)}}, "spec": pod_spec},
+        },
+    }
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def replica_service(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": replica_name(name), "namespace": namespace, "labels": labels(name, "replica")},
+        "spec": {"selector": labels(name, "replica"), "ports": [{"name": "http", "port": REPLICA_PORT, "targetPort": "http"}],
+                 "publishNotReadyAddresses": False},
+    }
+
+
+def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    routing = spec.get("routing") or {}
+    args = ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--service", f"{namespace}/{replica_name(name)}",
+            "--load-factor", str(routing.get("loadFactor", 1.25))]
+    volumes, mounts = [], []
+    keys = routing.get("apiKeySecretRef")
+    if keys:
+        volumes.append({"name": "api-keys", "secret": {"secretName": keys["name"], "items": [{"key": keys.get("key", "keys"), "path": "keys"}]}})
+        mounts.append({"name": "api-keys", "mountPath": "/etc/lorafleet", "readOnly": True})
+        args += ["--api-key-file", "/etc/lorafleet/keys"]
+    component = labels(name, "gateway")
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": component},
+        "spec": {
+            "replicas": routing.get("gatewayReplicas", 1),
+            "selector": {"matchLabels": component},
+            "template": {"metadata": {"labels": component}, "spec": {
+                "serviceAccountName": f"{name}-gateway",
+                "containers": [{
+                    "name": "gateway", "image": spec.get("image", "ghcr.io/lorafleet/lorafleet:0.1.0"), "args": args,
+                    "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
+                    "readinessProbe": _probe("/health", 5, 2), "livenessProbe": _probe("/metrics", 15, 4),
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+                    "volumeMounts": mounts,
+                    "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+                }],
+                "volumes": volumes,
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+            }},
+        },
+    }
+
+
+def gateway_service(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "gateway")},
+        "spec": {"selector": labels(name, "gateway"), "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}]},
+    }
+
+
+def disruption_budget(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    # One replica may go at a time; a single-replica fleet may still be drained (else nodes could never drain).
+    budget = {"maxUnavailable": 1}
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": replica_name(name), "namespace": namespace, "labels": labels(name, "replica")},
+        "spec": {**budget, "selector": {"matchLabels": labels(name, "replica")}},
+    }
+
+
+def gateway_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
+    account = f"{name}-gateway"
+    meta = {"name": account, "namespace": namespace, "labels": labels(name, "gateway")}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
+         "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
+    ]
+
+
+def fleet_objects(name: str, namespace: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every object a BaseModel owns, in the order they are best created."""
+    return [
+        *gateway_rbac(name, namespace),
+        replica_service(name, namespace),
+        replica_deployment(name, namespace, spec),
+        disruption_budget(name, namespace, spec),
+        gateway_service(name, namespace),
+        gateway_deployment(name, namespace, spec),
+    ]

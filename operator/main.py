@@ -1,0 +1,26 @@
+"""``lorafleet operator``: the kopf operator for BaseModel and Adapter resources."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_operator_flags(parser: argparse.ArgumentParser) -> None:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", metavar="NS", help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from lorafleet.operator.handlers import register
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One active operator at a time comes from the Deployment's Recreate strategy (see manifests/),
+    # so kopf runs standalone and needs no peering resources.
+    kopf.run(registry=register(kopf.get_default_registry()), standalone=True, liveness_endpoint=args.liveness,
+             clusterwide=not args.namespace, namespaces=args.namespace or ())
+    return 0

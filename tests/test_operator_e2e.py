@@ -1,0 +1,149 @@
+"""The operator (kopf) against the embedded Kubernetes API, driven with kubectl, with stub replicas."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import kopf
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+from kubernetes import client, config
+
+from hub_standin import HubStandIn
+from lorafleet import ring
+from lorafleet.operator.handlers import register
+from operator_helpers import StubReplica, run_pod
+
+ROOT = Path(__file__).resolve().parents[1]
+BASEMODEL = """
+apiVersion: lorafleet.io/v1alpha1
+kind: BaseModel
+metadata: {name: smol}
+spec:
+  model: {id: smollm2, source: local}
+  replicas: 2
+  engine: {maxLoraRank: 16}
+"""
+
+
+def adapter(name: str, adapter_id: str, base: str = "smol", source: str = "local", warm: int = 1) -> str:
+    return yaml.safe_dump({"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": name},
+                           "spec": {"baseModel": base, "id": adapter_id, "source": source, "warmReplicas": warm}})
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as exc:  # the object may not exist yet
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"not reached in time (last error: {last})")
+
+
+@pytest.fixture
+def operator_env(kube_api, kubectl, monkeypatch, tmp_path):
+    for crd in sorted((ROOT / "crds").glob("*.yaml")):
+        kubectl("apply", "-f", str(crd))
+    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig))
+    api = config.new_client_from_config(str(kube_api.kubeconfig))
+    replicas = {f"smol-replicas-{i}": StubReplica(f"127.0.0.{10 + i}") for i in range(3)}
+    settings = kopf.OperatorSettings()
+    settings.watching.server_timeout = 10
+    registry = register(kopf.OperatorRegistry(), repair_interval=0.5, status_interval=0.5)
+    with KopfRunner(["run", "--standalone", "--namespace", "default"], registry=registry, settings=settings) as runner:
+        yield kubectl, api, replicas, runner
+    for replica in replicas.values():
+        replica.close()
+
+
+def custom(api, plural: str, name: str) -> dict:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object("lorafleet.io", "v1alpha1", "default", plural, name)
+
+
+def test_basemodel_becomes_a_fleet_with_owner_references(operator_env) -> None:
+    kubectl, api, _, runner = operator_env
+    kubectl("apply", "-f", "-", input=BASEMODEL)
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    wait_until(lambda: apps.read_namespaced_deployment("smol", "default") is not None)
+    owner_uid = custom(api, "basemodels", "smol")["metadata"]["uid"]
+    replicas = apps.read_namespaced_deployment("smol-replicas", "default")
+    assert replicas.spec.replicas == 2
+    args = replicas.spec.template.spec.containers[0].args
+    assert args[:3] == ["serve", "--model", "smollm2"] and "--max-lora-rank" in args and args[args.index("--max-lora-rank") + 1] == "16"
+    objects = [replicas, apps.read_namespaced_deployment("smol", "default"), core.read_namespaced_service("smol", "default"),
+               core.read_namespaced_service("smol-replicas", "default"), client.PolicyV1Api(api).read_namespaced_pod_disruption_budget("smol-replicas", "default"),
+               core.read_namespaced_service_account("smol-gateway", "default"), client.RbacAuthorizationV1Api(api).read_namespaced_role("smol-gateway", "default")]
+    for obj in objects:
+        assert [r.uid for r in obj.metadata.owner_references] == [owner_uid], obj.metadata.name
+    gateway_args = apps.read_namespaced_deployment("smol", "default").spec.template.spec.containers[0].args
+    assert "--service" in gateway_args and gateway_args[gateway_args.index("--service") + 1] == "default/smol-replicas"
+    wait_until(lambda: custom(api, "basemodels", "smol").get("status", {}).get("phase") == "Pending")
+    # The kubelet and controllers are not here: report the Deployment ready and watch the status follow.
+    apps.patch_namespaced_deployment_status("smol-replicas", "default", {"status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}})
+    apps.patch_namespaced_deployment_status("smol", "default", {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}})
+    wait_until(lambda: custom(api, "basemodels", "smol")["status"]["phase"] == "Ready")
+    status = custom(api, "basemodels", "smol")["status"]
+    assert status["readyReplicas"] == 2 and status["gateway"] == "http://smol.default.svc:8000" and status["observedGeneration"] == 1
+    lines = kubectl("get", "basemodels").stdout.splitlines()
+    assert lines[0].split() == ["NAME", "MODEL", "REPLICAS", "READY", "PHASE", "AGE"] and lines[1].split()[:5] == ["smol", "smollm2", "2", "2", "Ready"]
+    kubectl("scale", "basemodel", "smol", "--replicas", "3")
+    wait_until(lambda: apps.read_namespaced_deployment("smol-replicas", "default").spec.replicas == 3)
+    kubectl("delete", "basemodel", "smol")
+    wait_until(lambda: not apps.list_namespaced_deployment("default").items)
+
+
+def test_adapter_warms_on_its_ring_owner_moves_when_replicas_change_and_unloads_on_delete(operator_env) -> None:
+    kubectl, api, replicas, _ = operator_env
+    core = client.CoreV1Api(api)
+    kubectl("apply", "-f", "-", input=BASEMODEL)
+    for pod in list(replicas)[:2]:
+        run_pod(core, "smol", pod, replicas[pod])
+    kubectl("apply", "-f", "-", input=adapter("pirate", "team/pirate"))
+    owner = ring.owners("team/pirate", sorted(list(replicas)[:2]), 1)[0]
+    wait_until(lambda: custom(api, "adapters", "pirate").get("status", {}).get("phase") == "Ready")
+    status = custom(api, "adapters", "pirate")["status"]
+    assert status["replicas"] == [owner] and replicas[owner].loaded == {"team/pirate": False}
+    assert "pirate" in kubectl("get", "adapters").stdout and owner in kubectl("get", "adapters").stdout
+    # A third replica arrives: the ring may hand the adapter to it; either way it is hot on the new owner only.
+    third = list(replicas)[2]
+    run_pod(core, "smol", third, replicas[third])
+    new_owner = ring.owners("team/pirate", sorted(replicas), 1)[0]
+    wait_until(lambda: custom(api, "adapters", "pirate")["status"]["replicas"] == [new_owner])
+    wait_until(lambda: [p for p, r in replicas.items() if "team/pirate" in r.loaded] == [new_owner])
+    # The owner restarts and loses what it had: the repair timer warms it again.
+    replicas[new_owner].loaded.clear()
+    wait_until(lambda: "team/pirate" in replicas[new_owner].loaded)
+    kubectl("delete", "adapter", "pirate", "--timeout", "30s")
+    assert ("unload", "team/pirate") in replicas[new_owner].calls and not replicas[new_owner].loaded
+
+
+def test_adapters_that_cannot_work_end_failed_with_a_reason(operator_env, monkeypatch, tmp_path) -> None:
+    kubectl, api, replicas, _ = operator_env
+    kubectl("apply", "-f", "-", input=adapter("orphan", "team/x", base="no-such-base"))
+    wait_until(lambda: custom(api, "adapters", "orphan").get("status", {}).get("phase") == "Failed")
+    assert custom(api, "adapters", "orphan")["status"]["reason"] == "BaseModelNotFound"
+    kubectl("apply", "-f", "-", input=BASEMODEL)
+    with HubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        big = tmp_path / "big"
+        big.mkdir()
+        (big / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 64, "target_modules": ["q_proj"]}))
+        hub.repos["acme/too-big"] = big
+        kubectl("apply", "-f", "-", input=adapter("ghost", "acme/missing", source="hub"))
+        kubectl("apply", "-f", "-", input=adapter("big", "acme/too-big", source="hub"))
+        wait_until(lambda: custom(api, "adapters", "ghost").get("status", {}).get("phase") == "Failed")
+        wait_until(lambda: custom(api, "adapters", "big").get("status", {}).get("phase") == "Failed")
+    assert "does not exist" in custom(api, "adapters", "ghost")["status"]["message"]
+    assert "rank 64 is above the BaseModel's engine.maxLoraRank 16" in custom(api, "adapters", "big")["status"]["message"]
+    run_pod(client.CoreV1Api(api), "smol", "smol-replicas-0", replicas["smol-replicas-0"])
+    kubectl("apply", "-f", "-", input=adapter("refused", "refused/adapter"))
+    wait_until(lambda: custom(api, "adapters", "refused").get("status", {}).get("phase") == "Failed")
+    assert "refused the adapter: not a LoRA for this base" in custom(api, "adapters", "refused")["status"]["message"]
