@@ -9,8 +9,6 @@ deleting the BaseModel removes all of it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 REPLICA_PORT = 8080
@@ -90,13 +88,10 @@ def replica_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
             "replicas": spec.get("replicas", 1),
             "selector": {"matchLabels": component},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": component, "annotations": {"lorafleet.io/spec-hash": spec_hash(spec)}}, "spec": pod_spec},
+            # Every field that changes a replica is in the template, so a spec change rolls out; scaling does not.
+            "template": {"metadata": {"labels": component}, "spec": pod_spec},
         },
     }
-
-
-def spec_hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def replica_service(name: str, namespace: str) -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""The operator's pure functions: every BaseModel field's effect on the fleet, status, placement, adapter checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet import ring
+from lorafleet.gateway.proxy import routing_key
+from lorafleet.operator import adapter_check
+from lorafleet.operator.desired import fleet_objects, gateway_deployment, replica_deployment, serve_args
+from lorafleet.operator.fleet_status import basemodel_status, placement, ready_pods
+
+SPEC = {"model": {"id": "org/base", "source": "hub", "dtype": "bfloat16"}, "replicas": 3}
+
+
+def container(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_minimal_spec_gives_a_complete_fleet() -> None:
+    objects = fleet_objects("m", "ns", SPEC)
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
+        ("ServiceAccount", "m-gateway"), ("Role", "m-gateway"), ("RoleBinding", "m-gateway"), ("Service", "m-replicas"),
+        ("Deployment", "m-replicas"), ("PodDisruptionBudget", "m-replicas"), ("Service", "m"), ("Deployment", "m")]
+    assert all(o["metadata"]["namespace"] == "ns" for o in objects)
+    replicas = objects[4]
+    assert replicas["spec"]["replicas"] == 3
+    assert replicas["spec"]["selector"]["matchLabels"] == objects[3]["spec"]["selector"] == objects[5]["spec"]["selector"]["matchLabels"]
+    pod = replicas["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["terminationGracePeriodSeconds"] > 30
+    probes = container(replicas)
+    assert probes["startupProbe"]["httpGet"]["path"] == "/health" and probes["startupProbe"]["failureThreshold"] * probes["startupProbe"]["periodSeconds"] >= 1800
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/health" and "livenessProbe" in probes
+    assert objects[1]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]
+
+
+@pytest.mark.parametrize(
+    "field,value,check",
+    [
+        ("model", {"id": "org/base", "source": "local", "revision": "v2", "dtype": "float16"},
+         lambda d: serve_args_of(d)[serve_args_of(d).index("--revision") + 1] == "v2" and "--model-source" in serve_args_of(d) and "float16" in serve_args_of(d)),
+        ("image", "registry.local/lorafleet:dev", lambda d: container(d)["image"] == "registry.local/lorafleet:dev"),
+        ("resources", {"limits": {"nvidia.com/gpu": 1}}, lambda d: container(d)["resources"] == {"limits": {"nvidia.com/gpu": 1}}),
+        ("engine", {"maxActiveAdapters": 32, "maxLoraRank": 16, "maxTotalTokens": 4096, "adapterMemory": "2Gi", "device": "cpu"},
+         lambda d: all(x in serve_args_of(d) for x in ["--max-active-adapters", "32", "--max-lora-rank", "16", "--max-total-tokens", "4096", "--adapter-memory", "2Gi", "cpu"])),
+        ("cache", {"claimName": "models"}, lambda d: d["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "models"}),
+        ("cache", {"sizeLimit": "50Gi"}, lambda d: d["spec"]["template"]["spec"]["volumes"][0]["emptyDir"] == {"sizeLimit": "50Gi"}),
+        ("hfTokenSecretRef", {"name": "hf", "key": "tok"},
+         lambda d: {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}} in container(d)["env"]),
+        ("nodeSelector", {"gpu": "h200"}, lambda d: d["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "h200"}),
+        ("tolerations", [{"key": "gpu", "operator": "Exists"}], lambda d: d["spec"]["template"]["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]),
+        ("affinity", {"podAntiAffinity": {}}, lambda d: d["spec"]["template"]["spec"]["affinity"] == {"podAntiAffinity": {}}),
+        ("replicas", 0, lambda d: d["spec"]["replicas"] == 0),
+    ],
+)
+def test_each_field_reaches_the_replica_deployment(field: str, value, check) -> None:
+    deployment = replica_deployment("m", "ns", {**SPEC, field: value})
+    assert check(deployment)
+    template_changed = deployment["spec"]["template"] != replica_deployment("m", "ns", SPEC)["spec"]["template"]
+    assert template_changed == (field != "replicas")  # a spec change rolls out; scaling does not
+
+
+def serve_args_of(deployment: dict) -> list[str]:
+    return container(deployment)["args"]
+
+
+def test_routing_settings_reach_the_gateway() -> None:
+    gateway = gateway_deployment("m", "ns", {**SPEC, "routing": {"loadFactor": 1.5, "gatewayReplicas": 2, "apiKeySecretRef": {"name": "keys"}}})
+    args = container(gateway)["args"]
+    assert args[args.index("--load-factor") + 1] == "1.5" and args[args.index("--service") + 1] == "ns/m-replicas"
+    assert args[args.index("--api-key-file") + 1] == "/etc/lorafleet/keys" and gateway["spec"]["replicas"] == 2
+    assert gateway["spec"]["template"]["spec"]["serviceAccountName"] == "m-gateway"
+    assert serve_args(SPEC)[:3] == ["serve", "--model", "org/base"]
+
+
+@pytest.mark.parametrize(
+    "observed,gateway_ready,phase",
+    [
+        (None, 0, "Pending"),
+        ({"replicas": 3, "readyReplicas": 0, "updatedReplicas": 3}, 1, "Pending"),
+        ({"replicas": 4, "readyReplicas": 2, "updatedReplicas": 1}, 1, "Progressing"),
+        ({"replicas": 3, "readyReplicas": 2, "updatedReplicas": 3}, 1, "Degraded"),
+        ({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3}, 1, "Ready"),
+        ({"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3}, 0, "Degraded"),
+    ],
+)
+def test_status_is_what_is_observed(observed, gateway_ready: int, phase: str) -> None:
+    replicas = None if observed is None else {"status": observed}
+    status = basemodel_status("m", "ns", 7, SPEC, replicas, {"status": {"readyReplicas": gateway_ready}}, "2026-01-01T00:00:00Z")
+    assert status["phase"] == phase and status["observedGeneration"] == 7
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == ("True" if phase == "Ready" else "False")
+    assert status["selector"] == "app.kubernetes.io/name=lorafleet,app.kubernetes.io/instance=m,app.kubernetes.io/component=replica"
+
+
+def test_placement_agrees_with_the_gateway_for_the_same_replicas() -> None:
+    pods = [{"metadata": {"name": f"m-replicas-{i}"}, "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 8080}]}]},
+             "status": {"podIP": f"10.0.0.{i}", "conditions": [{"type": "Ready", "status": "True"}]}} for i in range(5)]
+    pods[2]["status"]["conditions"][0]["status"] = "False"
+    members = ready_pods(pods)
+    assert sorted(members) == ["m-replicas-0", "m-replicas-1", "m-replicas-3", "m-replicas-4"] and members["m-replicas-0"] == "http://10.0.0.0:8080"
+    for i in range(50):
+        adapter = f"org/adapter-{i}"
+        key = routing_key("/generate", f'{{"inputs": "x", "parameters": {{"adapter_id": "{adapter}"}}}}'.encode(), set())
+        idle = {m: 0 for m in members}
+        assert placement(adapter, list(members), 1) == [ring.routing_order(key, idle)[0]]
+    assert placement("x", list(members), 0) == []
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"peft_type": "IA3"}, "peft_type IA3 is not a LoRA adapter"),
+        ({"peft_type": "LORA", "use_dora": True}, "DoRA adapters are not supported"),
+        ({"peft_type": "LORA", "modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 128}}, "rank 128 is above the BaseModel's engine.maxLoraRank 64"),
+        ({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "embed_tokens"]}, "LoRA on ['embed_tokens'] is not supported"),
+    ],
+)
+def test_adapters_that_do_not_fit_are_permanent_failures(config: dict, message: str) -> None:
+    with pytest.raises(adapter_check.Permanent, match=message.replace("[", r"\[").replace("]", r"\]")):
+        adapter_check.check_fits(config, {"maxLoraRank": 64})
+    assert adapter_check.check_fits({"r": 16, "target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"]}, {}) == (16, ["q_proj", "v_proj"])
+    assert adapter_check.fetch_config("local", "anything", None, None) is None
