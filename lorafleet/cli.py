@@ -20,14 +20,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _not_built(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"lorafleet {name}: not built yet (tracked in issue {issue})", file=sys.stderr)
-        return 1
-
-    return run
-
-
 def _serve(args: argparse.Namespace) -> int:
     from lorafleet.server.main import run
 
@@ -38,6 +30,15 @@ def _gateway(args: argparse.Namespace) -> int:
     from lorafleet.gateway.main import run
 
     return run(args)
+
+
+def _local(command: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from lorafleet.local import up
+
+        return getattr(up, command)(args)
+
+    return run
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -119,9 +120,17 @@ def build_parser() -> OneLineParser:
     kube.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
     kube.add_argument("--crds", type=Path, help="a folder of CustomResourceDefinition YAML files to install at start")
     kube.add_argument("--kubeconfig", type=Path, default=Path(".lorafleet/kubeconfig"), help="where to write the kubeconfig")
-    add("up", "run the whole fleet on this machine", _not_built("up", 10))
-    add("down", "stop the fleet started by `lorafleet up`", _not_built("down", 10))
-    add("status", "show fleets, replicas and where each adapter is hot", _not_built("status", 10))
+    up = add("up", "run the whole fleet on this machine", _local("up"))
+    up.add_argument("--model", default="smollm2", help="smollm2 (the default) or a local model folder")
+    up.add_argument("--adapters", type=Path, default=Path(".lorafleet/adapters"), help="a folder of PEFT adapters, one Adapter each")
+    up.add_argument("--replicas", type=int, default=2, help="replica processes (default: 2)")
+    up.add_argument("--port", type=int, default=8000, help="the gateway's port on 127.0.0.1 (default: 8000)")
+    up.add_argument("--api-port", type=int, default=0, help="the embedded Kubernetes API's port (default: any free port)")
+    up.add_argument("--name", default="smollm2", help="the BaseModel's name (default: smollm2)")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the fleet to be ready")
+    for sub in (up, add("down", "stop the fleet started by `lorafleet up`", _local("down")),
+                add("status", "show fleets, replicas and where each adapter is hot", _local("status"))):
+        sub.add_argument("--workdir", type=Path, default=Path(".lorafleet"), help="state, logs and kubeconfig (default: .lorafleet)")
 
     models = commands.add_parser("models", help="fetch and list base models", description="Fetch and list base models.")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", parser_class=OneLineParser)

@@ -76,6 +76,13 @@ class Kube:
         result = self._call("GET", path_of(api_version, kind, namespace), query=[("labelSelector", label_selector)] if label_selector else [])
         return (result or {}).get("items", [])
 
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
+        self._call("DELETE", path_of(api_version, kind, namespace, name))
+
+    def merge_status(self, api_version: str, kind: str, namespace: str | None, name: str, status: dict) -> None:
+        """Merge-patch an object's status subresource (no-op writes cost nothing: the server skips them)."""
+        self._call("PATCH", path_of(api_version, kind, namespace, name) + "/status", {"status": status}, content_type="application/merge-patch+json")
+
     def apply(self, obj: dict) -> tuple[str, dict]:
         """Create the object, or replace what we own of it; ('created'|'updated'|'unchanged', object)."""
         from kubernetes.client.rest import ApiException

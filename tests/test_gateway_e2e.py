@@ -123,11 +123,17 @@ def test_killing_a_replica_mid_run_loses_no_request(fleet, tiny_models, tmp_path
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=120) as client:
                 async def one(i: int) -> httpx.Response:
-                    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 120, "ignore_eos_token": True, "adapter_id": f"ad{i % 6}"}}
+                    # No adapter: least-loaded routing spreads these over every replica, the victim included.
+                    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 120, "ignore_eos_token": True}}
                     return await client.post(gateway.url + "/generate", json=body)
 
                 tasks = [asyncio.create_task(one(i)) for i in range(24)]
-                await asyncio.sleep(0.4)
+                victim_name = victim_url.split("//")[1]
+                for _ in range(200):  # kill it only once it is really serving some of them
+                    loads = {r["name"]: r["in_flight"] for r in (await client.get(gateway.url + "/replicas")).json()["replicas"]}
+                    if loads.get(victim_name, 0) > 0:
+                        break
+                    await asyncio.sleep(0.02)
                 victim.send_signal(signal.SIGKILL)  # dies with requests in flight
                 return await asyncio.gather(*tasks)
 

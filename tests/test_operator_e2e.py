@@ -49,8 +49,7 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
 
 @pytest.fixture
 def operator_env(kube_api, kubectl, monkeypatch, tmp_path):
-    for crd in sorted((ROOT / "crds").glob("*.yaml")):
-        kubectl("apply", "-f", str(crd))
+    kubectl("apply", "-k", str(ROOT / "crds"))
     monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig))
     api = config.new_client_from_config(str(kube_api.kubeconfig))
     replicas = {f"smol-replicas-{i}": StubReplica(f"127.0.0.{10 + i}") for i in range(3)}

