@@ -1,0 +1,149 @@
+"""`lorafleet up` end to end on the tiny model: the embedded API, the operator, the node agent, the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kube_fixtures import kubectl_for
+from lorafleet import ring
+from lorafleet.testing import make_lora_adapter
+from server_helpers import free_port
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:  # not there yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not reached in {timeout}s")
+
+
+@pytest.fixture
+def fleet(tiny_models: dict[str, Path], tmp_path: Path):
+    adapters = tmp_path / "adapters"
+    make_lora_adapter(tiny_models["llama"], adapters / "pirate", r=4, seed=1)
+    port, workdir = free_port(), tmp_path / "state"
+    process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "up", "--model", str(tiny_models["llama"]), "--adapters", str(adapters),
+                                "--replicas", "2", "--port", str(port), "--workdir", str(workdir), "--timeout", "120"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "lorafleet is up" in line or "not ready after" in line:
+                break
+        assert any("lorafleet is up" in line for line in lines), "".join(lines)
+        kubectl = kubectl_for(workdir / "kubeconfig", tmp_path / "kubecache")
+        yield process, kubectl, f"http://127.0.0.1:{port}", workdir, adapters, tiny_models["llama"], "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+
+def processes() -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every lorafleet process on the machine, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "lorafleet" in argv and "--host" in argv:
+                found.append((int(entry.name), argv))
+    return found
+
+
+def pods(kubectl) -> dict[str, dict]:
+    items = json.loads(kubectl("get", "pods", "-l", "app.kubernetes.io/component=replica", "-o", "json").stdout)["items"]
+    return {p["metadata"]["name"]: p for p in items}
+
+
+def adapter_status(kubectl, name: str) -> dict:
+    return json.loads(kubectl("get", "adapter", name, "-o", "json").stdout).get("status") or {}
+
+
+def generate(url: str, adapter: str | None) -> httpx.Response:
+    parameters = {"max_new_tokens": 4, **({"adapter_id": adapter, "adapter_source": "local"} if adapter else {})}
+    return httpx.post(url + "/generate", json={"inputs": "Hello", "parameters": parameters}, timeout=60)
+
+
+def test_the_whole_fleet_on_one_machine(fleet) -> None:
+    process, kubectl, url, workdir, adapters, model, output = fleet
+    assert "export KUBECONFIG=" in output and "BASEMODEL" in output and "pirate" in output
+    # 1. The sample adapter is hot on exactly one pod, and a request for it is served there without a load.
+    status = adapter_status(kubectl, "pirate")
+    assert status["phase"] == "Ready" and len(status["replicas"]) == 1
+    owner = status["replicas"][0]
+    response = generate(url, "pirate")
+    assert response.status_code == 200 and response.headers["x-lorafleet-replica"] == owner
+    owner_ip = pods(kubectl)[owner]["status"]["podIP"]
+    metrics = httpx.get(f"http://{owner_ip}:8080/metrics").text
+    assert 'lorafleet_adapter_events{event="device_hit"}' in metrics and 'event="source_fetch"} 0.0' in metrics
+
+    # 2. An Adapter applied with kubectl goes Ready on its ring owner.
+    make_lora_adapter(model, adapters / "shouty", r=4, seed=2)  # a new adapter dropped into the adapter root
+    kubectl("apply", "-f", "-", input="apiVersion: lorafleet.io/v1alpha1\nkind: Adapter\nmetadata: {name: shouty}\n"
+                                      "spec: {baseModel: smollm2, source: local, id: shouty, warmReplicas: 1}\n")
+    wait_until(lambda: adapter_status(kubectl, "shouty").get("phase") == "Ready", what="shouty Ready")
+    assert adapter_status(kubectl, "shouty")["replicas"] == ring.owners("shouty", sorted(pods(kubectl)), 1)
+
+    # 3. Scale to three: a third process, and every adapter on its owner among the three.
+    kubectl("scale", "basemodel", "smollm2", "--replicas", "3")
+    wait_until(lambda: len(pods(kubectl)) == 3 and all(any(c["status"] == "True" for c in p["status"]["conditions"]) for p in pods(kubectl).values()),
+               timeout=90, what="three ready replicas")
+    for name in ("pirate", "shouty"):
+        expected = ring.owners(name, sorted(pods(kubectl)), 1)
+        wait_until(lambda n=name, e=expected: adapter_status(kubectl, n).get("replicas") == e, what=f"{name} re-placed")
+        assert generate(url, name).headers["x-lorafleet-replica"] == expected[0]
+
+    # 4. Kill a replica process mid-traffic: no request lost, and the agent brings it back.
+    victim = sorted(pods(kubectl))[0]
+    victim_ip = pods(kubectl)[victim]["status"]["podIP"]
+    victim_pid = next(pid for pid, args in processes() if "serve" in args and args[args.index("--host") + 1] == victim_ip)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 60, "ignore_eos_token": True}}
+            tasks = [asyncio.create_task(client.post(url + "/generate", json=body)) for _ in range(18)]
+            await asyncio.sleep(0.5)
+            os.kill(victim_pid, signal.SIGKILL)
+            return [r.status_code for r in await asyncio.gather(*tasks)]
+
+    assert asyncio.run(burst()) == [200] * 18
+    wait_until(lambda: pods(kubectl)[victim]["status"]["containerStatuses"][0]["restartCount"] >= 1
+               and httpx.get(f"http://{victim_ip}:8080/health", timeout=2).status_code == 200, timeout=90, what="the victim restarted")
+
+    # 5. A restarted replica lost its adapters: the operator's repair timer warms them again. Then deleting one unloads it.
+    owner = adapter_status(kubectl, "shouty")["replicas"][0]
+    owner_ip = pods(kubectl)[owner]["status"]["podIP"]
+    wait_until(lambda: "shouty" in {a["id"] for a in httpx.get(f"http://{owner_ip}:8080/adapters").json()}, timeout=45, what="shouty re-warmed")
+    kubectl("delete", "adapter", "shouty", "--timeout", "60s")
+    assert "shouty" not in {a["id"] for a in httpx.get(f"http://{owner_ip}:8080/adapters").json()}
+
+    # 6. `lorafleet down` stops everything.
+    port = url.rsplit(":", 1)[1]
+    children = [str(pid) for pid, argv in processes() if any(str(workdir) in a for a in argv) or ("gateway" in argv and port in argv)]
+    assert len(children) >= 4  # three replicas and the gateway
+    down = subprocess.run([sys.executable, "-P", "-m", "lorafleet", "down", "--workdir", str(workdir)], capture_output=True, text=True, timeout=90)
+    assert down.returncode == 0, down.stderr
+    assert process.wait(60) == 0
+    time.sleep(0.5)
+    still = [pid for pid in children if subprocess.run(["ps", "-p", pid], capture_output=True).returncode == 0]
+    assert not still, f"left behind: {still}"
