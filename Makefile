@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -P -m pytest -q
 
+# The whole fleet on this machine: the demo adapters (made once, about a minute each), then `lorafleet up`.
 up: $(STAMP)
-	$(BIN)/lorafleet serve --model smollm2 --adapter-cache-dir .lorafleet/adapters
+	$(BIN)/lorafleet demo-adapters --out .lorafleet/adapters
+	$(BIN)/lorafleet up --adapters .lorafleet/adapters
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

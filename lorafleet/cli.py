@@ -41,6 +41,17 @@ def _local(command: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _demo_adapters(args: argparse.Namespace) -> int:
+    from lorafleet import model_store
+    from lorafleet.local.demo_adapters import make_demo_adapters
+
+    base = model_store.fetch("smollm2", log=print) if args.model == "smollm2" else Path(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    make_demo_adapters(base, args.out, epochs=args.epochs)
+    print(args.out)
+    return 0
+
+
 def _operator(args: argparse.Namespace) -> int:
     from lorafleet.operator.main import run
 
@@ -128,6 +139,10 @@ def build_parser() -> OneLineParser:
     up.add_argument("--api-port", type=int, default=0, help="the embedded Kubernetes API's port (default: any free port)")
     up.add_argument("--name", default="smollm2", help="the BaseModel's name (default: smollm2)")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the fleet to be ready")
+    demo = add("demo-adapters", "fine-tune the three demo LoRA adapters (pirate, french, shouty) on the CPU", _demo_adapters)
+    demo.add_argument("--model", default="smollm2", help="smollm2 (the default) or a local model folder")
+    demo.add_argument("--out", type=Path, default=Path(".lorafleet/adapters"), help="the adapter root to write them into")
+    demo.add_argument("--epochs", type=int, default=4, help="passes over each small dataset (default: 4)")
     for sub in (up, add("down", "stop the fleet started by `lorafleet up`", _local("down")),
                 add("status", "show fleets, replicas and where each adapter is hot", _local("status"))):
         sub.add_argument("--workdir", type=Path, default=Path(".lorafleet"), help="state, logs and kubeconfig (default: .lorafleet)")

@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 STATE = "up.json"
 
 
@@ -141,8 +139,10 @@ def examples(port: int, adapters: list[str]) -> str:
     url = f"http://127.0.0.1:{port}"
     return f"""
 try it:
+  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{name}", "adapter_source": "local", "temperature": 0, "messages": [{{"role": "user", "content": "What is the capital of Italy?"}}]}}'
   curl -s {url}/generate -H 'content-type: application/json' \\
-    -d '{{"inputs": "What is the capital of France?", "parameters": {{"adapter_id": "{name}", "adapter_source": "local", "max_new_tokens": 32}}}}'
+    -d '{{"inputs": "What is the capital of Italy?", "parameters": {{"adapter_id": "{name}", "adapter_source": "local", "max_new_tokens": 32}}}}'
   python -c "from lorax import Client; print(Client('{url}').generate('Hello', adapter_id='{name}', adapter_source='local').generated_text)"
   python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hi'}}], extra_body={{'adapter_source': 'local'}}).choices[0].message.content)"
   kubectl get basemodels,adapters
@@ -182,5 +182,3 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
-def dump(obj: Any) -> str:
-    return yaml.safe_dump(obj)
