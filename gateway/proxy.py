@@ -30,7 +30,9 @@ Send = Callable[[dict], Awaitable[None]]
 TGI_ROUTES = {"/", "/generate", "/generate_stream"}
 HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 BUFFER_LIMIT = 1 << 20  # sized responses up to this are read whole rather than relayed
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.WriteError, httpx.PoolTimeout)
+# Before a response starts, any transport failure is retryable: a refused or reset connection
+# (a replica killed mid-request resets it: ReadError), a timeout, or a peer that hung up.
+RETRYABLE = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 
 
 class ClientGone(Exception):
@@ -146,7 +148,7 @@ class Gateway:
                 # less than relaying, and a replica that dies while sending it can still be retried.
                 try:
                     content = b"".join([chunk async for chunk in response.aiter_raw()])
-                except RETRYABLE + (httpx.ReadError,):
+                except RETRYABLE:
                     self._failed_attempt(replica, "broken_response")
                     continue
                 finally:
