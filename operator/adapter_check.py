@@ -8,8 +8,11 @@ transient (retry with backoff).
 from __future__ import annotations
 
 import json
-import os
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, hub_file, s3_file
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -26,41 +29,18 @@ def fetch_config(source: str, adapter_id: str, revision: str | None, token: str 
     """The adapter's adapter_config.json; None for local adapters (only the replicas can see their folders)."""
     if source == "local":
         return None
-    if source == "hub":
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-        try:
-            path = hf_hub_download(adapter_id, "adapter_config.json", revision=revision, token=token or os.environ.get("HF_TOKEN") or None,
-                                   endpoint=os.environ.get("HF_ENDPOINT") or None)
-        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-            raise Permanent(f"hub adapter {adapter_id!r} does not exist (or is private and no token was given)") from exc
-        except EntryNotFoundError as exc:
-            raise Permanent(f"hub repo {adapter_id!r} has no adapter_config.json: not a PEFT adapter") from exc
-        except GatedRepoError as exc:
-            raise Permanent(f"hub adapter {adapter_id!r} is gated: {exc}") from exc
-        except Exception as exc:
-            raise Transient(f"the hub did not answer for {adapter_id!r}: {exc}") from exc
-        with open(path) as handle:
-            return json.load(handle)
-    if source == "s3":
-        try:
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-        except ImportError as exc:
-            raise Permanent("the s3 source needs boto3 in the operator image") from exc
-        bucket, _, prefix = adapter_id[len("s3://"):].partition("/")
-        key = f"{prefix.rstrip('/')}/adapter_config.json" if prefix else "adapter_config.json"
-        try:
-            body = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NoSuchBucket"):
-                raise Permanent(f"s3 adapter {adapter_id!r} has no {key}") from exc
-            raise Transient(f"s3 did not answer for {adapter_id!r}: {exc}") from exc
-        except BotoCoreError as exc:
-            raise Transient(f"s3 did not answer for {adapter_id!r}: {exc}") from exc
-        return json.loads(body)
-    raise Permanent(f"unknown adapter source {source!r}")
+    if source not in ("hub", "s3"):
+        raise Permanent(f"unknown adapter source {source!r}")
+    try:
+        if source == "hub":
+            return json.loads(hub_file(adapter_id, "adapter_config.json", revision, token).read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            s3_file(adapter_id, "adapter_config.json", Path(tmp) / "adapter_config.json")
+            return json.loads((Path(tmp) / "adapter_config.json").read_text())
+    except AdapterNotFound as exc:
+        raise Permanent(str(exc)) from exc
+    except AdapterFetchError as exc:
+        raise Transient(str(exc)) from exc
 
 
 def check_fits(config: dict[str, Any], engine: dict[str, Any]) -> tuple[int, list[str]]:

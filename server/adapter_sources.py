@@ -9,20 +9,15 @@ adapter id arrives from the network. An adapter that does not exist is ``Adapter
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, hub_file, s3_file
+
+__all__ = ["ADAPTER_FILES", "SOURCES", "AdapterFetchError", "AdapterNotFound", "AdapterRef", "fetch_hub", "fetch_s3", "resolve_local"]
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SOURCES = ("hub", "local", "s3")
-
-
-class AdapterNotFound(LookupError):
-    """The adapter does not exist at its source."""
-
-
-class AdapterFetchError(RuntimeError):
-    """The adapter exists (or may) but could not be fetched."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,52 +66,13 @@ def resolve_local(adapter_id: str, roots: list[Path]) -> Path:
 
 
 def fetch_hub(ref: AdapterRef, destination: Path, token: str | None) -> None:
-    """Download the adapter's files from the Hub (HF_ENDPOINT, HF_HUB_OFFLINE and HF_TOKEN are honoured by huggingface_hub)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
+    """The adapter's files from the Hub, copied into ``destination`` (the disk tier)."""
+    destination.mkdir(parents=True, exist_ok=True)
     for filename in ADAPTER_FILES:
-        try:
-            # Read the environment per call (huggingface_hub reads it once at import), so a
-            # replica's HF_ENDPOINT, HF_HUB_CACHE and HF_TOKEN always apply.
-            path = hf_hub_download(
-                ref.id, filename, revision=ref.revision,
-                token=token or os.environ.get("HF_TOKEN") or None,
-                endpoint=os.environ.get("HF_ENDPOINT") or None,
-                cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-            )
-        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-            raise AdapterNotFound(f"hub adapter {ref.id!r} not found (or private without a valid token)") from exc
-        except EntryNotFoundError as exc:
-            raise AdapterNotFound(f"hub repo {ref.id!r} has no {filename}: not a PEFT LoRA adapter") from exc
-        except GatedRepoError as exc:
-            raise AdapterFetchError(f"hub adapter {ref.id!r} is gated: {exc}") from exc
-        except LocalEntryNotFoundError as exc:
-            raise AdapterFetchError(f"hub adapter {ref.id!r} is not in the offline cache and the hub is unreachable") from exc
-        except Exception as exc:  # network errors of every kind
-            raise AdapterFetchError(f"fetching hub adapter {ref.id!r} failed: {exc}") from exc
-        destination.mkdir(parents=True, exist_ok=True)
-        (destination / filename).write_bytes(Path(path).read_bytes())
+        (destination / filename).write_bytes(hub_file(ref.id, filename, ref.revision, token).read_bytes())
 
 
 def fetch_s3(ref: AdapterRef, destination: Path) -> None:
-    """Download ``s3://bucket/prefix/{adapter_config.json,adapter_model.safetensors}`` (S3_ENDPOINT_URL for other stores)."""
-    try:
-        import boto3
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError as exc:
-        raise AdapterFetchError("the s3 source needs boto3 (pip install 'lorafleet[s3]')") from exc
-    bucket, _, prefix = ref.id[len("s3://") :].partition("/")
-    client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
     destination.mkdir(parents=True, exist_ok=True)
     for filename in ADAPTER_FILES:
-        key = f"{prefix.rstrip('/')}/{filename}" if prefix else filename
-        try:
-            client.download_file(bucket, key, str(destination / filename))
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
-                raise AdapterNotFound(f"s3 adapter {ref.id!r}: {key} not found in bucket {bucket!r}") from exc
-            raise AdapterFetchError(f"s3 adapter {ref.id!r}: {exc}") from exc
-        except BotoCoreError as exc:
-            raise AdapterFetchError(f"s3 adapter {ref.id!r}: {exc}") from exc
+        s3_file(ref.id, filename, destination / filename)

@@ -140,7 +140,7 @@ def test_adapters_that_cannot_work_end_failed_with_a_reason(operator_env, monkey
         kubectl("apply", "-f", "-", input=adapter("big", "acme/too-big", source="hub"))
         wait_until(lambda: custom(api, "adapters", "ghost").get("status", {}).get("phase") == "Failed")
         wait_until(lambda: custom(api, "adapters", "big").get("status", {}).get("phase") == "Failed")
-    assert "does not exist" in custom(api, "adapters", "ghost")["status"]["message"]
+    assert "not found" in custom(api, "adapters", "ghost")["status"]["message"]
     assert "rank 64 is above the BaseModel's engine.maxLoraRank 16" in custom(api, "adapters", "big")["status"]["message"]
     run_pod(client.CoreV1Api(api), "smol", "smol-replicas-0", replicas["smol-replicas-0"])
     kubectl("apply", "-f", "-", input=adapter("refused", "refused/adapter"))
