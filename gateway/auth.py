@@ -28,10 +28,6 @@ class ApiKeys:
         self._mtime = stat.st_mtime
         log.info("loaded %d API keys from %s", len(self._keys), self.path)
 
-    @property
-    def enabled(self) -> bool:
-        return self.path is not None
-
     def allows(self, authorization: str | None) -> bool:
         if self.path is None:
             return True

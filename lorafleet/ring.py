@@ -48,10 +48,6 @@ def pick(key: str, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_F
     return ranked[0], 0  # unreachable while the bound exceeds the mean, kept for safety
 
 
-def least_loaded(loads: Mapping[str, int]) -> str:
-    return min(sorted(loads), key=lambda m: loads[m])
-
-
 def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR) -> list[str]:
     """Every member in the order to try: the bounded-load pick first, then the other owners (failover)."""
     if key is None:

@@ -9,7 +9,7 @@ large batch spends its attention time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ class BatchMetadata:
     rope_lengths: list[tuple[int, int, int]]  # (start, end, sequence length) for length-dependent RoPE
     lora: Any = None  # a LoraBatch when any row uses an adapter
     attention_kernel: str = "torch"  # "triton": decode rows read the paged cache in attention_triton
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, limit: torch.Tensor, window: int | None) -> torch.Tensor:

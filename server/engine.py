@@ -96,9 +96,9 @@ class LLMEngine:
             make_slots=lambda: LoraSlots(shapes, layers, self.num_slots, config.max_lora_rank, self.dtype, self.device, self.lora_kernel()),
             parse=lambda name, folder: self._pinned(load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle)),
         )
+        self.attention_kernel = self._kernel(config.attention_kernel)
         self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
         self._grammar: Any = None
-        self.num_steps = 0
         log.info("engine ready: %s %s on %s, %d KV blocks of %d tokens", self.model_config.architecture, self.dtype, self.device, num_blocks, config.block_size)
 
     # -- requests -------------------------------------------------------------------------------
@@ -172,7 +172,6 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
-        self.num_steps += 1
         input_ids, positions, meta = self._prepare(chunks)
         hidden = self.model.forward(input_ids, positions, meta, self.kv)
 
@@ -238,7 +237,7 @@ class LLMEngine:
             decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=device).reshape(len(decode_tables), width),
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
             rope_lengths=rope_lengths,
-            attention_kernel=self._kernel(self.config.attention_kernel),
+            attention_kernel=self.attention_kernel,
         )
         if self.adapters.slots is not None:
             meta.lora = self.adapters.slots.batch_for([(c.seq.adapter, c.num_tokens) for c in chunks])

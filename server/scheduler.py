@@ -83,6 +83,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         prefill_budget = self.config.max_batch_prefill_tokens
         chunks: list[ScheduledChunk] = []
+        # Oldest first: a preemption victim is always the newest, so it is never one already scheduled.
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if seq not in self.running:  # preempted while making room for an older one
                 continue
@@ -96,7 +97,6 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, num_tokens))
                 if num_tokens > 1:
                     prefill_budget -= num_tokens
-        chunks = [c for c in chunks if c.seq in self.running]
 
         total_tokens = sum(len(s.token_ids) for s in self.running)
         for seq in list(self.waiting):

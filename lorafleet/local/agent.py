@@ -47,7 +47,7 @@ class LocalPod:
 
 class NodeAgent:
     def __init__(self, kube: Any, workdir: Path, adapter_root: Path | None, gateway_port: int, kubeconfig: Path,
-                 namespace: str = "default", interval: float = 0.5, model_overrides: dict[str, str] | None = None) -> None:
+                 namespace: str = "default", interval: float = 0.5) -> None:
         self.kube = kube  # lorafleet.operator.kube.Kube
         self.workdir = workdir
         self.adapter_root = adapter_root

@@ -25,7 +25,6 @@ class ResourceDef:
     subresources: set[str] = field(default_factory=set)
     scale_spec_path: str = ".spec.replicas"
     scale_status_path: str = ".status.replicas"
-    scale_selector_path: str | None = None
     printer_columns: list[dict[str, Any]] = field(default_factory=list)
     schema: dict[str, Any] | None = None
     versions: list[str] = field(default_factory=list)
@@ -65,7 +64,6 @@ class Registry:
         for key in [("apps", "deployments"), ("apps", "replicasets"), ("apps", "statefulsets")]:
             if key in self.by_key:
                 self.by_key[key].subresources.add("scale")
-                self.by_key[key].scale_selector_path = ".spec.selector"
 
     def add(self, resource: ResourceDef) -> None:
         existing = self.by_key.get(resource.key)
@@ -92,7 +90,6 @@ class Registry:
             subresources={s for s in ("status", "scale") if s in subresources},
             scale_spec_path=scale.get("specReplicasPath", ".spec.replicas"),
             scale_status_path=scale.get("statusReplicasPath", ".status.replicas"),
-            scale_selector_path=scale.get("labelSelectorPath"),
             printer_columns=list(storage.get("additionalPrinterColumns", [])),
             schema=(storage.get("schema") or {}).get("openAPIV3Schema"),
             versions=[v["name"] for v in versions],
