@@ -8,7 +8,6 @@ empty string means no adapter. As in OpenAI, an omitted temperature means 1.0 (s
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -19,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from lorafleet.server.errors import ValidationError, classify
 from lorafleet.server.http_common import bearer_token, close_events, error_response, read_json_object, sse, until_disconnect
 from lorafleet.server.sequence import FinishReason
-from lorafleet.server.service import Completion, ReplicaService
+from lorafleet.server.service import Completion, ReplicaService, independent_copies
 from lorafleet.server.validation import GenerateJob, validate_generate
 
 PASSED_THROUGH = ("top_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "adapter_source", "api_token")
@@ -69,24 +68,6 @@ async def run_all(service: ReplicaService, request: Request, jobs: list[Generate
         return await until_disconnect(request, asyncio.gather(*(service.complete(j, p) for j, p in zip(jobs, prompts))))
     finally:
         service.release()
-
-
-def copies(job: GenerateJob, n: int) -> list[GenerateJob]:
-    """n independent samples of one request: each its own seed, derived from the request's when it has one."""
-    import copy
-
-    if n == 1:
-        return [job]
-    out = []
-    for i in range(n):
-        clone = copy.copy(job)
-        clone.params = copy.copy(job.params)
-        if job.params.seed is not None:
-            clone.params.seed = job.params.seed + i
-        elif job.params.sampling:
-            clone.params.seed = random.getrandbits(63)
-        out.append(clone)
-    return out
 
 
 def usage(completions: list[Completion]) -> dict[str, int]:
@@ -168,7 +149,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
             n = _count(body, "n", 1)
             stream = bool(body.get("stream"))
             body.setdefault("max_tokens", 16)
-            jobs = [c for p in prompts for c in copies(to_job(service, body, p, stream), n)]
+            jobs = [c for p in prompts for c in independent_copies(to_job(service, body, p, stream), n)]
             for job in jobs:
                 job.api_token = job.api_token or bearer_token(request)
             model = body.get("model") or service.config.model_id
@@ -209,7 +190,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
             job = to_job(service, body, service.tokenizer.decode(prompt_ids), stream)
             job.prompt_ids = prompt_ids
             job.api_token = job.api_token or bearer_token(request)
-            jobs = copies(job, n)
+            jobs = independent_copies(job, n)
             model = body.get("model") or service.config.model_id
             ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             if stream:

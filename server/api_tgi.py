@@ -84,7 +84,7 @@ async def token_stream(service: ReplicaService, job: GenerateJob, prompt_ids: li
         while event is not None:
             if event.finished and event.seq is not None:
                 seq = event.seq
-                service.observe_stream(job, seq, first_at - started, time.perf_counter() - first_at)
+                service.observe(job, seq, first_at - started, time.perf_counter() - first_at)
                 details = None
                 if job.details:
                     details = {"finish_reason": seq.finish_reason.value, "prompt_tokens": len(prompt_ids),

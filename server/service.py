@@ -5,6 +5,7 @@ and the generate flow shared by the TGI/LoRAX and OpenAI routes.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 import time
@@ -38,6 +39,24 @@ class Completion:
     @property
     def finish_reason(self) -> FinishReason:
         return self.seq.finish_reason or FinishReason.LENGTH
+
+
+def independent_copies(job: GenerateJob, n: int) -> list[GenerateJob]:
+    """n independent samples of one request (OpenAI's ``n``, TGI's ``best_of``): each its own seed,
+    derived from the request's when it has one, random when sampling without one."""
+    if n == 1:
+        return [job]
+    out = []
+    for i in range(n):
+        clone = copy.copy(job)
+        clone.params = copy.copy(job.params)
+        clone.best_of = 1
+        if job.params.seed is not None:
+            clone.params.seed = job.params.seed + i
+        elif job.params.sampling:
+            clone.params.seed = random.getrandbits(63)
+        out.append(clone)
+    return out
 
 
 class ReplicaService:
@@ -134,31 +153,20 @@ class ReplicaService:
             last = event
         done = time.perf_counter()
         assert last.seq is not None
-        self._observe(job, last.seq, first_at - start, done - first_at)
+        self.observe(job, last.seq, first_at - start, done - first_at)
         seq = last.seq
         queued = (seq.first_scheduled_at or seq.created_at) - seq.created_at
         return Completion(seq, prompt_ids, queue_s=queued, inference_s=done - start - queued, first_token_s=first_at - start)
 
     async def _best_of(self, job: GenerateJob, prompt_ids: list[int]) -> Completion:
         """n sampled candidates with different seeds; the one with the highest total log-probability wins."""
-        import copy
-
-        jobs = []
-        for _ in range(job.best_of):
-            candidate = copy.copy(job)
-            candidate.params = copy.copy(job.params)
-            candidate.params.seed = random.getrandbits(63)
-            candidate.best_of = 1
-            jobs.append(candidate)
+        jobs = independent_copies(job, job.best_of)  # best_of needs sampling and no seed: each gets a random one
         results = await asyncio.gather(*(self.complete(j, prompt_ids) for j in jobs))
         best = max(results, key=lambda c: sum(t.logprob or 0.0 for t in c.seq.tokens))
         best.best_of = [c for c in results if c is not best]
         return best
 
-    def observe_stream(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
-        self._observe(job, seq, first_token_s, rest_s)
-
-    def _observe(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
+    def observe(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
         adapter = job.adapter.id if job.adapter else ""
         self.metrics.generated_tokens.labels(adapter).inc(len(seq.tokens))
         self.metrics.time_to_first_token.observe(first_token_s)
