@@ -87,7 +87,7 @@ class AdapterManager:
             if state is not None and state.status == "failed" and now < state.retry_at:
                 raise state.error  # type: ignore[misc]
             if state is None or state.status == "failed":
-                folder = resolve_local(ref.id, self.settings.roots) if ref.source == "local" else None
+                folder = self._local_folder(ref)
                 state = self.states[key] = AdapterState(ref, failures=state.failures if state else 0)
                 self._pool.submit(self._load, state, folder, token)
             elif state.status == "device":
@@ -97,6 +97,10 @@ class AdapterManager:
             if pin:
                 self._pinned.add(key)
         return key
+
+    def _local_folder(self, ref: AdapterRef) -> Path | None:
+        """A local adapter's folder under the roots (raises for a bad or missing one); None for other sources."""
+        return resolve_local(ref.id, self.settings.roots) if ref.source == "local" else None
 
     def is_ready(self, key: str) -> bool:
         state = self.states.get(key)
@@ -204,7 +208,7 @@ class AdapterManager:
             if adapter is None:  # evicted from CPU memory since it loaded: load it again
                 with self._lock:
                     state.status = "loading"
-                self._pool.submit(self._load, state, resolve_local(state.ref.id, self.settings.roots) if state.ref.source == "local" else None, None)
+                self._pool.submit(self._load, state, self._local_folder(state.ref), None)
                 continue
             if not self._to_device(key, state, adapter, running):
                 self._rotate(running, waiting)
