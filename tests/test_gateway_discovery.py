@@ -5,21 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 from kubernetes import client, config
 
 from server_helpers import free_port
-
-
-def wait_for(predicate, timeout: float = 5.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+from waiting import wait_until
 
 
 def endpoint_slice(endpoints: list[tuple[str, str, bool]]) -> dict:
@@ -48,14 +39,14 @@ def test_ready_set_changes_reach_the_gateway_within_a_second(kube_api) -> None:
             except (httpx.HTTPError, ValueError):
                 return {}
 
-        wait_for(lambda: members() == {"fleet-0": "http://127.0.0.2:8080"}, timeout=20)
+        wait_until(lambda: members() == {"fleet-0": "http://127.0.0.2:8080"}, timeout=20)
         discovery.replace_namespaced_endpoint_slice("fleet-abc", "default", endpoint_slice([("fleet-0", "127.0.0.2", True), ("fleet-1", "127.0.0.3", True)]))
-        assert wait_for(lambda: set(members()) == {"fleet-0", "fleet-1"}) < 1.0
+        assert wait_until(lambda: set(members()) == {"fleet-0", "fleet-1"}, timeout=5) < 1.0
         # a new IP for one pod, the other no longer ready
         discovery.replace_namespaced_endpoint_slice("fleet-abc", "default", endpoint_slice([("fleet-0", "127.0.0.9", True), ("fleet-1", "127.0.0.3", False)]))
-        assert wait_for(lambda: members() == {"fleet-0": "http://127.0.0.9:8080"}) < 1.0
+        assert wait_until(lambda: members() == {"fleet-0": "http://127.0.0.9:8080"}, timeout=5) < 1.0
         discovery.delete_namespaced_endpoint_slice("fleet-abc", "default")
-        assert wait_for(lambda: members() == {}) < 1.0
+        assert wait_until(lambda: members() == {}, timeout=5) < 1.0
     finally:
         gateway.terminate()
         gateway.wait(10)

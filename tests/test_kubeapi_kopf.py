@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import time
 
 import kopf
 from kopf.testing import KopfRunner
 from kubernetes import client, config
+
+from waiting import wait_until
 
 GROUP, VERSION, PLURAL = "demo.lorafleet.io", "v1", "widgets"
 
@@ -38,15 +39,6 @@ def make_registry(url: str, seen: list[str]) -> kopf.OperatorRegistry:
     return registry
 
 
-def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("the operator did not get there in time")
-
-
 def test_kopf_handlers_fire_and_status_patches_land(kube_api) -> None:
     seen: list[str] = []
     settings = kopf.OperatorSettings()
@@ -56,14 +48,14 @@ def test_kopf_handlers_fire_and_status_patches_land(kube_api) -> None:
     with KopfRunner(["run", "--standalone", "--namespace", "default", "--verbose"], registry=make_registry(kube_api.url, seen), settings=settings) as runner:
         api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
                                             {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"color": "red"}})
-        wait_until(lambda: "create w red" in seen and (get().get("status") or {}).get("phase") == "Created")
+        wait_until(lambda: "create w red" in seen and (get().get("status") or {}).get("phase") == "Created", timeout=20)
         assert "kopf.zalando.org/KopfFinalizerMarker" in get()["metadata"]["finalizers"]
         api.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "w", {"spec": {"color": "green"}})
-        wait_until(lambda: "update w red->green" in seen)
-        wait_until(lambda: (get().get("status") or {}).get("ticks", 0) >= 2)
+        wait_until(lambda: "update w red->green" in seen, timeout=20)
+        wait_until(lambda: (get().get("status") or {}).get("ticks", 0) >= 2, timeout=20)
         api.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "w")
-        wait_until(lambda: "delete w" in seen)
-        wait_until(lambda: not api.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL)["items"])
+        wait_until(lambda: "delete w" in seen, timeout=20)
+        wait_until(lambda: not api.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL)["items"], timeout=20)
     assert runner.exit_code == 0, runner.output
     # KopfRunner runs kopf in a thread, which kopf always warns about; anything else is a real problem.
     problems = [line for line in runner.output.splitlines()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import kopf
@@ -16,6 +15,7 @@ from hub_standin import HubStandIn
 from lorafleet import ring
 from lorafleet.operator.handlers import register
 from operator_helpers import StubReplica, run_pod
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 BASEMODEL = """
@@ -32,19 +32,6 @@ spec:
 def adapter(name: str, adapter_id: str, base: str = "smol", source: str = "local", warm: int = 1) -> str:
     return yaml.safe_dump({"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": name},
                            "spec": {"baseModel": base, "id": adapter_id, "source": source, "warmReplicas": warm}})
-
-
-def wait_until(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception as exc:  # the object may not exist yet
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"not reached in time (last error: {last})")
 
 
 @pytest.fixture

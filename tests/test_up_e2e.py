@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -18,19 +19,10 @@ from kube_fixtures import kubectl_for
 from lorafleet import ring
 from lorafleet.testing import make_lora_adapter
 from server_helpers import free_port
+from waiting import wait_until as poll
 
 
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception:  # not there yet
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not reached in {timeout}s")
+wait_until = partial(poll, timeout=60.0, interval=0.2)  # predicates here run kubectl: poll gently
 
 
 @pytest.fixture
