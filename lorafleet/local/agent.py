@@ -60,6 +60,7 @@ class NodeAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.events: list[str] = []  # what it did, for `lorafleet up` to print
+        self._published: dict[tuple[str, str, str], dict] = {}  # the last status or slice written per object
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -138,6 +139,7 @@ class NodeAgent:
         if pod.address != "127.0.0.1":
             self.free_addresses.insert(0, pod.address)
         self.kube.delete("v1", "Pod", self.namespace, pod.name)
+        self._published.pop(("Pod", pod.name, ""), None)
         self._note(f"stopped {pod.name} ({why})")
 
     @staticmethod
@@ -160,16 +162,16 @@ class NodeAgent:
     def _publish(self, deployments: dict[str, dict]) -> None:
         """Pod statuses, Deployment statuses and EndpointSlices, written only when they change."""
         for pod in self.pods.values():
-            self.kube.merge_status("v1", "Pod", self.namespace, pod.name, {
+            self._write_status("v1", "Pod", pod.name, {
                 "phase": "Running" if pod.process.poll() is None else "Failed", "podIP": pod.address, "hostIP": "127.0.0.1",
                 "conditions": [{"type": "Ready", "status": "True" if pod.ready else "False"}],
                 "containerStatuses": [{"name": "lorafleet", "ready": pod.ready, "restartCount": pod.restarts}]})
         for name, deployment in deployments.items():
             mine = [p for p in self.pods.values() if p.deployment == name]
             ready = sum(p.ready for p in mine)
-            self.kube.merge_status("apps/v1", "Deployment", self.namespace, name, {
+            self._write_status("apps/v1", "Deployment", name, {
                 "replicas": len(mine), "readyReplicas": ready, "updatedReplicas": len(mine), "availableReplicas": ready,
-                "observedGeneration": deployment["metadata"].get("generation", 1)})
+                "observedGeneration": deployment["metadata"].get("generation", 1)}, deployment["metadata"].get("uid", ""))
         for service in self.kube.list("v1", "Service", self.namespace, SELECTOR):
             selector = service["spec"].get("selector") or {}
             members = [p for p in sorted(self.pods.values(), key=lambda p: p.name)
@@ -178,11 +180,25 @@ class NodeAgent:
             endpoints = [{"addresses": [p.address], "conditions": {"ready": p.ready},
                           "targetRef": {"kind": "Pod", "name": p.name, "namespace": self.namespace}} for p in members]
             meta = service["metadata"]
-            self.kube.apply({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            self._write_slice({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
                              "metadata": {"name": f"{meta['name']}-local", "namespace": self.namespace,
                                           "labels": {**(meta.get("labels") or {}), "kubernetes.io/service-name": meta["name"]},
                                           "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": meta["name"], "uid": meta["uid"]}]},
                              "endpoints": endpoints, "ports": [{"name": "http", "port": port, "protocol": "TCP"}]})
+
+    def _write_status(self, api_version: str, kind: str, name: str, status: dict, uid: str = "") -> None:
+        """Write a status only when it differs from what this agent last wrote to that object (rounds run
+        twice a second); the uid keeps a re-created object of the same name from inheriting the memory."""
+        key = (kind, name, uid)
+        if self._published.get(key) != status:
+            self.kube.merge_status(api_version, kind, self.namespace, name, status)
+            self._published[key] = status
+
+    def _write_slice(self, endpoint_slice: dict) -> None:
+        key = ("EndpointSlice", endpoint_slice["metadata"]["name"], "")
+        if self._published.get(key) != endpoint_slice:
+            self.kube.apply(endpoint_slice)
+            self._published[key] = endpoint_slice
 
     def _note(self, message: str) -> None:
         log.info("node agent: %s", message)
