@@ -10,7 +10,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("lorafleet_gateway_requests", "upstream attempts by replica and outcome (status code or error)", ["replica", "outcome"], registry=r)
-        self.routing = Counter("lorafleet_gateway_routing", "requests served by the adapter's top owner, spilled to another owner, or with no adapter", ["result"], registry=r)
+        self.routing = Counter("lorafleet_gateway_routing", "requests served by the adapter's top owner, another replica holding it hot, a spill to another owner, or with no adapter", ["result"], registry=r)
         self.retries = Counter("lorafleet_gateway_retries", "requests sent on to the next owner after a failure", registry=r)
         self.ejections = Counter("lorafleet_gateway_ejections", "replicas ejected after repeated failures", registry=r)
         self.upstream_latency = Histogram("lorafleet_gateway_upstream_seconds", "time until the replica's response starts", registry=r,

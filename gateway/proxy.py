@@ -118,7 +118,8 @@ class Gateway:
         path = scope["path"]
         key = routing_key(path, body, self.replicas.base_model_ids())
         loads = {name: r.in_flight for name, r in routable.items()}
-        order = ring.routing_order(key, loads, self.load_factor)
+        hot = set(self.replicas.hot.holders(key)) if key is not None else set()
+        order = ring.routing_order(key, loads, self.load_factor, hot)
         top_owner = ring.owners(key, loads, 1)[0] if key is not None else None
         forward = [(k, v) for k, v in headers if k.decode("latin-1").lower() not in HOP_BY_HOP]
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
@@ -154,9 +155,9 @@ class Gateway:
                 finally:
                     await response.aclose()
                 replica.in_flight -= 1
-                self._served(replica, response.status_code, started, key, name == top_owner)
+                self._served(replica, response.status_code, started, key, self._placement(name, top_owner, hot))
                 return await respond(send, response.status_code, content, out_headers)
-            self._served(replica, response.status_code, started, key, name == top_owner)
+            self._served(replica, response.status_code, started, key, self._placement(name, top_owner, hot))
             return await self._relay(response, replica, out_headers, send)
         await respond_error(send, 503, f"no replica could serve the request ({len(order)} tried)", "unhealthy")
 
@@ -195,17 +196,26 @@ class Gateway:
         self.metrics.requests.labels(replica.name, outcome).inc()
         self.metrics.retries.inc()
 
-    def _served(self, replica: Replica, status: int, started: float, key: str | None, by_top_owner: bool) -> None:
+    @staticmethod
+    def _placement(name: str, top_owner: str | None, hot: set[str]) -> str:
+        """How the serving replica was chosen: the top owner, another replica holding it hot, or a spill."""
+        if top_owner is None:
+            return "none"
+        return "owner" if name == top_owner else ("hot" if name in hot else "spill")
+
+    def _served(self, replica: Replica, status: int, started: float, key: str | None, placement: str) -> None:
         self.replicas.succeeded(replica)
+        if key is not None and status == 200:
+            self.replicas.hot.used(replica.name, key)  # the replica now holds it (it loaded it if it had not)
         self.metrics.upstream_latency.observe(time.perf_counter() - started)
-        self.metrics.routing.labels("none" if key is None else ("owner" if by_top_owner else "spill")).inc()
+        self.metrics.routing.labels(placement).inc()
         self.metrics.requests.labels(replica.name, str(status)).inc()
 
     def describe(self) -> dict[str, Any]:
         return {
             "load_factor": self.load_factor,
             "replicas": [
-                {"name": r.name, "url": r.url, "in_flight": r.in_flight, "ejected": r.ejected,
+                {"name": r.name, "url": r.url, "in_flight": r.in_flight, "hot_adapters": self.replicas.hot.count(r.name), "ejected": r.ejected,
                  "consecutive_failures": r.consecutive_failures, "ejections": r.ejections, "model_id": r.model_id}
                 for r in sorted(self.replicas.replicas.values(), key=lambda r: r.name)
             ],

@@ -2,7 +2,8 @@
 
 Membership comes from discovery (a static list, or a Service's ready EndpointSlices); health
 comes from both passive signals (a replica that fails ``eject_after`` requests in a row is left
-out for a while, doubling on repeats) and active ``/health`` probes that bring it back.
+out for a while, doubling on repeats) and active ``/health`` probes that bring it back. The same
+probes read which adapters each replica holds hot (see hot_adapters.py).
 Everything here runs on the gateway's one event loop; discovery threads hand updates over
 through ``loop.call_soon_threadsafe``.
 """
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import httpx
+
+from lorafleet.gateway.hot_adapters import HotAdapters
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class ReplicaSet:
     eject_seconds: float = 5.0
     replicas: dict[str, Replica] = field(default_factory=dict)
     on_eject: Callable[[], None] = lambda: None
+    hot: HotAdapters = field(default_factory=HotAdapters)
 
     def update(self, members: dict[str, str]) -> None:
         """Replace membership with ``{name: url}``; known replicas keep their counters."""
@@ -53,6 +57,7 @@ class ReplicaSet:
                 self.replicas[name].url = url
             else:
                 self.replicas[name] = Replica(name, url)
+        self.hot.retain(members)
         log.info("replicas: %s", ", ".join(f"{n}={u}" for n, u in sorted(members.items())) or "none")
 
     def routable(self) -> dict[str, Replica]:
@@ -75,7 +80,7 @@ class ReplicaSet:
             log.warning("ejected %s for %.0fs after %d failures in a row", replica.name, seconds, replica.consecutive_failures)
 
     async def probe_forever(self, client: httpx.AsyncClient, interval: float) -> None:
-        """Active health: every ``interval`` seconds, /health each replica; learn its model id from /info once."""
+        """Active health: every ``interval`` seconds, /health each replica and read its hot adapters; /info once."""
         while True:
             await asyncio.gather(*(self._probe(client, r) for r in list(self.replicas.values())), return_exceptions=True)
             await asyncio.sleep(interval)
@@ -84,9 +89,12 @@ class ReplicaSet:
         try:
             healthy = (await client.get(replica.url + "/health", timeout=2.0)).status_code == 200
             if healthy and not replica.info_read:
-                replica.model_id = (await client.get(replica.url + "/info", timeout=2.0)).json().get("model_id")
+                info = (await client.get(replica.url + "/info", timeout=2.0)).json()
+                replica.model_id = info.get("model_id")
+                if isinstance(info.get("max_active_adapters"), int):
+                    self.hot.set_slots(replica.name, info["max_active_adapters"])
                 replica.info_read = True
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, ValueError, AttributeError):
             healthy = False
         if healthy and replica.ejected:
             log.info("%s is healthy again", replica.name)
@@ -95,3 +103,21 @@ class ReplicaSet:
         elif not healthy and not replica.ejected:
             replica.consecutive_failures = max(replica.consecutive_failures, self.eject_after - 1)
             self.failed(replica)
+        if healthy:
+            await self._read_hot_adapters(client, replica)
+
+    async def _read_hot_adapters(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        """Replace the gateway's guess of the replica's device slots with what it reports.
+
+        A replica without lorafleet's admin routes, or an answer that does not parse, leaves the
+        guess from the traffic in place; it says nothing about the replica's health.
+        """
+        try:
+            response = await client.get(replica.url + "/adapters", params=[("tier", "device"), ("tier", "loading")], timeout=2.0)
+            if response.status_code != 200:
+                return
+            listing = sorted(response.json(), key=lambda a: -float(a.get("last_used_s_ago") or 0.0))
+            keys = [a["id"] + (f"@{a['revision']}" if a.get("revision") else "") for a in listing]
+        except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+            return
+        self.hot.replace(replica.name, keys)

@@ -9,16 +9,25 @@ of replicas a fleet has. blake2b, never Python's ``hash()``, so every process ag
 
 Bounded loads (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads"): a
 request goes to the first owner whose in-flight count is under ``ceil(c * (total + 1) / N)``;
-with c = 1.25 no member carries more than 25 % over the mean.
+with c = 1.25 no member carries more than 25 % over the mean (plus the rounding of ceil()).
+
+Within that bound the pick is cache-aware, because a spill is where plain bounded loads lose
+hits: an owner at the bound sends the request on to the next owner, which loads the adapter
+cold and evicts another. So (1) a member known to hold the adapter hot and under the bound is
+taken first, the least loaded of them; (2) otherwise the less loaded of the first two owners
+under the bound (two choices, ties to the higher owner). Popular adapters then spread over the
+replicas that already hold them, which leaves room on each owner for its own long tail.
+bench/routing_sim.py measures what each step buys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence, TypeVar
 
 DEFAULT_LOAD_FACTOR = 1.25
+M = TypeVar("M")  # a member: a replica name, or an index in the simulation
 
 
 def score(key: str, member: str) -> int:
@@ -36,23 +45,33 @@ def load_bound(total_in_flight: int, num_members: int, load_factor: float = DEFA
     return math.ceil(load_factor * (total_in_flight + 1) / num_members)
 
 
-def pick(key: str, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR) -> tuple[str, int]:
-    """(member, rank among the key's owners) for a new request, skipping owners at or over the bound."""
+def pick(key: str, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR, hot: Collection[str] = (),
+         choices: int = 2) -> tuple[str, int]:
+    """(member, rank among the key's owners) for a new request; no member at or over the bound is picked.
+
+    ``hot``: the members believed to hold the key's adapter hot. ``choices=1`` is the paper's
+    plain pick: the first owner under the bound.
+    """
     if not loads:
         raise ValueError("no members to pick from")
     bound = load_bound(sum(loads.values()), len(loads), load_factor)
-    ranked = owners(key, loads)
-    for rank, member in enumerate(ranked):
-        if loads[member] < bound:
-            return member, rank
-    return ranked[0], 0  # unreachable while the bound exceeds the mean, kept for safety
+    return choose(owners(key, loads), loads.__getitem__, bound, hot, choices)
 
 
-def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR) -> list[str]:
+def choose(ranked: Sequence[M], load: Callable[[M], int], bound: int, hot: Collection[M] = (), choices: int = 2) -> tuple[M, int]:
+    """The decision inside :func:`pick`, given the owners already ranked (the routing simulation calls it too)."""
+    eligible = [(load(m), rank, m) for rank, m in enumerate(ranked) if load(m) < bound]
+    warm = [entry for entry in eligible if entry[2] in hot]
+    _, rank, member = min(warm or eligible[:choices])  # never empty while the bound exceeds the mean load
+    return member, rank
+
+
+def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR,
+                  hot: Collection[str] = ()) -> list[str]:
     """Every member in the order to try: the bounded-load pick first, then the other owners (failover)."""
     if key is None:
         return sorted(loads, key=lambda m: (loads[m], m))
-    first, _ = pick(key, loads, load_factor)
+    first, _ = pick(key, loads, load_factor, hot)
     return [first] + [m for m in owners(key, loads) if m != first]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from lorafleet.server.errors import ValidationError
@@ -12,13 +12,19 @@ from lorafleet.server.http_common import bearer_token, error_response, read_json
 from lorafleet.server.service import ReplicaService
 from lorafleet.server.validation import parse_adapter
 
+TIERS = ("device", "loading", "cpu", "failed")  # an AdapterState's status
+
 
 def admin_router(service: ReplicaService) -> APIRouter:
     router = APIRouter(prefix="/adapters")
 
-    @router.get("", summary="adapters this replica knows, with their tier")
-    async def list_adapters() -> list[dict]:
-        return service.engine.adapters.describe(service.in_flight_by_adapter())
+    @router.get("", summary="adapters this replica knows, with their tier (?tier=device&tier=loading to filter)")
+    async def list_adapters(tier: list[str] | None = Query(None)) -> Any:
+        unknown = sorted(set(tier or ()) - set(TIERS))
+        if unknown:
+            return error_response(ValidationError(f"unknown tier {', '.join(unknown)}; tiers are {', '.join(TIERS)}"))
+        listing = service.engine.adapters.describe(service.in_flight_by_adapter())
+        return [a for a in listing if a["tier"] in tier] if tier else listing
 
     @router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
     async def load(request: Request) -> Any:

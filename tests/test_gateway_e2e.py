@@ -13,9 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lorafleet import ring
 from lorafleet.gateway.app import create_gateway_app
 from lorafleet.testing import make_lora_adapter
 from server_helpers import ThreadedApp
+from waiting import wait_until
 
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
@@ -57,7 +59,7 @@ class GatewayThread(ThreadedApp):
 @pytest.fixture(scope="module")
 def fleet(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("fleet-adapters")
-    for i in range(6):
+    for i in range(7):  # ad6 is only ever used by the pre-warm test
         make_lora_adapter(tiny_models["llama"], root / f"ad{i}", r=4, seed=i)
     started = [start_replica(a, tiny_models["llama"], root, tmp_path_factory.mktemp(f"cache-{a}")) for a in ADDRESSES]
     try:
@@ -88,6 +90,18 @@ def test_one_adapter_always_lands_on_the_same_replica(fleet) -> None:
         assert base.status_code == 200 and base.headers["x-lorafleet-replica"]
         assert {r["name"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]} == {u.split("//")[1] for _, u in fleet}
         assert 'lorafleet_gateway_routing_total{result="owner"}' in httpx.get(gateway.url + "/metrics").text
+
+
+def test_an_adapter_prewarmed_on_another_replica_is_routed_there(fleet) -> None:
+    names = [url.split("//")[1] for _, url in fleet]
+    warm = ring.owners("ad6", names)[-1]  # the replica the ring ranks last for ad6
+    loaded = httpx.post(f"http://{warm}/adapters", json={"adapter_id": "ad6", "adapter_source": "local"}, timeout=60)
+    assert loaded.status_code == 200 and loaded.json()["tier"] == "device"
+    with GatewayThread([url for _, url in fleet]) as gateway:
+        wait_until(lambda: {r["name"]: r["hot_adapters"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]}[warm] > 0,
+                   timeout=10, what="the gateway reading the replicas' hot adapters")
+        assert {generate(gateway.url, "ad6").headers["x-lorafleet-replica"] for _ in range(3)} == {warm}
+        assert 'lorafleet_gateway_routing_total{result="hot"} 3.0' in httpx.get(gateway.url + "/metrics").text
 
 
 def test_streaming_passes_through_byte_for_byte(fleet) -> None:

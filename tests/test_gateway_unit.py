@@ -12,6 +12,7 @@ import pytest
 
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.discovery import members_from_slices, static_members
+from lorafleet.gateway.hot_adapters import HotAdapters
 from lorafleet.gateway.proxy import routing_key
 from lorafleet.gateway.replicas import ReplicaSet
 
@@ -95,3 +96,43 @@ async def test_active_probes_eject_a_dead_replica_and_bring_it_back() -> None:
         alive["b"] = True
         await replicas._probe(client, replicas.replicas["b"])
         assert set(replicas.routable()) == {"a", "b"}
+
+
+def test_hot_adapters_follow_each_replicas_lru_and_its_reports() -> None:
+    hot = HotAdapters()
+    hot.set_slots("r1", 2)
+    for key in ["a", "b", "a", "c"]:  # r1 holds two: "b" is its least recently used when "c" arrives
+        hot.used("r1", key)
+    hot.used("r2", "a")
+    assert hot.holders("a") == {"r1", "r2"} and hot.holders("b") == set() and hot.holders("c") == {"r1"}
+    hot.replace("r2", ["x", "y"])  # what r2 reported on its last probe
+    assert hot.holders("a") == {"r1"} and hot.holders("x") == {"r2"} and hot.count("r2") == 2
+    hot.set_slots("r2", 1)  # the oldest report goes first
+    assert hot.holders("x") == set() and hot.holders("y") == {"r2"}
+    hot.retain(["r2"])  # r1 left the fleet
+    assert hot.holders("a") == set() and hot.holders("c") == set() and hot.count("r1") == 0
+
+
+async def test_probes_read_each_replicas_hot_adapters() -> None:
+    import httpx
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"model_id": "base", "max_active_adapters": 2})
+        if request.url.path == "/adapters" and request.url.host == "a":
+            assert request.url.params.get_list("tier") == ["device", "loading"]
+            return httpx.Response(200, json=[{"id": "old", "revision": None, "last_used_s_ago": 9.0},
+                                             {"id": "org/new", "revision": "v2", "last_used_s_ago": 0.5}])
+        if request.url.path == "/adapters":
+            return httpx.Response(404, json={"error": "not a lorafleet replica"})
+        return httpx.Response(200)
+
+    replicas = ReplicaSet()
+    replicas.update({"a": "http://a", "b": "http://b"})
+    replicas.hot.used("b", "guessed")  # b has no admin routes: the guess from traffic stays
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        await asyncio.gather(*(replicas._probe(client, r) for r in replicas.replicas.values()))
+    assert replicas.hot.holders("old") == {"a"} and replicas.hot.holders("org/new@v2") == {"a"}
+    assert replicas.hot.holders("guessed") == {"b"} and set(replicas.routable()) == {"a", "b"}
+    replicas.hot.used("a", "third")  # two slots: the least recently used report ("old") is evicted
+    assert replicas.hot.holders("old") == set()

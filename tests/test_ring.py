@@ -55,15 +55,31 @@ def test_keys_spread_evenly() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(members=member_names, keys=st.lists(st.integers(0, 40), min_size=1, max_size=300), factor=st.sampled_from([1.1, 1.25, 2.0]))
-def test_bounded_loads_never_exceed_the_bound(members: list[str], keys: list[int], factor: float) -> None:
+@given(members=member_names, keys=st.lists(st.integers(0, 40), min_size=1, max_size=300), factor=st.sampled_from([1.1, 1.25, 2.0]),
+       data=st.data())
+def test_bounded_loads_never_exceed_the_bound(members: list[str], keys: list[int], factor: float, data: st.DataObject) -> None:
     loads = {m: 0 for m in members}
     for k in keys:  # every request stays in flight: the worst case for the bound
+        hot = data.draw(st.sets(st.sampled_from(members), max_size=3))  # whatever the gateway believes is hot
         bound = ring.load_bound(sum(loads.values()), len(loads), factor)
-        chosen, _ = ring.pick(f"adapter-{k}", loads, factor)
+        chosen, _ = ring.pick(f"adapter-{k}", loads, factor, hot)
         assert loads[chosen] < bound
         loads[chosen] += 1
         assert max(loads.values()) <= ring.load_bound(sum(loads.values()) - 1, len(loads), factor)
+
+
+def test_pick_prefers_a_hot_replica_then_the_less_loaded_of_two_owners() -> None:
+    members = [f"replica-{i}" for i in range(6)]
+    first, second, third, *_ = ring.owners("adapter-x", members)
+    idle = {m: 0 for m in members}
+    assert ring.pick("adapter-x", idle) == (first, 0)  # nothing hot, loads equal: the top owner
+    assert ring.pick("adapter-x", idle, hot={third}) == (third, 2)  # the replica that holds it hot
+    busy = {**idle, first: 2, second: 1}  # total 3: bound ceil(1.25 * 4 / 6) = 1
+    assert ring.pick("adapter-x", busy, hot={first}) == (third, 2)  # hot but at the bound: the bound wins
+    loads = {m: 3 for m in members} | {first: 4, second: 3}  # total 19: bound 5, both owners eligible
+    assert ring.pick("adapter-x", loads) == (second, 1)  # two choices: the less loaded of the first two
+    assert ring.pick("adapter-x", loads, choices=1) == (first, 0)  # the paper's plain pick
+    assert ring.pick("adapter-x", loads, hot={first, third}) == (third, 2)  # the least loaded hot one
 
 
 def test_routing_order_tries_every_member_once_and_no_key_means_least_loaded() -> None:

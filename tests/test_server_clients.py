@@ -130,6 +130,11 @@ def test_admin_routes_prewarm_pin_and_unload(server) -> None:
     assert loaded["tier"] == "device" and loaded["pinned"] is True and loaded["rank"] == 4
     listed = {a["id"]: a for a in httpx.get(server.url + "/adapters").json()}
     assert listed["french"]["pinned"] is True
+    assert "french" in {a["id"] for a in httpx.get(server.url + "/adapters", params={"tier": ["device", "loading"]}).json()}
+    assert "french" not in {a["id"] for a in httpx.get(server.url + "/adapters", params={"tier": "cpu"}).json()}
+    bogus = httpx.get(server.url + "/adapters", params={"tier": "gpu"})
+    assert bogus.status_code == 422 and bogus.json() == {"error": "unknown tier gpu; tiers are device, loading, cpu, failed",
+                                                         "error_type": "validation"}
     assert httpx.delete(server.url + "/adapters/french").json() == {"unloaded": ["local:french"]}
     assert "french" not in {a["id"] for a in httpx.get(server.url + "/adapters").json()}
     assert httpx.delete(server.url + "/adapters/french").status_code == 404
