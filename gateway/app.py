@@ -8,6 +8,7 @@ import logging
 import threading
 from pathlib import Path
 
+import httpcore
 import httpx
 from prometheus_client import generate_latest
 
@@ -36,6 +37,7 @@ class GatewayApp:
         self.gateway: Gateway | None = None
         self._stop = threading.Event()
         self._probes: asyncio.Task | None = None
+        self._probe_client: httpx.AsyncClient | None = None
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -60,22 +62,23 @@ class GatewayApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                client = httpx.AsyncClient(timeout=httpx.Timeout(self.upstream_timeout, connect=2.0),
-                                           limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-                self.gateway = Gateway(self.replicas, client, self.metrics, self.keys, self.load_factor, self.max_body_bytes)
+                pool = httpcore.AsyncConnectionPool(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0)
+                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, self.load_factor, self.max_body_bytes, self.upstream_timeout)
+                self._probe_client = httpx.AsyncClient(timeout=2.0)
                 if self.replica_urls:
                     self.replicas.update(static_members(self.replica_urls))
                 else:
                     namespace, _, name = self.service.partition("/")
                     watch_service(namespace, name, asyncio.get_running_loop(), self.replicas.update, self._stop)
-                self._probes = asyncio.create_task(self.replicas.probe_forever(client, self.probe_interval))
+                self._probes = asyncio.create_task(self.replicas.probe_forever(self._probe_client, self.probe_interval))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._stop.set()
                 if self._probes is not None:
                     self._probes.cancel()
                 if self.gateway is not None:
-                    await self.gateway.client.aclose()
+                    await self.gateway.pool.aclose()
+                    await self._probe_client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

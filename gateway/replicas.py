@@ -35,6 +35,11 @@ class Replica:
     info_read: bool = False
 
     @property
+    def host(self) -> bytes:
+        """The Host header for requests to it (its URL's host:port)."""
+        return self.url.split("://", 1)[-1].split("/", 1)[0].encode()
+
+    @property
     def ejected(self) -> bool:
         return time.monotonic() < self.ejected_until
 

@@ -115,6 +115,29 @@ def test_streaming_passes_through_byte_for_byte(fleet) -> None:
     assert via_gateway == direct and via_gateway.count(b"data:") == 12
 
 
+def replica_gauge(replica: str, name: str) -> float:
+    lines = httpx.get(f"http://{replica}/metrics", timeout=5).text.splitlines()
+    return next(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
+
+
+def test_a_client_that_disconnects_cancels_the_replicas_request(fleet) -> None:
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 480, "ignore_eos_token": True, "adapter_id": "ad3"}}
+    with GatewayThread([url for _, url in fleet]) as gateway:
+        started = time.monotonic()
+        whole = httpx.post(gateway.url + "/generate", json=body, timeout=60)
+        whole_answer = time.monotonic() - started  # how long the replica takes for all 480 tokens
+        with httpx.stream("POST", gateway.url + "/generate_stream", json=body, timeout=60) as response:
+            replica = response.headers["x-lorafleet-replica"]
+            assert replica == whole.headers["x-lorafleet-replica"]
+            next(line for line in response.iter_lines() if line.startswith("data:"))
+        # The client hung up after its first token: the replica stops instead of generating the rest.
+        took = wait_until(lambda: replica_gauge(replica, "lorafleet_requests_in_flight") == 0
+                          and replica_gauge(replica, "lorafleet_batch_size") == 0, timeout=30, what="the replica idle")
+        assert took < whole_answer / 2, f"the replica kept generating for {took:.2f}s (the whole answer takes {whole_answer:.2f}s)"
+        wait_until(lambda: {r["name"]: r["in_flight"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]}[replica] == 0,
+                   timeout=5, what="the gateway's in-flight count back to 0")
+
+
 def test_a_request_without_a_valid_key_is_401(fleet, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("team-secret\n")
