@@ -7,9 +7,10 @@ of N members joins or leaves exactly the keys whose top owner it is move — abo
 everyone else's order is untouched. Lookups cost O(N) hashes, a few microseconds for the tens
 of replicas a fleet has. blake2b, never Python's ``hash()``, so every process agrees.
 
-Bounded loads (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads"): a
-request goes to the first owner whose in-flight count is under ``ceil(c * (total + 1) / N)``;
-with c = 1.25 no member carries more than 25 % over the mean (plus the rounding of ceil()).
+Bounded loads (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads"): no
+request goes to a member whose in-flight count is at or over ``ceil(c * (total + 1) / N)``; the
+paper then takes the first owner under it. With c = 1.25 no member is placed more than 25 % over
+the mean (plus the rounding of ceil()).
 
 Within that bound the pick is cache-aware, because a spill is where plain bounded loads lose
 hits: an owner at the bound sends the request on to the next owner, which loads the adapter
