@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import httpcore
 
@@ -28,6 +28,7 @@ from lorafleet.gateway.replicas import Replica, ReplicaSet
 log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
+T = TypeVar("T")
 TGI_ROUTES = {"/", "/generate", "/generate_stream"}
 HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 BUFFER_LIMIT = 1 << 20  # sized responses up to this are read whole rather than relayed
@@ -39,6 +40,26 @@ BROKEN = (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolErr
 
 class ClientGone(Exception):
     """The client disconnected; its upstream request was cancelled."""
+
+
+async def unless_client_gone(work: Awaitable[T], receive: Receive) -> T:
+    """Await ``work``, cancelling it and raising ClientGone if the client disconnects first.
+
+    Once the request body is read, the server's ``receive`` answers only with the disconnect;
+    its ``send`` does not fail after one (uvicorn drops the bytes), so this is the only place
+    a proxy learns that nobody is listening.
+    """
+    working, watching = asyncio.ensure_future(work), asyncio.ensure_future(receive())
+    try:
+        done, _ = await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if working in done:
+            return working.result()
+        raise ClientGone()
+    finally:
+        watching.cancel()
+        if not working.done():
+            working.cancel()
+            await asyncio.gather(working, return_exceptions=True)  # its cleanup (closing the upstream) runs now
 
 
 async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
@@ -122,8 +143,9 @@ class Gateway:
         key = routing_key(path, body, self.replicas.base_model_ids())
         loads = {name: r.in_flight for name, r in routable.items()}
         hot = set(self.replicas.hot.holders(key)) if key is not None else set()
-        order = ring.routing_order(key, loads, self.load_factor, hot)
-        top_owner = ring.owners(key, loads, 1)[0] if key is not None else None
+        ranked = ring.owners(key, loads) if key is not None else []
+        order = ring.routing_order(key, loads, self.load_factor, hot, ranked)
+        top_owner = ranked[0] if ranked else None
         forward = [(k, v) for k, v in headers if k.decode("latin-1").lower() not in HOP_BY_HOP]
         if body or scope["method"] in ("POST", "PUT", "PATCH"):
             forward.append((b"content-length", str(len(body)).encode()))
@@ -136,7 +158,7 @@ class Gateway:
             replica.in_flight += 1
             started = time.perf_counter()
             try:
-                response = await self._send_unless_gone(upstream, receive)
+                response = await unless_client_gone(self.pool.handle_async_request(upstream), receive)
             except RETRYABLE as exc:
                 self._failed_attempt(replica, "connect_error")
                 log.warning("%s %s: %s failed before responding (%s); trying the next owner", scope["method"], path, name, type(exc).__name__)
@@ -173,26 +195,11 @@ class Gateway:
             return await self._relay(response, replica, out_headers, send, receive)
         await respond_error(send, 503, f"no replica could serve the request ({len(order)} tried)", "unhealthy")
 
-    async def _send_unless_gone(self, upstream: httpcore.Request, receive: Receive) -> httpcore.Response:
-        """Send upstream; if the client disconnects before the answer starts, cancel it (the replica then cancels too)."""
-        sending = asyncio.ensure_future(self.pool.handle_async_request(upstream))
-        watching = asyncio.ensure_future(receive())
-        try:
-            done, _ = await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
-            if sending in done:
-                return sending.result()
-            sending.cancel()
-            raise ClientGone()
-        finally:
-            watching.cancel()
-
     async def _relay(self, response: httpcore.Response, replica: Replica, headers: list[tuple[bytes, bytes]], send: Send,
                      receive: Receive) -> None:
         """Pass the replica's bytes through as they arrive; a client gone closes the upstream response too.
 
-        The server's ``send`` does not fail once the client has gone (uvicorn drops the bytes), so
-        the disconnect is watched for on ``receive``; closing the upstream connection is what makes
-        the replica cancel the generation.
+        Closing the upstream connection is what makes the replica cancel the generation.
         """
 
         async def pump() -> None:
@@ -201,20 +208,14 @@ class Gateway:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
 
-        pumping, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(receive())
         try:
-            done, _ = await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
-            if pumping in done:
-                pumping.result()
+            await unless_client_gone(pump(), receive)
         except BROKEN as exc:  # the replica died mid-response: the client sees the cut, nothing is replayed
             log.warning("%s broke off a response (%s)", replica.name, type(exc).__name__)
             self.replicas.failed(replica)
-        except OSError:  # the client went away while a chunk was being written
+        except (ClientGone, OSError):  # the client went away
             pass
         finally:
-            for task in (pumping, watching):
-                task.cancel()
-            await asyncio.gather(pumping, watching, return_exceptions=True)
             replica.in_flight -= 1
             await response.aclose()
 

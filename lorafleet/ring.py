@@ -68,12 +68,16 @@ def choose(ranked: Sequence[M], load: Callable[[M], int], bound: int, hot: Colle
 
 
 def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR,
-                  hot: Collection[str] = ()) -> list[str]:
-    """Every member in the order to try: the bounded-load pick first, then the other owners (failover)."""
+                  hot: Collection[str] = (), ranked: Sequence[str] | None = None) -> list[str]:
+    """Every member in the order to try: the bounded-load pick first, then the other owners (failover).
+
+    ``ranked``: the key's owners when the caller has them already (ranking costs N hashes and a sort).
+    """
     if key is None:
         return sorted(loads, key=lambda m: (loads[m], m))
-    first, _ = pick(key, loads, load_factor, hot)
-    return [first] + [m for m in owners(key, loads) if m != first]
+    ranked = owners(key, loads) if ranked is None else ranked
+    first, _ = choose(ranked, loads.__getitem__, load_bound(sum(loads.values()), len(loads), load_factor), hot)
+    return [first] + [m for m in ranked if m != first]
 
 
 def merged_key(ids: Sequence[str]) -> str:
