@@ -26,12 +26,13 @@ from lorafleet.server.lora_slots import LoraSlots
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30.0
+TIERS = ("device", "loading", "cpu", "failed")  # every AdapterState.status
 
 
 @dataclass(slots=True)
 class AdapterState:
     ref: AdapterRef
-    status: str = "loading"  # loading | cpu | device | failed
+    status: str = "loading"  # one of TIERS
     pinned: bool = False
     error: BaseException | None = None
     failures: int = 0

@@ -7,12 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from lorafleet.server.adapter_manager import TIERS
 from lorafleet.server.errors import ValidationError
 from lorafleet.server.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.service import ReplicaService
 from lorafleet.server.validation import parse_adapter
-
-TIERS = ("device", "loading", "cpu", "failed")  # an AdapterState's status
 
 
 def admin_router(service: ReplicaService) -> APIRouter:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from lorafleet import __version__
+from lorafleet.server.adapter_manager import TIERS
 from lorafleet.server.adapter_sources import AdapterRef
 from lorafleet.server.async_engine import AsyncEngine, TokenEvent
 from lorafleet.server.engine import LLMEngine
@@ -213,9 +214,9 @@ class ReplicaService:
     def snapshot(self) -> dict[str, Any]:
         scheduler, manager = self.engine.scheduler, self.engine.adapters
         allocator = self.engine.allocator
-        tiers: dict[str, int] = {"device": 0, "cpu": 0, "loading": 0, "failed": 0}
+        tiers = dict.fromkeys(TIERS, 0)
         for state in list(manager.states.values()):
-            tiers[state.status] = tiers.get(state.status, 0) + 1
+            tiers[state.status] += 1
         slots = manager.slots
         return {
             "waiting": len(scheduler.waiting),
