@@ -115,8 +115,9 @@ def test_streaming_passes_through_byte_for_byte(fleet) -> None:
     assert via_gateway == direct and via_gateway.count(b"data:") == 12
 
 
-def replica_gauge(replica: str, name: str) -> float:
-    lines = httpx.get(f"http://{replica}/metrics", timeout=5).text.splitlines()
+def metric(url: str, name: str) -> float:
+    """An unlabelled series' value from ``url``'s /metrics."""
+    lines = httpx.get(url + "/metrics", timeout=5).text.splitlines()
     return next(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
 
 
@@ -131,8 +132,8 @@ def test_a_client_that_disconnects_cancels_the_replicas_request(fleet) -> None:
             assert replica == whole.headers["x-lorafleet-replica"]
             next(line for line in response.iter_lines() if line.startswith("data:"))
         # The client hung up after its first token: the replica stops instead of generating the rest.
-        took = wait_until(lambda: replica_gauge(replica, "lorafleet_requests_in_flight") == 0
-                          and replica_gauge(replica, "lorafleet_batch_size") == 0, timeout=30, what="the replica idle")
+        took = wait_until(lambda: metric(f"http://{replica}", "lorafleet_requests_in_flight") == 0
+                          and metric(f"http://{replica}", "lorafleet_batch_size") == 0, timeout=30, what="the replica idle")
         assert took < whole_answer / 2, f"the replica kept generating for {took:.2f}s (the whole answer takes {whole_answer:.2f}s)"
         wait_until(lambda: {r["name"]: r["in_flight"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]}[replica] == 0,
                    timeout=5, what="the gateway's in-flight count back to 0")
@@ -178,6 +179,4 @@ def test_killing_a_replica_mid_run_loses_no_request(fleet, tiny_models, tmp_path
         assert [r.status_code for r in responses] == [200] * 24
         assert all(r.headers["x-generated-tokens"] == "120" for r in responses)
         assert victim.wait(10) != 0
-        metrics = httpx.get(gateway.url + "/metrics").text
-        retries = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("lorafleet_gateway_retries_total"))
-        assert retries >= 1  # requests that were on the killed replica were served by the next owner
+        assert metric(gateway.url, "lorafleet_gateway_retries_total") >= 1  # requests that were on the killed replica were served by the next owner
