@@ -31,6 +31,8 @@ Send = Callable[[dict], Awaitable[None]]
 T = TypeVar("T")
 TGI_ROUTES = {"/", "/generate", "/generate_stream"}
 HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+NOT_FORWARDED = HOP_BY_HOP | {"authorization", "proxy-authorization", "cookie"}
+ADMIN_PREFIX = "/adapters"  # load, pin, unload: the operator calls each replica with the admin token, never through here
 BUFFER_LIMIT = 1 << 20  # sized responses up to this are read whole rather than relayed
 # Before a response starts, any transport failure is retryable: a refused or reset connection
 # (a replica killed mid-request resets it: ReadError), a timeout, or a peer that hung up.
@@ -130,6 +132,9 @@ class Gateway:
         authorization = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None)
         if not self.keys.allows(authorization):
             return await respond_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)", "unauthorized")
+        if scope["path"] == ADMIN_PREFIX or scope["path"].startswith(ADMIN_PREFIX + "/"):
+            return await respond_error(send, 403, "the admin routes (/adapters) are not served through the gateway; "
+                                       "the operator calls each replica with its admin token", "forbidden")
         try:
             body = await self.read_body(scope, receive)
         except ClientGone:
@@ -146,7 +151,9 @@ class Gateway:
         ranked = ring.owners(key, loads) if key is not None else []
         order = ring.routing_order(key, loads, self.load_factor, hot, ranked)
         top_owner = ranked[0] if ranked else None
-        forward = [(k, v) for k, v in headers if k.decode("latin-1").lower() not in HOP_BY_HOP]
+        # Header values as h11 accepts them (no surrounding whitespace), and never the client's
+        # credential: the gateway consumed it, and nothing behind the gateway may see it.
+        forward = [(k, v.strip()) for k, v in headers if k.decode("latin-1").lower() not in NOT_FORWARDED]
         if body or scope["method"] in ("POST", "PUT", "PATCH"):
             forward.append((b"content-length", str(len(body)).encode()))
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
@@ -155,45 +162,58 @@ class Gateway:
             replica = routable[name]
             upstream = httpcore.Request(scope["method"], replica.url + target, headers=[(b"host", replica.host), *forward],
                                         content=body, extensions={"timeout": timeout})
-            replica.in_flight += 1
-            started = time.perf_counter()
+            replica.in_flight += 1  # the one increment; the finally below is the one decrement
             try:
-                response = await unless_client_gone(self.pool.handle_async_request(upstream), receive)
-            except RETRYABLE as exc:
-                self._failed_attempt(replica, "connect_error")
-                log.warning("%s %s: %s failed before responding (%s); trying the next owner", scope["method"], path, name, type(exc).__name__)
-                continue
-            except ClientGone:
+                last = attempt + 1 == len(order)
+                if await self._attempt(upstream, replica, last, scope, receive, send, key, self._placement(name, top_owner, hot)):
+                    return
+            finally:
                 replica.in_flight -= 1
-                return
-            if response.status == 503 and attempt + 1 < len(order):
-                await response.aclose()
-                self._failed_attempt(replica, "unavailable")
-                continue
-            out_headers, length = [], None
-            for k, v in response.headers:
-                lowered = k.decode("latin-1").lower()
-                if lowered == "content-length":
-                    length = v
-                if lowered not in HOP_BY_HOP or lowered == "content-length":
-                    out_headers.append((k, v))
-            out_headers.append((b"x-lorafleet-replica", replica.name.encode()))
-            if length is not None and length.isdigit() and int(length) <= BUFFER_LIMIT:
-                # A complete, sized answer (a non-streaming generation): read it whole, which costs
-                # less than relaying, and a replica that dies while sending it can still be retried.
-                try:
-                    content = await response.aread()
-                except BROKEN:
-                    self._failed_attempt(replica, "broken_response")
-                    continue
-                finally:
-                    await response.aclose()
-                replica.in_flight -= 1
-                self._served(replica, response.status, started, key, self._placement(name, top_owner, hot))
-                return await respond(send, response.status, content, out_headers)
-            self._served(replica, response.status, started, key, self._placement(name, top_owner, hot))
-            return await self._relay(response, replica, out_headers, send, receive)
         await respond_error(send, 503, f"no replica could serve the request ({len(order)} tried)", "unhealthy")
+
+    async def _attempt(self, upstream: httpcore.Request, replica: Replica, last: bool, scope: dict, receive: Receive, send: Send,
+                       key: str | None, placement: str) -> bool:
+        """One try on one replica: True when the client got an answer (or left), False to try the next owner."""
+        started = time.perf_counter()
+        try:
+            response = await unless_client_gone(self.pool.handle_async_request(upstream), receive)
+        except RETRYABLE as exc:
+            self._failed_attempt(replica, "connect_error")
+            log.warning("%s %s: %s failed before responding (%s); trying the next owner", scope["method"], scope["path"], replica.name, type(exc).__name__)
+            return False
+        except ClientGone:
+            return True
+        except httpcore.LocalProtocolError as exc:  # a request HTTP/1.1 cannot carry upstream: the client's to fix
+            await respond_error(send, 400, f"the request cannot be forwarded: {exc}", "validation")
+            return True
+        if response.status == 503 and not last:
+            await response.aclose()
+            self._failed_attempt(replica, "unavailable")
+            return False
+        out_headers, length = [], None
+        for k, v in response.headers:
+            lowered = k.decode("latin-1").lower()
+            if lowered == "content-length":
+                length = v
+            if lowered not in HOP_BY_HOP or lowered == "content-length":
+                out_headers.append((k, v))
+        out_headers.append((b"x-lorafleet-replica", replica.name.encode()))
+        if length is not None and length.isdigit() and int(length) <= BUFFER_LIMIT:
+            # A complete, sized answer (a non-streaming generation): read it whole, which costs
+            # less than relaying, and a replica that dies while sending it can still be retried.
+            try:
+                content = await response.aread()
+            except BROKEN:
+                self._failed_attempt(replica, "broken_response")
+                return False
+            finally:
+                await response.aclose()
+            self._served(replica, response.status, started, key, placement)
+            await respond(send, response.status, content, out_headers)
+            return True
+        self._served(replica, response.status, started, key, placement)
+        await self._relay(response, replica, out_headers, send, receive)
+        return True
 
     async def _relay(self, response: httpcore.Response, replica: Replica, headers: list[tuple[bytes, bytes]], send: Send,
                      receive: Receive) -> None:
@@ -216,11 +236,9 @@ class Gateway:
         except (ClientGone, OSError):  # the client went away
             pass
         finally:
-            replica.in_flight -= 1
             await response.aclose()
 
     def _failed_attempt(self, replica: Replica, outcome: str) -> None:
-        replica.in_flight -= 1
         self.replicas.failed(replica)
         self.metrics.requests.labels(replica.name, outcome).inc()
         self.metrics.retries.inc()

@@ -7,6 +7,10 @@ adapter that no running request uses and that is not pinned. When every slot is 
 adapters have been waiting, the adapter that has held its slot longest past ``cycle_time_s``
 drains: its running requests finish, new ones wait, and its slot goes to the next in line — so
 no adapter starves (LoRAX's rotation, with the same default of 2 s).
+
+An adapter brought into a slot keeps it until one of its requests has run a step, or for
+``cycle_time_s`` if none can: otherwise two waiting adapters evict each other every step while
+the scheduler admits neither (seen: 35 swaps a second for minutes, nothing served).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Callable
 from lorafleet.server.adapter_cache import CpuCache, DiskCache
 from lorafleet.server.adapter_format import LoraAdapter
 from lorafleet.server.adapter_sources import AdapterRef, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.errors import Conflict
 from lorafleet.server.lora_slots import LoraSlots
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,7 @@ class AdapterState:
     retry_at: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     resident_since: float = 0.0
+    ran_since_load: bool = False  # a request has run a step with it since it last entered a slot
     draining: bool = False
     rank: int = 0
     size_bytes: int = 0
@@ -54,6 +60,7 @@ class AdapterSettings:
     cpu_bytes: int = 4 << 30
     cycle_time_s: float = 2.0
     load_threads: int = 2
+    max_pinned: int | None = None  # None: no limit (tests); the engine keeps one slot free of pins
 
 
 class AdapterManager:
@@ -94,10 +101,18 @@ class AdapterManager:
             elif state.status == "device":
                 self.counts["device_hit"] += 1
             state.last_used = now
-            state.pinned = state.pinned or pin
-            if pin:
+            if pin and key not in self._pinned:
+                self._check_pin_room(key)
                 self._pinned.add(key)
+            state.pinned = state.pinned or pin
         return key
+
+    def _check_pin_room(self, key: str) -> None:
+        """Pins never take the last slot: adapters nobody pinned must still be able to take turns."""
+        limit = self.settings.max_pinned
+        if limit is not None and len(self._pinned) >= limit:
+            raise Conflict(f"cannot pin {key}: {len(self._pinned)} adapters are pinned and at most {limit} may be "
+                           f"(one device slot always stays free of pins); unpin one first (DELETE /adapters/ID)")
 
     def _local_folder(self, ref: AdapterRef) -> Path | None:
         """A local adapter's folder under the roots (raises for a bad or missing one); None for other sources."""
@@ -121,6 +136,7 @@ class AdapterManager:
             self._pinned.add(name)
         self.cpu.put(name, adapter)
         self._to_device(name, state, adapter, running=set())
+        state.ran_since_load = True  # no request waits for it: it needs no protection from eviction
         return adapter
 
     def unpin(self, key: str) -> None:
@@ -225,7 +241,8 @@ class AdapterManager:
         if self.slots is None:
             self.slots = self._make_slots()
         if not self.slots.free_slots:
-            victims = [k for k in self.slots.slot_of if k not in running and k not in self._pinned]
+            now = time.monotonic()
+            victims = [k for k in self.slots.slot_of if k not in running and k not in self._pinned and self._evictable(k, now)]
             if not victims:
                 return False
             victim = min(victims, key=lambda k: self.states[k].last_used if k in self.states else 0.0)
@@ -239,7 +256,20 @@ class AdapterManager:
         self.on_timing("cpu_to_device", state.load_seconds["cpu_to_device"])
         state.status = "device"
         state.resident_since = time.monotonic()
+        state.ran_since_load = False
         return True
+
+    def _evictable(self, key: str, now: float) -> bool:
+        """Not an adapter just brought in for requests that have not run yet (unless they could not for a whole cycle)."""
+        state = self.states.get(key)
+        return state is None or state.ran_since_load or now - state.resident_since >= self.settings.cycle_time_s
+
+    def ran(self, keys: set[str]) -> None:
+        """Adapters whose requests ran this step: from now on their slots may go to others."""
+        for key in keys:
+            state = self.states.get(key)
+            if state is not None:
+                state.ran_since_load = True
 
     def _rotate(self, running: set[str], waiting: list[str]) -> None:
         """Every slot is used by running requests: drain the one resident longest past the cycle time."""

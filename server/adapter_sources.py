@@ -55,7 +55,9 @@ def resolve_local(adapter_id: str, roots: list[Path]) -> Path:
     escaped = False
     for root in (r.resolve() for r in roots):
         path = (root / candidate).resolve()  # an absolute candidate replaces the root; symlinks are followed
-        if path != root and root not in path.parents:
+        if path == root:
+            raise ValueError(f"local adapter {adapter_id!r} must name a folder under an adapter root, not a root itself")
+        if root not in path.parents:
             escaped = True
             continue
         if path.is_dir():

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from lorafleet.server.adapter_manager import TIERS
-from lorafleet.server.errors import ValidationError
+from lorafleet.server.errors import Unauthorized, ValidationError
 from lorafleet.server.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.service import ReplicaService
 from lorafleet.server.validation import parse_adapter
+
+
+def require_admin(service: ReplicaService, request: Request) -> None:
+    """Load, pin and unload change what every client gets: they take the admin token, not a client's key."""
+    expected = service.config.admin_token
+    if expected is None:
+        return
+    offered = bearer_token(request) or ""
+    if not hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), expected.encode()):
+        raise Unauthorized("this route needs the replica's admin token (Authorization: Bearer <admin token>)")
 
 
 def admin_router(service: ReplicaService) -> APIRouter:
@@ -28,6 +39,7 @@ def admin_router(service: ReplicaService) -> APIRouter:
     @router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
     async def load(request: Request) -> Any:
         try:
+            require_admin(service, request)
             body = await read_json_object(request)
             ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits)
             if ref is None:
@@ -35,14 +47,21 @@ def admin_router(service: ReplicaService) -> APIRouter:
             pin = body.get("pin", False)
             if not isinstance(pin, bool):
                 raise ValidationError("`pin` must be true or false")
-            return await service.load_adapter(ref, pin, body.get("api_token") or bearer_token(request))
+            token = body.get("api_token")
+            if token is not None and not isinstance(token, str):
+                raise ValidationError("`api_token` must be a string")
+            return await service.load_adapter(ref, pin, token)
         except TimeoutError as exc:
             return JSONResponse({"error": str(exc), "error_type": "overloaded"}, status_code=503)
         except Exception as exc:
             return error_response(exc)
 
     @router.delete("/{adapter_id:path}", summary="unpin and unload an adapter (by id or key)")
-    async def unload(adapter_id: str) -> Any:
+    async def unload(adapter_id: str, request: Request) -> Any:
+        try:
+            require_admin(service, request)
+        except Unauthorized as exc:
+            return error_response(exc)
         manager = service.engine.adapters
         keys = [k for k, s in list(manager.states.items()) if adapter_id in (k, s.ref.id)]
         if not keys:

@@ -16,11 +16,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.server.errors import ValidationError, classify
-from lorafleet.server.http_common import bearer_token, close_events, error_response, read_json_object, sse, until_disconnect
+from lorafleet.server.http_common import close_events, error_response, next_or_keepalive, read_json_object, sse, until_disconnect
 from lorafleet.server.sequence import FinishReason
 from lorafleet.server.service import Completion, ReplicaService, independent_copies
 from lorafleet.server.validation import GenerateJob, validate_generate
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 PASSED_THROUGH = ("top_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "adapter_source", "api_token")
 
 
@@ -63,15 +64,16 @@ def _count(body: dict, name: str, default: int) -> int:
 
 async def run_all(service: ReplicaService, request: Request, jobs: list[GenerateJob]) -> list[Completion]:
     prompts = [service.prompt_ids(job) for job in jobs]  # every prompt is validated before any starts
-    service.admit()
+    service.admit(len(jobs))
     try:
         return await until_disconnect(request, asyncio.gather(*(service.complete(j, p) for j, p in zip(jobs, prompts))))
     finally:
-        service.release()
+        service.release(len(jobs))
 
 
-def usage(completions: list[Completion]) -> dict[str, int]:
-    prompt = sum(len(c.prompt_ids) for c in completions[:1]) if completions else 0
+def usage(completions: list[Completion], n: int) -> dict[str, int]:
+    """Every prompt's tokens once (its n completions share it), every completion's tokens."""
+    prompt = sum(len(c.prompt_ids) for c in completions[::n])
     generated = sum(len(c.seq.tokens) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
@@ -90,17 +92,18 @@ def logprobs_json(completion: Completion, offset: int) -> dict[str, Any]:
     }
 
 
-async def openai_stream(service: ReplicaService, job: GenerateJob, chunk: Any) -> Any:
+async def openai_stream(service: ReplicaService, request: Request, job: GenerateJob, chunk: Any) -> Any:
     """Start one generation; return an SSE response whose chunks ``chunk(delta, finish)`` shapes, ending with [DONE]."""
     prompt_ids = service.prompt_ids(job)
     service.admit()
     try:
-        first, events = await service.stream(job, prompt_ids)
-    except Exception:
+        first, events = await until_disconnect(request, service.stream(job, prompt_ids))
+    except BaseException:
         service.release()
         raise
 
     async def body() -> AsyncIterator[str]:
+        pending: dict = {}
         try:
             for prelude in chunk(None, None, start=True):
                 yield sse(prelude)
@@ -113,7 +116,10 @@ async def openai_stream(service: ReplicaService, job: GenerateJob, chunk: Any) -
                 if text:
                     yield sse(chunk(text, None))
                 try:
-                    event = await events.__anext__()
+                    event = await next_or_keepalive(events, pending)
+                    while event is None:  # a comment line keeps proxies open and finds a client that left
+                        yield ":\n\n"
+                        event = await next_or_keepalive(events, pending)
                 except StopAsyncIteration:
                     break
             yield "data: [DONE]\n\n"
@@ -122,7 +128,7 @@ async def openai_stream(service: ReplicaService, job: GenerateJob, chunk: Any) -
             yield sse({"error": message, "error_type": error_type})
         finally:
             service.release()
-            await close_events(events)
+            await close_events(events, pending.get("task"))
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
@@ -150,8 +156,6 @@ def openai_router(service: ReplicaService) -> APIRouter:
             stream = bool(body.get("stream"))
             body.setdefault("max_tokens", 16)
             jobs = [c for p in prompts for c in independent_copies(to_job(service, body, p, stream), n)]
-            for job in jobs:
-                job.api_token = job.api_token or bearer_token(request)
             model = body.get("model") or service.config.model_id
             ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             echo = bool(body.get("echo"))
@@ -166,7 +170,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
                     return {"id": ident, "object": "text_completion", "created": created, "model": model,
                             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-                return await openai_stream(service, jobs[0], chunk)
+                return await openai_stream(service, request, jobs[0], chunk)
             results = await run_all(service, request, jobs)
         except Exception as exc:
             return error_response(exc)
@@ -178,7 +182,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
                 "logprobs": logprobs_json(completion, len(prefix)) if job.params.alternatives or body.get("logprobs") == 0 else None,
                 "finish_reason": finish_reason(completion.seq.finish_reason),
             })
-        return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage(results)}
+        return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)}
 
     @router.post("/chat/completions", summary="OpenAI chat completions with the tokenizer's chat template")
     async def chat(request: Request) -> Any:
@@ -189,7 +193,6 @@ def openai_router(service: ReplicaService) -> APIRouter:
             stream = bool(body.get("stream"))
             job = to_job(service, body, service.tokenizer.decode(prompt_ids), stream)
             job.prompt_ids = prompt_ids
-            job.api_token = job.api_token or bearer_token(request)
             jobs = independent_copies(job, n)
             model = body.get("model") or service.config.model_id
             ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -204,7 +207,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
                     delta = {"content": text} if text else {}
                     return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-                return await openai_stream(service, job, chunk)
+                return await openai_stream(service, request, job, chunk)
             results = await run_all(service, request, jobs)
         except Exception as exc:
             return error_response(exc)
@@ -212,7 +215,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
             {"index": i, "message": {"role": "assistant", "content": c.seq.text}, "logprobs": None, "finish_reason": finish_reason(c.seq.finish_reason)}
             for i, c in enumerate(results)
         ]
-        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage(results)})
+        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)})
 
     return router
 
@@ -224,7 +227,11 @@ def chat_prompt(service: ReplicaService, messages: Any) -> list[int]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ValidationError(f"`messages[{i}]` must be an object with a `role`")
+        if message["role"] not in CHAT_ROLES:
+            raise ValidationError(f"`messages[{i}].role` must be one of {', '.join(CHAT_ROLES)}. Given: {message['role']!r}")
         content = message.get("content")
+        if content is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+            raise ValidationError(f"`messages[{i}].content` is required for a {message['role']} message")
         if isinstance(content, list):
             parts = []
             for part in content:

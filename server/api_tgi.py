@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.server.async_engine import TokenEvent
 from lorafleet.server.errors import classify
-from lorafleet.server.http_common import bearer_token, close_events, error_response, next_or_keepalive, read_json, sse, until_disconnect
+from lorafleet.server.http_common import close_events, error_response, next_or_keepalive, read_json, sse, until_disconnect
 from lorafleet.server.sequence import TokenInfo
 from lorafleet.server.service import Completion, ReplicaService
 from lorafleet.server.validation import GenerateJob, validate_generate
@@ -69,8 +69,6 @@ def completion_headers(completion: Completion, job: GenerateJob) -> dict[str, st
 
 async def prepared(service: ReplicaService, request: Request, stream: bool) -> tuple[GenerateJob, list[int]]:
     job = validate_generate(await read_json(request), service.limits, stream=stream)
-    if job.api_token is None:
-        job.api_token = bearer_token(request)
     return job, service.prompt_ids(job)
 
 
@@ -116,16 +114,18 @@ async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
     """mode: generate (one object), stream (SSE), root (``/``: a list of one object, or SSE with stream)."""
     try:
         job, prompt_ids = await prepared(service, request, stream=mode == "stream")
-        service.admit()
+        service.admit(job.best_of)
     except Exception as exc:
         return error_response(exc)
     started = time.perf_counter()
     if job.stream or mode == "stream":
-        try:
-            first, events = await service.stream(job, prompt_ids)
-        except Exception as exc:
+        try:  # a client that leaves while its request waits (for a slot, a load) gives up its place at once
+            first, events = await until_disconnect(request, service.stream(job, prompt_ids))
+        except BaseException as exc:
             service.release()
-            return error_response(exc)
+            if isinstance(exc, Exception):
+                return error_response(exc)
+            raise
         headers = {"x-prompt-tokens": str(len(prompt_ids)), "x-adapter-id": job.adapter.id if job.adapter else "", "cache-control": "no-cache"}
         return StreamingResponse(token_stream(service, job, prompt_ids, first, events, started), media_type="text/event-stream", headers=headers)
     try:
@@ -133,7 +133,7 @@ async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
     except Exception as exc:
         return error_response(exc)
     finally:
-        service.release()
+        service.release(job.best_of)
     body = response_json(completion, job)
     return JSONResponse([body] if mode == "root" else body, headers=completion_headers(completion, job))
 

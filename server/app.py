@@ -42,7 +42,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge()
+                raise _TooLarge(f"the request body is larger than {self.limit} bytes")
             return message
 
         try:
@@ -56,8 +56,10 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(RequestError):
+    """Raised from ``receive`` mid-body: a route that catches it answers 413 through its own error path."""
+
+    status, error_type = 413, "validation"
 
 
 class RequestMetrics:

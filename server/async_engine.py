@@ -21,6 +21,9 @@ from lorafleet.server.engine import LLMEngine, StepOutput
 from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence, TokenInfo
 
 log = logging.getLogger(__name__)
+# A step that raises fails the requests in it; the replica reports unhealthy (and is restarted by
+# its liveness probe) only when this many steps in a row fail, which no single request can cause.
+UNHEALTHY_AFTER_FAILED_STEPS = 3
 
 
 @dataclass(slots=True)
@@ -51,8 +54,8 @@ class AsyncEngine:
         self._handles: dict[int, _Handle] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.healthy = True
         self.last_error: str | None = None
+        self.consecutive_failures = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -65,6 +68,11 @@ class AsyncEngine:
         self._commands.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        """Unhealthy only while steps keep failing: one failed step (one bad batch) is not a broken replica."""
+        return self.consecutive_failures < UNHEALTHY_AFTER_FAILED_STEPS
 
     @property
     def num_requests(self) -> int:
@@ -159,8 +167,10 @@ class AsyncEngine:
             except Exception as exc:  # a failed step fails its requests, never the process
                 log.exception("engine step failed")
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                self.consecutive_failures += 1
                 self._fail_all(exc)
                 continue
+            self.consecutive_failures = 0
             for output in outputs:
                 self._deliver(output)
 

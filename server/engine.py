@@ -22,7 +22,7 @@ from lorafleet.server.adapter_manager import AdapterManager, AdapterSettings
 from lorafleet.server.kv_cache import BlockAllocator, KVCache
 from lorafleet.server.lora_slots import LoraSlots, bytes_per_slot
 from lorafleet.server.model import CausalLM
-from lorafleet.server.sampler import sample
+from lorafleet.server.sampler import SamplingError, sample
 from lorafleet.server.scheduler import ScheduledChunk, Scheduler
 from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence, Status, TokenInfo
 
@@ -91,7 +91,7 @@ class LLMEngine:
                                  f"({per_slot} bytes each at --max-lora-rank {config.max_lora_rank})")
         self.adapters = AdapterManager(
             AdapterSettings(config.adapter_roots, config.adapter_cache_dir, config.adapter_disk_cache,
-                            config.adapter_cpu_memory, config.adapter_cycle_time_s),
+                            config.adapter_cpu_memory, config.adapter_cycle_time_s, max_pinned=self.num_slots - 1),
             # Slots are made on the first adapter load: they cost memory a base-only replica never uses.
             make_slots=lambda: LoraSlots(shapes, layers, self.num_slots, config.max_lora_rank, self.dtype, self.device, self.lora_kernel()),
             parse=lambda name, folder: self._pinned(load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle)),
@@ -172,6 +172,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
+        self.adapters.ran({c.seq.adapter for c in chunks if c.seq.adapter is not None})
         input_ids, positions, meta = self._prepare(chunks)
         hidden = self.model.forward(input_ids, positions, meta, self.kv)
 
@@ -189,10 +190,23 @@ class LLMEngine:
             offset = end
         if sample_seqs:
             logits = self.model.logits(hidden[sample_rows])
-            tokens, logprobs = sample(logits, sample_seqs)
+            tokens, logprobs, failed = sample(logits, sample_seqs)
             for row, (seq, token_id) in enumerate(zip(sample_seqs, tokens)):
-                outputs.append(self._append(seq, token_id, logprobs[row]))
+                if row not in failed:
+                    try:
+                        outputs.append(self._append(seq, token_id, logprobs[row]))
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - detokenizing or the grammar: this row's failure alone
+                        failed[row] = exc
+                outputs.append(self._fail(seq, failed[row]))
         return outputs
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> StepOutput:
+        """One request's own failure: it ends with the error, its blocks are freed, the batch goes on."""
+        log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
+        seq.error = exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}")
+        self.scheduler.finish(seq)
+        return self._end(seq, FinishReason.ERROR)
 
     def _fail_adapter_waiters(self) -> list[StepOutput]:
         """Requests waiting for an adapter that failed to load get its error; nothing else is touched."""

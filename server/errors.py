@@ -28,6 +28,14 @@ class Overloaded(RequestError):
     status, error_type = 429, "overloaded"
 
 
+class Unauthorized(RequestError):
+    status, error_type = 401, "unauthorized"
+
+
+class Conflict(RequestError):
+    status, error_type = 409, "conflict"
+
+
 class Unhealthy(RequestError):
     status, error_type = 503, "unhealthy"
 

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from lorafleet.server.errors import RequestError, classify
+from lorafleet.server.json_guard import MAX_DEPTH, UnusableValue, check_values
 
 T = TypeVar("T")
 KEEPALIVE_S = 15.0
@@ -25,9 +26,16 @@ async def read_json(request: Request) -> Any:
     except UnicodeDecodeError as exc:
         raise RequestError(f"the request body is not valid UTF-8 (byte {exc.start})", 400, "validation") from exc
     try:
-        return json.loads(text)
+        body = json.loads(text)
+    except RecursionError:
+        raise RequestError(f"the request body is nested deeper than {MAX_DEPTH} levels", 400, "validation") from None
     except ValueError as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}", 400, "validation") from exc
+    try:
+        check_values(body)
+    except UnusableValue as exc:
+        raise RequestError(str(exc), 422, "validation") from None
+    return body
 
 
 async def read_json_object(request: Request) -> dict:

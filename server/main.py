@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"lorafleet serve: {exc}", file=sys.stderr)
         return 2
+    if config.admin_token is None:
+        log.warning("no --admin-token (LORAFLEET_ADMIN_TOKEN): anyone who can reach this replica may load, pin and unload adapters")
     log.info("loading %s from %s", args.model, folder)
     service = ReplicaService(config)
     app = create_app(service)

@@ -58,20 +58,46 @@ def _warp(scores: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return scores
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor]:
-    """Next token of each row and the log-softmax those tokens were judged by ([rows, vocab])."""
+class SamplingError(RuntimeError):
+    """One row could not be sampled; its request fails, the rest of the batch goes on."""
+
+
+def _row_scores(scores: torch.Tensor, seq: Sequence) -> None:
+    _apply_penalties(scores, seq)
+    t = seq.params.temperature
+    if seq.params.sampling and t is not None and t not in (0.0, 1.0):
+        scores /= t
+    if seq.constraint is not None:
+        seq.constraint.mask(scores)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor, dict[int, BaseException]]:
+    """Next token of each row, the log-softmax those tokens were judged by ([rows, vocab]), and the rows that failed.
+
+    A row fails alone: whatever its parameters or its grammar do to its scores (NaN, every token
+    ruled out, an exception), the other rows are sampled as if it were not there.
+    """
     scores = logits.float().clone()
+    failed: dict[int, BaseException] = {}
     for row, seq in enumerate(seqs):
-        _apply_penalties(scores[row], seq)
-        t = seq.params.temperature
-        if seq.params.sampling and t is not None and t not in (0.0, 1.0):
-            scores[row] /= t
-        if seq.constraint is not None:
-            seq.constraint.mask(scores[row])
+        try:
+            _row_scores(scores[row], seq)
+        except Exception as exc:  # noqa: BLE001 - a grammar or penalty failure belongs to its row
+            failed[row] = exc
+    unusable = (torch.isnan(scores).any(-1) | ~torch.isfinite(scores).any(-1)).tolist()
+    for row, bad in enumerate(unusable):
+        if bad and row not in failed:
+            failed[row] = SamplingError("no token could be chosen: the scores after penalties, temperature and the grammar are NaN or all -inf")
     logprobs = scores.log_softmax(-1)
     chosen = scores.argmax(-1).tolist()
     for row, seq in enumerate(seqs):
-        if seq.params.sampling:
+        if row in failed or not seq.params.sampling:
+            continue
+        try:
             probs = _warp(scores[row], seq).softmax(-1)
+            if not bool(torch.isfinite(probs).all()):
+                raise SamplingError("the sampling distribution is not finite")
             chosen[row] = int(torch.multinomial(probs, 1, generator=seq.generator))
-    return chosen, logprobs
+        except Exception as exc:  # noqa: BLE001
+            failed[row] = exc
+    return chosen, logprobs, failed

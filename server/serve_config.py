@@ -28,6 +28,7 @@ class ServeConfig:
     max_body_bytes: int = 2 << 20
     preload_adapters: list[str] = field(default_factory=list)
     grace_period_s: float = 30.0
+    admin_token: str | None = None
 
 
 def _size(text: str) -> int:
@@ -79,6 +80,8 @@ FLAGS: list[tuple[str, Callable[[str], Any], Any, str, bool]] = [
     ("--kv-cache-memory", _size, None, "bytes for the KV cache (default: 1G on cpu, a fraction of free memory on cuda)", False),
     ("--preload-adapter", str, None, "adapter id to load and pin at start-up (repeatable; source: --adapter-source)", True),
     ("--grace-period-s", float, 30.0, "on SIGTERM, how long running requests may finish", False),
+    ("--admin-token", str, None, "bearer token POST and DELETE /adapters require (load, pin, unload); set it from a Secret "
+     "through LORAFLEET_ADMIN_TOKEN rather than on the command line. Unset: those routes are open", False),
     ("--allow-pickle", None, False, "allow pickle (.bin) checkpoints and adapters", False),
 ]
 
@@ -119,5 +122,5 @@ def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> Serv
         engine=engine, model_id=args.model, host=args.host, port=args.port, adapter_source=args.adapter_source,
         max_concurrent_requests=args.max_concurrent_requests, max_stop_sequences=args.max_stop_sequences,
         max_best_of=args.max_best_of, max_body_bytes=args.max_body_bytes, preload_adapters=list(args.preload_adapter or []),
-        grace_period_s=args.grace_period_s,
+        grace_period_s=args.grace_period_s, admin_token=args.admin_token or None,
     )

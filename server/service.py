@@ -95,22 +95,27 @@ class ReplicaService:
 
     @property
     def healthy(self) -> bool:
-        return self.started and not self.draining and self.runner.last_error is None
+        return self.started and not self.draining and self.runner.healthy
 
     # -- admission ------------------------------------------------------------------------------
 
-    def admit(self) -> None:
+    def admit(self, sequences: int = 1) -> None:
+        """Count a request by the sequences it makes (prompts x n x best_of): one body asking for
+        3,200 completions takes 3,200 places, as 3,200 requests would."""
+        limit = self.config.max_concurrent_requests
         if self.draining:
             raise Unhealthy("the server is shutting down")
         if not self.started:
             raise Unhealthy("the engine is not ready")
-        if self.in_flight >= self.config.max_concurrent_requests:
-            raise Overloaded(f"Model is overloaded: {self.in_flight} requests in flight, the limit is {self.config.max_concurrent_requests}")
-        self.in_flight += 1
+        if sequences > limit:
+            raise ValidationError(f"this request makes {sequences} sequences (prompts x n x best_of); at most {limit} may run at once")
+        if self.in_flight + sequences > limit:
+            raise Overloaded(f"Model is overloaded: {self.in_flight} sequences in flight, the limit is {limit}")
+        self.in_flight += sequences
         self.metrics.in_flight.set(self.in_flight)
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def release(self, sequences: int = 1) -> None:
+        self.in_flight -= sequences
         self.metrics.in_flight.set(self.in_flight)
 
     # -- tokens ---------------------------------------------------------------------------------
@@ -268,4 +273,6 @@ class ReplicaService:
             "adapter_disk_cache": e.adapter_disk_cache,
             "adapter_roots": [str(p) for p in e.adapter_roots],
             "lora_kernel": self.engine.lora_kernel(),
+            "admin_auth": c.admin_token is not None,
+            "max_pinned_adapters": self.engine.adapters.settings.max_pinned,
         }

@@ -6,6 +6,7 @@ Where API.md departs from LoRAX (temperature 0 means greedy, top_p 1.0 is allowe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,11 @@ from lorafleet.server.sequence import SamplingParams
 from lorafleet.server.structured import validate_response_format
 
 MAX_SEED = 2**64 - 1
+# Bounds that keep every row's arithmetic finite in float32: logits / temperature and logits x
+# repetition_penalty stay far below 3.4e38 for any logit a model produces. Below them a value
+# only approximates greedy decoding (which temperature 0 asks for exactly); above them, uniform noise.
+TEMPERATURE_RANGE = (1e-3, 100.0)
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 
 
@@ -49,8 +55,12 @@ def _number(parameters: dict, name: str, kind: type, default: Any = None) -> Any
     value = parameters.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(f"`{name}` must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValidationError(f"`{name}` must be a finite number, got {value!r}")
+    if kind is int and not float(value).is_integer():
+        raise ValidationError(f"`{name}` must be an integer, got {value!r}")
     return kind(value)
 
 
@@ -97,9 +107,15 @@ def validate_generate(body: Any, limits: Limits, stream: bool = False) -> Genera
     temperature = _number(p, "temperature", float)
     if temperature is not None and temperature < 0:
         raise ValidationError("`temperature` must be >= 0.0")
+    low, high = TEMPERATURE_RANGE
+    if temperature and not low <= temperature <= high:
+        raise ValidationError(f"`temperature` must be 0 (greedy) or between {low} and {high}. Given: {temperature!r}")
     repetition_penalty = _number(p, "repetition_penalty", float)
     if repetition_penalty is not None and repetition_penalty <= 0:
         raise ValidationError("`repetition_penalty` must be strictly positive")
+    low, high = REPETITION_PENALTY_RANGE
+    if repetition_penalty is not None and not low <= repetition_penalty <= high:
+        raise ValidationError(f"`repetition_penalty` must be between {low} and {high}. Given: {repetition_penalty!r}")
     penalties = {}
     for name in ("frequency_penalty", "presence_penalty"):
         penalties[name] = _number(p, name, float, 0.0)
@@ -189,8 +205,8 @@ def _validate_merged(merged: Any, adapter: AdapterRef | None) -> None:
     ids, weights = merged.get("ids"), merged.get("weights")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
         raise ValidationError("`merged_adapters.ids` must be a non-empty list of adapter ids")
-    if weights is not None and (not isinstance(weights, list) or len(weights) != len(ids) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
-        raise ValidationError("`merged_adapters.weights` must be a list of numbers, one per id")
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(ids) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+        raise ValidationError("`merged_adapters.weights` must be a list of finite numbers, one per id")
     strategy = merged.get("merge_strategy", "linear")
     if strategy not in MERGE_STRATEGIES:
         raise ValidationError(f"`merged_adapters.merge_strategy` must be one of {', '.join(MERGE_STRATEGIES)}. Given: {strategy!r}")

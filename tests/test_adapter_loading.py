@@ -244,3 +244,34 @@ def test_adapter_memory_sets_the_slot_count(tiny_models, adapter_root, tmp_path)
     assert engine.adapters.slots.num_slots == 5
     with pytest.raises(ValueError, match="holds no adapter slot"):
         dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_memory=per_slot - 1)
+
+
+def test_adapters_brought_in_for_waiting_requests_are_not_swapped_out_before_they_run(tiny_models, adapter_root, tmp_path) -> None:
+    """More adapters than slots while the batch is full: no slot churn, then every adapter served in arrival order.
+
+    The livelock this guards against: with the running batch full, an adapter loaded for waiting
+    requests was evicted by the next waiting adapter in the same pass, every step, and none ran.
+    """
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path, max_active_adapters=1, max_running_requests=1, adapter_cycle_time_s=30.0)
+    manager = engine.adapters
+    base = engine.add_request([1, 5, 6], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    engine.step()  # the base request holds the only running place for 40 steps
+    seqs = [engine.add_request([1, 7, 8], SamplingParams(max_new_tokens=2, ignore_eos=True), manager.request(AdapterRef("local", f"a{i}")))
+            for i in range(3)]
+    deadline = time.monotonic() + 30
+    while any(manager.states[s.adapter].status != "cpu" for s in seqs if manager.states[s.adapter].status != "device"):
+        assert time.monotonic() < deadline, "adapters did not reach CPU memory"
+        time.sleep(0.01)
+    for _ in range(20):
+        engine.step()
+    assert not base.finished
+    assert manager.counts["device_evictions"] == 0  # was 2 a step: a0 -> a1 -> a2 -> a0 ...
+    assert set(manager.slots.slot_of) == {seqs[0].adapter}
+    finished_order = []
+    while not all(s.finished for s in seqs):
+        assert time.monotonic() < deadline, "waiting adapters were not served"
+        for out in engine.step():
+            if out.finished and out.seq in seqs:
+                finished_order.append(out.seq)
+    assert finished_order == seqs and all(s.finish_reason is FinishReason.LENGTH for s in seqs)
+    assert manager.counts["device_evictions"] == 2  # one load each, in order

@@ -182,7 +182,7 @@ def test_eos_ends_generation_unless_ignored(tiny_models: dict[str, Path], monkey
     engine.eos_ids = {eos}
     import lorafleet.server.engine as engine_module
 
-    monkeypatch.setattr(engine_module, "sample", lambda logits, seqs: ([eos] * len(seqs), logits.log_softmax(-1)))
+    monkeypatch.setattr(engine_module, "sample", lambda logits, seqs: ([eos] * len(seqs), logits.log_softmax(-1), {}))
     stops = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5))
     runs_on = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5, ignore_eos=True))
     engine.run_to_completion()

@@ -19,6 +19,11 @@ def gen(**parameters) -> dict:
     return {"inputs": "Hello", "parameters": {"max_new_tokens": 2, **parameters}}
 
 
+def raw(parameter: str) -> bytes:
+    """A body with one parameter written as raw JSON text: NaN and Infinity cannot come from a dict."""
+    return ('{"inputs": "Hello", "parameters": {"max_new_tokens": 2, ' + parameter + "}}").encode()
+
+
 # (name, path, body (dict, or bytes sent raw), headers, status, error_type, message fragment)
 CASES = [
     ("bad json", "/generate", b'{"inputs": "x",', {}, 400, "validation", "not valid JSON"),
@@ -75,6 +80,37 @@ CASES = [
     ("completions unknown adapter", "/v1/completions", {"prompt": "x", "model": "ghost", "adapter_source": "local"}, {}, 404, "not_found", "local adapter 'ghost' not found"),
     ("tokenize without inputs", "/tokenize", {"text": "x"}, {}, 422, "validation", "`inputs` must be a string"),
     ("admin load without id", "/adapters", {"pin": True}, {}, 422, "validation", "`adapter_id` is required"),
+    # Values that once poisoned the engine (a NaN temperature failed every stream of its batch and
+    # turned /health red for good), refused with the field's name; the engine's own isolation is
+    # tests/test_engine_isolation.py.
+    ("temperature NaN", "/generate", raw('"temperature": NaN'), {}, 422, "validation", "`parameters.temperature` must be a finite number, got nan"),
+    ("temperature Infinity", "/generate", raw('"temperature": Infinity'), {}, 422, "validation", "`parameters.temperature` must be a finite number, got inf"),
+    ("temperature 1e999", "/generate", raw('"temperature": 1e999'), {}, 422, "validation", "`parameters.temperature` must be a finite number, got inf"),
+    ("repetition_penalty NaN", "/generate", raw('"repetition_penalty": NaN'), {}, 422, "validation", "`parameters.repetition_penalty` must be a finite number"),
+    ("top_p -Infinity", "/generate", raw('"top_p": -Infinity'), {}, 422, "validation", "`parameters.top_p` must be a finite number, got -inf"),
+    ("seed NaN", "/generate", raw('"seed": NaN'), {}, 422, "validation", "`parameters.seed` must be a finite number"),
+    ("merge weight NaN", "/generate", raw('"merged_adapters": {"ids": ["a"], "weights": [NaN]}'), {}, 422, "validation",
+     "`parameters.merged_adapters.weights[0]` must be a finite number"),
+    ("temperature denormal", "/generate", gen(temperature=1e-45), {}, 422, "validation", "`temperature` must be 0 (greedy) or between 0.001 and 100.0"),
+    ("temperature huge", "/generate", gen(temperature=1e6), {}, 422, "validation", "`temperature` must be 0 (greedy) or between 0.001 and 100.0"),
+    ("repetition_penalty denormal", "/generate", gen(repetition_penalty=1e-45), {}, 422, "validation", "`repetition_penalty` must be between 0.01 and 100.0"),
+    ("repetition_penalty huge", "/generate", gen(repetition_penalty=1e300), {}, 422, "validation", "`repetition_penalty` must be between 0.01 and 100.0"),
+    ("nesting bomb", "/generate", b'{"inputs": "x", "parameters": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "validation", "nested deeper than 32 levels"),
+    ("nested too deep", "/generate", b'{"inputs": "x", "parameters": {"a": ' + b"[" * 40 + b"]" * 40 + b"}}", {}, 422, "validation", "is nested deeper than 32 levels"),
+    ("lone surrogate adapter_id", "/generate", raw('"adapter_id": "\\ud800"'), {}, 422, "validation", "`parameters.adapter_id` is not valid Unicode"),
+    ("lone surrogate inputs", "/generate", b'{"inputs": "a\\udfff"}', {}, 422, "validation", "`inputs` is not valid Unicode"),
+    ("local id names the root", "/generate", gen(adapter_id=".", adapter_source="local"), {}, 422, "validation", "must name a folder under an adapter root"),
+    ("local id ./", "/generate", gen(adapter_id="./", adapter_source="local"), {}, 422, "validation", "must name a folder under an adapter root"),
+    ("openai temperature NaN", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', {}, 422, "validation", "`temperature` must be a finite number, got nan"),
+    ("openai model surrogate", "/v1/completions", b'{"prompt": "x", "model": "\\ud83d"}', {}, 422, "validation", "`model` is not valid Unicode"),
+    ("chat unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, {}, 422, "validation", "`messages[0].role` must be one of system, developer, user, assistant, tool. Given: 'wizard'"),
+    ("chat user without content", "/v1/chat/completions", {"messages": [{"role": "user"}]}, {}, 422, "validation", "`messages[0].content` is required for a user message"),
+    ("chat system null content", "/v1/chat/completions", {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "x"}]}, {}, 422, "validation",
+     "`messages[0].content` is required for a system message"),
+    # One body that asks for thousands of sequences counts as thousands of requests (the limit here is 2).
+    ("200 prompts x n 16", "/v1/completions", {"prompt": ["x"] * 200, "n": 16}, {}, 422, "validation", "this request makes 3200 sequences (prompts x n x best_of); at most 2"),
+    ("3 prompts", "/v1/completions", {"prompt": ["x", "y", "z"], "max_tokens": 1}, {}, 422, "validation", "this request makes 3 sequences"),
+    ("chat n 3", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, {}, 422, "validation", "this request makes 3 sequences"),
 ]
 
 
