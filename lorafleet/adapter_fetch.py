@@ -31,14 +31,16 @@ def hub_file(repo: str, filename: str, revision: str | None, token: str | None) 
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, token=token or os.environ.get("HF_TOKEN") or None,
                                     endpoint=os.environ.get("HF_ENDPOINT") or None, cache_dir=os.environ.get("HF_HUB_CACHE") or None))
+    # Order matters: LocalEntryNotFoundError (the hub could not be reached) subclasses
+    # EntryNotFoundError (the repo has no such file), and GatedRepoError subclasses RepositoryNotFoundError.
+    except LocalEntryNotFoundError as exc:
+        raise AdapterFetchError(f"hub adapter {repo!r}: the hub is unreachable and the file is not in the local cache") from exc
+    except GatedRepoError as exc:
+        raise AdapterFetchError(f"hub adapter {repo!r} is gated: {exc}") from exc
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise AdapterNotFound(f"hub adapter {repo!r} not found (or private without a valid token)") from exc
     except EntryNotFoundError as exc:
         raise AdapterNotFound(f"hub repo {repo!r} has no {filename}: not a PEFT LoRA adapter") from exc
-    except GatedRepoError as exc:
-        raise AdapterFetchError(f"hub adapter {repo!r} is gated: {exc}") from exc
-    except LocalEntryNotFoundError as exc:
-        raise AdapterFetchError(f"hub adapter {repo!r} is not in the offline cache and the hub is unreachable") from exc
     except Exception as exc:  # network errors of every kind
         raise AdapterFetchError(f"fetching hub adapter {repo!r} failed: {exc}") from exc
 

@@ -25,12 +25,14 @@ from typing import Callable
 
 from lorafleet.server.adapter_cache import CpuCache, DiskCache
 from lorafleet.server.adapter_format import LoraAdapter
-from lorafleet.server.adapter_sources import AdapterRef, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.adapter_sources import AdapterFetchError, AdapterNotFound, AdapterRef, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.errors import Conflict
 from lorafleet.server.lora_slots import LoraSlots
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30.0
+NOT_FOUND_RETRY_S = 30.0  # an id its source says does not exist is refused from memory for this long
+MAX_FAILED_REMEMBERED = 256  # failed ids kept for their error and back-off; older ones are forgotten
 TIERS = ("device", "loading", "cpu", "failed")  # every AdapterState.status
 
 
@@ -59,8 +61,19 @@ class AdapterSettings:
     disk_bytes: int = 20 << 30
     cpu_bytes: int = 4 << 30
     cycle_time_s: float = 2.0
-    load_threads: int = 2
+    load_threads: int = 2  # local folders: parsing only
+    remote_load_threads: int = 4  # hub and S3: network-bound, so a slow or unreachable source never holds up local loads
     max_pinned: int | None = None  # None: no limit (tests); the engine keeps one slot free of pins
+
+
+def retry_delay(exc: BaseException, failures: int) -> float:
+    """How long a failed id is answered from memory: a missing one for a while, an unreachable source
+    with a back-off from 1 s, anything else (a bad file, since replaced?) at once the first time."""
+    if isinstance(exc, AdapterNotFound):
+        return NOT_FOUND_RETRY_S
+    if isinstance(exc, AdapterFetchError):
+        return min(MAX_BACKOFF_S, 2.0 ** (failures - 1))
+    return min(MAX_BACKOFF_S, 0.0 if failures == 1 else 2.0 ** (failures - 2))
 
 
 class AdapterManager:
@@ -74,7 +87,9 @@ class AdapterManager:
         self.states: dict[str, AdapterState] = {}
         self._failed: list[tuple[str, BaseException]] = []
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter")
+        self._local_pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter-local")
+        self._remote_pool = ThreadPoolExecutor(settings.remote_load_threads, thread_name_prefix="lorafleet-adapter-remote")
+        self._failed_keys: dict[str, None] = {}  # insertion-ordered: the oldest failure first
         # Called with (step, seconds) for each tier move: source_to_disk, disk_to_cpu, cpu_to_device.
         self.on_timing: Callable[[str, float], None] = lambda step, seconds: None
         self._pinned: set[str] = set()
@@ -82,30 +97,49 @@ class AdapterManager:
         self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "source_fetch": 0, "device_evictions": 0, "rotations": 0}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._local_pool, self._remote_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, state: AdapterState, local_folder: Path | None, token: str | None) -> None:
+        pool = self._local_pool if state.ref.source == "local" else self._remote_pool
+        pool.submit(self._load, state, local_folder, token)
 
     # -- requests (engine thread) ---------------------------------------------------------------
 
     def request(self, ref: AdapterRef, token: str | None = None, pin: bool = False) -> str:
         """Register a use of ``ref``; start loading it if no tier holds it. Raises at once for a bad id or a recent failure."""
+        folder = None
+        if ref.source == "local":  # one key per folder, however the id spells it ("./a0", "a0/.", a symlink)
+            folder = resolve_local(ref.id, self.settings.roots)
+            ref = AdapterRef("local", self._canonical_local_id(folder), ref.revision)
         key = ref.key
         now = time.monotonic()
         with self._lock:
             state = self.states.get(key)
-            if state is not None and state.status == "failed" and now < state.retry_at:
+            # A token may open a private repo that answered "not found" without one: that retries at once.
+            retry_with_token = token is not None and isinstance(state.error if state else None, AdapterNotFound)
+            if state is not None and state.status == "failed" and now < state.retry_at and not retry_with_token:
                 raise state.error  # type: ignore[misc]
+            if pin and key not in self._pinned:
+                self._check_pin_room(key)
             if state is None or state.status == "failed":
-                folder = self._local_folder(ref)
                 state = self.states[key] = AdapterState(ref, failures=state.failures if state else 0)
-                self._pool.submit(self._load, state, folder, token)
+                self._failed_keys.pop(key, None)
+                self._submit(state, folder, token)
             elif state.status == "device":
                 self.counts["device_hit"] += 1
             state.last_used = now
-            if pin and key not in self._pinned:
-                self._check_pin_room(key)
+            if pin:
                 self._pinned.add(key)
             state.pinned = state.pinned or pin
         return key
+
+    def _canonical_local_id(self, folder: Path) -> str:
+        for root in self.settings.roots:
+            resolved = root.resolve()
+            if resolved in folder.parents:
+                return folder.relative_to(resolved).as_posix()
+        return folder.as_posix()  # pragma: no cover - resolve_local only returns folders under a root
 
     def _check_pin_room(self, key: str) -> None:
         """Pins never take the last slot: adapters nobody pinned must still be able to take turns."""
@@ -185,8 +219,14 @@ class AdapterManager:
                 state.status = "failed"
                 state.error = exc
                 state.failures += 1
-                state.retry_at = time.monotonic() + min(MAX_BACKOFF_S, 0.0 if state.failures == 1 else 2.0 ** (state.failures - 2))
+                state.retry_at = time.monotonic() + retry_delay(exc, state.failures)
                 self._failed.append((key, exc))
+                self._failed_keys[key] = None
+                while len(self._failed_keys) > MAX_FAILED_REMEMBERED:
+                    oldest = next(iter(self._failed_keys))
+                    del self._failed_keys[oldest]
+                    if oldest in self.states and self.states[oldest].status == "failed":
+                        del self.states[oldest]
             log.warning("adapter %s failed to load (%s: %s)", key, type(exc).__name__, exc)
 
     def _disk_copy(self, state: AdapterState, token: str | None) -> Path:
@@ -225,7 +265,7 @@ class AdapterManager:
             if adapter is None:  # evicted from CPU memory since it loaded: load it again
                 with self._lock:
                     state.status = "loading"
-                self._pool.submit(self._load, state, self._local_folder(state.ref), None)
+                self._submit(state, self._local_folder(state.ref), None)
                 continue
             if not self._to_device(key, state, adapter, running):
                 self._rotate(running, waiting)

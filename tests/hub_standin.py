@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,6 +19,8 @@ class HubStandIn:
         self.repos: dict[str, Path] = {}
         self.private: dict[str, str] = {}
         self.downloads: list[str] = []
+        self.authorizations: list[str | None] = []  # every request's Authorization header, to show what reached the hub
+        self.delay_s = 0.0  # a slow or unreachable hub: each request waits this long before answering
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -25,6 +28,9 @@ class HubStandIn:
                 pass
 
             def _resolve(self, send_body: bool) -> None:
+                standin.authorizations.append(self.headers.get("authorization"))
+                if standin.delay_s:
+                    time.sleep(standin.delay_s)
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if len(parts) < 5 or parts[2] != "resolve":
                     return self._error(404, "RepoNotFound")

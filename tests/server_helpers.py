@@ -56,7 +56,7 @@ class RunningServer(ThreadedApp):
         engine_settings = dict(model=str(model), block_size=4, kv_cache_memory=1 << 22, max_total_tokens=256, max_input_length=128,
                                adapter_roots=[adapter_root], adapter_cache_dir=cache, max_active_adapters=4, max_lora_rank=16)
         engine_settings.update(overrides.pop("engine", {}))
-        config = ServeConfig(engine=EngineConfig(**engine_settings), model_id="tiny-llama", adapter_source="local", **overrides)
+        config = ServeConfig(engine=EngineConfig(**engine_settings), model_id="tiny-llama", **{"adapter_source": "local", **overrides})
         self.service = ReplicaService(config)
         super().__init__(create_app(self.service))
 

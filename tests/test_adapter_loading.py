@@ -12,7 +12,7 @@ import pytest
 from engine_helpers import make_engine
 from hub_standin import HubStandIn
 from lorafleet.server.adapter_format import AdapterError
-from lorafleet.server.adapter_sources import AdapterNotFound, AdapterRef
+from lorafleet.server.adapter_sources import AdapterFetchError, AdapterNotFound, AdapterRef
 from lorafleet.server.async_engine import AsyncEngine
 from lorafleet.server.sequence import FinishReason, SamplingParams
 from lorafleet.testing import make_lora_adapter
@@ -275,3 +275,43 @@ def test_adapters_brought_in_for_waiting_requests_are_not_swapped_out_before_the
                 finished_order.append(out.seq)
     assert finished_order == seqs and all(s.finish_reason is FinishReason.LENGTH for s in seqs)
     assert manager.counts["device_evictions"] == 2  # one load each, in order
+
+
+def test_a_slow_hub_never_holds_up_local_loads_and_missing_ids_are_remembered(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
+    with HubStandIn() as hub:
+        hub.delay_s = 3.0  # every hub answer takes 3 s
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+        junk = [engine.add_request([1, 5], GREEDY, engine.adapters.request(AdapterRef.parse(f"junk/id{i}", "hub"))) for i in range(6)]
+        started = time.monotonic()
+        local = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef("local", "a2")))
+        drive(engine, [local])
+        assert time.monotonic() - started < 1.5  # it used to queue behind the hub fetches on two shared threads
+        drive(engine, junk, timeout=120)
+        assert all(isinstance(s.error, AdapterNotFound) for s in junk)
+        asked = len(hub.authorizations)
+        for _ in range(20):  # a missing id is refused from memory, not asked again
+            with pytest.raises(AdapterNotFound, match="junk/id0"):
+                engine.adapters.request(AdapterRef.parse("junk/id0", "hub"))
+        assert len(hub.authorizations) == asked
+
+
+def test_an_unreachable_hub_is_not_reported_as_a_missing_adapter(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
+    from server_helpers import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+    seq = engine.add_request([1, 5], GREEDY, engine.adapters.request(AdapterRef.parse("acme/pirate", "hub")))
+    drive(engine, [seq])
+    assert isinstance(seq.error, AdapterFetchError) and "the hub is unreachable" in str(seq.error)
+
+
+def test_aliases_of_one_local_folder_are_one_adapter(tiny_models, adapter_root, tmp_path) -> None:
+    if not (adapter_root / "alias").exists():
+        (adapter_root / "alias").symlink_to(adapter_root / "a1")
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+    keys = {engine.adapters.request(AdapterRef("local", spelling)) for spelling in ("a1", "./a1", "a1/.", "a1/", str(adapter_root / "a1"), "alias")}
+    assert keys == {"local:a1"} and list(engine.adapters.states) == ["local:a1"]

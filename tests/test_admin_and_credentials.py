@@ -1,0 +1,76 @@
+"""Who may change a replica's adapters, and where credentials go.
+
+Load, pin and unload change what every client gets, so they take the replica's admin token; a
+client's key (the gateway's bearer) never doubles as a Hub token; pins always leave a slot for the
+adapters nobody pinned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hub_standin import HubStandIn
+from lorafleet.testing import make_lora_adapter
+from server_helpers import RunningServer, running_server
+
+ADMIN = {"authorization": "Bearer op-secret"}
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("admin-adapters")
+    for i in range(3):
+        make_lora_adapter(tiny_models["llama"], root / f"a{i}", r=4, seed=i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, adapter_root, tmp_path_factory):
+    # Three slots: at most two pins.
+    yield from running_server(tiny_models["llama"], adapter_root, tmp_path_factory.mktemp("cache"), admin_token="op-secret",
+                              engine={"max_active_adapters": 3})
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer client-key"}, {"authorization": "op-secret"}, {"authorization": "Bearer op-secret-2"}])
+def test_admin_routes_refuse_anything_but_the_admin_token(server, headers) -> None:
+    load = httpx.post(server.url + "/adapters", json={"adapter_id": "a0"}, headers=headers, timeout=30)
+    unload = httpx.delete(server.url + "/adapters/a0", headers=headers, timeout=30)
+    for response in (load, unload):
+        assert response.status_code == 401, response.text
+        assert response.json() == {"error": "this route needs the replica's admin token (Authorization: Bearer <admin token>)", "error_type": "unauthorized"}
+    assert "local:a0" not in {a["key"] for a in httpx.get(server.url + "/adapters").json()}
+
+
+def test_pins_leave_one_slot_for_everyone_else(server) -> None:
+    for name in ("a0", "a1"):
+        response = httpx.post(server.url + "/adapters", json={"adapter_id": name, "pin": True}, headers=ADMIN, timeout=30)
+        assert response.status_code == 200 and response.json()["pinned"] is True
+    third = httpx.post(server.url + "/adapters", json={"adapter_id": "a2", "pin": True}, headers=ADMIN, timeout=30)
+    assert third.status_code == 409
+    assert third.json()["error_type"] == "conflict" and "2 adapters are pinned and at most 2 may be" in third.json()["error"]
+    served = httpx.post(server.url + "/generate", json={"inputs": "Hi", "parameters": {"adapter_id": "a2", "max_new_tokens": 2}}, timeout=30)
+    assert served.status_code == 200  # the free slot serves the unpinned adapter
+    assert httpx.get(server.url + "/info").json()["max_pinned_adapters"] == 2
+    assert httpx.delete(server.url + "/adapters/a0", headers=ADMIN, timeout=30).status_code == 200
+    assert httpx.post(server.url + "/adapters", json={"adapter_id": "a2", "pin": True}, headers=ADMIN, timeout=30).status_code == 200
+
+
+def test_a_client_bearer_never_reaches_the_hub(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
+    """Behind a gateway, Authorization carries the gateway's key; only `api_token` is a Hub token."""
+    with HubStandIn() as hub:
+        hub.repos["acme/secret"] = adapter_root / "a1"
+        hub.private["acme/secret"] = "hf_right"
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        with RunningServer(tiny_models["llama"], adapter_root, tmp_path / "cache", adapter_source="hub") as replica:
+            body = {"inputs": "Hi", "parameters": {"adapter_id": "acme/secret", "max_new_tokens": 2}}
+            refused = httpx.post(replica.url + "/generate", json=body, headers={"authorization": "Bearer gateway-key"}, timeout=60)
+            assert refused.status_code == 404
+            assert "Bearer gateway-key" not in hub.authorizations
+            body["parameters"]["api_token"] = "hf_right"
+            assert httpx.post(replica.url + "/generate", json=body, timeout=60).status_code == 200
+            assert "Bearer hf_right" in hub.authorizations
