@@ -7,6 +7,7 @@ at chosen steps); ``AsyncEngine`` runs it in a background thread for the HTTP la
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class LLMEngine:
         self.attention_kernel = self._kernel(config.attention_kernel)
         self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
         self._grammar: Any = None
+        self._grammar_lock = threading.Lock()
         log.info("engine ready: %s %s on %s, %d KV blocks of %d tokens", self.model_config.architecture, self.dtype, self.device, num_blocks, config.block_size)
 
     # -- requests -------------------------------------------------------------------------------
@@ -134,10 +136,11 @@ class LLMEngine:
 
     def grammar(self) -> Any:
         """The structured-output compiler, made on first use (it indexes the whole vocabulary)."""
-        if self._grammar is None:
-            from lorafleet.server.structured import GrammarCompiler
+        with self._grammar_lock:  # the HTTP layer's compile thread and the engine thread may both ask first
+            if self._grammar is None:
+                from lorafleet.server.structured import GrammarCompiler
 
-            self._grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
+                self._grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
         return self._grammar
 
     def lora_kernel(self) -> str:

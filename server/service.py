@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -24,6 +26,8 @@ from lorafleet.server.serve_config import ServeConfig
 from lorafleet.server.validation import GenerateJob, Limits
 
 log = logging.getLogger(__name__)
+MAX_SCHEMA_BYTES = 64 << 10  # a response_format schema, as JSON text
+GRAMMAR_TIMEOUT_S = 10.0  # compile budget per schema; the compile thread is shared, so a slow one is refused
 
 
 @dataclass(slots=True)
@@ -76,6 +80,7 @@ class ReplicaService:
         self.in_flight = 0
         self.draining = False
         self.started = False
+        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="lorafleet-grammar")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -92,6 +97,7 @@ class ReplicaService:
     def stop(self) -> None:
         self.runner.stop()
         self.engine.adapters.close()
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def healthy(self) -> bool:
@@ -139,8 +145,27 @@ class ReplicaService:
 
     # -- generation -----------------------------------------------------------------------------
 
+    async def compile_grammar(self, job: GenerateJob) -> None:
+        """Compile the response format off the engine thread, within a size and a time budget.
+
+        The engine thread then finds it compiled; a schema that compiles slowly makes its own request
+        wait (and fail after GRAMMAR_TIMEOUT_S), never the other streams.
+        """
+        response_format = job.params.response_format
+        if response_format is None:
+            return
+        size = len(json.dumps(response_format.get("schema")))
+        if size > MAX_SCHEMA_BYTES:
+            raise ValidationError(f"`response_format` schema is {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted")
+        compiling = asyncio.get_running_loop().run_in_executor(self._grammar_pool, lambda: self.engine.grammar().compile(response_format))
+        try:
+            await asyncio.wait_for(asyncio.shield(compiling), GRAMMAR_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ValidationError(f"`response_format` schema did not compile within {GRAMMAR_TIMEOUT_S:g}s; simplify it") from None
+
     async def stream(self, job: GenerateJob, prompt_ids: list[int]) -> tuple[TokenEvent, AsyncIterator[TokenEvent]]:
         """Start a generation and wait for its first event, so errors before it still get their HTTP status."""
+        await self.compile_grammar(job)
         events = self.runner.generate(prompt_ids, job.params, job.adapter, job.api_token).__aiter__()
         try:
             first = await events.__anext__()

@@ -10,6 +10,7 @@ Whitespace is kept compact so a small model cannot wander off into endless inden
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -46,26 +47,38 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(info)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()
 
-    def constraint(self, response_format: dict) -> Constraint:
+    def compile(self, response_format: dict) -> Any:
+        """The compiled grammar of a response format, from the cache when it was compiled before.
+
+        Compiling can take seconds for a hostile schema, so the HTTP layer calls this in a worker
+        thread before the request reaches the engine; the engine thread then only finds it here.
+        """
         kind = response_format.get("type")
         if kind == "json_object" and not response_format.get("schema"):
             key = "json_object"
         else:
             key = json.dumps(response_format.get("schema"), sort_keys=True)
-        compiled = self._cache.get(key)
-        if compiled is None:
-            try:
-                # json_object means an object (OpenAI's contract), not any JSON value.
-                schema = '{"type": "object"}' if key == "json_object" else key
-                compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
-            except Exception as exc:  # xgrammar reports schema errors as RuntimeError
-                raise ValueError(f"`response_format` schema is not valid: {str(exc).splitlines()[-1]}") from exc
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
+        try:
+            # json_object means an object (OpenAI's contract), not any JSON value.
+            schema = '{"type": "object"}' if key == "json_object" else key
+            compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
+        except Exception as exc:  # xgrammar reports schema errors as RuntimeError
+            raise ValueError(f"`response_format` schema is not valid: {str(exc).splitlines()[-1]}") from exc
+        with self._lock:
             self._cache[key] = compiled
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return Constraint(compiled, self.vocab_size)
+        return compiled
+
+    def constraint(self, response_format: dict) -> Constraint:
+        return Constraint(self.compile(response_format), self.vocab_size)
 
 
 def validate_response_format(value: Any) -> dict | None:

@@ -167,3 +167,43 @@ async def test_a_client_that_disconnects_cancels_its_request(server) -> None:
         await asyncio.sleep(0.02)
     assert not engine.scheduler.running and server.service.in_flight == 0
     assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+async def test_a_stream_abandoned_while_it_waits_leaves_the_queue_at_once(server, tiny_models, monkeypatch) -> None:
+    """A client that hangs up before its first token (its adapter still loading) gives up its place then,
+    not after the load and a whole generation nobody reads."""
+    import time
+
+    root = server.service.config.engine.adapter_roots[0]
+    make_lora_adapter(tiny_models["llama"], root / "slow", r=4)
+    manager = server.service.engine.adapters
+    real_parse = manager._parse
+
+    def slow_parse(name, folder):  # noqa: ANN001, ANN202
+        time.sleep(3.0)
+        return real_parse(name, folder)
+
+    monkeypatch.setattr(manager, "_parse", slow_parse)
+    body = {"inputs": "Hello", "parameters": {"adapter_id": "slow", "max_new_tokens": 200, "ignore_eos_token": True}}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        for path in ("/generate_stream", "/v1/completions"):
+            payload = body if path == "/generate_stream" else {"model": "slow", "prompt": "Hello", "max_tokens": 200, "stream": True}
+            request = asyncio.ensure_future(client.post(path, json=payload))
+            await asyncio.sleep(0.5)
+            assert server.service.in_flight == 1
+            request.cancel()
+            gone = time.monotonic()
+            while server.service.in_flight or server.service.engine.scheduler.waiting:
+                assert time.monotonic() - gone < 1.5, "the abandoned request kept its place"
+                await asyncio.sleep(0.02)
+            manager.unload("local:slow", running=set())
+
+
+def test_a_chunked_body_over_the_limit_is_413(server) -> None:
+    def chunks():  # noqa: ANN202 - no Content-Length: the limit is found while reading
+        for _ in range(12):
+            yield b"x" * (1 << 20)
+
+    response = httpx.post(server.url + "/generate", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 413 and response.json() == {"error": f"the request body is larger than {server.service.config.max_body_bytes} bytes", "error_type": "validation"}
+    assert httpx.get(server.url + "/health").status_code == 200

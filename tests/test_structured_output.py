@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -44,3 +45,40 @@ def test_an_invalid_schema_is_a_clear_error(tiny_models: dict[str, Path]) -> Non
     engine = make_engine(tiny_models["llama"])
     with pytest.raises(ValueError, match="`response_format` schema is not valid"):
         engine.add_request([1, 5], SamplingParams(response_format={"type": "json_schema", "schema": {"type": 5}}))
+
+
+async def test_a_slow_schema_compile_stalls_no_other_stream(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling happens off the engine thread: a stream running meanwhile keeps its pace, and a
+    compile over the time budget fails its own request only (422)."""
+    import time
+
+    import httpx
+
+    from lorafleet.server import service as service_module
+    from server_helpers import RunningServer
+
+    monkeypatch.setattr(service_module, "GRAMMAR_TIMEOUT_S", 1.5)
+    with RunningServer(tiny_models["llama"], tmp_path, tmp_path / "cache") as server:
+        grammar = server.service.engine.grammar()
+        real_compile = grammar.compile
+
+        def slow_compile(response_format: dict):  # noqa: ANN202 - a schema that takes xgrammar 2.5 s
+            time.sleep(2.5)
+            return real_compile(response_format)
+
+        monkeypatch.setattr(grammar, "compile", slow_compile)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            long = {"inputs": "Hello", "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+            constrained = {"inputs": "Hi", "parameters": {"max_new_tokens": 5, "response_format": {"type": "json_schema", "schema": SCHEMA}}}
+            gaps, last = [], None
+            async with client.stream("POST", "/generate_stream", json=long) as stream:
+                slow = asyncio.ensure_future(client.post("/generate", json=constrained))
+                async for line in stream.aiter_lines():
+                    if line.startswith("data:"):
+                        now = time.monotonic()
+                        if last is not None and not slow.done():
+                            gaps.append(now - last)
+                        last = now
+                refused = await slow
+        assert refused.status_code == 422 and "did not compile within 1.5s" in refused.json()["error"]
+        assert gaps and max(gaps) < 1.0, f"the stream stalled {max(gaps):.1f}s while a schema compiled"
