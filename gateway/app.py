@@ -17,6 +17,7 @@ from lorafleet.gateway.discovery import static_members, watch_service
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.proxy import Gateway, Receive, Send, respond, respond_error
 from lorafleet.gateway.replicas import ReplicaSet
+from lorafleet.http_limits import head_too_large
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,12 @@ class GatewayApp:
             return await self._lifespan(receive, send)
         if scope["type"] != "http":
             return
+        too_large = head_too_large(scope)
+        if too_large is not None:
+            return await respond_error(send, 431, too_large, "validation")
         path, method = scope["path"], scope["method"]
+        if not path.startswith("/"):  # "*" (OPTIONS *, an HTTP/2 preface read as HTTP/1) or an absolute form
+            return await respond_error(send, 400, f"the request target must be a path, got {path[:100]!r}", "validation")
         if path == "/health" and method == "GET":
             if any(not r.ejected for r in self.replicas.replicas.values()):
                 return await respond(send, 200, b"")
@@ -56,7 +62,19 @@ class GatewayApp:
             if not self.keys.allows(authorization):
                 return await respond_error(send, 401, "a valid API key is required", "unauthorized")
             return await respond(send, 200, json.dumps(self.gateway.describe()).encode())
-        await self.gateway.handle(scope, receive, send)
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.gateway.handle(scope, receive, watched)
+        except Exception:  # a bug must cost one request a 502, never the process or a count
+            log.exception("%s %s failed in the gateway", method, path)
+            if not started:
+                await respond_error(send, 502, "the gateway failed to proxy this request", "gateway")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

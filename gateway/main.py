@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lorafleet.gateway.app import create_gateway_app
+    from lorafleet.http_limits import server_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request would drown the decisions
@@ -41,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lorafleet gateway: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(server_config(app, args.host, args.port)).run()
     return 0

@@ -44,21 +44,34 @@ class ClientGone(Exception):
     """The client disconnected; its upstream request was cancelled."""
 
 
-async def unless_client_gone(work: Awaitable[T], receive: Receive) -> T:
-    """Await ``work``, cancelling it and raising ClientGone if the client disconnects first.
+class ReplicaEjected(Exception):
+    """The replica was ejected while this request waited for its answer to start; try the next owner."""
+
+
+async def unless_client_gone(work: Awaitable[T], receive: Receive, ejected: asyncio.Event | None = None) -> T:
+    """Await ``work``, cancelling it and raising ClientGone if the client disconnects first (or
+    ReplicaEjected when ``ejected`` is set first).
 
     Once the request body is read, the server's ``receive`` answers only with the disconnect;
     its ``send`` does not fail after one (uvicorn drops the bytes), so this is the only place
     a proxy learns that nobody is listening.
     """
     working, watching = asyncio.ensure_future(work), asyncio.ensure_future(receive())
+    waiting = {working, watching}
+    ejection = asyncio.ensure_future(ejected.wait()) if ejected is not None else None
+    if ejection is not None:
+        waiting.add(ejection)
     try:
-        done, _ = await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if working in done:
             return working.result()
-        raise ClientGone()
+        if watching in done:
+            raise ClientGone()
+        raise ReplicaEjected()
     finally:
         watching.cancel()
+        if ejection is not None:
+            ejection.cancel()
         if not working.done():
             working.cancel()
             await asyncio.gather(working, return_exceptions=True)  # its cleanup (closing the upstream) runs now
@@ -81,23 +94,32 @@ def routing_key(path: str, body: bytes, base_model_ids: set[str]) -> str | None:
         return None
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack: the replica says why
         return None
     if not isinstance(payload, dict):
         return None
     if path.startswith("/v1/"):
         model = payload.get("model")
-        return model if isinstance(model, str) and model and model not in base_model_ids else None
+        return _hashable(model) if isinstance(model, str) and model and model not in base_model_ids else None
     parameters = payload.get("parameters")
     if not isinstance(parameters, dict):
         return None
     adapter = parameters.get("adapter_id")
     if isinstance(adapter, str) and adapter:
-        return adapter
+        return _hashable(adapter)
     merged = parameters.get("merged_adapters")
     if isinstance(merged, dict) and isinstance(merged.get("ids"), list):
-        return ring.merged_key([str(i) for i in merged["ids"]])
+        return _hashable(ring.merged_key([str(i) for i in merged["ids"]]))
     return None
+
+
+def _hashable(key: str) -> str | None:
+    """A key the ring can hash: a lone surrogate (valid JSON, invalid Unicode) routes as no adapter; the replica refuses it."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return key
 
 
 @dataclass
@@ -175,8 +197,14 @@ class Gateway:
                        key: str | None, placement: str) -> bool:
         """One try on one replica: True when the client got an answer (or left), False to try the next owner."""
         started = time.perf_counter()
+        # A replica already ejected is being tried because every one is: do not give up on it for that.
+        ejected = None if replica.ejected else replica.ejected_signal
         try:
-            response = await unless_client_gone(self.pool.handle_async_request(upstream), receive)
+            response = await unless_client_gone(self.pool.handle_async_request(upstream), receive, ejected)
+        except ReplicaEjected:
+            self._failed_attempt(replica, "ejected")
+            log.warning("%s %s: %s was ejected before answering; trying the next owner", scope["method"], scope["path"], replica.name)
+            return False
         except RETRYABLE as exc:
             self._failed_attempt(replica, "connect_error")
             log.warning("%s %s: %s failed before responding (%s); trying the next owner", scope["method"], scope["path"], replica.name, type(exc).__name__)

@@ -33,6 +33,9 @@ class Replica:
     ejected_until: float = 0.0
     model_id: str | None = None
     info_read: bool = False
+    # Set when the replica is ejected: requests waiting on it with nothing answered yet move on
+    # (a stopped process keeps its connections open and would hold them until the upstream timeout).
+    ejected_signal: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def host(self) -> bytes:
@@ -82,6 +85,8 @@ class ReplicaSet:
             self.on_eject()
             seconds = min(60.0, self.eject_seconds * 2 ** (replica.ejections - 1))
             replica.ejected_until = time.monotonic() + seconds
+            replica.ejected_signal.set()
+            replica.ejected_signal = asyncio.Event()  # the next ejection signals whoever waits from now on
             log.warning("ejected %s for %.0fs after %d failures in a row", replica.name, seconds, replica.consecutive_failures)
 
     async def probe_forever(self, client: httpx.AsyncClient, interval: float) -> None:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorafleet import __version__
+from lorafleet.http_limits import head_too_large
 from lorafleet.server.admin_api import admin_router
 from lorafleet.server.api_openai import openai_router
 from lorafleet.server.api_tgi import tgi_router
@@ -23,7 +24,8 @@ GENERATE_ROUTES = {"/", "/generate", "/generate_stream", "/v1/completions", "/v1
 
 
 class BodyLimit:
-    """Refuse a body over ``limit`` bytes with 413 before reading it whole (Content-Length or while streaming in)."""
+    """Refuse a head over MAX_HEAD_BYTES with 431, and a body over ``limit`` bytes with 413 before reading
+    it whole (Content-Length or while streaming in)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -32,9 +34,12 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = head_too_large(scope)
+        if too_large is not None:
+            return await self._refuse(send, 431, too_large)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+            return await self._refuse(send, 413, f"the request body is larger than {self.limit} bytes")
         seen = 0
 
         async def limited() -> Message:
@@ -47,12 +52,12 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        except _TooLarge as exc:
+            await self._refuse(send, 413, str(exc))
 
-    async def _refuse(self, send: Send) -> None:
-        body = JSONResponse({"error": f"the request body is larger than {self.limit} bytes", "error_type": "validation"}, status_code=413)
-        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+    async def _refuse(self, send: Send, status: int, message: str) -> None:
+        body = JSONResponse({"error": message, "error_type": "validation"}, status_code=status)
+        await send({"type": "http.response.start", "status": status, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})
 
 

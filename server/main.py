@@ -28,6 +28,7 @@ def resolve_model_folder(model: str, source: str, revision: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lorafleet.http_limits import server_config
     from lorafleet.server.app import create_app
     from lorafleet.server.serve_config import serve_config_from_args
     from lorafleet.server.service import ReplicaService
@@ -62,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.05)
             self.should_exit = True
 
-    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5))
+    server = DrainingServer(server_config(app, config.host, config.port, log_level="info", timeout_graceful_shutdown=5))
     server.run()
     return 0

@@ -11,6 +11,7 @@ from typing import Iterator
 import httpx
 import uvicorn
 
+from lorafleet.http_limits import server_config
 from lorafleet.server.app import create_app
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.serve_config import ServeConfig
@@ -29,7 +30,7 @@ class ThreadedApp:
     def __init__(self, app: object) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):  # noqa: ANN204 - returns the subclass

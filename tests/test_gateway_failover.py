@@ -1,76 +1,16 @@
 """The gateway's proxy rules against scripted upstreams (tiny ASGI apps on loopback, no model).
 
-Each upstream answers with its own name and what it received, or misbehaves on purpose: a 503,
-an answer slower than the gateway's upstream timeout, a stream cut off halfway.
+Each upstream (tests/scripted_upstream.py) answers with its own name and what it received, or
+misbehaves on purpose: a 503, an answer slower than the gateway's upstream timeout, a stream cut off halfway.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 
 import httpx
 import pytest
 
-from lorafleet import ring
-from lorafleet.gateway.app import create_gateway_app
-from server_helpers import ThreadedApp
-
-
-class Upstream(ThreadedApp):
-    """Answers /health; everything else per ``mode``; counts the requests it saw."""
-
-    def __init__(self, mode: str = "ok") -> None:
-        self.mode, self.seen = mode, []
-
-        async def app(scope: dict, receive, send) -> None:  # a plain function: uvicorn takes a bound method for ASGI2
-            await self.answer(scope, receive, send)
-
-        super().__init__(app)
-        self.name = f"127.0.0.1:{self.port}"
-
-    async def answer(self, scope: dict, receive, send) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        if scope["path"] == "/health":
-            return await self.reply(send, 200, b"")
-        if scope["path"] in ("/info", "/adapters"):
-            return await self.reply(send, 404, b"{}")
-        self.seen.append(scope["path"])
-        if self.mode == "unavailable":
-            return await self.reply(send, 503, b'{"error": "draining"}')
-        if self.mode == "slow":
-            await asyncio.sleep(2.0)
-        if self.mode == "cut":
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-            await send({"type": "http.response.body", "body": b"data:1\n\n", "more_body": True})
-            raise RuntimeError("the replica dies mid-stream")
-        echo = {"served_by": self.name, "path": scope["path"], "query": scope["query_string"].decode(),
-                "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": body.decode()}
-        await self.reply(send, 200, json.dumps(echo).encode(), [(b"x-upstream-header", b"kept")])
-
-    @staticmethod
-    async def reply(send, status: int, body: bytes, extra: list | None = None) -> None:
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-class Gateway(ThreadedApp):
-    def __init__(self, upstreams: list[Upstream], **kwargs) -> None:
-        super().__init__(create_gateway_app([u.url for u in upstreams], probe_interval=0.2, **kwargs))
-
-
-def key_owned_by(first: Upstream, upstreams: list[Upstream]) -> str:
-    """An adapter id whose top owner on the ring is ``first``."""
-    names = [u.name for u in upstreams]
-    return next(f"org/a{i}" for i in range(1000) if ring.owners(f"org/a{i}", names, 1)[0] == first.name)
+from scripted_upstream import Gateway, Upstream, key_owned_by
 
 
 def generate(url: str, adapter: str, **kwargs) -> httpx.Response:
@@ -132,3 +72,19 @@ def test_an_oversized_body_is_413_and_never_reaches_a_replica() -> None:
         response = httpx.post(gateway.url + "/generate", json={"inputs": "x" * 2000}, timeout=30)
         assert response.status_code == 413 and response.json()["error_type"] == "validation"
         assert upstream.seen == []
+
+
+def test_a_request_waiting_on_a_replica_that_stopped_moves_on_when_it_is_ejected() -> None:
+    """A stopped process keeps its sockets open: without this the request waits the whole upstream timeout."""
+    import time
+
+    stopped, good = Upstream(), Upstream()
+    with stopped, good, Gateway([stopped, good], upstream_timeout=120) as gateway:
+        stopped.mode = "stopped"  # after its start-up health check: it stops while serving
+        adapter = key_owned_by(stopped, [stopped, good])
+        started = time.monotonic()
+        response = generate(gateway.url, adapter)
+        assert response.status_code == 200 and response.json()["served_by"] == good.name
+        assert time.monotonic() - started < 6.0  # ejected by its failing /health probes (2 s timeout), then retried
+        assert 'outcome="ejected"' in httpx.get(gateway.url + "/metrics").text
+        stopped.mode = "ok"  # resumed (SIGCONT), so it can be shut down
