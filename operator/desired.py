@@ -3,17 +3,20 @@
 For a BaseModel ``m``: a Deployment ``m-replicas`` of ``lorafleet serve``, a Service ``m-replicas``
 in front of it (its EndpointSlices are how the gateway finds the replicas), a gateway Deployment
 and Service ``m`` (the fleet's entry point), a PodDisruptionBudget, and the ServiceAccount, Role
-and RoleBinding that let the gateway read EndpointSlices. The operator adds owner references, so
+and RoleBinding that let the gateway read EndpointSlices, and a Secret ``m-admin`` with the replicas'
+admin token (the gateway never gets it). The operator adds owner references, so
 deleting the BaseModel removes all of it.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 REPLICA_PORT = 8080
 GATEWAY_PORT = 8000
 DRAIN_SECONDS = 30
+ADMIN_TOKEN_KEY = "token"
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -22,6 +25,23 @@ def labels(name: str, component: str) -> dict[str, str]:
 
 def replica_name(name: str) -> str:
     return f"{name}-replicas"
+
+
+def admin_secret_name(name: str) -> str:
+    return f"{name}-admin"
+
+
+def admin_secret(name: str, namespace: str, token: str) -> dict[str, Any]:
+    """The replicas' admin token (load, pin, unload): read by the operator, mounted into replicas only.
+
+    The token is made once by the operator (the handler keeps an existing one), so this stays a
+    pure function of its inputs.
+    """
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": admin_secret_name(name), "namespace": namespace, "labels": labels(name, "replica")},
+        "data": {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
 
 
 def gateway_url(name: str, namespace: str) -> str:
@@ -49,7 +69,8 @@ def _probe(path: str, period: int, failures: int, initial: int = 0) -> dict[str,
 
 
 def replica_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-    env = [{"name": "LORAFLEET_HOME", "value": "/data"}, {"name": "HF_HOME", "value": "/data/hf"}]
+    env = [{"name": "LORAFLEET_HOME", "value": "/data"}, {"name": "HF_HOME", "value": "/data/hf"},
+           {"name": "LORAFLEET_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": admin_secret_name(name), "key": ADMIN_TOKEN_KEY}}}]
     token = spec.get("hfTokenSecretRef")
     if token:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token.get("key", "token")}}})
@@ -118,7 +139,9 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": namespace, "labels": component},
         "spec": {
-            "replicas": routing.get("gatewayReplicas", 1),
+            # Two by default: one gateway is a single point of failure. Each bounds loads on its own
+            # counts; the ring keeps them agreeing on owners (bench/routing_sim.py --gateways).
+            "replicas": routing.get("gatewayReplicas", 2),
             "selector": {"matchLabels": component},
             "template": {"metadata": {"labels": component}, "spec": {
                 "serviceAccountName": f"{name}-gateway",
@@ -155,6 +178,15 @@ def disruption_budget(name: str, namespace: str, spec: dict[str, Any]) -> dict[s
     }
 
 
+def gateway_disruption_budget(name: str, namespace: str) -> dict[str, Any]:
+    """A voluntary disruption (a node drain) takes at most one gateway at a time."""
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": f"{name}-gateway", "namespace": namespace, "labels": labels(name, "gateway")},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(name, "gateway")}},
+    }
+
+
 def gateway_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
     account = f"{name}-gateway"
     meta = {"name": account, "namespace": namespace, "labels": labels(name, "gateway")}
@@ -168,13 +200,15 @@ def gateway_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
     ]
 
 
-def fleet_objects(name: str, namespace: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
+def fleet_objects(name: str, namespace: str, spec: dict[str, Any], admin_token: str) -> list[dict[str, Any]]:
     """Every object a BaseModel owns, in the order they are best created."""
     return [
+        admin_secret(name, namespace, admin_token),
         *gateway_rbac(name, namespace),
         replica_service(name, namespace),
         replica_deployment(name, namespace, spec),
         disruption_budget(name, namespace, spec),
         gateway_service(name, namespace),
         gateway_deployment(name, namespace, spec),
+        gateway_disruption_budget(name, namespace),
     ]

@@ -5,14 +5,16 @@ re-derives the same state and creates no duplicates.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import secrets
 from typing import Any
 
 import httpx
 import kopf
 
 from lorafleet.operator import adapter_check
-from lorafleet.operator.desired import fleet_objects, labels, replica_name
+from lorafleet.operator.desired import ADMIN_TOKEN_KEY, admin_secret_name, fleet_objects, labels, replica_name
 from lorafleet.operator.fleet_status import basemodel_status, placement, ready_pods
 from lorafleet.operator.kube import Kube, login
 
@@ -45,7 +47,7 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, repair_i
     def reconcile_basemodel(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
         kube = kube_factory()
         changed = []
-        for obj in fleet_objects(name, namespace, dict(spec)):
+        for obj in fleet_objects(name, namespace, dict(spec), admin_token(kube, namespace, name) or secrets.token_urlsafe(32)):
             kopf.adopt(obj, owner=body)
             outcome, _ = kube.apply(obj)
             if outcome != "unchanged":
@@ -92,11 +94,13 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, repair_i
 
     @kopf.on.delete(GROUP, VERSION, "adapters", registry=registry)
     def unload_adapter(spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, **_: Any) -> None:
-        members = fleet_members(kube_factory(), namespace, spec["baseModel"])
+        kube = kube_factory()
+        members = fleet_members(kube, namespace, spec["baseModel"])
+        headers = admin_headers(kube, namespace, spec["baseModel"])
         for pod in status.get("replicas") or []:
             if pod in members:
                 try:  # best effort: the replica may already be gone
-                    httpx.delete(f"{members[pod]}/adapters/{spec['id']}", timeout=5.0)
+                    httpx.delete(f"{members[pod]}/adapters/{spec['id']}", headers=headers, timeout=5.0)
                 except httpx.HTTPError:
                     pass
 
@@ -111,6 +115,18 @@ def fail(body: kopf.Body, patch: kopf.Patch, generation: int, reason: str, messa
     raise kopf.PermanentError(message)
 
 
+def admin_token(kube: Kube, namespace: str, base: str) -> str | None:
+    """The fleet's admin token from its Secret (None before the BaseModel first reconciled)."""
+    secret = kube.get("v1", "Secret", namespace, admin_secret_name(base))
+    encoded = ((secret or {}).get("data") or {}).get(ADMIN_TOKEN_KEY)
+    return base64.b64decode(encoded).decode() if encoded else None
+
+
+def admin_headers(kube: Kube, namespace: str, base: str) -> dict[str, str]:
+    token = admin_token(kube, namespace, base)
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 def fleet_members(kube: Kube, namespace: str, base: str) -> dict[str, str]:
     selector = ",".join(f"{k}={v}" for k, v in labels(base, "replica").items())
     return ready_pods(kube.list("v1", "Pod", namespace, selector))
@@ -121,10 +137,11 @@ def warm(kube: Kube, body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name
     members = fleet_members(kube, namespace, spec["baseModel"])
     owners = placement(spec["id"], sorted(members), spec.get("warmReplicas", 1))
     request = {"adapter_id": spec["id"], "adapter_source": spec.get("source", "hub"), "pin": bool(spec.get("pinned"))}
+    headers = admin_headers(kube, namespace, spec["baseModel"])
     hot, problems = [], []
     for pod in owners:
         try:
-            response = httpx.post(f"{members[pod]}/adapters", json=request, timeout=WARM_TIMEOUT_S)
+            response = httpx.post(f"{members[pod]}/adapters", json=request, headers=headers, timeout=WARM_TIMEOUT_S)
         except httpx.HTTPError as exc:
             problems.append(f"{pod}: {type(exc).__name__}")
             continue
@@ -137,7 +154,7 @@ def warm(kube: Kube, body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name
     for pod in set(status.get("replicas") or []) - set(owners):
         if pod in members:
             try:
-                httpx.delete(f"{members[pod]}/adapters/{spec['id']}", timeout=5.0)
+                httpx.delete(f"{members[pod]}/adapters/{spec['id']}", headers=headers, timeout=5.0)
             except httpx.HTTPError:
                 pass
     if not owners:

@@ -14,7 +14,7 @@ from typing import Any
 PLURALS = {
     "Deployment": "deployments", "Service": "services", "PodDisruptionBudget": "poddisruptionbudgets",
     "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings", "Pod": "pods",
-    "BaseModel": "basemodels", "Adapter": "adapters", "EndpointSlice": "endpointslices",
+    "BaseModel": "basemodels", "Adapter": "adapters", "EndpointSlice": "endpointslices", "Secret": "secrets",
 }
 
 

@@ -41,7 +41,7 @@ def test_install_renders_and_validates() -> None:
      "routing": {"apiKeySecretRef": {"name": "keys"}}},
 ], ids=["minimal", "everything"])
 def test_every_object_the_operator_makes_validates(spec: dict) -> None:
-    for obj in fleet_objects("fleet", "default", spec):
+    for obj in fleet_objects("fleet", "default", spec, "admin-token"):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 

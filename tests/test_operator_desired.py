@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 
 from lorafleet import ring
@@ -18,10 +21,13 @@ def container(deployment: dict) -> dict:
 
 
 def test_minimal_spec_gives_a_complete_fleet() -> None:
-    objects = fleet_objects("m", "ns", SPEC)
+    secret, *objects = fleet_objects("m", "ns", SPEC, "admin-token")
+    assert (secret["kind"], secret["metadata"]["name"], base64.b64decode(secret["data"]["token"])) == ("Secret", "m-admin", b"admin-token")
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
         ("ServiceAccount", "m-gateway"), ("Role", "m-gateway"), ("RoleBinding", "m-gateway"), ("Service", "m-replicas"),
-        ("Deployment", "m-replicas"), ("PodDisruptionBudget", "m-replicas"), ("Service", "m"), ("Deployment", "m")]
+        ("Deployment", "m-replicas"), ("PodDisruptionBudget", "m-replicas"), ("Service", "m"), ("Deployment", "m"),
+        ("PodDisruptionBudget", "m-gateway")]
+    assert objects[7]["spec"]["replicas"] == 2 and objects[8]["spec"]["selector"]["matchLabels"] == objects[7]["spec"]["selector"]["matchLabels"]
     assert all(o["metadata"]["namespace"] == "ns" for o in objects)
     replicas = objects[4]
     assert replicas["spec"]["replicas"] == 3
@@ -32,6 +38,9 @@ def test_minimal_spec_gives_a_complete_fleet() -> None:
     assert probes["startupProbe"]["httpGet"]["path"] == "/health" and probes["startupProbe"]["failureThreshold"] * probes["startupProbe"]["periodSeconds"] >= 1800
     assert probes["readinessProbe"]["httpGet"]["path"] == "/health" and "livenessProbe" in probes
     assert objects[1]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]
+    # The replicas take the admin token from the Secret; the gateway never sees it.
+    assert {"name": "LORAFLEET_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "m-admin", "key": "token"}}} in container(replicas)["env"]
+    assert "m-admin" not in json.dumps(objects[7])
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,10 @@ def test_the_whole_fleet_on_one_machine(fleet) -> None:
     owner_ip = pods(kubectl)[owner]["status"]["podIP"]
     metrics = httpx.get(f"http://{owner_ip}:8080/metrics").text
     assert 'lorafleet_adapter_events{event="device_hit"}' in metrics and 'event="source_fetch"} 0.0' in metrics
+    # The operator warmed it with the fleet's admin token (from the Secret it made); nobody else may.
+    assert httpx.get(f"http://{owner_ip}:8080/info").json()["admin_auth"] is True
+    assert httpx.post(f"http://{owner_ip}:8080/adapters", json={"adapter_id": "pirate", "pin": True}).status_code == 401
+    assert httpx.post(url + "/adapters", json={"adapter_id": "pirate", "pin": True}).status_code == 403
 
     # 2. An Adapter applied with kubectl goes Ready on its ring owner.
     make_lora_adapter(model, adapters / "shouty", r=4, seed=2)  # a new adapter dropped into the adapter root

@@ -11,6 +11,7 @@ processes, and everything started is stopped on exit.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ class LocalPod:
     template_hash: str
     process: subprocess.Popen
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     ready: bool = False
     restarts: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -113,23 +115,37 @@ class NodeAgent:
         else:
             address, port = self.free_addresses.pop(0), int(container["ports"][0]["containerPort"])
         args = local_args(container["args"], address, port, self.workdir / pod_name, self.adapter_root)
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self._secret_env(container), "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         log_path = self.workdir / f"{pod_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", *args], env=env, stdout=log_path.open("ab"),
                                    stderr=subprocess.STDOUT, start_new_session=True)
-        pod = LocalPod(pod_name, name, address, port, template_hash(deployment), process, log_path)
+        pod = LocalPod(pod_name, name, address, port, template_hash(deployment), process, log_path, env)
         self.pods[pod_name] = pod
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         self.kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "namespace": self.namespace, "labels": labels},
                          "spec": {"containers": [{**container, "args": container["args"]}], "nodeName": "lorafleet-local"}})
         self._note(f"started {pod_name} on {address}:{port}")
 
+    def _secret_env(self, container: dict) -> dict[str, str]:
+        """The container's variables that come from Secrets (the admin token, an HF token), as a kubelet
+        would set them. Plain values are left out: they name the container's paths (/data), not this machine's."""
+        env = {}
+        for entry in container.get("env") or []:
+            ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+            if not ref:
+                continue
+            secret = self.kube.get("v1", "Secret", self.namespace, ref["name"]) or {}
+            encoded = (secret.get("data") or {}).get(ref["key"])
+            if encoded is not None:
+                env[entry["name"]] = base64.b64decode(encoded).decode()
+        return env
+
     def _restart(self, pod: LocalPod) -> None:
         pod.restarts += 1
         pod.ready = False
         self._note(f"{pod.name} exited with {pod.process.returncode}; restarting (restart {pod.restarts})")
-        pod.process = subprocess.Popen(pod.process.args, env={**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"},
+        pod.process = subprocess.Popen(pod.process.args, env=pod.env,
                                        stdout=pod.log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
         pod.started = time.monotonic()
 

@@ -35,7 +35,8 @@ def free_port() -> int:
 def basemodel(name: str, model: str, replicas: int) -> dict:
     return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": name, "namespace": "default"},
             "spec": {"model": {"id": model, "source": "local"}, "replicas": replicas, "image": "local",
-                     "engine": {"device": "cpu", "maxActiveAdapters": 8, "maxLoraRank": 64}}}
+                     "engine": {"device": "cpu", "maxActiveAdapters": 8, "maxLoraRank": 64},
+                     "routing": {"gatewayReplicas": 1}}}  # one gateway port on this machine (a cluster runs two)
 
 
 def adapter(name: str, base: str) -> dict:
