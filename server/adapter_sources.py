@@ -18,6 +18,7 @@ __all__ = ["ADAPTER_FILES", "SOURCES", "AdapterFetchError", "AdapterNotFound", "
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SOURCES = ("hub", "local", "s3")
+MAX_ID_LENGTH = 512  # hub ids are at most 96 characters; a path under a root or an S3 prefix fits with room
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,8 @@ class AdapterRef:
             raise ValueError(f"adapter_source must be one of {', '.join(SOURCES)}, got {source!r}")
         if not adapter_id or not adapter_id.strip():
             raise ValueError("adapter_id must not be empty")
+        if len(adapter_id) > MAX_ID_LENGTH:
+            raise ValueError(f"adapter_id is {len(adapter_id)} characters; at most {MAX_ID_LENGTH} are accepted")
         revision = None
         if source == "hub" and "@" in adapter_id:
             adapter_id, revision = adapter_id.rsplit("@", 1)

@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorafleet import __version__
@@ -112,6 +113,12 @@ def create_app(service: ReplicaService) -> FastAPI:
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods answer in the API's error shape too (clients parse one shape)."""
+        kind = {404: "not_found", 405: "validation"}.get(exc.status_code, "validation")
+        return JSONResponse({"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def schema_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -79,7 +79,6 @@ CASES = [
     ("completions prompt a number", "/v1/completions", {"prompt": 7}, {}, 422, "validation", "`prompt` must be a string or a non-empty list"),
     ("completions unknown adapter", "/v1/completions", {"prompt": "x", "model": "ghost", "adapter_source": "local"}, {}, 404, "not_found", "local adapter 'ghost' not found"),
     ("tokenize without inputs", "/tokenize", {"text": "x"}, {}, 422, "validation", "`inputs` must be a string"),
-    ("admin load without id", "/adapters", {"pin": True}, {}, 422, "validation", "`adapter_id` is required"),
     # Values that once poisoned the engine (a NaN temperature failed every stream of its batch and
     # turned /health red for good), refused with the field's name; the engine's own isolation is
     # tests/test_engine_isolation.py.
@@ -111,6 +110,82 @@ CASES = [
     ("200 prompts x n 16", "/v1/completions", {"prompt": ["x"] * 200, "n": 16}, {}, 422, "validation", "this request makes 3200 sequences (prompts x n x best_of); at most 2"),
     ("3 prompts", "/v1/completions", {"prompt": ["x", "y", "z"], "max_tokens": 1}, {}, 422, "validation", "this request makes 3 sequences"),
     ("chat n 3", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, {}, 422, "validation", "this request makes 3 sequences"),
+    ("adapter id of 10 KB", "/generate", gen(adapter_id="a" * 10_000, adapter_source="local"), {}, 422, "validation", "adapter_id is 10000 characters; at most 512"),
+    ("adapter id with NUL", "/generate", gen(adapter_id="a\x00b", adapter_source="local"), {}, 422, "validation", "must not contain '..' or NUL"),
+    ("unknown route", "GET /nope", None, {}, 404, "not_found", "Not Found"),
+    ("wrong method", "PUT /generate", None, {}, 405, "validation", "Method Not Allowed"),
+]
+
+# The OpenAI surface: /v1/completions and /v1/chat/completions.
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "x"}]
+CASES += [
+    ("completions body a list", "/v1/completions", [1], {}, 422, "validation", "must be a JSON object"),
+    ("completions prompt empty list", "/v1/completions", {"prompt": []}, {}, 422, "validation", "`prompt` must be a string or a non-empty list"),
+    ("completions prompt list with a number", "/v1/completions", {"prompt": ["x", 3]}, {}, 422, "validation", "`prompt` must be a string or a non-empty list"),
+    ("completions max_tokens 0", "/v1/completions", {"prompt": "x", "max_tokens": 0}, {}, 422, "validation", "`max_new_tokens` must be strictly positive"),
+    ("completions max_tokens a word", "/v1/completions", {"prompt": "x", "max_tokens": "ten"}, {}, 422, "validation", "`max_new_tokens` must be an integer"),
+    ("completions temperature negative", "/v1/completions", {"prompt": "x", "temperature": -1}, {}, 422, "validation", "`temperature` must be >= 0.0"),
+    ("completions temperature a word", "/v1/completions", {"prompt": "x", "temperature": "hot"}, {}, 422, "validation", "`temperature` must be a number"),
+    ("completions top_p 2", "/v1/completions", {"prompt": "x", "top_p": 2}, {}, 422, "validation", "`top_p` must be > 0.0 and <= 1.0"),
+    ("completions n 17", "/v1/completions", {"prompt": "x", "n": 17}, {}, 422, "validation", "`n` must be an integer from 1 to 16"),
+    ("completions n a word", "/v1/completions", {"prompt": "x", "n": "two"}, {}, 422, "validation", "`n` must be an integer from 1 to 16"),
+    ("completions five stops", "/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, {}, 422, "validation", "`stop` supports up to 4"),
+    ("completions stop a number", "/v1/completions", {"prompt": "x", "stop": 5}, {}, 422, "validation", "`stop` must be a list of strings"),
+    ("completions logprobs 11", "/v1/completions", {"prompt": "x", "logprobs": 11}, {}, 422, "validation", "`return_k_alternatives` must be >= 0 and <= 10"),
+    ("completions seed negative", "/v1/completions", {"prompt": "x", "seed": -1}, {}, 422, "validation", "`seed` must be an unsigned 64-bit integer"),
+    ("completions stream two prompts", "/v1/completions", {"prompt": ["x", "y"], "stream": True}, {}, 422, "validation", "streaming supports one prompt with n = 1"),
+    ("completions frequency_penalty 5", "/v1/completions", {"prompt": "x", "frequency_penalty": 5}, {}, 422, "validation", "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ("completions repetition_penalty 0", "/v1/completions", {"prompt": "x", "repetition_penalty": 0}, {}, 422, "validation", "`repetition_penalty` must be strictly positive"),
+    ("completions model a number", "/v1/completions", {"prompt": "x", "model": 5}, {}, 422, "validation", "`model` must be a string"),
+    ("completions denormal temperature", "/v1/completions", {"prompt": "x", "temperature": 1e-300}, {}, 422, "validation", "`temperature` must be 0 (greedy) or between"),
+    ("chat messages a string", CHAT, {"messages": "hello"}, {}, 422, "validation", "`messages` must be a non-empty list"),
+    ("chat message not an object", CHAT, {"messages": ["hello"]}, {}, 422, "validation", "`messages[0]` must be an object with a `role`"),
+    ("chat content a number", CHAT, {"messages": [{"role": "user", "content": 5}]}, {}, 422, "validation", "`messages[0].content` must be a string or a list of text parts"),
+    ("chat tool without content", CHAT, {"messages": [*USER, {"role": "tool", "tool_call_id": "1"}]}, {}, 422, "validation", "`messages[1].content` is required for a tool message"),
+    ("chat stream n 2", CHAT, {"messages": USER, "stream": True, "n": 2}, {}, 422, "validation", "streaming supports n = 1"),
+    ("chat response_format yaml", CHAT, {"messages": USER, "response_format": {"type": "yaml"}}, {}, 422, "validation", "`response_format.type` must be json_object or json_schema"),
+    ("chat temperature Infinity", CHAT, b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}', {}, 422, "validation", "`temperature` must be a finite number"),
+    ("chat nested too deep", CHAT, b'{"messages": ' + b"[" * 50 + b"]" * 50 + b"}", {}, 422, "validation", "]` is nested deeper than 32 levels"),
+    ("chat schema too large", CHAT, {"messages": USER, "response_format": {"type": "json_schema", "schema": {"type": "object", "description": "d" * 70_000}}}, {}, 422,
+     "validation", "schema is 70"),
+]
+
+# The admin surface: POST/DELETE /adapters (the fixture's admin token is "admin").
+ADMIN = {"authorization": "Bearer admin"}
+CASES += [
+    ("admin load without a token", "/adapters", {"adapter_id": "ok"}, {}, 401, "unauthorized", "needs the replica's admin token"),
+    ("admin load with a wrong token", "/adapters", {"adapter_id": "ok"}, {"authorization": "Bearer nope"}, 401, "unauthorized", "needs the replica's admin token"),
+    ("admin load with a bare token", "/adapters", {"adapter_id": "ok"}, {"authorization": "admin"}, 401, "unauthorized", "needs the replica's admin token"),
+    ("admin load with a basic credential", "/adapters", {"adapter_id": "ok"}, {"authorization": "Basic YWRtaW46YWRtaW4="}, 401, "unauthorized", "admin token"),
+    ("admin unload without a token", "DELETE /adapters/ok", None, {}, 401, "unauthorized", "needs the replica's admin token"),
+    ("admin unload with a wrong token", "DELETE /adapters/ok", None, {"authorization": "Bearer nope"}, 401, "unauthorized", "admin token"),
+    ("admin load without id", "/adapters", {"pin": True}, ADMIN, 422, "validation", "`adapter_id` is required"),
+    ("admin body not json", "/adapters", b"{nope", ADMIN, 400, "validation", "not valid JSON"),
+    ("admin body a list", "/adapters", [1], ADMIN, 422, "validation", "must be a JSON object"),
+    ("admin wrong content type", "/adapters", b"adapter_id=ok", {**ADMIN, "content-type": "text/plain"}, 415, "validation", "Content-Type must be application/json"),
+    ("admin adapter_id a number", "/adapters", {"adapter_id": 3}, ADMIN, 422, "validation", "`adapter_id` must be a string"),
+    ("admin adapter_id empty", "/adapters", {"adapter_id": ""}, ADMIN, 422, "validation", "`adapter_id` is required"),
+    ("admin adapter_id blank", "/adapters", {"adapter_id": "   ", "adapter_source": "local"}, ADMIN, 422, "validation", "adapter_id must not be empty"),
+    ("admin adapter_id surrogate", "/adapters", b'{"adapter_id": "\\udc00"}', ADMIN, 422, "validation", "`adapter_id` is not valid Unicode"),
+    ("admin adapter_id of 10 KB", "/adapters", {"adapter_id": "x" * 10_000, "adapter_source": "local"}, ADMIN, 422, "validation", "at most 512"),
+    ("admin source unknown", "/adapters", {"adapter_id": "ok", "adapter_source": "ftp"}, ADMIN, 422, "validation", "`adapter_source` must be one of"),
+    ("admin s3 id without scheme", "/adapters", {"adapter_id": "bucket/x", "adapter_source": "s3"}, ADMIN, 422, "validation", "must look like s3://bucket/prefix"),
+    ("admin pin a string", "/adapters", {"adapter_id": "ok", "pin": "yes"}, ADMIN, 422, "validation", "`pin` must be true or false"),
+    ("admin api_token a number", "/adapters", {"adapter_id": "ok", "api_token": 5}, ADMIN, 422, "validation", "`api_token` must be a string"),
+    ("admin traversal", "/adapters", {"adapter_id": "../x", "adapter_source": "local"}, ADMIN, 422, "validation", "must not contain '..'"),
+    ("admin absolute path", "/adapters", {"adapter_id": "/etc", "adapter_source": "local"}, ADMIN, 422, "validation", "resolves outside the allowed adapter roots"),
+    ("admin the root itself", "/adapters", {"adapter_id": ".", "adapter_source": "local"}, ADMIN, 422, "validation", "must name a folder under an adapter root"),
+    ("admin NUL in id", "/adapters", {"adapter_id": "o\x00k", "adapter_source": "local"}, ADMIN, 422, "validation", "must not contain '..' or NUL"),
+    ("admin missing adapter", "/adapters", {"adapter_id": "ghost", "adapter_source": "local"}, ADMIN, 404, "not_found", "local adapter 'ghost' not found"),
+    ("admin not a lora", "/adapters", {"adapter_id": "not-lora", "adapter_source": "local"}, ADMIN, 424, "generation", "peft_type PROMPT_TUNING is not supported"),
+    ("admin NaN value", "/adapters", b'{"adapter_id": "ok", "weight": NaN}', ADMIN, 422, "validation", "`weight` must be a finite number"),
+    ("admin nesting bomb", "/adapters", b"[" * 100_000 + b"]" * 100_000, ADMIN, 400, "validation", "nested deeper than 32 levels"),
+    ("admin ten megabyte body", "/adapters", b'{"adapter_id": "' + b"x" * (10 << 20) + b'"}', ADMIN, 413, "validation", "larger than"),
+    ("admin unload unknown", "DELETE /adapters/ghost", None, ADMIN, 404, "not_found", "adapter 'ghost' is not loaded"),
+    ("admin unload traversal", "DELETE /adapters/..%2F..%2Fetc", None, ADMIN, 404, "not_found", "is not loaded"),
+    ("admin listing unknown tier", "GET /adapters?tier=gpu", None, {}, 422, "validation", "unknown tier gpu; tiers are device, loading, cpu, failed"),
+    ("admin put", "PUT /adapters", None, ADMIN, 405, "validation", "Method Not Allowed"),
 ]
 
 
@@ -120,15 +195,16 @@ def server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     make_lora_adapter(tiny_models["llama"], root / "ok", r=4)
     (root / "not-lora").mkdir()
     (root / "not-lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
-    yield from running_server(tiny_models["llama"], root, tmp_path_factory.mktemp("cache"), max_concurrent_requests=2)
+    yield from running_server(tiny_models["llama"], root, tmp_path_factory.mktemp("cache"), max_concurrent_requests=2, admin_token="admin")
 
 
 @pytest.mark.parametrize("name,path,body,headers,status,error_type,message", CASES, ids=[c[0] for c in CASES])
 def test_hostile_request(server, name, path, body, headers, status, error_type, message) -> None:
+    method, _, path = path.rpartition(" ")
     if isinstance(body, bytes):
-        response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json", **headers}, timeout=30)
+        response = httpx.request(method or "POST", server.url + path, content=body, headers={"content-type": "application/json", **headers}, timeout=30)
     else:
-        response = httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+        response = httpx.request(method or "POST", server.url + path, json=body, headers=headers, timeout=30)
     assert response.status_code == status, response.text
     payload = response.json()
     assert payload["error_type"] == error_type
@@ -137,8 +213,14 @@ def test_hostile_request(server, name, path, body, headers, status, error_type, 
     assert httpx.post(server.url + "/generate", json=OK).status_code == 200
 
 
-def test_there_are_at_least_thirty_hostile_cases() -> None:
-    assert len(CASES) >= 30
+def surface(path: str) -> str:
+    path = path.rpartition(" ")[2]
+    return "openai" if path.startswith("/v1/") else "admin" if path.startswith("/adapters") else "tgi"
+
+
+def test_every_surface_has_at_least_thirty_hostile_cases() -> None:
+    counts = {kind: sum(surface(c[1]) == kind for c in CASES) for kind in ("tgi", "openai", "admin")}
+    assert all(n >= 30 for n in counts.values()), counts
 
 
 async def test_concurrency_limit_answers_429_at_once(server) -> None:
