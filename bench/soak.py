@@ -35,7 +35,7 @@ ADAPTERS, SLOTS = 12, 4
 # kind: (weight, what counts as answered)
 KINDS = {
     "adapter": (45, {200}), "base": (10, {200}), "chat": (10, {200}), "stream-abandoned": (10, {200}),
-    "stream-full": (5, {200}), "junk-hub": (5, {424, 404}), "junk-local": (5, {404}), "poison": (10, {422}),
+    "stream-full": (5, {200}), "junk-hub": (5, {424, 404, 429}), "junk-local": (5, {404}), "poison": (10, {422}),
 }
 VALID_NON_STREAMING = {"adapter", "base", "chat"}
 

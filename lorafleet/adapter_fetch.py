@@ -19,6 +19,10 @@ class AdapterFetchError(RuntimeError):
     """The adapter exists (or may) but could not be fetched."""
 
 
+class SourceUnreachable(AdapterFetchError):
+    """The source itself could not be reached: every fetch from it would fail the same way for now."""
+
+
 def hub_file(repo: str, filename: str, revision: str | None, token: str | None) -> Path:
     """One file of a hub repo, through huggingface_hub and its cache.
 
@@ -34,7 +38,7 @@ def hub_file(repo: str, filename: str, revision: str | None, token: str | None) 
     # Order matters: LocalEntryNotFoundError (the hub could not be reached) subclasses
     # EntryNotFoundError (the repo has no such file), and GatedRepoError subclasses RepositoryNotFoundError.
     except LocalEntryNotFoundError as exc:
-        raise AdapterFetchError(f"hub adapter {repo!r}: the hub is unreachable and the file is not in the local cache") from exc
+        raise SourceUnreachable(f"hub adapter {repo!r}: the hub is unreachable and the file is not in the local cache") from exc
     except GatedRepoError as exc:
         raise AdapterFetchError(f"hub adapter {repo!r} is gated: {exc}") from exc
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
@@ -42,7 +46,7 @@ def hub_file(repo: str, filename: str, revision: str | None, token: str | None) 
     except EntryNotFoundError as exc:
         raise AdapterNotFound(f"hub repo {repo!r} has no {filename}: not a PEFT LoRA adapter") from exc
     except Exception as exc:  # network errors of every kind
-        raise AdapterFetchError(f"fetching hub adapter {repo!r} failed: {exc}") from exc
+        raise SourceUnreachable(f"fetching hub adapter {repo!r} failed: {exc}") from exc
 
 
 def s3_file(s3_id: str, filename: str, destination: Path) -> None:
@@ -60,5 +64,5 @@ def s3_file(s3_id: str, filename: str, destination: Path) -> None:
         if exc.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
             raise AdapterNotFound(f"s3 adapter {s3_id!r}: {key} not found in bucket {bucket!r}") from exc
         raise AdapterFetchError(f"s3 adapter {s3_id!r}: {exc}") from exc
-    except BotoCoreError as exc:
-        raise AdapterFetchError(f"s3 adapter {s3_id!r}: {exc}") from exc
+    except BotoCoreError as exc:  # endpoint unreachable, timeouts, credentials that cannot be found
+        raise SourceUnreachable(f"s3 adapter {s3_id!r}: {exc}") from exc

@@ -25,14 +25,16 @@ from typing import Callable
 
 from lorafleet.server.adapter_cache import CpuCache, DiskCache
 from lorafleet.server.adapter_format import LoraAdapter
-from lorafleet.server.adapter_sources import AdapterFetchError, AdapterNotFound, AdapterRef, fetch_hub, fetch_s3, resolve_local
-from lorafleet.server.errors import Conflict
+from lorafleet.server.adapter_sources import AdapterFetchError, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.errors import Conflict, Overloaded
 from lorafleet.server.lora_slots import LoraSlots
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30.0
 NOT_FOUND_RETRY_S = 30.0  # an id its source says does not exist is refused from memory for this long
 MAX_FAILED_REMEMBERED = 256  # failed ids kept for their error and back-off; older ones are forgotten
+SOURCE_DOWN_S = 15.0  # after a fetch finds its source unreachable, new fetches from it fail at once this long
+MAX_PENDING_FETCHES = 64  # hub/S3 loads queued or running; beyond it a new id is refused (429)
 TIERS = ("device", "loading", "cpu", "failed")  # every AdapterState.status
 
 
@@ -90,6 +92,9 @@ class AdapterManager:
         self._local_pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter-local")
         self._remote_pool = ThreadPoolExecutor(settings.remote_load_threads, thread_name_prefix="lorafleet-adapter-remote")
         self._failed_keys: dict[str, None] = {}  # insertion-ordered: the oldest failure first
+        self._source_down: dict[str, tuple[float, BaseException]] = {}  # source -> (until, why)
+        self._pending_fetches = 0
+        self._pending_lock = threading.Lock()
         # Called with (step, seconds) for each tier move: source_to_disk, disk_to_cpu, cpu_to_device.
         self.on_timing: Callable[[str, float], None] = lambda step, seconds: None
         self._pinned: set[str] = set()
@@ -101,17 +106,34 @@ class AdapterManager:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, state: AdapterState, local_folder: Path | None, token: str | None) -> None:
-        pool = self._local_pool if state.ref.source == "local" else self._remote_pool
-        pool.submit(self._load, state, local_folder, token)
+        if state.ref.source == "local":
+            self._local_pool.submit(self._load, state, local_folder, token)
+            return
+        with self._pending_lock:
+            self._pending_fetches += 1
+        self._remote_pool.submit(self._fetch, state, token)
+
+    def _fetch(self, state: AdapterState, token: str | None) -> None:
+        try:
+            self._load(state, None, token)
+        finally:
+            with self._pending_lock:
+                self._pending_fetches -= 1
+
+    def _check_source(self, source: str, now: float) -> None:
+        """Fail a new remote load at once while its source is known to be down or its queue is full:
+        a dead hub costs one fetch's retries, not one per junk id, and queued fetches stay bounded."""
+        until, why = self._source_down.get(source, (0.0, None))
+        if now < until:
+            raise SourceUnreachable(f"{why} (not tried again for {until - now:.0f}s)")
+        if self._pending_fetches >= MAX_PENDING_FETCHES:
+            raise Overloaded(f"{self._pending_fetches} adapter fetches are already pending; try again shortly")
 
     # -- requests (engine thread) ---------------------------------------------------------------
 
     def request(self, ref: AdapterRef, token: str | None = None, pin: bool = False) -> str:
         """Register a use of ``ref``; start loading it if no tier holds it. Raises at once for a bad id or a recent failure."""
-        folder = None
-        if ref.source == "local":  # one key per folder, however the id spells it ("./a0", "a0/.", a symlink)
-            folder = resolve_local(ref.id, self.settings.roots)
-            ref = AdapterRef("local", self._canonical_local_id(folder), ref.revision)
+        ref, folder = self._resolve(ref)
         key = ref.key
         now = time.monotonic()
         with self._lock:
@@ -123,6 +145,8 @@ class AdapterManager:
             if pin and key not in self._pinned:
                 self._check_pin_room(key)
             if state is None or state.status == "failed":
+                if ref.source != "local":
+                    self._check_source(ref.source, now)
                 state = self.states[key] = AdapterState(ref, failures=state.failures if state else 0)
                 self._failed_keys.pop(key, None)
                 self._submit(state, folder, token)
@@ -133,6 +157,17 @@ class AdapterManager:
                 self._pinned.add(key)
             state.pinned = state.pinned or pin
         return key
+
+    def canonical(self, ref: AdapterRef) -> AdapterRef:
+        """The one name of the adapter ``ref`` names: every tier, metric label and header uses it, so
+        spellings of one folder ("./a0", "a0/.", a symlink) are one adapter, not one each."""
+        return self._resolve(ref)[0]
+
+    def _resolve(self, ref: AdapterRef) -> tuple[AdapterRef, Path | None]:
+        if ref.source != "local":
+            return ref, None
+        folder = resolve_local(ref.id, self.settings.roots)
+        return AdapterRef("local", self._canonical_local_id(folder), ref.revision), folder
 
     def _canonical_local_id(self, folder: Path) -> str:
         for root in self.settings.roots:
@@ -214,8 +249,12 @@ class AdapterManager:
                 state.status = "cpu"
                 state.failures = 0
             state.load_seconds["total_to_cpu"] = time.perf_counter() - started
+            if state.tier_hit == "source":
+                self._source_down.pop(state.ref.source, None)  # it answered: it is up
         except BaseException as exc:  # every failure reaches the waiting requests
             with self._lock:
+                if isinstance(exc, SourceUnreachable):
+                    self._source_down[state.ref.source] = (time.monotonic() + SOURCE_DOWN_S, exc)
                 state.status = "failed"
                 state.error = exc
                 state.failures += 1

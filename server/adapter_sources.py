@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, hub_file, s3_file
+from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, SourceUnreachable, hub_file, s3_file
 
-__all__ = ["ADAPTER_FILES", "SOURCES", "AdapterFetchError", "AdapterNotFound", "AdapterRef", "fetch_hub", "fetch_s3", "resolve_local"]
+__all__ = ["ADAPTER_FILES", "SOURCES", "AdapterFetchError", "AdapterNotFound", "AdapterRef", "SourceUnreachable", "fetch_hub", "fetch_s3",
+           "resolve_local"]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SOURCES = ("hub", "local", "s3")

@@ -117,6 +117,8 @@ class AsyncEngine:
             self._handles[id(handle.seq)] = handle
         elif kind == "call":
             command[1]()
+        elif kind == "abort":
+            self._fail_all(command[1], wrap=False)
         elif kind == "cancel":
             seq = command[1].seq
             if seq is not None and not seq.finished:
@@ -174,10 +176,14 @@ class AsyncEngine:
             for output in outputs:
                 self._deliver(output)
 
-    def _fail_all(self, exc: Exception) -> None:
+    def abort_all(self, exc: Exception) -> None:
+        """End every request now with ``exc`` (shutdown past its grace period), between steps."""
+        self._commands.put(("abort", exc))
+
+    def _fail_all(self, exc: Exception, wrap: bool = True) -> None:
         for handle in list(self._handles.values()):
             if handle.seq is not None:
                 self.engine.cancel(handle.seq)
-            handle.put(RuntimeError(f"generation failed: {exc}"))
+            handle.put(RuntimeError(f"generation failed: {exc}") if wrap else exc)
         self._handles.clear()
         self.engine.scheduler.take_cancelled()

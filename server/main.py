@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lorafleet.http_limits import server_config
+    from lorafleet.server.errors import Unhealthy
     from lorafleet.server.app import create_app
     from lorafleet.server.serve_config import serve_config_from_args
     from lorafleet.server.service import ReplicaService
@@ -61,6 +62,14 @@ def run(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + config.grace_period_s
             while service.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if service.in_flight > 0:
+                # Past the grace period: what still runs ends now with a 503, which a gateway retries on
+                # another replica, instead of a connection cut when the pod is killed.
+                log.warning("grace period over: ending %d requests with 503", service.in_flight)
+                service.runner.abort_all(Unhealthy("the replica shut down before this request finished; retry it"))
+                until = time.monotonic() + 3.0
+                while service.in_flight > 0 and time.monotonic() < until:
+                    time.sleep(0.05)
             self.should_exit = True
 
     server = DrainingServer(server_config(app, config.host, config.port, log_level="info", timeout_graceful_shutdown=5))

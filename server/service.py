@@ -166,6 +166,8 @@ class ReplicaService:
     async def stream(self, job: GenerateJob, prompt_ids: list[int]) -> tuple[TokenEvent, AsyncIterator[TokenEvent]]:
         """Start a generation and wait for its first event, so errors before it still get their HTTP status."""
         await self.compile_grammar(job)
+        if job.adapter is not None:
+            job.adapter = self.engine.adapters.canonical(job.adapter)
         events = self.runner.generate(prompt_ids, job.params, job.adapter, job.api_token).__aiter__()
         try:
             first = await events.__anext__()

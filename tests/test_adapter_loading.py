@@ -315,3 +315,31 @@ def test_aliases_of_one_local_folder_are_one_adapter(tiny_models, adapter_root, 
     engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
     keys = {engine.adapters.request(AdapterRef("local", spelling)) for spelling in ("a1", "./a1", "a1/.", "a1/", str(adapter_root / "a1"), "alias")}
     assert keys == {"local:a1"} and list(engine.adapters.states) == ["local:a1"]
+
+
+def test_an_unreachable_hub_costs_one_fetch_not_one_per_id(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
+    """huggingface_hub retries a refused connection for ~23 s; after one such failure the source is
+    known down, and new hub ids fail at once instead of each queueing its own 23 s."""
+    from lorafleet.server import adapter_manager as manager_module
+    from lorafleet.server.adapter_sources import SourceUnreachable
+
+    calls = []
+
+    def unreachable(ref, destination, token):  # noqa: ANN001, ANN202
+        calls.append(ref.id)
+        time.sleep(0.5)
+        raise SourceUnreachable(f"hub adapter {ref.id!r}: the hub is unreachable and the file is not in the local cache")
+
+    monkeypatch.setattr(manager_module, "fetch_hub", unreachable)
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
+    first = engine.add_request([1, 5], GREEDY, engine.adapters.request(AdapterRef.parse("junk/first", "hub")))
+    drive(engine, [first])
+    assert isinstance(first.error, SourceUnreachable)
+    started = time.monotonic()
+    for i in range(50):
+        with pytest.raises(SourceUnreachable, match=r"the hub is unreachable .*\(not tried again for 1[45]s\)"):
+            engine.adapters.request(AdapterRef.parse(f"junk/id{i}", "hub"))
+    assert calls == ["junk/first"] and time.monotonic() - started < 0.5
+    local = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef("local", "a1")))  # other sources unaffected
+    drive(engine, [local])
+    assert local.finish_reason is FinishReason.LENGTH

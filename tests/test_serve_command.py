@@ -101,3 +101,28 @@ def test_sigterm_drains_running_requests_then_exits_0(tiny_models: dict[str, Pat
         assert process.wait(30) == 0
     finally:
         stop(process)
+
+
+def test_a_request_past_the_grace_period_ends_with_a_503_and_the_process_exits_in_time(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """The pod is killed at its grace period: a request still running then gets a 503 (which a gateway
+    retries elsewhere) rather than a cut connection, and the process is gone well before the kill."""
+    process, url = start_serve("--model", str(tiny_models["llama"]), "--adapter-cache-dir", str(tmp_path / "cache"), "--grace-period-s", "1",
+                               "--max-total-tokens", "100000", "--max-batch-total-tokens", "200000")
+    try:
+        result: dict = {}
+
+        def endless() -> None:
+            result["response"] = httpx.post(url + "/generate", timeout=60, json={"inputs": "Hello", "parameters": {"max_new_tokens": 90000, "ignore_eos_token": True}})
+
+        worker = threading.Thread(target=endless)
+        worker.start()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        worker.join(30)
+        response = result["response"]
+        assert response.status_code == 503 and "shut down before this request finished" in response.json()["error"]
+        assert process.wait(15) == 0
+        assert time.monotonic() - signalled < 10  # grace (1 s) + cancellation + uvicorn's own shutdown
+    finally:
+        stop(process)

@@ -289,3 +289,14 @@ def test_a_chunked_body_over_the_limit_is_413(server) -> None:
     response = httpx.post(server.url + "/generate", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
     assert response.status_code == 413 and response.json() == {"error": f"the request body is larger than {server.service.config.max_body_bytes} bytes", "error_type": "validation"}
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_spellings_of_one_adapter_are_one_metric_label_and_one_entry(server) -> None:
+    spellings = ["ok", "./ok", "ok/.", "ok/", "ok/./."]
+    for spelling in spellings:
+        response = httpx.post(server.url + "/generate", json=gen(adapter_id=spelling, adapter_source="local"), timeout=30)
+        assert response.status_code == 200 and response.headers["x-adapter-id"] == "ok"
+    metrics = httpx.get(server.url + "/metrics").text
+    labels = {line.split('adapter="')[1].split('"')[0] for line in metrics.splitlines() if line.startswith("lorafleet_generated_tokens_total{")}
+    assert labels <= {"", "ok"}
+    assert [a["key"] for a in httpx.get(server.url + "/adapters").json() if a["id"].startswith("ok") or "/ok" in a["id"]] == ["local:ok"]
