@@ -113,6 +113,21 @@ def simulate_gateways(gateways: int, replicas: int, stream: np.ndarray, duration
     return hits / len(stream), ratio_sum / len(stream), peak, excess
 
 
+def ring_owners(replicas: int) -> list[list[int]]:
+    """Each adapter's replicas in ring order, as indices."""
+    members = [f"replica-{i}" for i in range(replicas)]
+    index = {m: i for i, m in enumerate(members)}
+    return [[index[m] for m in ring.owners(f"adapter-{a}", members)] for a in range(ADAPTERS)]
+
+
+def workload(replicas: int, exponent: float, args: argparse.Namespace, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Zipf(exponent) stream of adapter ids and how long each request stays in flight."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, ADAPTERS + 1) ** exponent
+    stream = rng.permutation(ADAPTERS)[rng.choice(ADAPTERS, size=args.requests, p=weights / weights.sum())]
+    return stream, rng.exponential(args.in_flight * replicas, size=args.requests)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=60_000)
@@ -125,14 +140,9 @@ def main() -> None:
     print(f"{ADAPTERS} adapters, {SLOTS} slots per replica, {args.requests} requests, ~{args.in_flight} in flight per replica")
     print("hit: adapter hit rate; /ceiling and /rr: over the ceiling's and round robin's; load: max/mean in flight, mean and peak")
     for replicas in (16, 64):
-        members = [f"replica-{i}" for i in range(replicas)]
-        index = {m: i for i, m in enumerate(members)}
-        owner_lists = [[index[m] for m in ring.owners(f"adapter-{a}", members)] for a in range(ADAPTERS)]
+        owner_lists = ring_owners(replicas)
         for exponent in (0.8, 1.0, 1.2):
-            rng = np.random.default_rng(int(exponent * 10) + replicas)
-            weights = 1.0 / np.arange(1, ADAPTERS + 1) ** exponent
-            stream = rng.permutation(ADAPTERS)[rng.choice(ADAPTERS, size=args.requests, p=weights / weights.sum())]
-            durations = rng.exponential(args.in_flight * replicas, size=args.requests)
+            stream, durations = workload(replicas, exponent, args, seed=int(exponent * 10) + replicas)
             results = {p: simulate(p, replicas, stream, durations, owner_lists) for p in policies}
             ceiling, rr = results["ceiling"][0], results["round-robin"][0]
             print(f"\n{replicas} replicas, Zipf {exponent}: round robin's hit rate {rr:.3f} caps any policy at {1 / rr:.2f}x it")
@@ -146,13 +156,8 @@ def compare_gateways(args: argparse.Namespace, counts: list[int]) -> None:
     print(f"{ADAPTERS} adapters, {SLOTS} slots per replica, {args.requests} requests, ~{args.in_flight} in flight per replica")
     print("gateways share nothing; excess: the picked replica's load at each pick minus c * (mean + G/N) + G (<= 0: the guarantee held)")
     for replicas in (16, 64):
-        members = [f"replica-{i}" for i in range(replicas)]
-        index = {m: i for i, m in enumerate(members)}
-        owner_lists = [[index[m] for m in ring.owners(f"adapter-{a}", members)] for a in range(ADAPTERS)]
-        rng = np.random.default_rng(replicas)
-        weights = 1.0 / np.arange(1, ADAPTERS + 1) ** 1.0
-        stream = rng.permutation(ADAPTERS)[rng.choice(ADAPTERS, size=args.requests, p=weights / weights.sum())]
-        durations = rng.exponential(args.in_flight * replicas, size=args.requests)
+        owner_lists = ring_owners(replicas)
+        stream, durations = workload(replicas, 1.0, args, seed=replicas)
         print(f"\n{replicas} replicas, Zipf 1.0")
         for gateways in counts:
             hit, mean_load, peak_load, excess = simulate_gateways(gateways, replicas, stream, durations, owner_lists)

@@ -162,7 +162,7 @@ async def chaos(fleet: Fleet, start: float, seconds: float, say) -> None:  # noq
     say(f"t={time.monotonic() - start:5.0f}s SIGCONT replica-1")
 
 
-def report(results: list, minute: int, start: float, fleet: Fleet) -> None:
+def report(results: list, minute: int, start: float, fleet: Fleet, with_processes: bool = True) -> None:
     rows = [r for r in results if minute * 60 <= r[0] - start < (minute + 1) * 60]
     by_kind: dict[str, list] = defaultdict(list)
     for _, kind, status, seconds in rows:
@@ -172,7 +172,7 @@ def report(results: list, minute: int, start: float, fleet: Fleet) -> None:
     latencies = sorted(s for _, kind, status, s in rows if kind in VALID_NON_STREAMING and status == 200)
     p99 = latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
     stats = " ".join(f"{name}={rss:.0f}M/{fds}fd" for name, process in fleet.processes.items()
-                     for rss, fds in [process_stats(process.pid)])
+                     for rss, fds in [process_stats(process.pid)]) if with_processes else ""
     odd = {k: sorted({s for s, _ in v if s not in KINDS[k][1]}) for k, v in by_kind.items()}
     odd = {k: v for k, v in odd.items() if v}
     print(f"min {minute + 1:2d}  requests {len(rows):5d}  answered {answered:5d}  lost {lost:3d}  p99 {p99:6.2f}s  {stats}"
@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--clients", type=int, default=24)
     parser.add_argument("--model", default="tiny", help="tiny (a random tiny Llama, fast) or smollm2")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from lorafleet import model_store
     from lorafleet.testing import make_lora_adapter, make_tiny_model
@@ -205,7 +206,7 @@ def main() -> None:
             start = time.monotonic()
 
             async def run() -> None:
-                rng = random.Random(0)
+                rng = random.Random(args.seed)
                 url = f"http://127.0.0.1:{fleet.gateway_port}"
                 workers = [client(url, start + seconds, random.Random(rng.random()), results) for _ in range(args.clients)]
 
@@ -217,9 +218,16 @@ def main() -> None:
                 await asyncio.gather(*workers, chaos(fleet, start, seconds, print), minutes())
 
             asyncio.run(run())
+            # The rows above were printed as each minute ended, before its slowest requests returned:
+            # the table again with every request, then what the lost ones were.
+            print("\nevery request, by the minute it started:")
+            for minute in range(int(args.minutes + 0.999)):
+                report(results, minute, start, fleet, with_processes=False)
             valid = [r for r in results if r[1] in VALID_NON_STREAMING]
-            lost = sum(r[2] != 200 for r in valid)
-            print(f"total: {len(results)} requests, {len(valid)} valid non-streaming, lost {lost}")
+            lost = [r for r in valid if r[2] != 200]
+            print(f"total: {len(results)} requests, {len(valid)} valid non-streaming, lost {len(lost)}")
+            for started, kind, status, took in lost[:20]:
+                print(f"  lost: t={started - start:6.1f}s {kind} status {status or 'no answer'} after {took:.1f}s")
         finally:
             fleet.stop()
 

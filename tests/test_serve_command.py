@@ -78,18 +78,25 @@ def test_flags_come_from_the_environment_and_bad_values_exit_2(tiny_models: dict
         stop(process)
 
 
+def sigterm_during(process: subprocess.Popen, url: str, max_new_tokens: int) -> tuple[threading.Thread, dict]:
+    """Start a long request in a thread, then SIGTERM the server while it runs; the thread fills ``result``."""
+    result: dict = {}
+
+    def long_request() -> None:
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True}}
+        result["response"] = httpx.post(url + "/generate", timeout=60, json=body)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    return worker, result
+
+
 def test_sigterm_drains_running_requests_then_exits_0(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     process, url = start_serve("--model", str(tiny_models["llama"]), "--adapter-cache-dir", str(tmp_path / "cache"), "--grace-period-s", "30")
     try:
-        result: dict = {}
-
-        def long_request() -> None:
-            result["response"] = httpx.post(url + "/generate", timeout=60, json={"inputs": "Hello", "parameters": {"max_new_tokens": 1500, "ignore_eos_token": True}})
-
-        worker = threading.Thread(target=long_request)
-        worker.start()
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
+        worker, result = sigterm_during(process, url, max_new_tokens=1500)
         time.sleep(0.2)
         health = httpx.get(url + "/health", timeout=5)
         assert health.status_code == 503 and health.json()["error_type"] == "unhealthy"
@@ -109,15 +116,7 @@ def test_a_request_past_the_grace_period_ends_with_a_503_and_the_process_exits_i
     process, url = start_serve("--model", str(tiny_models["llama"]), "--adapter-cache-dir", str(tmp_path / "cache"), "--grace-period-s", "1",
                                "--max-total-tokens", "100000", "--max-batch-total-tokens", "200000")
     try:
-        result: dict = {}
-
-        def endless() -> None:
-            result["response"] = httpx.post(url + "/generate", timeout=60, json={"inputs": "Hello", "parameters": {"max_new_tokens": 90000, "ignore_eos_token": True}})
-
-        worker = threading.Thread(target=endless)
-        worker.start()
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
+        worker, result = sigterm_during(process, url, max_new_tokens=90000)
         signalled = time.monotonic()
         worker.join(30)
         response = result["response"]

@@ -300,3 +300,14 @@ def test_spellings_of_one_adapter_are_one_metric_label_and_one_entry(server) -> 
     labels = {line.split('adapter="')[1].split('"')[0] for line in metrics.splitlines() if line.startswith("lorafleet_generated_tokens_total{")}
     assert labels <= {"", "ok"}
     assert [a["key"] for a in httpx.get(server.url + "/adapters").json() if a["id"].startswith("ok") or "/ok" in a["id"]] == ["local:ok"]
+
+
+def test_usage_counts_every_prompt_once(server) -> None:
+    """One body with several prompts is billed for all of them (it was billed for the first only)."""
+    prompts = ["Hello", "A much longer prompt with many more tokens in it"]
+    lengths = [len(httpx.post(server.url + "/tokenize", json={"inputs": p}).json()) for p in prompts]
+    body = {"prompt": prompts, "max_tokens": 2, "temperature": 0}
+    usage = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()["usage"]
+    assert usage["prompt_tokens"] == sum(lengths) and usage["completion_tokens"] == 4
+    one = httpx.post(server.url + "/v1/completions", json={**body, "prompt": prompts[1], "n": 2}, timeout=30).json()["usage"]
+    assert one["prompt_tokens"] == lengths[1]  # n completions of one prompt share it
