@@ -309,9 +309,17 @@ class AdapterManager:
             if not self._to_device(key, state, adapter, running):
                 self._rotate(running, waiting)
                 break
-        for key in list(self._draining):  # a drained adapter that left the device may serve again later
+        self._end_draining(running, wanted)
+
+    def _end_draining(self, running: set[str], wanted: list[str]) -> None:
+        """A drained adapter serves again once it left the device, or once its own requests are done and
+        no adapter ready in CPU memory waits for its slot: draining for nobody blocked its new requests forever."""
+        if not self._draining:
+            return
+        someone_ready = any(k in self.states and self.states[k].status == "cpu" for k in wanted)
+        for key in list(self._draining):
             state = self.states.get(key)
-            if state is None or state.status != "device":
+            if state is None or state.status != "device" or (key not in running and not someone_ready):
                 self._draining.discard(key)
                 if state is not None:
                     state.draining = False
@@ -324,7 +332,8 @@ class AdapterManager:
             victims = [k for k in self.slots.slot_of if k not in running and k not in self._pinned and self._evictable(k, now)]
             if not victims:
                 return False
-            victim = min(victims, key=lambda k: self.states[k].last_used if k in self.states else 0.0)
+            # A drained adapter gave up its slot for this: it goes first, then the least recently used.
+            victim = min(victims, key=lambda k: (k not in self._draining, self.states[k].last_used if k in self.states else 0.0))
             self.slots.unload(victim)
             if victim in self.states:
                 self.states[victim].status = "cpu"

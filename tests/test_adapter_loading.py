@@ -343,3 +343,32 @@ def test_an_unreachable_hub_costs_one_fetch_not_one_per_id(tiny_models, adapter_
     local = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef("local", "a1")))  # other sources unaffected
     drive(engine, [local])
     assert local.finish_reason is FinishReason.LENGTH
+
+
+def test_a_drained_adapter_serves_again_when_nobody_needs_its_slot(tiny_models, adapter_root, tmp_path) -> None:
+    """Draining gives a slot to a waiting adapter; when that adapter took another slot instead, the
+    drained one must not stay drained: its new requests waited forever (found by bench/soak.py)."""
+    engine = dynamic_engine(tiny_models, adapter_root, tmp_path, max_active_adapters=2, adapter_cycle_time_s=0.05)
+    manager = engine.adapters
+
+    def submit(name: str, tokens: int):  # noqa: ANN202
+        return engine.add_request([1, 5, 6], SamplingParams(max_new_tokens=tokens, ignore_eos=True), manager.request(AdapterRef("local", name)))
+
+    def until(condition, what: str) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            engine.step()
+            time.sleep(0.002)
+
+    long_a = submit("a1", 200)
+    short_c = submit("a2", 30)
+    until(lambda: {s.adapter for s in engine.scheduler.running} == {"local:a1", "local:a2"}, "a1 and a2 running")
+    time.sleep(0.1)  # both past the cycle time
+    waiting_b = submit("a3", 2)
+    until(lambda: manager.states["local:a1"].draining, "a1 drained for a3")  # a1 is the older resident
+    again_a = submit("a1", 2)  # arrives while a1 drains: it waits
+    until(lambda: short_c.finished and waiting_b.finished, "a3 served in a2's slot")
+    until(lambda: long_a.finished, "a1's long request done")
+    until(lambda: again_a.finished, "the request that arrived while a1 drained")
+    assert again_a.finish_reason is FinishReason.LENGTH and not manager.states["local:a1"].draining
