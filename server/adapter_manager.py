@@ -164,6 +164,7 @@ class AdapterManager:
         return self._resolve(ref)[0]
 
     def _resolve(self, ref: AdapterRef) -> tuple[AdapterRef, Path | None]:
+        """The canonical ref, and for a local adapter its folder under the roots (raises for a bad or missing one)."""
         if ref.source != "local":
             return ref, None
         folder = resolve_local(ref.id, self.settings.roots)
@@ -182,10 +183,6 @@ class AdapterManager:
         if limit is not None and len(self._pinned) >= limit:
             raise Conflict(f"cannot pin {key}: {len(self._pinned)} adapters are pinned and at most {limit} may be "
                            f"(one device slot always stays free of pins); unpin one first (DELETE /adapters/ID)")
-
-    def _local_folder(self, ref: AdapterRef) -> Path | None:
-        """A local adapter's folder under the roots (raises for a bad or missing one); None for other sources."""
-        return resolve_local(ref.id, self.settings.roots) if ref.source == "local" else None
 
     def is_ready(self, key: str) -> bool:
         state = self.states.get(key)
@@ -304,7 +301,7 @@ class AdapterManager:
             if adapter is None:  # evicted from CPU memory since it loaded: load it again
                 with self._lock:
                     state.status = "loading"
-                self._submit(state, self._local_folder(state.ref), None)
+                self._submit(state, self._resolve(state.ref)[1], None)
                 continue
             if not self._to_device(key, state, adapter, running):
                 self._rotate(running, waiting)
