@@ -15,7 +15,6 @@ import time
 import httpx
 import pytest
 
-from lorafleet.http_limits import GuardedH11Protocol
 from scripted_upstream import Gateway, Upstream
 
 OK_BODY = b'{"inputs": "Hi", "parameters": {"adapter_id": "org/a"}}'
@@ -129,7 +128,7 @@ def test_credentials_and_cookies_stop_at_the_gateway(fleet) -> None:
 
 def test_a_head_that_trickles_in_is_cut_off(fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     gateway, _ = fleet
-    monkeypatch.setattr(GuardedH11Protocol, "head_timeout_s", 0.5)
+    monkeypatch.setattr(gateway.server.config.http_protocol_class, "head_timeout_s", 0.5)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(b"POST /generate HTTP/1.1\r\nHost: gw\r\n")
         started = time.monotonic()
@@ -150,7 +149,7 @@ def test_a_head_that_trickles_in_is_cut_off(fleet, monkeypatch: pytest.MonkeyPat
 
 def test_connections_over_the_cap_are_closed_at_once(fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     gateway, _ = fleet
-    monkeypatch.setattr(GuardedH11Protocol, "connection_cap", 5)
+    monkeypatch.setattr(gateway.server.config.http_protocol_class, "connection_cap", 5)
     idle = [socket.create_connection(("127.0.0.1", gateway.port), timeout=5) for _ in range(5)]
     try:
         time.sleep(0.2)
