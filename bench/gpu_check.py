@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from lorafleet.server.lora_ops import LoraBatch
+from lorafleet.server.lora.ops import LoraBatch
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
 PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12}
@@ -45,8 +45,8 @@ def timed_ms(fn, repeat: int = 20) -> float:
 
 def check_decode_attention(peak: float | None) -> int:
     """The Triton paged decode kernel vs the torch path: 64 sequences x 1,024 tokens, 32 heads over 8 kv heads, d 128, bf16."""
-    from lorafleet.server.attention import BatchMetadata, paged_attention
-    from lorafleet.server.attention_triton import paged_decode_attention
+    from lorafleet.server.model.attention import BatchMetadata, paged_attention
+    from lorafleet.server.model.attention_triton import paged_decode_attention
 
     batch, context, heads, kv_heads, dim, block = 64, 1024, 32, 8, 128, 16
     blocks_per_seq = context // block

@@ -21,8 +21,8 @@ from common import timed, workload  # noqa: E402
 
 from lorafleet import model_store  # noqa: E402
 from lorafleet.server.config import EngineConfig  # noqa: E402
-from lorafleet.server.engine import LLMEngine  # noqa: E402
-from lorafleet.server.sequence import SamplingParams  # noqa: E402
+from lorafleet.server.engine.engine import LLMEngine  # noqa: E402
+from lorafleet.server.engine.sequence import SamplingParams  # noqa: E402
 from lorafleet.testing import ALL_PROJECTIONS  # noqa: E402
 
 

@@ -1,9 +1,15 @@
-"""Errors a request can meet, each with the HTTP status and error_type clients expect (API.md)."""
+"""Errors a request can meet, each with the HTTP status and error_type clients expect.
+
+lorax-client and text-generation map ``error_type`` first, then the status: 422 validation, 400/415
+for a body that is not JSON, 429 overloaded, 424 generation (the adapter cannot be fetched or used,
+or generation failed), 404 not_found for an adapter its source does not have (LoRAX says 424; a clear
+404 is better), 503 unhealthy.
+"""
 
 from __future__ import annotations
 
-from lorafleet.server.adapter_format import AdapterError
-from lorafleet.server.adapter_sources import AdapterFetchError, AdapterNotFound
+from lorafleet.server.lora.adapter_format import AdapterError
+from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound
 
 
 class RequestError(Exception):

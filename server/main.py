@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
 
     from lorafleet.http_limits import server_config
     from lorafleet.server.errors import Unhealthy
-    from lorafleet.server.app import create_app
+    from lorafleet.server.api.app import create_app
     from lorafleet.server.serve_config import serve_config_from_args
-    from lorafleet.server.service import ReplicaService
+    from lorafleet.server.api.service import ReplicaService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from lorafleet.server import engine as engine_module
+from lorafleet.server.engine import engine as engine_module
 from lorafleet.server.config import EngineConfig
-from lorafleet.server.engine import LLMEngine
+from lorafleet.server.engine.engine import LLMEngine
 
 
 def make_engine(folder: Path, **overrides: Any) -> LLMEngine:

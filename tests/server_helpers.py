@@ -12,10 +12,10 @@ import httpx
 import uvicorn
 
 from lorafleet.http_limits import server_config
-from lorafleet.server.app import create_app
+from lorafleet.server.api.app import create_app
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.serve_config import ServeConfig
-from lorafleet.server.service import ReplicaService
+from lorafleet.server.api.service import ReplicaService
 
 
 def free_port() -> int:

@@ -11,10 +11,10 @@ import pytest
 
 from engine_helpers import make_engine
 from hub_standin import HubStandIn
-from lorafleet.server.adapter_format import AdapterError
-from lorafleet.server.adapter_sources import AdapterFetchError, AdapterNotFound, AdapterRef
-from lorafleet.server.async_engine import AsyncEngine
-from lorafleet.server.sequence import FinishReason, SamplingParams
+from lorafleet.server.lora.adapter_format import AdapterError
+from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef
+from lorafleet.server.engine.async_engine import AsyncEngine
+from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 from lorafleet.testing import make_lora_adapter
 
 GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -320,8 +320,8 @@ def test_aliases_of_one_local_folder_are_one_adapter(tiny_models, adapter_root, 
 def test_an_unreachable_hub_costs_one_fetch_not_one_per_id(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
     """huggingface_hub retries a refused connection for ~23 s; after one such failure the source is
     known down, and new hub ids fail at once instead of each queueing its own 23 s."""
-    from lorafleet.server import adapter_manager as manager_module
-    from lorafleet.server.adapter_sources import SourceUnreachable
+    from lorafleet.server.adapters import manager as manager_module
+    from lorafleet.server.adapters.sources import SourceUnreachable
 
     calls = []
 

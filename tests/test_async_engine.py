@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from engine_helpers import make_engine
-from lorafleet.server.async_engine import AsyncEngine
-from lorafleet.server.sequence import FinishReason, SamplingParams
+from lorafleet.server.engine.async_engine import AsyncEngine
+from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 from engine_helpers import make_engine
 from lorafleet.local.demo_adapters import STYLES, make_demo_adapters
 from lorafleet.local.demo_datasets import dataset
-from lorafleet.server.sequence import SamplingParams
+from lorafleet.server.engine.sequence import SamplingParams
 
 
 def test_datasets_have_their_style() -> None:

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine_helpers import make_engine
-from lorafleet.server import detokenizer
-from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence
+from lorafleet.server.engine import detokenizer
+from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence
 
 PROMPTS = [[1] + list(range(10 + 7 * i, 10 + 7 * i + 3 + 5 * i)) for i in range(6)]
 
@@ -180,7 +180,7 @@ def test_eos_ends_generation_unless_ignored(tiny_models: dict[str, Path], monkey
     engine = make_engine(tiny_models["llama"])
     eos = engine.tokenizer.eos_token_id
     engine.eos_ids = {eos}
-    import lorafleet.server.engine as engine_module
+    import lorafleet.server.engine.engine as engine_module
 
     monkeypatch.setattr(engine_module, "sample", lambda logits, seqs: ([eos] * len(seqs), logits.log_softmax(-1), {}))
     stops = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5))

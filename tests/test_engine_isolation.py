@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from engine_helpers import make_engine
-from lorafleet.server.async_engine import UNHEALTHY_AFTER_FAILED_STEPS, AsyncEngine
-from lorafleet.server.sampler import SamplingError
-from lorafleet.server.sequence import FinishReason, SamplingParams
+from lorafleet.server.engine.async_engine import UNHEALTHY_AFTER_FAILED_STEPS, AsyncEngine
+from lorafleet.server.engine.sampler import SamplingError
+from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 
 GOOD = SamplingParams(max_new_tokens=8, ignore_eos=True)
 PROMPT = [1, 5, 6, 7]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.server import lora_ops
-from lorafleet.server.lora_ops import LoraBatch, lora_reference
+from lorafleet.server.lora import ops as lora_ops
+from lorafleet.server.lora.ops import LoraBatch, lora_reference
 
 
 class FakeSlots:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from engine_helpers import make_engine
-from lorafleet.server.sequence import SamplingParams
+from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.testing import make_lora_adapter
 from server_helpers import running_server
 

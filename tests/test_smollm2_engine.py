@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafleet.server.config import EngineConfig
-from lorafleet.server.engine import LLMEngine
-from lorafleet.server.sequence import SamplingParams
+from lorafleet.server.engine.engine import LLMEngine
+from lorafleet.server.engine.sequence import SamplingParams
 
 QUESTIONS = [
     "What is the capital of France?",

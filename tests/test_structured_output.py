@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine_helpers import make_engine
-from lorafleet.server.sequence import FinishReason, SamplingParams
+from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 
 SCHEMA = {
     "type": "object",
@@ -54,7 +54,7 @@ async def test_a_slow_schema_compile_stalls_no_other_stream(tiny_models: dict[st
 
     import httpx
 
-    from lorafleet.server import service as service_module
+    from lorafleet.server.api import service as service_module
     from server_helpers import RunningServer
 
     monkeypatch.setattr(service_module, "GRAMMAR_TIMEOUT_S", 1.5)

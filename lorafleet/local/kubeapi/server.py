@@ -4,7 +4,7 @@ KMock (by kopf's author) gives the emulator class, the catalog of built-in resou
 a real cluster, and the Status error shape. What kopf and kubectl need beyond plain kmock 0.8 —
 resourceVersions and conflicts, JSON/merge patches, PUT, status and scale subresources,
 finalizers, garbage collection, selectors, resumable watches, CRDs that register themselves,
-server-side Tables, discovery, an OpenAPI stub (see KMOCK.md) — needs a different data model
+server-side Tables, discovery, and an OpenAPI v3 stub that kubectl's client-side validation accepts — needs a different data model
 from kmock's object history, so ``KubeAPI`` keeps kmock's class and serving contract (an aiohttp
 handler) and answers every request from ``Store`` and ``Registry``. Its request log is not kept:
 the API runs for as long as ``lorafleet up`` does, and a log that only grows would be a leak.

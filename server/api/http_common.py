@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from lorafleet.server.errors import RequestError, classify
-from lorafleet.server.json_guard import MAX_DEPTH, UnusableValue, check_values
+from lorafleet.server.api.json_guard import MAX_DEPTH, UnusableValue, check_values
 
 T = TypeVar("T")
 KEEPALIVE_S = 15.0

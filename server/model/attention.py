@@ -76,7 +76,7 @@ def paged_attention(
         )
         out[seg.start : seg.end] = attended.transpose(0, 1)
     if meta.decode_rows.numel() and meta.attention_kernel == "triton":
-        from lorafleet.server.attention_triton import paged_decode_attention
+        from lorafleet.server.model.attention_triton import paged_decode_attention
 
         attended = paged_decode_attention(q[meta.decode_rows], key_cache, value_cache, meta.decode_block_tables,
                                           meta.decode_context_lens, scale, sliding_window)

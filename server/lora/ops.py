@@ -6,7 +6,7 @@ every projection of every layer. Two implementations sit behind ``add``:
 - torch (the reference and the CPU path): rows of the few adapters that fill most of a batch are
   grouped, one matmul pair per adapter; single decode rows of many adapters are gathered and
   multiplied with one bmm (BGMV); prefill chunks are segments, one matmul pair each (SGMV).
-- triton (cuda): the same segments and rows through the kernels in ``lora_triton``.
+- triton (cuda): the same segments and rows through the kernels in ``triton_kernels``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class LoraBatch:
         if rows and rows == list(range(rows[0], rows[0] + len(rows))):
             batch.row_range = slice(rows[0], rows[0] + len(rows))
         if batch.kernel == "triton":
-            from lorafleet.server import lora_triton
+            from lorafleet.server.lora import triton_kernels as lora_triton
 
             batch.triton_meta = lora_triton.TritonMeta.build(seq_slots, seq_tokens, device)
         return batch
@@ -78,7 +78,7 @@ class LoraBatch:
         a = self.slots.a[layer][module]
         b = self.slots.b[layer][module]
         if self.kernel == "triton":
-            from lorafleet.server import lora_triton
+            from lorafleet.server.lora import triton_kernels as lora_triton
 
             lora_triton.lora_add(x, y, a, b, self.triton_meta)
             return

@@ -11,8 +11,8 @@ import logging
 
 import torch
 
-from lorafleet.server.adapter_format import LoraAdapter
-from lorafleet.server.lora_ops import LoraBatch
+from lorafleet.server.lora.adapter_format import LoraAdapter
+from lorafleet.server.lora.ops import LoraBatch
 
 log = logging.getLogger(__name__)
 

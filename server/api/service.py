@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from lorafleet import __version__
-from lorafleet.server.adapter_manager import TIERS
-from lorafleet.server.adapter_sources import AdapterRef
-from lorafleet.server.async_engine import AsyncEngine, TokenEvent
-from lorafleet.server.engine import LLMEngine
+from lorafleet.server.adapters.manager import TIERS
+from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.server.engine.async_engine import AsyncEngine, TokenEvent
+from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
-from lorafleet.server.metrics import ServerMetrics
-from lorafleet.server.sequence import FinishReason, Sequence
+from lorafleet.server.api.metrics import ServerMetrics
+from lorafleet.server.engine.sequence import FinishReason, Sequence
 from lorafleet.server.serve_config import ServeConfig
-from lorafleet.server.validation import GenerateJob, Limits
+from lorafleet.server.api.validation import GenerateJob, Limits
 
 log = logging.getLogger(__name__)
 MAX_SCHEMA_BYTES = 64 << 10  # a response_format schema, as JSON text
@@ -127,7 +127,8 @@ class ReplicaService:
     # -- tokens ---------------------------------------------------------------------------------
 
     def prompt_ids(self, job: GenerateJob) -> list[int]:
-        """Tokenize, truncate, and settle max_new_tokens against the length limits (API.md)."""
+        """Tokenize, truncate (keep the last ``truncate`` tokens), and settle max_new_tokens: absent, it is
+        whatever max_total_tokens leaves after the input; input longer than max_input_length is refused."""
         ids = job.prompt_ids if job.prompt_ids is not None else self.tokenizer(job.inputs).input_ids
         if job.truncate is not None:
             ids = ids[-job.truncate :]

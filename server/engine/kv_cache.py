@@ -11,7 +11,7 @@ from collections import deque
 
 import torch
 
-from lorafleet.server.checkpoint import ModelConfig
+from lorafleet.server.model.checkpoint import ModelConfig
 
 
 class OutOfBlocks(RuntimeError):

@@ -16,10 +16,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.server.errors import ValidationError, classify
-from lorafleet.server.http_common import close_events, error_response, next_or_keepalive, read_json_object, sse, until_disconnect
-from lorafleet.server.sequence import FinishReason
-from lorafleet.server.service import Completion, ReplicaService, independent_copies
-from lorafleet.server.validation import GenerateJob, validate_generate
+from lorafleet.server.api.http_common import close_events, error_response, next_or_keepalive, read_json_object, sse, until_disconnect
+from lorafleet.server.engine.sequence import FinishReason
+from lorafleet.server.api.service import Completion, ReplicaService, independent_copies
+from lorafleet.server.api.validation import GenerateJob, validate_generate
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 PASSED_THROUGH = ("top_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "adapter_source", "api_token")

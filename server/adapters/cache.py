@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorafleet.model_store import MANIFEST, verify_manifest, write_manifest
-from lorafleet.server.adapter_format import LoraAdapter
+from lorafleet.server.lora.adapter_format import LoraAdapter
 
 log = logging.getLogger(__name__)
 

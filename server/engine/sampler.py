@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from lorafleet.server.sequence import Sequence
+from lorafleet.server.engine.sequence import Sequence
 
 NEG_INF = float("-inf")
 

@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from lorafleet.server.adapter_sources import AdapterRef
-from lorafleet.server.engine import LLMEngine, StepOutput
-from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence, TokenInfo
+from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.server.engine.engine import LLMEngine, StepOutput
+from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence, TokenInfo
 
 log = logging.getLogger(__name__)
 # A step that raises fails the requests in it; the replica reports unhealthy (and is restarted by

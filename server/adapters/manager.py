@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lorafleet.server.adapter_cache import CpuCache, DiskCache
-from lorafleet.server.adapter_format import LoraAdapter
-from lorafleet.server.adapter_sources import AdapterFetchError, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.adapters.cache import CpuCache, DiskCache
+from lorafleet.server.lora.adapter_format import LoraAdapter
+from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.errors import Conflict, Overloaded
-from lorafleet.server.lora_slots import LoraSlots
+from lorafleet.server.lora.slots import LoraSlots
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30.0

@@ -8,12 +8,12 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.async_engine import TokenEvent
+from lorafleet.server.engine.async_engine import TokenEvent
 from lorafleet.server.errors import classify
-from lorafleet.server.http_common import close_events, error_response, next_or_keepalive, read_json, sse, until_disconnect
-from lorafleet.server.sequence import TokenInfo
-from lorafleet.server.service import Completion, ReplicaService
-from lorafleet.server.validation import GenerateJob, validate_generate
+from lorafleet.server.api.http_common import close_events, error_response, next_or_keepalive, read_json, sse, until_disconnect
+from lorafleet.server.engine.sequence import TokenInfo
+from lorafleet.server.api.service import Completion, ReplicaService
+from lorafleet.server.api.validation import GenerateJob, validate_generate
 
 
 def token_json(token: TokenInfo) -> dict[str, Any]:

@@ -14,18 +14,18 @@ from typing import Any
 
 import torch
 
-from lorafleet.server import detokenizer
-from lorafleet.server.attention import BatchMetadata, PrefillSegment
-from lorafleet.server.checkpoint import CheckpointError, load_weights, read_config
+from lorafleet.server.engine import detokenizer
+from lorafleet.server.model.attention import BatchMetadata, PrefillSegment
+from lorafleet.server.model.checkpoint import CheckpointError, load_weights, read_config
 from lorafleet.server.config import EngineConfig
-from lorafleet.server.adapter_format import LoraAdapter, load_adapter
-from lorafleet.server.adapter_manager import AdapterManager, AdapterSettings
-from lorafleet.server.kv_cache import BlockAllocator, KVCache
-from lorafleet.server.lora_slots import LoraSlots, bytes_per_slot
-from lorafleet.server.model import CausalLM
-from lorafleet.server.sampler import SamplingError, sample
-from lorafleet.server.scheduler import ScheduledChunk, Scheduler
-from lorafleet.server.sequence import FinishReason, SamplingParams, Sequence, Status, TokenInfo
+from lorafleet.server.lora.adapter_format import LoraAdapter, load_adapter
+from lorafleet.server.adapters.manager import AdapterManager, AdapterSettings
+from lorafleet.server.engine.kv_cache import BlockAllocator, KVCache
+from lorafleet.server.lora.slots import LoraSlots, bytes_per_slot
+from lorafleet.server.model.model import CausalLM
+from lorafleet.server.engine.sampler import SamplingError, sample
+from lorafleet.server.engine.scheduler import ScheduledChunk, Scheduler
+from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence, Status, TokenInfo
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -138,7 +138,7 @@ class LLMEngine:
         """The structured-output compiler, made on first use (it indexes the whole vocabulary)."""
         with self._grammar_lock:  # the HTTP layer's compile thread and the engine thread may both ask first
             if self._grammar is None:
-                from lorafleet.server.structured import GrammarCompiler
+                from lorafleet.server.engine.structured import GrammarCompiler
 
                 self._grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
         return self._grammar

@@ -1,7 +1,8 @@
 """Validating a TGI/LoRAX generate request into engine parameters, with LoRAX's messages.
 
 Every parameter may be absent or null (lorax-client sends every key); unknown keys are ignored.
-Where API.md departs from LoRAX (temperature 0 means greedy, top_p 1.0 is allowed), API.md wins.
+Two departures from LoRAX, on purpose: temperature 0 means greedy (LoRAX refuses it), and top_p 1.0
+is allowed (it means no cut).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.server.adapter_sources import SOURCES, AdapterRef
+from lorafleet.server.adapters.sources import SOURCES, AdapterRef
 from lorafleet.server.errors import ValidationError
-from lorafleet.server.sequence import SamplingParams
-from lorafleet.server.structured import validate_response_format
+from lorafleet.server.engine.sequence import SamplingParams
+from lorafleet.server.engine.structured import validate_response_format
 
 MAX_SEED = 2**64 - 1
 # Bounds that keep every row's arithmetic finite in float32: logits / temperature and logits x

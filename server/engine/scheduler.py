@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lorafleet.server.config import EngineConfig
-from lorafleet.server.kv_cache import BlockAllocator
-from lorafleet.server.sequence import Sequence, Status
+from lorafleet.server.engine.kv_cache import BlockAllocator
+from lorafleet.server.engine.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafleet.server.sequence import Sequence
+from lorafleet.server.engine.sequence import Sequence
 
 
 def next_text(tokenizer: Any, seq: Sequence) -> str:

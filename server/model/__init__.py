@@ -1,0 +1,2 @@
+"""The model: a Llama-family decoder written for the paged KV cache, its attention (torch and
+Triton), rotary embeddings, and reading Hugging Face checkpoints."""
