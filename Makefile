@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -P -m pytest -q
 
+# Lint (rules in pyproject.toml). Formatting is not enforced: the code's compact style (one-line
+# literals, lines up to 160) is kept by hand, and ruff format would rewrite it file by file.
+lint: $(STAMP)
+	$(BIN)/ruff check server gateway lorafleet operator tests bench
+
 # The whole fleet on this machine: the demo adapters (made once, about a minute each), then `lorafleet up`.
 up: $(STAMP)
 	$(BIN)/lorafleet demo-adapters --out .lorafleet/adapters

@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import save_file
 
 from lorafleet import model_store
-from lorafleet.server.lora.adapter_format import load_adapter
 from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine.engine import LLMEngine
-from lorafleet.server.lora.slots import LoraSlots
 from lorafleet.server.engine.sequence import SamplingParams
+from lorafleet.server.lora.adapter_format import load_adapter
+from lorafleet.server.lora.slots import LoraSlots
 from lorafleet.testing import ALL_PROJECTIONS
 
 SEVEN_B = dict(hidden=4096, kv=1024, intermediate=11008, layers=32)

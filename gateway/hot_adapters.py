@@ -16,7 +16,7 @@ A wrong guess costs one miss (the pick still respects the load bound), never a w
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
 
 DEFAULT_SLOTS = 64  # until a replica's /info says how many device slots it has
 

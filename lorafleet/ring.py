@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Collection, Iterable, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 DEFAULT_LOAD_FACTOR = 1.25
 M = TypeVar("M")  # a member: a replica name, or an index in the simulation

@@ -24,7 +24,7 @@ WARM_TIMEOUT_S = 120.0
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, repair_interval: float = 15.0, status_interval: float = 5.0) -> kopf.OperatorRegistry:

@@ -8,8 +8,8 @@ or generation failed), 404 not_found for an adapter its source does not have (Lo
 
 from __future__ import annotations
 
-from lorafleet.server.lora.adapter_format import AdapterError
 from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound
+from lorafleet.server.lora.adapter_format import AdapterError
 
 
 class RequestError(Exception):

@@ -29,10 +29,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lorafleet.http_limits import server_config
-    from lorafleet.server.errors import Unhealthy
     from lorafleet.server.api.app import create_app
-    from lorafleet.server.serve_config import serve_config_from_args
     from lorafleet.server.api.service import ReplicaService
+    from lorafleet.server.errors import Unhealthy
+    from lorafleet.server.serve_config import serve_config_from_args
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-
-import os
 
 # The Triton LoRA kernels are checked on CPU through the interpreter; it must be chosen before
 # triton is first imported, which is why this is the one setting made at import time here.
@@ -39,6 +38,7 @@ def smollm2_path() -> Path:
 def kube_api(tmp_path: Path):
     """The embedded Kubernetes API on a free loopback port, with the demo CRD installed and its own kubeconfig."""
     from kube_fixtures import WIDGET_CRD
+
     from lorafleet.local.kubeapi import EmbeddedKubeAPI
 
     with EmbeddedKubeAPI(crds=[WIDGET_CRD]) as api:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from lorafleet.server.engine import engine as engine_module
 from lorafleet.server.config import EngineConfig
+from lorafleet.server.engine import engine as engine_module
 from lorafleet.server.engine.engine import LLMEngine
 
 

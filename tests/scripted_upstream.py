@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+from server_helpers import ThreadedApp
+
 from lorafleet import ring
 from lorafleet.gateway.app import create_gateway_app
-from server_helpers import ThreadedApp
 
 
 class Upstream(ThreadedApp):

@@ -5,17 +5,17 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import uvicorn
 
 from lorafleet.http_limits import server_config
 from lorafleet.server.api.app import create_app
+from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.serve_config import ServeConfig
-from lorafleet.server.api.service import ReplicaService
 
 
 def free_port() -> int:

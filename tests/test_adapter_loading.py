@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from engine_helpers import make_engine
 from hub_standin import HubStandIn
-from lorafleet.server.lora.adapter_format import AdapterError
+
 from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef
 from lorafleet.server.engine.async_engine import AsyncEngine
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams
+from lorafleet.server.lora.adapter_format import AdapterError
 from lorafleet.testing import make_lora_adapter
 
 GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)

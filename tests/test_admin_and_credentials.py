@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from hub_standin import HubStandIn
-from lorafleet.testing import make_lora_adapter
 from server_helpers import RunningServer, running_server
+
+from lorafleet.testing import make_lora_adapter
 
 ADMIN = {"authorization": "Bearer op-secret"}
 

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
 from engine_helpers import make_engine
+
 from lorafleet.server.engine.async_engine import AsyncEngine
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine_helpers import make_engine
+
 from lorafleet.local.demo_adapters import STYLES, make_demo_adapters
 from lorafleet.local.demo_datasets import dataset
 from lorafleet.server.engine.sequence import SamplingParams

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import make_engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine_helpers import make_engine
 from lorafleet.server.engine import detokenizer
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence
 

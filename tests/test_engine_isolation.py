@@ -12,8 +12,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
 from engine_helpers import make_engine
+
 from lorafleet.server.engine.async_engine import UNHEALTHY_AFTER_FAILED_STEPS, AsyncEngine
 from lorafleet.server.engine.sampler import SamplingError
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import capture_logits, make_engine
 from transformers import AutoModelForCausalLM
 
-from engine_helpers import capture_logits, make_engine
-from lorafleet.server.model.checkpoint import CheckpointError
 from lorafleet.server.engine.sequence import SamplingParams
+from lorafleet.server.model.checkpoint import CheckpointError
 from lorafleet.testing import make_tiny_model, reference_greedy
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], [1] + list(range(30, 53)), [1, 99]]

@@ -8,7 +8,6 @@ import sys
 
 import httpx
 from kubernetes import client, config
-
 from server_helpers import free_port
 from waiting import wait_until
 

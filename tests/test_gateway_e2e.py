@@ -12,12 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_helpers import ThreadedApp
+from waiting import wait_until
 
 from lorafleet import ring
 from lorafleet.gateway.app import create_gateway_app
 from lorafleet.testing import make_lora_adapter
-from server_helpers import ThreadedApp
-from waiting import wait_until
 
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 

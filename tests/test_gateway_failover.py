@@ -6,10 +6,8 @@ misbehaves on purpose: a 503, an answer slower than the gateway's upstream timeo
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
-
 from scripted_upstream import Gateway, Upstream, key_owned_by
 
 

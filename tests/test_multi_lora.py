@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import capture_logits, make_engine
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from engine_helpers import capture_logits, make_engine
-from lorafleet.server.lora.adapter_format import AdapterError
 from lorafleet.server.engine.sequence import SamplingParams
+from lorafleet.server.lora.adapter_format import AdapterError
 from lorafleet.testing import ALL_PROJECTIONS, make_lora_adapter, make_tiny_model
 
 ADAPTERS = {

@@ -8,14 +8,14 @@ from pathlib import Path
 import kopf
 import pytest
 import yaml
+from hub_standin import HubStandIn
 from kopf.testing import KopfRunner
 from kubernetes import client, config
-
-from hub_standin import HubStandIn
-from lorafleet import ring
-from lorafleet.operator.handlers import register
 from operator_helpers import StubReplica, run_pod
 from waiting import wait_until
+
+from lorafleet import ring
+from lorafleet.operator.handlers import register
 
 ROOT = Path(__file__).resolve().parents[1]
 BASEMODEL = """

@@ -17,7 +17,7 @@ KEYS = [f"org/adapter-{i}" for i in range(3000)]
 
 def test_owners_are_the_same_in_separate_processes() -> None:
     members = [f"lorafleet-replica-{i}" for i in range(7)]
-    code = "from lorafleet import ring; import json; print(json.dumps([ring.owners(f'k{i}', %r, 3) for i in range(200)]))" % members
+    code = "from lorafleet import ring; import json; print(json.dumps([ring.owners(f'k{i}', " + repr(members) + ", 3) for i in range(200)]))"
     outputs = {subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True,
                               env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
     assert len(outputs) == 1

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from server_helpers import free_port
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from engine_helpers import make_engine
+from server_helpers import running_server
+
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.testing import make_lora_adapter
-from server_helpers import running_server
 
 PROMPT = "Hello world"
 

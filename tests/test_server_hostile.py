@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_helpers import running_server
 
 from lorafleet.testing import make_lora_adapter
-from server_helpers import running_server
 
 OK = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
 

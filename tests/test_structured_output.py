@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from engine_helpers import make_engine
+
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 
 SCHEMA = {
@@ -53,9 +53,9 @@ async def test_a_slow_schema_compile_stalls_no_other_stream(tiny_models: dict[st
     import time
 
     import httpx
+    from server_helpers import RunningServer
 
     from lorafleet.server.api import service as service_module
-    from server_helpers import RunningServer
 
     monkeypatch.setattr(service_module, "GRAMMAR_TIMEOUT_S", 1.5)
     with RunningServer(tiny_models["llama"], tmp_path, tmp_path / "cache") as server:

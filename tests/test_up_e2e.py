@@ -14,13 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from kube_fixtures import kubectl_for
-from lorafleet import ring
-from lorafleet.testing import make_lora_adapter
 from server_helpers import free_port
 from waiting import wait_until as poll
 
+from lorafleet import ring
+from lorafleet.testing import make_lora_adapter
 
 wait_until = partial(poll, timeout=60.0, interval=0.2)  # predicates here run kubectl: poll gently
 

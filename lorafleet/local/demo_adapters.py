@@ -9,8 +9,8 @@ on the attention and MLP projections, a few epochs with a high learning rate: en
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 STYLES = ("pirate", "french", "shouty")
 

@@ -16,8 +16,8 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lorafleet.model_store import MANIFEST, verify_manifest, write_manifest
 from lorafleet.server.lora.adapter_format import LoraAdapter

@@ -18,15 +18,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from lorafleet.server.adapters.cache import CpuCache, DiskCache
-from lorafleet.server.lora.adapter_format import LoraAdapter
 from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.errors import Conflict, Overloaded
+from lorafleet.server.lora.adapter_format import LoraAdapter
 from lorafleet.server.lora.slots import LoraSlots
 
 log = logging.getLogger(__name__)

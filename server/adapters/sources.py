@@ -34,7 +34,7 @@ class AdapterRef:
         return f"{self.source}:{self.id}" + (f"@{self.revision}" if self.revision else "")
 
     @classmethod
-    def parse(cls, adapter_id: str, source: str) -> "AdapterRef":
+    def parse(cls, adapter_id: str, source: str) -> AdapterRef:
         if source not in SOURCES:
             raise ValueError(f"adapter_source must be one of {', '.join(SOURCES)}, got {source!r}")
         if not adapter_id or not adapter_id.strip():

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from lorafleet.server.adapters.manager import TIERS
-from lorafleet.server.errors import Unauthorized, ValidationError
 from lorafleet.server.api.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
+from lorafleet.server.errors import Unauthorized, ValidationError
 
 
 def require_admin(service: ReplicaService, request: Request) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,11 +16,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lorafleet import __version__
 from lorafleet.http_limits import head_too_large
 from lorafleet.server.api.admin import admin_router
+from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.openai import openai_router
+from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.tgi import tgi_router
 from lorafleet.server.errors import RequestError
-from lorafleet.server.api.http_common import error_response, read_json_object
-from lorafleet.server.api.service import ReplicaService
 
 GENERATE_ROUTES = {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
 

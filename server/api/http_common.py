@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from lorafleet.server.errors import RequestError, classify
 from lorafleet.server.api.json_guard import MAX_DEPTH, UnusableValue, check_values
+from lorafleet.server.errors import RequestError, classify
 
 T = TypeVar("T")
 KEEPALIVE_S = 15.0
@@ -87,7 +88,7 @@ async def next_or_keepalive(events: Any, pending: dict) -> Any:
     return task.result()
 
 
-async def close_events(events: Any, pending: "asyncio.Future | None" = None) -> None:
+async def close_events(events: Any, pending: asyncio.Future | None = None) -> None:
     """Close a generation's event stream (which cancels it in the engine if it is still running)."""
     if pending is not None and not pending.done():
         pending.cancel()

@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.errors import ValidationError, classify
 from lorafleet.server.api.http_common import close_events, error_response, next_or_keepalive, read_json_object, sse, until_disconnect
-from lorafleet.server.engine.sequence import FinishReason
 from lorafleet.server.api.service import Completion, ReplicaService, independent_copies
 from lorafleet.server.api.validation import GenerateJob, validate_generate
+from lorafleet.server.engine.sequence import FinishReason
+from lorafleet.server.errors import ValidationError, classify
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 PASSED_THROUGH = ("top_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "adapter_source", "api_token")

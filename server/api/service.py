@@ -10,20 +10,21 @@ import json
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from lorafleet import __version__
 from lorafleet.server.adapters.manager import TIERS
 from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.server.api.metrics import ServerMetrics
+from lorafleet.server.api.validation import GenerateJob, Limits
 from lorafleet.server.engine.async_engine import AsyncEngine, TokenEvent
 from lorafleet.server.engine.engine import LLMEngine
-from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
-from lorafleet.server.api.metrics import ServerMetrics
 from lorafleet.server.engine.sequence import FinishReason, Sequence
+from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
 from lorafleet.server.serve_config import ServeConfig
-from lorafleet.server.api.validation import GenerateJob, Limits
 
 log = logging.getLogger(__name__)
 MAX_SCHEMA_BYTES = 64 << 10  # a response_format schema, as JSON text
@@ -39,7 +40,7 @@ class Completion:
     queue_s: float
     inference_s: float
     first_token_s: float
-    best_of: list["Completion"] = field(default_factory=list)
+    best_of: list[Completion] = field(default_factory=list)
 
     @property
     def finish_reason(self) -> FinishReason:
@@ -161,7 +162,7 @@ class ReplicaService:
         compiling = asyncio.get_running_loop().run_in_executor(self._grammar_pool, lambda: self.engine.grammar().compile(response_format))
         try:
             await asyncio.wait_for(asyncio.shield(compiling), GRAMMAR_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ValidationError(f"`response_format` schema did not compile within {GRAMMAR_TIMEOUT_S:g}s; simplify it") from None
 
     async def stream(self, job: GenerateJob, prompt_ids: list[int]) -> tuple[TokenEvent, AsyncIterator[TokenEvent]]:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.engine.async_engine import TokenEvent
-from lorafleet.server.errors import classify
 from lorafleet.server.api.http_common import close_events, error_response, next_or_keepalive, read_json, sse, until_disconnect
-from lorafleet.server.engine.sequence import TokenInfo
 from lorafleet.server.api.service import Completion, ReplicaService
 from lorafleet.server.api.validation import GenerateJob, validate_generate
+from lorafleet.server.engine.async_engine import TokenEvent
+from lorafleet.server.engine.sequence import TokenInfo
+from lorafleet.server.errors import classify
 
 
 def token_json(token: TokenInfo) -> dict[str, Any]:

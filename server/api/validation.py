@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.server.adapters.sources import SOURCES, AdapterRef
-from lorafleet.server.errors import ValidationError
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.engine.structured import validate_response_format
+from lorafleet.server.errors import ValidationError
 
 MAX_SEED = 2**64 - 1
 # Bounds that keep every row's arithmetic finite in float32: logits / temperature and logits x

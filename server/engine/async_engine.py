@@ -13,8 +13,8 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.engine.engine import LLMEngine, StepOutput

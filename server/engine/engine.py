@@ -14,18 +14,18 @@ from typing import Any
 
 import torch
 
-from lorafleet.server.engine import detokenizer
-from lorafleet.server.model.attention import BatchMetadata, PrefillSegment
-from lorafleet.server.model.checkpoint import CheckpointError, load_weights, read_config
-from lorafleet.server.config import EngineConfig
-from lorafleet.server.lora.adapter_format import LoraAdapter, load_adapter
 from lorafleet.server.adapters.manager import AdapterManager, AdapterSettings
+from lorafleet.server.config import EngineConfig
+from lorafleet.server.engine import detokenizer
 from lorafleet.server.engine.kv_cache import BlockAllocator, KVCache
-from lorafleet.server.lora.slots import LoraSlots, bytes_per_slot
-from lorafleet.server.model.model import CausalLM
 from lorafleet.server.engine.sampler import SamplingError, sample
 from lorafleet.server.engine.scheduler import ScheduledChunk, Scheduler
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence, Status, TokenInfo
+from lorafleet.server.lora.adapter_format import LoraAdapter, load_adapter
+from lorafleet.server.lora.slots import LoraSlots, bytes_per_slot
+from lorafleet.server.model.attention import BatchMetadata, PrefillSegment
+from lorafleet.server.model.checkpoint import CheckpointError, load_weights, read_config
+from lorafleet.server.model.model import CausalLM
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine.kv_cache import BlockAllocator

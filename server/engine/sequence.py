@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(str, enum.Enum):  # noqa: UP042 - StrEnum would change str(member), which logs and f-strings show
     LENGTH = "length"
     EOS = "eos_token"
     STOP = "stop_sequence"
@@ -66,7 +66,7 @@ class TokenInfo:
     text: str
     logprob: float | None
     special: bool = False
-    alternatives: list["TokenInfo"] = field(default_factory=list)
+    alternatives: list[TokenInfo] = field(default_factory=list)
 
 
 _ids = itertools.count()

@@ -32,7 +32,7 @@ class LoraBatch:
     triton_meta: Any = None
 
     @classmethod
-    def build(cls, slots: Any, seq_slots: list[int], seq_tokens: list[int]) -> "LoraBatch":
+    def build(cls, slots: Any, seq_slots: list[int], seq_tokens: list[int]) -> LoraBatch:
         segments: list[tuple[int, int, int]] = []
         decode: dict[int, list[int]] = {}
         start = 0

@@ -31,7 +31,7 @@ class TritonMeta:
     tok_slots: torch.Tensor
 
     @classmethod
-    def build(cls, seq_slots: list[int], seq_tokens: list[int], device: torch.device) -> "TritonMeta":
+    def build(cls, seq_slots: list[int], seq_tokens: list[int], device: torch.device) -> TritonMeta:
         starts, lens, slots, rows, row_slots = [], [], [], [], []
         offset = 0
         for slot, count in zip(seq_slots, seq_tokens):

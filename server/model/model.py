@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lorafleet.server.engine.kv_cache import KVCache
 from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.checkpoint import CheckpointError, ModelConfig
-from lorafleet.server.engine.kv_cache import KVCache
 from lorafleet.server.model.rope import RotaryEmbedding, apply_rotary
 
 

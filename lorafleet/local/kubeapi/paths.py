@@ -15,7 +15,7 @@ class ApiPath:
     subresource: str | None = None
 
 
-def parse(path: str, is_namespaced: "callable") -> ApiPath | None:
+def parse(path: str, is_namespaced: callable) -> ApiPath | None:
     """``is_namespaced(group, plural)`` tells namespaced resources apart (needed for /namespaces/X/Y)."""
     parts = [p for p in path.split("/") if p]
     if len(parts) >= 2 and parts[0] == "api":

@@ -188,7 +188,7 @@ def age(timestamp: str | None, now: datetime.datetime | None = None) -> str:
     if not timestamp:
         return "<unknown>"
     created = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    seconds = int(((now or datetime.datetime.now(datetime.timezone.utc)) - created).total_seconds())
+    seconds = int(((now or datetime.datetime.now(datetime.UTC)) - created).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= 2 * size or (unit == "m" and seconds >= 120):
             return f"{seconds // size}{unit}"

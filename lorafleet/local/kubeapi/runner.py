@@ -39,7 +39,7 @@ class EmbeddedKubeAPI:
         }, indent=2))
         return path
 
-    def start(self) -> "EmbeddedKubeAPI":
+    def start(self) -> EmbeddedKubeAPI:
         self._thread = threading.Thread(target=self._run, name="lorafleet-kubeapi", daemon=True)
         self._thread.start()
         self._ready.wait(30)
@@ -53,7 +53,7 @@ class EmbeddedKubeAPI:
         if self._thread is not None:
             self._thread.join(10)
 
-    def __enter__(self) -> "EmbeddedKubeAPI":
+    def __enter__(self) -> EmbeddedKubeAPI:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Predicate = Callable[[dict[str, Any]], bool]
 _SET = re.compile(r"^\s*([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
@@ -28,8 +29,8 @@ def label_selector(selector: str | None) -> Predicate:
     if not selector:
         return lambda obj: True
     tests: list[Predicate] = []
+    labels = lambda obj: (obj.get("metadata") or {}).get("labels") or {}  # noqa: E731
     for term in _split(selector):
-        labels = lambda obj: (obj.get("metadata") or {}).get("labels") or {}  # noqa: E731
         match = _SET.match(term)
         if match:
             key, op, values = match[1], match[2], {v.strip() for v in match[3].split(",") if v.strip()}
