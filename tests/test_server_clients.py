@@ -175,3 +175,21 @@ def test_generate_options_best_of_full_text_truncate_and_prefill_details(server)
     assert [t["id"] for t in prefill["details"]["prefill"]] == ids and prefill["details"]["prefill"][0]["logprob"] is None
     seeded = [httpx.post(url, json={"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "do_sample": True, "seed": 42}}).json()["generated_text"] for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/generate_stream", {"inputs": "Hello", "parameters": {"max_new_tokens": 3}}),
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 3, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, "stream": True}),
+], ids=["tgi", "openai-completions", "openai-chat"])
+def test_every_stream_is_in_the_latency_metrics(server, path, body) -> None:
+    """Both APIs stream through one loop: each finished stream is one time-to-first-token observation."""
+    def observed() -> float:
+        line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith("lorafleet_time_to_first_token_seconds_count"))
+        return float(line.split()[-1])
+
+    before = observed()
+    with httpx.stream("POST", server.url + path, json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.status_code == 200 and not any('"error"' in line for line in lines)
+    assert observed() == before + 1

@@ -311,3 +311,4 @@ def test_usage_counts_every_prompt_once(server) -> None:
     assert usage["prompt_tokens"] == sum(lengths) and usage["completion_tokens"] == 4
     one = httpx.post(server.url + "/v1/completions", json={**body, "prompt": prompts[1], "n": 2}, timeout=30).json()["usage"]
     assert one["prompt_tokens"] == lengths[1]  # n completions of one prompt share it
+

@@ -1,4 +1,4 @@
-"""What every route shares: reading a JSON body, error responses, SSE framing, disconnect handling."""
+"""What every route shares: reading a JSON body, error responses, the bearer credential, disconnect handling."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from lorafleet.server.api.json_guard import MAX_DEPTH, UnusableValue, check_valu
 from lorafleet.server.errors import RequestError, classify
 
 T = TypeVar("T")
-KEEPALIVE_S = 15.0
 
 
 async def read_json(request: Request) -> Any:
@@ -51,10 +50,6 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None) ->
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
 
 
-def sse(data: Any) -> str:
-    return f"data:{json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 def bearer_token(request: Request) -> str | None:
     value = request.headers.get("authorization", "")
     return value[7:].strip() or None if value.lower().startswith("bearer ") else None
@@ -74,29 +69,3 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     finally:
         if not task.done():
             task.cancel()
-
-
-async def next_or_keepalive(events: Any, pending: dict) -> Any:
-    """The next event, or None when KEEPALIVE_S pass without one (the caller sends a comment line)."""
-    task = pending.get("task")
-    if task is None:
-        task = pending["task"] = asyncio.ensure_future(events.__anext__())
-    done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_S)
-    if not done:
-        return None
-    pending.pop("task")
-    return task.result()
-
-
-async def close_events(events: Any, pending: asyncio.Future | None = None) -> None:
-    """Close a generation's event stream (which cancels it in the engine if it is still running)."""
-    if pending is not None and not pending.done():
-        pending.cancel()
-        try:
-            await pending
-        except BaseException:  # noqa: BLE001 - the cancellation we asked for, or the stream's own end
-            pass
-    try:
-        await events.aclose()
-    except RuntimeError:  # already closing on another path
-        pass

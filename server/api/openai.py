@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.api.http_common import close_events, error_response, next_or_keepalive, read_json_object, sse, until_disconnect
+from lorafleet.server.api.http_common import error_response, read_json_object, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService, independent_copies
+from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
+from lorafleet.server.engine.async_engine import TokenEvent
 from lorafleet.server.engine.sequence import FinishReason
-from lorafleet.server.errors import ValidationError, classify
+from lorafleet.server.errors import ValidationError
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 PASSED_THROUGH = ("top_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "adapter_source", "api_token")
@@ -97,41 +98,22 @@ async def openai_stream(service: ReplicaService, request: Request, job: Generate
     """Start one generation; return an SSE response whose chunks ``chunk(delta, finish)`` shapes, ending with [DONE]."""
     prompt_ids = service.prompt_ids(job)
     service.admit()
+    started = time.perf_counter()
     try:
         first, events = await until_disconnect(request, service.stream(job, prompt_ids))
     except BaseException:
         service.release()
         raise
 
-    async def body() -> AsyncIterator[str]:
-        pending: dict = {}
-        try:
-            for prelude in chunk(None, None, start=True):
-                yield sse(prelude)
-            event = first
-            while True:
-                text = event.token.text if event.token is not None else ""
-                if event.finished:
-                    yield sse(chunk(text, finish_reason(event.finish_reason)))
-                    break
-                if text:
-                    yield sse(chunk(text, None))
-                try:
-                    event = await next_or_keepalive(events, pending)
-                    while event is None:  # a comment line keeps proxies open and finds a client that left
-                        yield ":\n\n"
-                        event = await next_or_keepalive(events, pending)
-                except StopAsyncIteration:
-                    break
-            yield "data: [DONE]\n\n"
-        except Exception as exc:
-            _, error_type, message = classify(exc)
-            yield sse({"error": message, "error_type": error_type})
-        finally:
-            service.release()
-            await close_events(events, pending.get("task"))
+    def render(event: TokenEvent) -> list[str]:
+        text = event.token.text if event.token is not None else ""
+        if event.finished:
+            return [sse(chunk(text, finish_reason(event.finish_reason)))]
+        return [sse(chunk(text, None))] if text else []
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    prelude = [sse(c) for c in chunk(None, None, start=True)]
+    body = sse_events(service, job, first, events, started, render, prelude, epilogue=["data: [DONE]\n\n"])
+    return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 def openai_router(service: ReplicaService) -> APIRouter:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.api.http_common import close_events, error_response, next_or_keepalive, read_json, sse, until_disconnect
+from lorafleet.server.api.http_common import error_response, read_json, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService
+from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
 from lorafleet.server.engine.async_engine import TokenEvent
 from lorafleet.server.engine.sequence import TokenInfo
-from lorafleet.server.errors import classify
 
 
 def token_json(token: TokenInfo) -> dict[str, Any]:
@@ -73,42 +73,24 @@ async def prepared(service: ReplicaService, request: Request, stream: bool) -> t
     return job, service.prompt_ids(job)
 
 
-async def token_stream(service: ReplicaService, job: GenerateJob, prompt_ids: list[int], first: TokenEvent,
-                       events: AsyncIterator[TokenEvent], started: float) -> AsyncIterator[str]:
+def stream_lines(job: GenerateJob, prompt_ids: list[int]) -> Callable[[TokenEvent], list[str]]:
     """TGI's SSE: one event per token; the last carries generated_text (and details when asked)."""
-    first_at = time.perf_counter()
-    pending: dict = {}
-    try:
-        event: TokenEvent | None = first
-        while event is not None:
-            if event.finished and event.seq is not None:
-                seq = event.seq
-                service.observe(job, seq, first_at - started, time.perf_counter() - first_at)
-                details = None
-                if job.details:
-                    details = {"finish_reason": seq.finish_reason.value, "prompt_tokens": len(prompt_ids),
-                               "generated_tokens": len(seq.tokens), "seed": seq.seed_used}
-                text = (job.inputs + seq.text) if job.return_full_text else seq.text
-                token = event.token or (seq.tokens[-1] if seq.tokens else TokenInfo(0, "", 0.0, True))
-                yield sse({"token": token_json(token), "generated_text": text, "details": details})
-                return
-            if event.token is not None:
-                yield sse({"token": token_json(event.token), "generated_text": None, "details": None})
-            while True:
-                try:
-                    event = await next_or_keepalive(events, pending)
-                except StopAsyncIteration:
-                    return
-                if event is None:
-                    yield ":\n\n"
-                    continue
-                break
-    except Exception as exc:  # once streaming, an error is the last event, never a broken connection
-        _, error_type, message = classify(exc)
-        yield sse({"error": message, "error_type": error_type})
-    finally:
-        service.release()
-        await close_events(events, pending.get("task"))
+
+    def render(event: TokenEvent) -> list[str]:
+        if event.finished and event.seq is not None:
+            seq = event.seq
+            details = None
+            if job.details:
+                details = {"finish_reason": seq.finish_reason.value, "prompt_tokens": len(prompt_ids),
+                           "generated_tokens": len(seq.tokens), "seed": seq.seed_used}
+            text = (job.inputs + seq.text) if job.return_full_text else seq.text
+            token = event.token or (seq.tokens[-1] if seq.tokens else TokenInfo(0, "", 0.0, True))
+            return [sse({"token": token_json(token), "generated_text": text, "details": details})]
+        if event.token is not None:
+            return [sse({"token": token_json(event.token), "generated_text": None, "details": None})]
+        return []
+
+    return render
 
 
 async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
@@ -128,7 +110,8 @@ async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
                 return error_response(exc)
             raise
         headers = {"x-prompt-tokens": str(len(prompt_ids)), "x-adapter-id": job.adapter.id if job.adapter else "", "cache-control": "no-cache"}
-        return StreamingResponse(token_stream(service, job, prompt_ids, first, events, started), media_type="text/event-stream", headers=headers)
+        body = sse_events(service, job, first, events, started, stream_lines(job, prompt_ids))
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
     try:
         completion = await until_disconnect(request, service.complete(job, prompt_ids))
     except Exception as exc:
