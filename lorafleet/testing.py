@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lorafleet.adapter_rules import PROJECTIONS
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -29,7 +31,7 @@ CORPUS = [
     "Low-rank adapters fine-tune a large language model cheaply.",
     "Kubernetes operators reconcile desired state into running objects.",
 ]
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = list(PROJECTIONS)  # every projection a LoRA may target
 
 
 def write_tokenizer(folder: Path, vocab_size: int = 384) -> Any:

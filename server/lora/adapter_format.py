@@ -1,9 +1,9 @@
 """Reading and validating a PEFT LoRA adapter folder against the base model it must fit.
 
-Only what this engine applies exactly is accepted: LoRA (not DoRA) on the seven Llama-family
-projections, any rank up to ``--max-lora-rank``, per-module ranks and alphas (``rank_pattern``,
-``alpha_pattern``), rsLoRA scaling, ``layers_to_transform``. Everything else is refused with the
-reason, before the adapter reaches a device slot. The per-module scale is folded into B once here,
+The config's rules are lorafleet/adapter_rules.py (the operator checks the same ones); here the
+weights are checked against the base model's shapes and ``--max-lora-rank``, with per-module ranks
+and alphas (``rank_pattern``, ``alpha_pattern``), rsLoRA scaling and ``layers_to_transform``.
+Everything else is refused with the reason, before the adapter reaches a device slot. The per-module scale is folded into B once here,
 so the batched op is a plain ``(x·A)·B``.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.adapter_rules import PROJECTIONS, AdapterRuleError, check_config
+
 TENSOR_NAME = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class AdapterError(ValueError):
@@ -54,13 +55,10 @@ def read_adapter_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except ValueError as exc:
         raise AdapterError(f"adapter_config.json is not valid JSON: {exc}") from exc
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(f"peft_type {peft_type} is not supported; only LORA adapters are served")
-    if config.get("use_dora"):
-        raise AdapterError("DoRA adapters (use_dora=true) are not supported")
-    if config.get("modules_to_save"):
-        raise AdapterError(f"modules_to_save {config['modules_to_save']} is not supported: the adapter would replace whole base modules")
+    try:
+        check_config(config)
+    except AdapterRuleError as exc:
+        raise AdapterError(str(exc)) from None
     return config
 
 
@@ -75,11 +73,6 @@ def load_adapter(
     """Validate ``folder`` against the base model's shapes and return its weights on the CPU in float32."""
     config = read_adapter_config(folder)
     tensors = _read_tensors(folder, allow_pickle)
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        unknown = [t for t in targets if t.split(".")[-1] not in PROJECTIONS]
-        if unknown:
-            raise AdapterError(f"LoRA on {unknown} is not supported (embedding and lm_head LoRA included); targets must be among {list(PROJECTIONS)}")
     pieces: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for tensor_name, tensor in tensors.items():
         match = TENSOR_NAME.match(tensor_name)
