@@ -37,7 +37,7 @@ def smollm2_path() -> Path:
 @pytest.fixture
 def kube_api(tmp_path: Path):
     """The embedded Kubernetes API on a free loopback port, with the demo CRD installed and its own kubeconfig."""
-    from kube_fixtures import WIDGET_CRD
+    from support.kube import WIDGET_CRD
 
     from lorafleet.local.kubeapi import EmbeddedKubeAPI
 
@@ -49,6 +49,6 @@ def kube_api(tmp_path: Path):
 
 @pytest.fixture
 def kubectl(kube_api):
-    from kube_fixtures import kubectl_for
+    from support.kube import kubectl_for
 
     return kubectl_for(kube_api.kubeconfig, kube_api.kubecache)

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_helpers import make_engine
-from hub_standin import HubStandIn
+from support.engine import make_engine
+from support.hub import HubStandIn
 
 from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef
 from lorafleet.server.engine.async_engine import AsyncEngine
@@ -299,7 +299,7 @@ def test_a_slow_hub_never_holds_up_local_loads_and_missing_ids_are_remembered(ti
 
 
 def test_an_unreachable_hub_is_not_reported_as_a_missing_adapter(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
-    from server_helpers import free_port
+    from support.server import free_port
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hub_standin import HubStandIn
-from server_helpers import RunningServer, running_server
+from support.hub import HubStandIn
+from support.server import RunningServer, running_server
 
 from lorafleet.testing import make_lora_adapter
 

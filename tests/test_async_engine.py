@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from engine_helpers import make_engine
+from support.engine import make_engine
 
 from lorafleet.server.engine.async_engine import AsyncEngine
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams

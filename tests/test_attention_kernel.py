@@ -34,7 +34,7 @@ def test_triton_decode_matches_torch_path(dtype: torch.dtype, heads: int, kv_hea
 
 
 def test_engine_with_the_triton_decode_kernel_matches_the_torch_path(tiny_models, monkeypatch) -> None:
-    from engine_helpers import capture_logits, make_engine
+    from support.engine import capture_logits, make_engine
 
     from lorafleet.server.engine.sequence import SamplingParams
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine_helpers import make_engine
+from support.engine import make_engine
 
 from lorafleet.local.demo_adapters import STYLES, make_demo_adapters
 from lorafleet.local.demo_datasets import dataset

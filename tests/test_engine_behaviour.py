@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import make_engine
+from support.engine import make_engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafleet.server.engine import detokenizer

@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from engine_helpers import make_engine
+from support.engine import make_engine
 
 from lorafleet.server.engine.async_engine import UNHEALTHY_AFTER_FAILED_STEPS, AsyncEngine
 from lorafleet.server.engine.sampler import SamplingError

@@ -8,8 +8,8 @@ import sys
 
 import httpx
 from kubernetes import client, config
-from server_helpers import free_port
-from waiting import wait_until
+from support.server import free_port
+from support.waiting import wait_until
 
 
 def endpoint_slice(endpoints: list[tuple[str, str, bool]]) -> dict:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import ThreadedApp
-from waiting import wait_until
+from support.server import ThreadedApp
+from support.waiting import wait_until
 
 from lorafleet import ring
 from lorafleet.gateway.app import create_gateway_app

@@ -1,6 +1,6 @@
 """The gateway's proxy rules against scripted upstreams (tiny ASGI apps on loopback, no model).
 
-Each upstream (tests/scripted_upstream.py) answers with its own name and what it received, or
+Each upstream (tests/support/upstream.py) answers with its own name and what it received, or
 misbehaves on purpose: a 503, an answer slower than the gateway's upstream timeout, a stream cut off halfway.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from scripted_upstream import Gateway, Upstream, key_owned_by
+from support.upstream import Gateway, Upstream, key_owned_by
 
 
 def generate(url: str, adapter: str, **kwargs) -> httpx.Response:

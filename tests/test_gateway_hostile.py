@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from scripted_upstream import Gateway, Upstream
+from support.upstream import Gateway, Upstream
 
 OK_BODY = b'{"inputs": "Hi", "parameters": {"adapter_id": "org/a"}}'
 

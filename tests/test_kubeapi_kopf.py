@@ -5,7 +5,7 @@ from __future__ import annotations
 import kopf
 from kopf.testing import KopfRunner
 from kubernetes import client, config
-from waiting import wait_until
+from support.waiting import wait_until
 
 GROUP, VERSION, PLURAL = "demo.lorafleet.io", "v1", "widgets"
 

@@ -131,7 +131,7 @@ def test_lorafleet_kube_api_command_installs_crds_and_writes_a_kubeconfig(tmp_pa
     import sys
 
     import yaml
-    from kube_fixtures import WIDGET_CRD, kubectl_for
+    from support.kube import WIDGET_CRD, kubectl_for
 
     (tmp_path / "crds").mkdir()
     (tmp_path / "crds" / "widgets.yaml").write_text(yaml.safe_dump(WIDGET_CRD))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import capture_logits, make_engine
 from peft import PeftModel
+from support.engine import capture_logits, make_engine
 from transformers import AutoModelForCausalLM
 
 from lorafleet.server.engine.sequence import SamplingParams

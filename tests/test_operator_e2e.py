@@ -8,11 +8,11 @@ from pathlib import Path
 import kopf
 import pytest
 import yaml
-from hub_standin import HubStandIn
 from kopf.testing import KopfRunner
 from kubernetes import client, config
-from operator_helpers import StubReplica, run_pod
-from waiting import wait_until
+from support.hub import HubStandIn
+from support.operator import StubReplica, run_pod
+from support.waiting import wait_until
 
 from lorafleet import ring
 from lorafleet.operator.handlers import register

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
-from server_helpers import free_port
+from support.server import free_port
 
 
 def start_serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from engine_helpers import make_engine
-from server_helpers import running_server
+from support.engine import make_engine
+from support.server import running_server
 
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.testing import make_lora_adapter

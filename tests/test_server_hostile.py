@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import running_server
+from support.server import running_server
 
 from lorafleet.testing import make_lora_adapter
 

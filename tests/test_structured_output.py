@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from engine_helpers import make_engine
+from support.engine import make_engine
 
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 
@@ -53,7 +53,7 @@ async def test_a_slow_schema_compile_stalls_no_other_stream(tiny_models: dict[st
     import time
 
     import httpx
-    from server_helpers import RunningServer
+    from support.server import RunningServer
 
     from lorafleet.server.api import service as service_module
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from kube_fixtures import kubectl_for
-from server_helpers import free_port
-from waiting import wait_until as poll
+from support.kube import kubectl_for
+from support.server import free_port
+from support.waiting import wait_until as poll
 
 from lorafleet import ring
 from lorafleet.testing import make_lora_adapter

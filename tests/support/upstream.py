@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from server_helpers import ThreadedApp
-
 from lorafleet import ring
 from lorafleet.gateway.app import create_gateway_app
+from support.server import ThreadedApp
 
 
 class Upstream(ThreadedApp):
