@@ -6,13 +6,14 @@ import asyncio
 import json
 import logging
 import threading
-from pathlib import Path
+from typing import Any
 
 import httpcore
 import httpx
 from prometheus_client import generate_latest
 
 from lorafleet.gateway.auth import ApiKeys
+from lorafleet.gateway.config import GatewayConfig
 from lorafleet.gateway.discovery import static_members, watch_service
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.proxy import Gateway, Receive, Send, respond, respond_error
@@ -25,16 +26,13 @@ log = logging.getLogger(__name__)
 class GatewayApp:
     """An ASGI app; the lifespan opens the upstream client, discovery and the health probes."""
 
-    def __init__(self, replica_urls: list[str] | None, service: str | None, load_factor: float, api_key_file: Path | None,
-                 max_body_bytes: int, upstream_timeout: float, probe_interval: float) -> None:
+    def __init__(self, replica_urls: list[str] | None, service: str | None, config: GatewayConfig) -> None:
         if bool(replica_urls) == bool(service):
             raise ValueError("give either --replica URLs or --service NAMESPACE/NAME")
-        self.replica_urls, self.service = replica_urls, service
+        self.replica_urls, self.service, self.config = replica_urls, service, config
         self.metrics = GatewayMetrics()
         self.replicas = ReplicaSet(on_eject=self.metrics.ejections.inc)
-        self.keys = ApiKeys(api_key_file)
-        self.load_factor, self.max_body_bytes = load_factor, max_body_bytes
-        self.upstream_timeout, self.probe_interval = upstream_timeout, probe_interval
+        self.keys = ApiKeys(config.api_key_file)
         self.gateway: Gateway | None = None
         self._stop = threading.Event()
         self._probes: asyncio.Task | None = None
@@ -81,14 +79,15 @@ class GatewayApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 pool = httpcore.AsyncConnectionPool(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0)
-                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, self.load_factor, self.max_body_bytes, self.upstream_timeout)
+                config = self.config
+                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config.load_factor, config.max_body_bytes, config.upstream_timeout)
                 self._probe_client = httpx.AsyncClient(timeout=2.0)
                 if self.replica_urls:
                     self.replicas.update(static_members(self.replica_urls))
                 else:
                     namespace, _, name = self.service.partition("/")
                     watch_service(namespace, name, asyncio.get_running_loop(), self.replicas.update, self._stop)
-                self._probes = asyncio.create_task(self.replicas.probe_forever(self._probe_client, self.probe_interval))
+                self._probes = asyncio.create_task(self.replicas.probe_forever(self._probe_client, self.config.probe_interval))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._stop.set()
@@ -101,7 +100,10 @@ class GatewayApp:
                 return
 
 
-def create_gateway_app(replica_urls: list[str] | None = None, service: str | None = None, load_factor: float = 1.25,
-                       api_key_file: Path | None = None, max_body_bytes: int = 2 << 20, upstream_timeout: float = 300.0,
-                       probe_interval: float = 1.0) -> GatewayApp:
-    return GatewayApp(replica_urls, service, load_factor, api_key_file, max_body_bytes, upstream_timeout, probe_interval)
+def create_gateway_app(replica_urls: list[str] | None = None, service: str | None = None, config: GatewayConfig | None = None,
+                       **overrides: Any) -> GatewayApp:
+    """The gateway app for ``--replica`` URLs or a ``--service``; ``overrides`` replace GatewayConfig fields (tests)."""
+    config = config or GatewayConfig()
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return GatewayApp(replica_urls, service, config)

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from lorafleet.gateway.config import GatewayConfig, load_factor
+
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -14,10 +16,12 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     members = parser.add_mutually_exclusive_group(required=True)
     members.add_argument("--replica", action="append", metavar="URL", help="a replica's base URL (repeatable)")
     members.add_argument("--service", metavar="NAMESPACE/NAME", help="discover replicas from this Service's EndpointSlices")
-    parser.add_argument("--load-factor", type=float, default=1.25, help="bounded-load factor c (default: 1.25)")
+    defaults = GatewayConfig()
+    parser.add_argument("--load-factor", type=load_factor, default=defaults.load_factor, help=f"bounded-load factor c, > 1 (default: {defaults.load_factor})")
     parser.add_argument("--api-key-file", type=Path, help="file of bearer keys, one per line, re-read on change")
-    parser.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body (default: 2 MiB)")
-    parser.add_argument("--upstream-timeout", type=float, default=300.0, help="seconds to wait for a replica's response to start")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help=f"largest request body (default: {defaults.max_body_bytes})")
+    parser.add_argument("--upstream-timeout", type=float, default=defaults.upstream_timeout,
+                        help=f"seconds to wait for a replica's response to start (default: {defaults.upstream_timeout:g})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,9 +32,6 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request would drown the decisions
-    if args.load_factor <= 1.0:
-        print("lorafleet gateway: --load-factor must be > 1.0", file=sys.stderr)
-        return 2
     if args.service and "/" not in args.service:
         print("lorafleet gateway: --service must be NAMESPACE/NAME", file=sys.stderr)
         return 2
@@ -38,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorafleet gateway: --api-key-file {args.api_key_file} does not exist", file=sys.stderr)
         return 2
     try:
-        app = create_gateway_app(args.replica, args.service, args.load_factor, args.api_key_file, args.max_body_bytes, args.upstream_timeout)
+        config = GatewayConfig(load_factor=args.load_factor, api_key_file=args.api_key_file, max_body_bytes=args.max_body_bytes,
+                               upstream_timeout=args.upstream_timeout)
+        app = create_gateway_app(args.replica, args.service, config)
     except ValueError as exc:
         print(f"lorafleet gateway: {exc}", file=sys.stderr)
         return 2

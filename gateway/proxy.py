@@ -129,9 +129,9 @@ class Gateway:
     pool: httpcore.AsyncConnectionPool
     metrics: GatewayMetrics
     keys: ApiKeys
-    load_factor: float = ring.DEFAULT_LOAD_FACTOR
-    max_body_bytes: int = 2 << 20
-    upstream_timeout: float = 300.0
+    load_factor: float  # these three from GatewayConfig
+    max_body_bytes: int
+    upstream_timeout: float
 
     async def read_body(self, scope: dict, receive: Receive) -> bytes | None:
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)

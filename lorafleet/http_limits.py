@@ -25,6 +25,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 << 10
+MAX_BODY_BYTES = 2 << 20  # the default --max-body-bytes of both servers: a replica must take whatever its gateway forwards
 HEAD_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5.0
 DESCRIPTORS_KEPT_BACK = 256  # for upstream connections, files, the model's own needs

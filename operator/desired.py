@@ -13,6 +13,10 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from lorafleet import __version__
+from lorafleet.ring import DEFAULT_LOAD_FACTOR
+
+IMAGE = f"ghcr.io/lorafleet/lorafleet:{__version__}"  # the CRD's default and manifests/operator.yaml must match (tested)
 REPLICA_PORT = 8080
 GATEWAY_PORT = 8000
 DRAIN_SECONDS = 30
@@ -79,7 +83,7 @@ def replica_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
               else {"name": "data", "emptyDir": {"sizeLimit": cache["sizeLimit"]} if cache.get("sizeLimit") else {}})
     container = {
         "name": "lorafleet",
-        "image": spec.get("image", "ghcr.io/lorafleet/lorafleet:0.1.0"),
+        "image": spec.get("image", IMAGE),
         "args": serve_args(spec),
         "ports": [{"name": "http", "containerPort": REPLICA_PORT}],
         "env": env,
@@ -127,7 +131,7 @@ def replica_service(name: str, namespace: str) -> dict[str, Any]:
 def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
     routing = spec.get("routing") or {}
     args = ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--service", f"{namespace}/{replica_name(name)}",
-            "--load-factor", str(routing.get("loadFactor", 1.25))]
+            "--load-factor", str(routing.get("loadFactor", DEFAULT_LOAD_FACTOR))]
     volumes, mounts = [], []
     keys = routing.get("apiKeySecretRef")
     if keys:
@@ -146,7 +150,7 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
             "template": {"metadata": {"labels": component}, "spec": {
                 "serviceAccountName": f"{name}-gateway",
                 "containers": [{
-                    "name": "gateway", "image": spec.get("image", "ghcr.io/lorafleet/lorafleet:0.1.0"), "args": args,
+                    "name": "gateway", "image": spec.get("image", IMAGE), "args": args,
                     "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
                     "readinessProbe": _probe("/health", 5, 2), "livenessProbe": _probe("/metrics", 15, 4),
                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},

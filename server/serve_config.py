@@ -9,36 +9,40 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lorafleet.http_limits import MAX_BODY_BYTES
 from lorafleet.server.config import EngineConfig
 
 
 @dataclass(slots=True)
 class ServeConfig:
     engine: EngineConfig
-    model_id: str
+    model_id: str = "smollm2"  # what --model named; the engine gets the folder it resolves to
+    model_source: str = "auto"
+    revision: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     adapter_source: str = "hub"
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
     max_best_of: int = 2
-    max_body_bytes: int = 2 << 20
+    max_body_bytes: int = MAX_BODY_BYTES
     preload_adapters: list[str] = field(default_factory=list)
     grace_period_s: float = 30.0
     admin_token: str | None = None
 
 
 def _size(text: str) -> int:
-    """Bytes, with an optional K/M/G/T suffix (powers of 1024)."""
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024); "1.5G", "512Mi", "2GiB" and "1.5" all parse,
+    as the BaseModel CRD's pattern for engine.adapterMemory admits them."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     text = text.strip().upper().removesuffix("B").removesuffix("I")
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    return int(float(text))
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -52,38 +56,45 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-# (flag, type, default, help, multiple?)
-FLAGS: list[tuple[str, Callable[[str], Any], Any, str, bool]] = [
-    ("--model", str, "smollm2", "base model: a known name (smollm2), a local folder, or a hub id", False),
-    ("--model-source", str, "auto", "where --model lives: auto, local or hub", False),
-    ("--revision", str, None, "hub revision of the base model", False),
-    ("--dtype", str, "auto", "auto (float32 on cpu, the checkpoint's on cuda), float32, bfloat16, float16", False),
-    ("--device", str, "cpu", "cpu or cuda", False),
-    ("--host", str, "127.0.0.1", "address to listen on", False),
-    ("--port", _positive(int), 8080, "port to listen on", False),
-    ("--adapter-source", str, "hub", "default adapter_source for requests that name none: hub, local or s3", False),
+def _default(config: type, name: str) -> Any:
+    """A flag's default is its field's default: one declaration, read by --help, the parser and /info."""
+    found = next(f for f in fields(config) if f.name == name)
+    return found.default_factory() if found.default_factory is not MISSING else found.default
+
+
+_E, _S = EngineConfig, ServeConfig
+# (flag, type, default, help, multiple?); every default comes from EngineConfig or ServeConfig.
+FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str, bool]] = [
+    ("--model", str, _default(_S, "model_id"), "base model: a known name (smollm2), a local folder, or a hub id", False),
+    ("--model-source", str, _default(_S, "model_source"), "where --model lives: auto, local or hub", False),
+    ("--revision", str, _default(_S, "revision"), "hub revision of the base model", False),
+    ("--dtype", str, _default(_E, "dtype"), "auto (float32 on cpu, the checkpoint's on cuda), float32, bfloat16, float16", False),
+    ("--device", str, _default(_E, "device"), "cpu or cuda", False),
+    ("--host", str, _default(_S, "host"), "address to listen on", False),
+    ("--port", _positive(int), _default(_S, "port"), "port to listen on", False),
+    ("--adapter-source", str, _default(_S, "adapter_source"), "default adapter_source for requests that name none: hub, local or s3", False),
     ("--adapter-root", Path, None, "a folder local adapters may be loaded from (repeatable)", True),
-    ("--adapter-cache-dir", Path, Path("/data/adapters"), "the disk tier of the adapter cache", False),
-    ("--adapter-disk-cache", _size, 20 << 30, "bytes the disk tier may hold (suffixes K, M, G)", False),
-    ("--adapter-cpu-memory", _size, 4 << 30, "bytes of CPU memory for parsed adapters", False),
-    ("--adapter-cycle-time-s", float, 2.0, "how long an adapter keeps a slot while others wait for one", False),
-    ("--max-active-adapters", _positive(int), 8, "device slots for adapters", False),
-    ("--adapter-memory", _size, None, "bytes for device slots instead of a count (the count follows from --max-lora-rank)", False),
-    ("--max-lora-rank", _positive(int), 64, "largest adapter rank a slot holds", False),
-    ("--max-concurrent-requests", _positive(int), 128, "requests in flight before new ones get 429", False),
-    ("--max-input-length", _positive(int), 1024, "longest input in tokens", False),
-    ("--max-total-tokens", _positive(int), 2048, "longest input + output in tokens", False),
-    ("--max-batch-total-tokens", _positive(int), 65536, "tokens of all running sequences together", False),
-    ("--max-batch-prefill-tokens", _positive(int), 4096, "prompt tokens prefilled in one step", False),
-    ("--max-stop-sequences", _positive(int), 4, "stop sequences per request", False),
-    ("--max-best-of", _positive(int), 2, "largest best_of", False),
-    ("--max-body-bytes", _size, 2 << 20, "largest request body", False),
-    ("--kv-cache-memory", _size, None, "bytes for the KV cache (default: 1G on cpu, a fraction of free memory on cuda)", False),
+    ("--adapter-cache-dir", Path, _default(_E, "adapter_cache_dir"), "the disk tier of the adapter cache", False),
+    ("--adapter-disk-cache", _size, _default(_E, "adapter_disk_cache"), "bytes the disk tier may hold (suffixes K, M, G)", False),
+    ("--adapter-cpu-memory", _size, _default(_E, "adapter_cpu_memory"), "bytes of CPU memory for parsed adapters", False),
+    ("--adapter-cycle-time-s", float, _default(_E, "adapter_cycle_time_s"), "how long an adapter keeps a slot while others wait for one", False),
+    ("--max-active-adapters", _positive(int), _default(_E, "max_active_adapters"), "device slots for adapters", False),
+    ("--adapter-memory", _size, _default(_E, "adapter_memory"), "bytes for device slots instead of a count (the count follows from --max-lora-rank)", False),
+    ("--max-lora-rank", _positive(int), _default(_E, "max_lora_rank"), "largest adapter rank a slot holds", False),
+    ("--max-concurrent-requests", _positive(int), _default(_S, "max_concurrent_requests"), "sequences in flight before new requests get 429", False),
+    ("--max-input-length", _positive(int), _default(_E, "max_input_length"), "longest input in tokens", False),
+    ("--max-total-tokens", _positive(int), _default(_E, "max_total_tokens"), "longest input + output in tokens", False),
+    ("--max-batch-total-tokens", _positive(int), _default(_E, "max_batch_total_tokens"), "tokens of all running sequences together", False),
+    ("--max-batch-prefill-tokens", _positive(int), _default(_E, "max_batch_prefill_tokens"), "prompt tokens prefilled in one step", False),
+    ("--max-stop-sequences", _positive(int), _default(_S, "max_stop_sequences"), "stop sequences per request", False),
+    ("--max-best-of", _positive(int), _default(_S, "max_best_of"), "largest best_of", False),
+    ("--max-body-bytes", _size, _default(_S, "max_body_bytes"), "largest request body", False),
+    ("--kv-cache-memory", _size, _default(_E, "kv_cache_memory"), "bytes for the KV cache (default: 1G on cpu, a fraction of free memory on cuda)", False),
     ("--preload-adapter", str, None, "adapter id to load and pin at start-up (repeatable; source: --adapter-source)", True),
-    ("--grace-period-s", float, 30.0, "on SIGTERM, how long running requests may finish", False),
-    ("--admin-token", str, None, "bearer token POST and DELETE /adapters require (load, pin, unload); set it from a Secret "
+    ("--grace-period-s", float, _default(_S, "grace_period_s"), "on SIGTERM, how long running requests may finish", False),
+    ("--admin-token", str, _default(_S, "admin_token"), "bearer token POST and DELETE /adapters require (load, pin, unload); set it from a Secret "
      "through LORAFLEET_ADMIN_TOKEN rather than on the command line. Unset: those routes are open", False),
-    ("--allow-pickle", None, False, "allow pickle (.bin) checkpoints and adapters", False),
+    ("--allow-pickle", None, _default(_E, "allow_pickle"), "allow pickle (.bin) checkpoints and adapters", False),
 ]
 
 
@@ -120,7 +131,7 @@ def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> Serv
         adapter_cycle_time_s=args.adapter_cycle_time_s,
     )
     return ServeConfig(
-        engine=engine, model_id=args.model, host=args.host, port=args.port, adapter_source=args.adapter_source,
+        engine=engine, model_id=args.model, model_source=args.model_source, revision=args.revision, host=args.host, port=args.port, adapter_source=args.adapter_source,
         max_concurrent_requests=args.max_concurrent_requests, max_stop_sequences=args.max_stop_sequences,
         max_best_of=args.max_best_of, max_body_bytes=args.max_body_bytes, preload_adapters=list(args.preload_adapter or []),
         grace_period_s=args.grace_period_s, admin_token=args.admin_token or None,

@@ -58,11 +58,13 @@ class AdapterState:
 
 @dataclass(slots=True)
 class AdapterSettings:
-    roots: list[Path] = field(default_factory=list)
-    cache_dir: Path = Path("/data/adapters")
-    disk_bytes: int = 20 << 30
-    cpu_bytes: int = 4 << 30
-    cycle_time_s: float = 2.0
+    """What the manager needs of EngineConfig (whose defaults these are), plus its own thread counts."""
+
+    roots: list[Path]
+    cache_dir: Path
+    disk_bytes: int
+    cpu_bytes: int
+    cycle_time_s: float
     load_threads: int = 2  # local folders: parsing only
     remote_load_threads: int = 4  # hub and S3: network-bound, so a slow or unreachable source never holds up local loads
     max_pinned: int | None = None  # None: no limit (tests); the engine keeps one slot free of pins

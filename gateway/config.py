@@ -1,0 +1,27 @@
+"""The gateway's settings: one dataclass whose defaults the flags, the app and the proxy all read."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafleet import ring
+from lorafleet.http_limits import MAX_BODY_BYTES
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    load_factor: float = ring.DEFAULT_LOAD_FACTOR  # the bounded-load factor c; the operator's CRD default must match
+    api_key_file: Path | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    upstream_timeout: float = 300.0  # seconds to wait for a replica's response to start
+    probe_interval: float = 1.0  # seconds between /health probes of each replica
+
+
+def load_factor(text: str) -> float:
+    """--load-factor's parser: bounded loads need c > 1 (at c = 1 a request can find every replica full)."""
+    value = float(text)
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError(f"must be > 1.0, got {text}")
+    return value
