@@ -135,7 +135,10 @@ class AdapterManager:
 
     def request(self, ref: AdapterRef, token: str | None = None, pin: bool = False) -> str:
         """Register a use of ``ref``; start loading it if no tier holds it. Raises at once for a bad id or a recent failure."""
-        ref, folder = self._resolve(ref)
+        folder = None
+        known = self.states.get(ref.key)
+        if known is None or known.status == "failed":  # the filesystem only on a miss, never per request on this thread
+            ref, folder = self._resolve(ref)
         key = ref.key
         now = time.monotonic()
         with self._lock:

@@ -201,13 +201,14 @@ class LLMEngine:
                         continue
                     except Exception as exc:  # noqa: BLE001 - detokenizing or the grammar: this row's failure alone
                         failed[row] = exc
-                outputs.append(self._fail(seq, failed[row]))
+                exc = failed[row]
+                log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
+                outputs.append(self._fail(seq, exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}")))
         return outputs
 
     def _fail(self, seq: Sequence, exc: BaseException) -> StepOutput:
         """One request's own failure: it ends with the error, its blocks are freed, the batch goes on."""
-        log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
-        seq.error = exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}")
+        seq.error = exc
         self.scheduler.finish(seq)
         return self._end(seq, FinishReason.ERROR)
 
@@ -216,9 +217,7 @@ class LLMEngine:
         outputs = []
         for key, error in self.adapters.take_failed():
             for seq in [s for s in self.scheduler.waiting if s.adapter == key]:
-                seq.error = error
-                self.scheduler.finish(seq)
-                outputs.append(self._end(seq, FinishReason.ERROR))
+                outputs.append(self._fail(seq, error))
         return outputs
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, BatchMetadata]:
