@@ -1,41 +1,100 @@
-"""The kopf handlers. Each is a few lines around the pure functions in desired.py, fleet_status.py
-and adapter_check.py; everything the operator needs lives in the objects, so a restart mid-way
-re-derives the same state and creates no duplicates.
+"""The kopf handlers: BaseModels become fleets by change handlers; Adapters are placed by one loop per fleet.
+
+BaseModel create/update/resume handlers apply the objects desired.py derives (few objects, so
+kopf's bookkeeping is cheap). Adapters are many — a thousand per BaseModel is the design point — so
+they get no per-object handler, timer or bookkeeping annotation: kopf indexes their watch events
+(and the replica Pods') in memory, and a daemon per BaseModel (fleet.py) reconciles the whole set,
+woken by those events. Everything the operator needs lives in the objects, so a restart re-derives
+the same state: one list per resource and one GET /adapters per replica, and no writes when
+nothing changed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import datetime
 import secrets
 from typing import Any
 
-import httpx
 import kopf
 
-from lorafleet.operator import adapter_check
-from lorafleet.operator.desired import ADMIN_TOKEN_KEY, admin_secret_name, fleet_objects, labels, replica_name
-from lorafleet.operator.fleet_status import basemodel_status, placement, ready_pods
+from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status
+from lorafleet.operator.desired import ADMIN_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name
+from lorafleet.operator.fleet import Fleet, FleetIO, PodView
+from lorafleet.operator.fleet_status import basemodel_status
 from lorafleet.operator.kube import Kube, login
+from lorafleet.operator.replica_client import ReplicaCalls
 
 GROUP, VERSION = "lorafleet.io", "v1alpha1"
-FINALIZER = "lorafleet.io/operator"
-WARM_TIMEOUT_S = 120.0
+KOPF_FINALIZER = "lorafleet.io/operator"  # kopf's, on BaseModels (their daemon)
+REPLICA_LABELS = {"app.kubernetes.io/name": "lorafleet", "app.kubernetes.io/component": "replica"}
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, repair_interval: float = 15.0, status_interval: float = 5.0) -> kopf.OperatorRegistry:
-    """Attach the handlers to ``registry`` (the global one for ``lorafleet operator``, a fresh one in tests)."""
+class Operator:
+    """What the handlers share for the operator's lifetime: one API client, one pool, the fleets."""
+
+    def __init__(self, kube_factory: Any, residency_check_s: float, per_replica: int) -> None:
+        self.kube_factory, self.residency_check_s, self.per_replica = kube_factory, residency_check_s, per_replica
+        self.fleets: dict[tuple[str, str], Fleet] = {}
+        self.kube: Any = None
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.calls: ReplicaCalls | None = None
+
+    def start(self) -> None:
+        self.kube = self.kube_factory()
+        self.executor = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="lorafleet-operator")
+        self.calls = ReplicaCalls(self.per_replica)
+
+    async def stop(self) -> None:
+        if self.calls is not None:
+            await self.calls.close()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def wake(self, key: tuple[str, str]) -> None:
+        fleet = self.fleets.get(key)
+        if fleet is not None:
+            fleet.wake.set()
+
+    def fleet(self, namespace: str, name: str) -> Fleet:
+        key = (namespace, name)
+        if key not in self.fleets:
+            io = FleetIO(kube=self.kube, executor=self.executor, calls=self.calls, event=post_event,
+                         admin_headers=lambda: admin_headers(self.kube, namespace, name))
+            self.fleets[key] = Fleet(namespace, name, io, self.residency_check_s)
+        return self.fleets[key]
+
+
+def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    kopf.event(obj, type=kind, reason=reason, message=message)
+
+
+def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residency_check_s: float = 300.0, status_interval: float = 5.0,
+             per_replica: int = 4) -> kopf.OperatorRegistry:
+    """Attach the handlers to ``registry`` (the global one for ``lorafleet operator``, a fresh one in tests).
+
+    ``residency_check_s``: the safety net, how often every replica's listing is re-read; events
+    do the real work, so a test may set it to hours.
+    """
+    state = Operator(kube_factory, residency_check_s, per_replica)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = FINALIZER
+        settings.persistence.finalizer = KOPF_FINALIZER
         settings.watching.server_timeout = 300  # a stalled watch is reopened by the server...
         settings.watching.client_timeout = 330  # ...or, failing that, by the client
         settings.posting.level = 20  # Events for every decision at INFO and above
+        state.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        await state.stop()
 
     kopf.on.login(registry=registry)(login)
 
@@ -45,7 +104,7 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, repair_i
     @kopf.on.update(GROUP, VERSION, "basemodels", field="spec", registry=registry)
     @kopf.on.resume(GROUP, VERSION, "basemodels", registry=registry)
     def reconcile_basemodel(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
-        kube = kube_factory()
+        kube = state.kube
         changed = []
         for obj in fleet_objects(name, namespace, dict(spec), admin_token(kube, namespace, name) or secrets.token_urlsafe(32)):
             kopf.adopt(obj, owner=body)
@@ -55,64 +114,79 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, repair_i
         if changed:
             kopf.info(body, reason="Reconciled", message="; ".join(changed))
         patch.status.update(observe_basemodel(kube, name, namespace, meta.get("generation", 1), dict(spec)))
+        state.wake((namespace, name))
 
     @kopf.timer(GROUP, VERSION, "basemodels", interval=status_interval, registry=registry)
     def refresh_basemodel(name: str, namespace: str, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
-        observed = observe_basemodel(kube_factory(), name, namespace, meta.get("generation", 1), dict(spec))
+        observed = observe_basemodel(state.kube, name, namespace, meta.get("generation", 1), dict(spec))
         if _without_times(observed) != _without_times(dict(status)):
             patch.status.update(observed)
 
-    # -- Adapter --------------------------------------------------------------------------------
+    @kopf.index(GROUP, VERSION, "basemodels", id="basemodels", registry=registry)
+    def basemodels(namespace: str, name: str, **_: Any) -> dict:
+        return {(namespace, name): name}
 
-    @kopf.on.create(GROUP, VERSION, "adapters", registry=registry)
-    @kopf.on.update(GROUP, VERSION, "adapters", field="spec", registry=registry)
-    @kopf.on.resume(GROUP, VERSION, "adapters", registry=registry)
-    def reconcile_adapter(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, meta: kopf.Meta,
-                          patch: kopf.Patch, retry: int, **_: Any) -> None:
-        kube = kube_factory()
-        generation = meta.get("generation", 1)
-        base = kube.get(f"{GROUP}/{VERSION}", "BaseModel", namespace, spec["baseModel"])
-        if base is None:
-            fail(body, patch, generation, "BaseModelNotFound", f"BaseModel {spec['baseModel']!r} does not exist in {namespace}")
-        patch.status.update(phase="Validating", observedGeneration=generation)
+    @kopf.daemon(GROUP, VERSION, "basemodels", cancellation_timeout=2.0, registry=registry)
+    async def place_adapters(name: str, namespace: str, spec: kopf.Spec, stopped: kopf.DaemonStopped, adapters_by_fleet: kopf.Index,
+                             replica_pods: kopf.Index, **_: Any) -> None:
+        """The fleet's placement loop, for as long as the BaseModel exists."""
+        key = (namespace, name)
+        fleet = state.fleet(namespace, name)
         try:
-            config = adapter_check.fetch_config(spec.get("source", "hub"), spec["id"], spec.get("revision"), None)
-            rank, targets = adapter_check.check_fits(config, base["spec"].get("engine") or {}) if config is not None else (None, [])
-        except adapter_check.Permanent as exc:
-            fail(body, patch, generation, "Invalid", str(exc))
-        except adapter_check.Transient as exc:
-            patch.status.update(phase="Pending", message=str(exc))
-            raise kopf.TemporaryError(str(exc), delay=min(300, 5 * 2**retry)) from exc
-        patch.status.update(rank=rank, targetModules=targets)
-        warm(kube, body, spec, status, name, namespace, patch, generation)
+            await fleet.run(lambda: adapters_by_fleet.get(key, []), lambda: replica_pods.get(key, []),
+                            lambda: dict(spec.get("engine") or {}), stopped)
+        finally:
+            if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+                state.fleets.pop(key, None)
+                for record in list(adapters_by_fleet.get(key, [])):
+                    await orphaned(state, record)
 
-    @kopf.timer(GROUP, VERSION, "adapters", interval=repair_interval, registry=registry)
-    def repair_adapter(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
-        """Re-place and re-warm: replicas come and go, and a restarted replica has lost its adapters."""
-        if status.get("phase") in ("Ready", "Warming", "Degraded"):
-            warm(kube_factory(), body, spec, status, name, namespace, patch, meta.get("generation", 1))
+    # -- Adapters and replica Pods: indexed from their watch events -----------------------------
 
-    @kopf.on.delete(GROUP, VERSION, "adapters", registry=registry)
-    def unload_adapter(spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, **_: Any) -> None:
-        kube = kube_factory()
-        members = fleet_members(kube, namespace, spec["baseModel"])
-        headers = admin_headers(kube, namespace, spec["baseModel"])
-        for pod in status.get("replicas") or []:
-            if pod in members:
-                try:  # best effort: the replica may already be gone
-                    httpx.delete(f"{members[pod]}/adapters/{spec['id']}", headers=headers, timeout=5.0)
-                except httpx.HTTPError:
-                    pass
+    @kopf.index(GROUP, VERSION, "adapters", id="adapters_by_fleet", registry=registry)
+    def adapters_by_fleet(body: kopf.Body, namespace: str, **_: Any) -> dict:
+        record = AdapterRecord.from_body(body)
+        state.wake((namespace, record.base))
+        return {(namespace, record.base): record}
+
+    @kopf.index("", "v1", "pods", labels=REPLICA_LABELS, id="replica_pods", registry=registry)
+    def replica_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict:
+        key = (namespace, labels.get("app.kubernetes.io/instance", ""))
+        state.wake(key)
+        return {key: PodView.from_body(body)}
+
+    @kopf.on.event("", "v1", "pods", labels=REPLICA_LABELS, registry=registry)
+    def replica_pod_event(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        """Deletions leave the index without calling it: wake the fleet for every event."""
+        state.wake((namespace, labels.get("app.kubernetes.io/instance", "")))
+
+    @kopf.on.event(GROUP, VERSION, "adapters", registry=registry)
+    async def adapter_event(body: kopf.Body, namespace: str, type: str | None, basemodels: kopf.Index, **_: Any) -> None:
+        record = AdapterRecord.from_body(body)
+        if (namespace, record.base) in basemodels:
+            state.wake((namespace, record.base))
+        elif type != "DELETED":
+            await orphaned(state, record)
 
     return registry
 
 
-def fail(body: kopf.Body, patch: kopf.Patch, generation: int, reason: str, message: str) -> None:
-    """Failed with the reason; no retries until the spec changes (a new generation)."""
-    patch.status.update(phase="Failed", reason=reason, message=message, observedGeneration=generation,
-                        conditions=[{"type": "Ready", "status": "False", "reason": reason, "message": message, "lastTransitionTime": now()}])
-    kopf.warn(body, reason=reason, message=message)
-    raise kopf.PermanentError(message)
+async def orphaned(state: Operator, record: AdapterRecord) -> None:
+    """An Adapter whose BaseModel does not exist: Failed with the reason, and free to be deleted."""
+    loop = asyncio.get_running_loop()
+    if record.deleting:
+        if FINALIZER in record.finalizers:
+            await loop.run_in_executor(state.executor, lambda: state.kube.merge(
+                f"{GROUP}/{VERSION}", "Adapter", record.namespace, record.name,
+                {"metadata": {"finalizers": [f for f in record.finalizers if f != FINALIZER]}}))
+        return
+    message = f"BaseModel {record.base!r} does not exist in {record.namespace}"
+    status = next_status(record.status, {"phase": "Failed", "reason": "BaseModelNotFound", "message": message,
+                                         "observedGeneration": record.generation, "replicas": [], "hotOn": ""}, now())
+    if status is not None:
+        await loop.run_in_executor(state.executor, lambda: state.kube.merge_status(f"{GROUP}/{VERSION}", "Adapter", record.namespace, record.name, status))
+        if record.status.get("phase") != "Failed":
+            post_event(record.reference, "Warning", "BaseModelNotFound", message)
 
 
 def admin_token(kube: Kube, namespace: str, base: str) -> str | None:
@@ -125,51 +199,6 @@ def admin_token(kube: Kube, namespace: str, base: str) -> str | None:
 def admin_headers(kube: Kube, namespace: str, base: str) -> dict[str, str]:
     token = admin_token(kube, namespace, base)
     return {"authorization": f"Bearer {token}"} if token else {}
-
-
-def fleet_members(kube: Kube, namespace: str, base: str) -> dict[str, str]:
-    selector = ",".join(f"{k}={v}" for k, v in labels(base, "replica").items())
-    return ready_pods(kube.list("v1", "Pod", namespace, selector))
-
-
-def warm(kube: Kube, body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, patch: kopf.Patch, generation: int) -> None:
-    """Load the adapter on its owners (pinned if asked), unload it where it is no longer owned, report what is hot."""
-    members = fleet_members(kube, namespace, spec["baseModel"])
-    owners = placement(spec["id"], sorted(members), spec.get("warmReplicas", 1))
-    request = {"adapter_id": spec["id"], "adapter_source": spec.get("source", "hub"), "pin": bool(spec.get("pinned"))}
-    headers = admin_headers(kube, namespace, spec["baseModel"])
-    hot, problems = [], []
-    for pod in owners:
-        try:
-            response = httpx.post(f"{members[pod]}/adapters", json=request, headers=headers, timeout=WARM_TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            problems.append(f"{pod}: {type(exc).__name__}")
-            continue
-        if response.status_code == 200:
-            hot.append(pod)
-        elif response.status_code in (404, 422, 424):
-            fail(body, patch, generation, "LoadFailed", f"{pod} refused the adapter: {response.json().get('error', response.text)}")
-        else:
-            problems.append(f"{pod}: HTTP {response.status_code}")
-    for pod in set(status.get("replicas") or []) - set(owners):
-        if pod in members:
-            try:
-                httpx.delete(f"{members[pod]}/adapters/{spec['id']}", headers=headers, timeout=5.0)
-            except httpx.HTTPError:
-                pass
-    if not owners:
-        phase, message = ("Ready", "lazy: loaded on first request") if spec.get("warmReplicas", 1) == 0 else ("Warming", "no replica is ready yet")
-    elif len(hot) == len(owners):
-        phase, message = "Ready", f"hot on {', '.join(hot)}"
-    else:
-        phase, message = ("Degraded" if hot else "Warming"), "; ".join(problems) or "warming"
-    if hot != (status.get("replicas") or []) or phase != status.get("phase"):
-        kopf.info(body, reason=phase, message=message)
-    patch.status.update(phase=phase, message=message, replicas=hot, hotOn=",".join(hot), observedGeneration=generation,
-                        conditions=[{"type": "Ready", "status": "True" if phase == "Ready" else "False", "reason": phase, "message": message,
-                                     "lastTransitionTime": now()}])
-    if phase in ("Warming", "Degraded") and owners:
-        raise kopf.TemporaryError(message, delay=10)
 
 
 def observe_basemodel(kube: Kube, name: str, namespace: str, generation: int, spec: dict) -> dict:

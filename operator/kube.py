@@ -18,17 +18,21 @@ PLURALS = {
 }
 
 
-def api_client() -> Any:
+def api_client(pool_size: int = 16) -> Any:
+    """A client with room for ``pool_size`` concurrent requests (the operator writes from a thread pool)."""
     from kubernetes import client, config
 
+    configuration = client.Configuration()
     path = os.environ.get("KUBECONFIG")
     if path:
-        return config.new_client_from_config(config_file=path)
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        return config.new_client_from_config()
-    return client.ApiClient()
+        config.load_kube_config(config_file=path, client_configuration=configuration)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 def login(**_: Any) -> Any:
@@ -78,6 +82,9 @@ class Kube:
 
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         self._call("DELETE", path_of(api_version, kind, namespace, name))
+
+    def merge(self, api_version: str, kind: str, namespace: str | None, name: str, patch: dict) -> None:
+        self._call("PATCH", path_of(api_version, kind, namespace, name), patch, content_type="application/merge-patch+json")
 
     def merge_status(self, api_version: str, kind: str, namespace: str | None, name: str, status: dict) -> None:
         """Merge-patch an object's status subresource (no-op writes cost nothing: the server skips them)."""

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import kopf
 import pytest
 import yaml
-from kopf.testing import KopfRunner
-from kubernetes import client, config
+from kubernetes import client
 from support.hub import HubStandIn
-from support.operator import StubReplica, run_pod
+from support.operator import StubReplica, operator_running, run_pod, set_pod_ready
 from support.waiting import wait_until
 
 from lorafleet import ring
-from lorafleet.operator.handlers import register
 
 ROOT = Path(__file__).resolve().parents[1]
 BASEMODEL = """
@@ -35,18 +32,14 @@ def adapter(name: str, adapter_id: str, base: str = "smol", source: str = "local
 
 
 @pytest.fixture
-def operator_env(kube_api, kubectl, monkeypatch, tmp_path):
-    kubectl("apply", "-k", str(ROOT / "crds"))
-    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig))
-    api = config.new_client_from_config(str(kube_api.kubeconfig))
+def operator_env(kube_api, kubectl, monkeypatch):
     replicas = {f"smol-replicas-{i}": StubReplica(f"127.0.0.{10 + i}") for i in range(3)}
-    settings = kopf.OperatorSettings()
-    settings.watching.server_timeout = 10
-    registry = register(kopf.OperatorRegistry(), repair_interval=0.5, status_interval=0.5)
-    with KopfRunner(["run", "--standalone", "--namespace", "default"], registry=registry, settings=settings) as runner:
-        yield kubectl, api, replicas, runner
-    for replica in replicas.values():
-        replica.close()
+    try:
+        with operator_running(kube_api, kubectl, monkeypatch) as api:
+            yield kubectl, api, replicas, None
+    finally:
+        for replica in replicas.values():
+            replica.close()
 
 
 def custom(api, plural: str, name: str) -> dict:
@@ -103,8 +96,9 @@ def test_adapter_warms_on_its_ring_owner_moves_when_replicas_change_and_unloads_
     new_owner = ring.owners("team/pirate", sorted(replicas), 1)[0]
     wait_until(lambda: custom(api, "adapters", "pirate")["status"]["replicas"] == [new_owner])
     wait_until(lambda: [p for p, r in replicas.items() if "team/pirate" in r.loaded] == [new_owner])
-    # The owner restarts and loses what it had: the repair timer warms it again.
+    # The owner's container restarts and loses what it had: its restart count tells, and it is warmed again.
     replicas[new_owner].loaded.clear()
+    set_pod_ready(core, new_owner, True, restarts=1)
     wait_until(lambda: "team/pirate" in replicas[new_owner].loaded)
     kubectl("delete", "adapter", "pirate", "--timeout", "30s")
     assert ("unload", "team/pirate") in replicas[new_owner].calls and not replicas[new_owner].loaded

@@ -21,6 +21,7 @@ class HubStandIn:
         self.downloads: list[str] = []
         self.authorizations: list[str | None] = []  # every request's Authorization header, to show what reached the hub
         self.delay_s = 0.0  # a slow or unreachable hub: each request waits this long before answering
+        self.repo_delay_s: dict[str, float] = {}  # one slow repo among quick ones
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +36,8 @@ class HubStandIn:
                 if len(parts) < 5 or parts[2] != "resolve":
                     return self._error(404, "RepoNotFound")
                 repo, filename = f"{parts[0]}/{parts[1]}", "/".join(parts[4:])
+                if standin.repo_delay_s.get(repo):
+                    time.sleep(standin.repo_delay_s[repo])
                 if repo not in standin.repos:
                     return self._error(404, "RepoNotFound")
                 token = standin.private.get(repo)
@@ -66,6 +69,7 @@ class HubStandIn:
                 self._resolve(send_body=True)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads, self.server.block_on_close = True, False  # a delayed answer never holds up the test's end
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

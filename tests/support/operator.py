@@ -1,13 +1,23 @@
-"""Stub replicas that record the operator's /adapters calls, and a stand-in kubelet for the embedded API."""
+"""Stub replicas that record the operator's /adapters calls, a stand-in kubelet, and the operator running against the embedded API."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
+import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-from kubernetes import client
+import kopf
+from kopf.testing import KopfRunner
+from kubernetes import client, config
+
+from lorafleet.operator.handlers import register
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class StubReplica:
@@ -16,6 +26,8 @@ class StubReplica:
     def __init__(self, address: str) -> None:
         self.loaded: dict[str, bool] = {}
         self.calls: list[tuple[str, str]] = []
+        self.listings = 0  # GET /adapters answered
+        self.slow: dict[str, float] = {}  # adapter id → seconds its load takes
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,12 +44,14 @@ class StubReplica:
 
             def do_GET(self) -> None:
                 if self.path == "/adapters":
+                    stub.listings += 1
                     return self._reply(200, [{"id": a, "tier": "device", "pinned": p} for a, p in stub.loaded.items()])
                 self._reply(200, {})
 
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 stub.calls.append(("load", request["adapter_id"]))
+                time.sleep(stub.slow.get(request["adapter_id"], 0.0))
                 if request["adapter_id"].startswith("refused/"):
                     return self._reply(424, {"error": "not a LoRA for this base", "error_type": "generation"})
                 stub.loaded[request["adapter_id"]] = request.get("pin", False)
@@ -54,6 +68,7 @@ class StubReplica:
             port = sock.getsockname()[1]
         self.address, self.port = address, port
         self.server = ThreadingHTTPServer((address, port), Handler)
+        self.server.daemon_threads, self.server.block_on_close = True, False  # a slow load never holds up the test's end
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -70,3 +85,26 @@ def run_pod(core: client.CoreV1Api, base: str, pod: str, replica: StubReplica) -
     })
     core.patch_namespaced_pod_status(pod, "default", {"status": {"phase": "Running", "podIP": replica.address,
                                                                    "conditions": [{"type": "Ready", "status": "True"}]}})
+
+
+def set_pod_ready(core: client.CoreV1Api, pod: str, ready: bool, restarts: int = 0) -> None:
+    status = "True" if ready else "False"
+    core.patch_namespaced_pod_status(pod, "default", {"status": {
+        "conditions": [{"type": "Ready", "status": status}],
+        "containerStatuses": [{"name": "lorafleet", "ready": ready, "restartCount": restarts, "image": "x", "imageID": ""}]}})
+
+
+@contextlib.contextmanager
+def operator_running(kube_api, kubectl, monkeypatch, residency_check_s: float = 3600.0) -> Iterator[client.ApiClient]:
+    """The CRDs applied and the operator (kopf, in this process) running against the embedded API.
+
+    The safety net defaults to an hour: what the tests see is done by events alone.
+    """
+    kubectl("apply", "-k", str(ROOT / "crds"))
+    monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig))
+    api = config.new_client_from_config(str(kube_api.kubeconfig))
+    settings = kopf.OperatorSettings()
+    settings.watching.server_timeout = 10
+    registry = register(kopf.OperatorRegistry(), residency_check_s=residency_check_s, status_interval=0.5)
+    with KopfRunner(["run", "--standalone", "--namespace", "default"], registry=registry, settings=settings):
+        yield api

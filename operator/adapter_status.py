@@ -1,0 +1,97 @@
+"""An Adapter as the operator keeps it in memory, and its status from what the replicas report. Pure functions.
+
+The status is written only when something a reader would notice changes: at rest a thousand
+Adapters cost the API server nothing. Following the Kubernetes API conventions, a condition's
+``lastTransitionTime`` moves only when its ``status`` flips, never because a message was reworded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Unload from the replicas before an Adapter goes. Not kopf's own finalizer name: kopf removes its
+# finalizer from objects none of its handlers needs it on (that also frees Adapters made by versions
+# that used kopf's per-object handlers).
+FINALIZER = "lorafleet.io/unload"
+RESIDENT_TIERS = ("device", "cpu")  # tiers a replica's GET /adapters reports that serve without a fetch
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """The fields of an Adapter the fleet controller reads, taken from a watch event (kopf's index)."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    base: str
+    id: str
+    source: str
+    revision: str | None
+    warm: int
+    pinned: bool
+    status: dict[str, Any] = field(default_factory=dict, compare=False)
+    finalizers: tuple[str, ...] = ()
+    deleting: bool = False
+
+    @classmethod
+    def from_body(cls, body: Any) -> AdapterRecord:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        return cls(
+            name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""), generation=meta.get("generation", 1),
+            base=spec.get("baseModel", ""), id=spec.get("id", ""), source=spec.get("source", "hub"), revision=spec.get("revision"),
+            warm=spec.get("warmReplicas", 1), pinned=bool(spec.get("pinned")), status=dict(body.get("status") or {}),
+            finalizers=tuple(meta.get("finalizers") or ()), deleting=bool(meta.get("deletionTimestamp")),
+        )
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """Enough of the object for kopf to post an Event about it."""
+        return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
+
+    def load_request(self) -> dict[str, Any]:
+        request: dict[str, Any] = {"adapter_id": self.id, "adapter_source": self.source, "pin": self.pinned}
+        return request
+
+    def already_validated(self) -> tuple[int | None, list[str]] | None:
+        """(rank, targets) when the status says this generation passed validation (an operator restart need not fetch again)."""
+        status = self.status
+        if status.get("observedGeneration") == self.generation and status.get("phase") in ("Ready", "Warming", "Degraded"):
+            return status.get("rank"), list(status.get("targetModules") or [])
+        return None
+
+
+def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems: list[str], rank: int | None, targets: list[str],
+             failure: tuple[str, str] | None = None) -> dict[str, Any]:
+    """What the fleet shows of an adapter: ``hot`` are the owners whose own listing holds it resident."""
+    if failure is not None:
+        reason, message = failure
+        return {"phase": "Failed", "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": [], "hotOn": ""}
+    if record.warm == 0:
+        phase, reason, message = "Ready", "Lazy", "lazy: loaded on first request"
+    elif not owners:
+        phase, reason, message = "Warming", "NoReplicaReady", "no replica is ready yet"
+    elif len(hot) == len(owners):
+        phase, reason, message = "Ready", "Resident", f"hot on {', '.join(hot)}"
+    else:
+        waiting = "; ".join(problems) or f"loading on {', '.join(p for p in owners if p not in hot)}"
+        phase, reason, message = ("Degraded", "PartlyResident", waiting) if hot else ("Warming", "Loading", waiting)
+    return {"phase": phase, "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": list(hot),
+            "hotOn": ",".join(hot), "rank": rank, "targetModules": list(targets)}
+
+
+def next_status(previous: dict[str, Any], now_observed: dict[str, Any], now: str) -> dict[str, Any] | None:
+    """The status to write, or None when it would change nothing but timestamps."""
+    ready = now_observed["phase"] == "Ready"
+    old = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), None)
+    flipped = old is None or old.get("status") != ("True" if ready else "False")
+    condition = {"type": "Ready", "status": "True" if ready else "False", "reason": now_observed["reason"], "message": now_observed["message"],
+                 "observedGeneration": now_observed["observedGeneration"],
+                 "lastTransitionTime": now if flipped else old.get("lastTransitionTime", now)}
+    status = {**now_observed, "conditions": [condition]}
+    current = {k: previous.get(k) for k in status}
+    if current == status and all(previous.get(k) is None for k in previous if k not in status):
+        return None
+    # Fields this version no longer writes are removed (a merge patch deletes a key set to null).
+    return {**{k: None for k in previous if k not in status}, **status}

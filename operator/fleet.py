@@ -1,0 +1,336 @@
+"""One BaseModel's adapters placed on its replicas: driven by watch events, checked by a slow safety net.
+
+A pass compares three things it holds in memory — the Adapters (kopf's index of their watch
+events), the ready replica pods (the same for Pods), and what each replica holds (its own
+``GET /adapters``, kept current by the answers to our loads) — and starts only the work that
+differs: loads on owners that lack an adapter, unloads where a moved adapter was placed before,
+validation of new generations, and status writes whose content changed. Work runs as tasks that
+wake the fleet when they finish; a pass never waits on a replica or on the API server, so one slow
+download or one hung replica delays nothing else. At rest a pass finds nothing to do and writes
+nothing. A replica that joins, restarts (new uid or restart count) or returns to Ready has its
+listing read again at once; every replica's listing is re-read every ``residency_check_s`` (one
+GET per replica, whatever the number of adapters) to catch what events cannot show (an adapter a
+busy replica evicted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from lorafleet.operator import adapter_check
+from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed
+from lorafleet.operator.fleet_status import placement, ready_pods
+from lorafleet.operator.replica_client import ReplicaCalls
+
+log = logging.getLogger(__name__)
+SETTLE_S = 2.0  # a status is not written while its adapter's work is younger than this (one write, not Warming then Ready)
+RETRY_MIN_S, RETRY_MAX_S = 2.0, 60.0
+
+
+def now_text() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class PodView:
+    """A replica pod as the fleet needs it: where to call it, and what tells that it restarted."""
+
+    name: str
+    url: str | None  # None while it is not Ready
+    uid: str
+    restarts: int
+
+    @classmethod
+    def from_body(cls, body: Any) -> PodView:
+        raw = {"metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
+        url = ready_pods([raw]).get(raw["metadata"]["name"])
+        restarts = sum(c.get("restartCount", 0) for c in raw["status"].get("containerStatuses") or [])
+        return cls(raw["metadata"]["name"], url, raw["metadata"].get("uid", ""), restarts)
+
+
+@dataclass
+class FleetIO:
+    """What a fleet does outside itself; the handlers give real ones, a test may give stand-ins."""
+
+    kube: Any  # lorafleet.operator.kube.Kube (blocking: called on ``executor``)
+    executor: Executor  # API writes and validation fetches
+    calls: ReplicaCalls
+    event: Callable[[dict[str, Any], str, str, str], None]  # (object, type, reason, message)
+    admin_headers: Callable[[], dict[str, str]]  # blocking
+
+
+class Fleet:
+    def __init__(self, namespace: str, name: str, io: FleetIO, residency_check_s: float = 300.0, write_concurrency: int = 8) -> None:
+        self.namespace, self.name, self.io = namespace, name, io
+        self.residency_check_s = residency_check_s
+        self.wake = asyncio.Event()
+        self._writes = asyncio.Semaphore(write_concurrency)
+        self._pods_seen: dict[str, tuple[str, int, str]] = {}
+        self.residency: dict[str, dict[str, str]] = {}  # pod → {adapter id: tier}, for pods whose listing is known
+        self._listing: set[str] = set()
+        self._list_retry: dict[str, float] = {}
+        self._next_check = 0.0
+        self._tasks: dict[tuple, asyncio.Task] = {}  # running work, by what it is about
+        self._work_since: dict[str, float] = {}  # adapter uid → when its oldest running work started
+        self._work_count: dict[str, int] = {}
+        self._retry: dict[tuple[str, str], tuple[float, int, str]] = {}  # (pod, id) → (not before, attempts, problem)
+        self._checked: dict[str, tuple[tuple, Any]] = {}  # uid → (what was checked, (rank, targets) or (reason, message))
+        self._check_retry: dict[str, tuple[float, int, str]] = {}
+        self._failed: dict[str, tuple[int, str, str]] = {}  # uid → (generation, reason, message) from a replica's refusal
+        self._placed: dict[str, set[str]] = {}  # uid → pods we loaded it on and have not unloaded
+        self._written: dict[str, dict[str, Any]] = {}  # uid → the status we last wrote
+        self._headers: dict[str, str] | None = None
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self, records: Callable[[], Iterable[AdapterRecord]], pods: Callable[[], Iterable[PodView]],
+                  engine: Callable[[], dict[str, Any]], stopped: Any) -> None:
+        """Pass after pass until ``stopped``: after every wake-up, and at the latest when a retry or check is due."""
+        try:
+            while not stopped:
+                self.wake.clear()
+                try:
+                    await self.reconcile(list(records()), list(pods()), engine())
+                except Exception:  # a bug in one pass must not end placement for the fleet
+                    log.exception("fleet %s/%s: pass failed", self.namespace, self.name)
+                    await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), max(0.05, self._next_due() - time.monotonic()))
+        finally:
+            for task in list(self._tasks.values()):
+                task.cancel()
+
+    def _next_due(self) -> float:
+        dues = [self._next_check, *(t for t, _, _ in self._retry.values()), *(t for t, _, _ in self._check_retry.values()),
+                *self._list_retry.values(), *(t + SETTLE_S for t in self._work_since.values())]
+        return min(dues)
+
+    def _spawn(self, key: tuple, uid: str | None, work: Any) -> None:
+        """Run ``work`` once at a time per ``key``; ``uid`` names the adapter whose status waits for it to settle."""
+        if key in self._tasks:
+            work.close()
+            return
+        if uid is not None:
+            self._work_since.setdefault(uid, time.monotonic())
+            self._work_count[uid] = self._work_count.get(uid, 0) + 1
+
+        async def wrapped() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("fleet %s/%s: %s failed", self.namespace, self.name, key)
+            finally:
+                del self._tasks[key]
+                if uid is not None:
+                    self._work_count[uid] -= 1
+                    if not self._work_count[uid]:
+                        del self._work_count[uid], self._work_since[uid]
+                self.wake.set()
+
+        self._tasks[key] = asyncio.create_task(wrapped())
+
+    # -- one pass -------------------------------------------------------------------------------
+
+    async def reconcile(self, records: list[AdapterRecord], pods: list[PodView], engine: dict[str, Any]) -> None:
+        now = time.monotonic()
+        members = self._follow_pods(pods, now)
+        known = sorted(members)  # placement uses every ready member, as the gateway's ring does
+        present = set()
+        for record in records:
+            present.add(record.uid)
+            if record.deleting:
+                self._spawn(("delete", record.uid), record.uid, self._delete(record, members))
+                continue
+            if FINALIZER not in record.finalizers:
+                self._spawn(("finalizer", record.uid), record.uid, self._add_finalizer(record))
+            self._place(record, members, known, engine, now)
+        for store in (self._checked, self._check_retry, self._failed, self._placed, self._written):
+            for uid in [u for u in store if u not in present]:
+                del store[uid]
+
+    def _follow_pods(self, pods: list[PodView], now: float) -> dict[str, str]:
+        """Ready members; a new, restarted or returning pod has its listing read again."""
+        members = {p.name: p.url for p in pods if p.url}
+        seen = {p.name: (p.uid, p.restarts, p.url) for p in pods if p.url}
+        for name, identity in seen.items():
+            if self._pods_seen.get(name) != identity:
+                self.residency.pop(name, None)
+                self._list_retry.pop(name, None)
+        self._pods_seen = seen
+        for name in [n for n in self.residency if n not in members]:
+            del self.residency[name]
+        due = now >= self._next_check
+        if due:
+            self._next_check = now + self.residency_check_s
+        for name, url in members.items():
+            if (name not in self.residency or due) and self._list_retry.get(name, 0.0) <= now:
+                self._spawn(("list", name), None, self._read_listing(name, url))
+        return members
+
+    async def _read_listing(self, pod: str, url: str) -> None:
+        try:
+            listing = await self.io.calls.resident(url)
+        except Exception as exc:  # keep what we knew; try again soon
+            log.info("fleet %s/%s: listing %s failed: %s", self.namespace, self.name, pod, exc)
+            self._list_retry[pod] = time.monotonic() + RETRY_MIN_S
+            return
+        if self._pods_seen.get(pod, ("", 0, None))[2] == url:
+            self.residency[pod] = listing
+
+    def _place(self, record: AdapterRecord, members: dict[str, str], known: list[str], engine: dict[str, Any], now: float) -> None:
+        checked = self._validation(record, engine, now)
+        if checked is None:
+            return
+        if checked[0] == "failed":
+            self._publish(record, observed(record, [], [], [], None, [], failure=checked[1:]))
+            return
+        _, rank, targets = checked
+        if record.warm > 0 and record.uid in self._failed and self._failed[record.uid][0] == record.generation:
+            _, reason, message = self._failed[record.uid]
+            self._publish(record, observed(record, [], [], [], rank, targets, failure=(reason, message)))
+            return
+        owners = placement(record.id, known, record.warm)
+        placed = self._placed.setdefault(record.uid, set(record.status.get("replicas") or []))
+        hot, problems = [], []
+        for pod in owners:
+            if record.id in self.residency.get(pod, {}):
+                hot.append(pod)
+                placed.add(pod)
+                continue
+            retry = self._retry.get((pod, record.id))
+            if retry is not None:
+                problems.append(f"{pod}: {retry[2]}")
+            if pod in self.residency and (retry is None or retry[0] <= now):
+                self._spawn(("load", pod, record.uid), record.uid, self._load(record, pod, members[pod]))
+        if len(hot) == len(owners):
+            for pod in sorted(placed - set(owners)):
+                if pod in members:
+                    self._spawn(("unload", pod, record.uid), record.uid, self._unload(record, pod, members[pod]))
+                else:
+                    placed.discard(pod)
+        self._publish(record, observed(record, owners, hot, problems, rank, targets))
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _validation(self, record: AdapterRecord, engine: dict[str, Any], now: float) -> tuple | None:
+        """("ok", rank, targets) or ("failed", reason, message); None while it is being checked."""
+        what = (record.generation, record.id, record.source, record.revision, engine.get("maxLoraRank", 64))
+        done = self._checked.get(record.uid)
+        if done is not None and done[0] == what:
+            return done[1]
+        status = record.status
+        if status.get("observedGeneration") == record.generation and status.get("phase") == "Failed" and status.get("reason") in ("Invalid", "LoadFailed"):
+            result: tuple = ("failed", status["reason"], status.get("message", ""))
+            self._checked[record.uid] = (what, result)
+            return result
+        previous = record.already_validated()
+        if previous is not None and done is None:  # an operator restart: the status says this generation passed
+            self._checked[record.uid] = (what, ("ok", *previous))
+            return self._checked[record.uid][1]
+        retry = self._check_retry.get(record.uid)
+        if retry is not None:
+            self._publish(record, {"phase": "Pending", "reason": "SourceUnavailable", "message": retry[2], "observedGeneration": record.generation,
+                                   "replicas": [], "hotOn": ""})
+        if retry is None or retry[0] <= now:
+            self._spawn(("check", record.uid), record.uid, self._check(record, engine, what))
+        return None
+
+    async def _check(self, record: AdapterRecord, engine: dict[str, Any], what: tuple) -> None:
+        def check() -> tuple:
+            config = adapter_check.fetch_config(record.source, record.id, record.revision, None)
+            return ("ok", *adapter_check.check_fits(config, engine)) if config is not None else ("ok", None, [])
+
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.io.executor, check)
+        except adapter_check.Permanent as exc:
+            result = ("failed", "Invalid", str(exc))
+        except adapter_check.Transient as exc:
+            attempts = self._check_retry.get(record.uid, (0.0, 0, ""))[1] + 1
+            self._check_retry[record.uid] = (time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** attempts), attempts, str(exc))
+            return
+        self._check_retry.pop(record.uid, None)
+        self._checked[record.uid] = (what, result)
+
+    # -- replica work ---------------------------------------------------------------------------
+
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = self.io.admin_headers()
+        return self._headers
+
+    async def _load(self, record: AdapterRecord, pod: str, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        if self._headers is None:
+            await loop.run_in_executor(self.io.executor, self.headers)
+        result = await self.io.calls.load(url, record.load_request(), self._headers or {})
+        if result.ok:
+            self._retry.pop((pod, record.id), None)
+            self.residency.setdefault(pod, {})[record.id] = result.tier
+            self._placed.setdefault(record.uid, set()).add(pod)
+        elif result.permanent:
+            self._failed[record.uid] = (record.generation, "LoadFailed", f"{pod} refused the adapter: {result.message}")
+        else:
+            if "401" in result.message:
+                self._headers = None  # the token may have been rotated
+            attempts = self._retry.get((pod, record.id), (0.0, 0, ""))[1] + 1
+            self._retry[(pod, record.id)] = (time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** attempts), attempts, result.message)
+
+    async def _unload(self, record: AdapterRecord, pod: str, url: str) -> None:
+        if await self.io.calls.unload(url, record.id, self._headers or {}):
+            self.residency.get(pod, {}).pop(record.id, None)
+            self._placed.get(record.uid, set()).discard(pod)
+
+    async def _delete(self, record: AdapterRecord, members: dict[str, str]) -> None:
+        """Unload it wherever it was placed, then let the object go."""
+        holders = self._placed.get(record.uid, set()) | set(record.status.get("replicas") or []) | {
+            p for p, held in self.residency.items() if record.id in held and record.pinned}
+        for pod in sorted(holders):
+            if pod in members:
+                await self._unload(record, pod, members[pod])
+        if FINALIZER in record.finalizers:
+            await self._write(lambda: self.io.kube.merge(
+                "lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
+                {"metadata": {"finalizers": [f for f in record.finalizers if f != FINALIZER]}}))
+
+    async def _add_finalizer(self, record: AdapterRecord) -> None:
+        await self._write(lambda: self.io.kube.merge("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
+                                                     {"metadata": {"finalizers": [*record.finalizers, FINALIZER]}}))
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def _publish(self, record: AdapterRecord, seen: dict[str, Any]) -> None:
+        """Write the status when its content changed and the adapter's work has settled (or is slow)."""
+        since = self._work_since.get(record.uid)
+        if since is not None and time.monotonic() - since < SETTLE_S and seen["phase"] != "Failed":
+            return
+        previous = self._written.get(record.uid, record.status)
+        status = next_status(previous, seen, now_text())
+        if status is None or ("status", record.uid) in self._tasks:
+            return
+        self._spawn(("status", record.uid), None, self._write_status(record, previous, status))
+
+    async def _write_status(self, record: AdapterRecord, previous: dict[str, Any], status: dict[str, Any]) -> None:
+        ok = await self._write(lambda: self.io.kube.merge_status("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name, status))
+        if not ok:
+            return
+        self._written[record.uid] = {k: v for k, v in status.items() if v is not None}
+        if status["phase"] != previous.get("phase"):
+            kind = "Warning" if status["phase"] == "Failed" else "Normal"
+            self.io.event(record.reference, kind, status.get("reason") or status["phase"], status["message"])
+
+    async def _write(self, call: Callable[[], Any]) -> bool:
+        async with self._writes:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.io.executor, call)
+            except Exception as exc:  # the object may be gone; the next pass decides again
+                log.info("fleet %s/%s: write failed: %s", self.namespace, self.name, exc)
+                return False
+        return True
