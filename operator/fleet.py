@@ -33,6 +33,7 @@ from lorafleet.operator.replica_client import ReplicaCalls
 log = logging.getLogger(__name__)
 SETTLE_S = 2.0  # a status is not written while its adapter's work is younger than this (one write, not Warming then Ready)
 RETRY_MIN_S, RETRY_MAX_S = 2.0, 60.0
+COALESCE_S = 0.1  # a pass costs O(adapters); events arrive by the thousand
 
 
 def now_text() -> str:
@@ -88,6 +89,7 @@ class Fleet:
         self._placed: dict[str, set[str]] = {}  # uid → pods we loaded it on and have not unloaded
         self._written: dict[str, dict[str, Any]] = {}  # uid → the status we last wrote
         self._headers: dict[str, str] | None = None
+        self._finalized: set[str] = set()
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -103,7 +105,8 @@ class Fleet:
                     log.exception("fleet %s/%s: pass failed", self.namespace, self.name)
                     await asyncio.sleep(1.0)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), max(0.05, self._next_due() - time.monotonic()))
+                    await asyncio.wait_for(self.wake.wait(), max(COALESCE_S, self._next_due() - time.monotonic()))
+                await asyncio.sleep(COALESCE_S)  # a burst of events (a thousand creates, a load per answer) becomes one pass
         finally:
             for task in list(self._tasks.values()):
                 task.cancel()
@@ -149,12 +152,13 @@ class Fleet:
             if record.deleting:
                 self._spawn(("delete", record.uid), record.uid, self._delete(record, members))
                 continue
-            if FINALIZER not in record.finalizers:
+            if FINALIZER not in record.finalizers and record.uid not in self._finalized:
                 self._spawn(("finalizer", record.uid), record.uid, self._add_finalizer(record))
             self._place(record, members, known, engine, now)
         for store in (self._checked, self._check_retry, self._failed, self._placed, self._written):
             for uid in [u for u in store if u not in present]:
                 del store[uid]
+        self._finalized &= present
 
     def _follow_pods(self, pods: list[PodView], now: float) -> dict[str, str]:
         """Ready members; a new, restarted or returning pod has its listing read again."""
@@ -216,6 +220,8 @@ class Fleet:
                     self._spawn(("unload", pod, record.uid), record.uid, self._unload(record, pod, members[pod]))
                 else:
                     placed.discard(pod)
+        if any(("list", pod) in self._tasks for pod in owners):
+            return  # an owner's listing is being read: publish what it shows, not a Warming in between
         self._publish(record, observed(record, owners, hot, problems, rank, targets))
 
     # -- validation -----------------------------------------------------------------------------
@@ -301,8 +307,9 @@ class Fleet:
                 {"metadata": {"finalizers": [f for f in record.finalizers if f != FINALIZER]}}))
 
     async def _add_finalizer(self, record: AdapterRecord) -> None:
-        await self._write(lambda: self.io.kube.merge("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
-                                                     {"metadata": {"finalizers": [*record.finalizers, FINALIZER]}}))
+        if await self._write(lambda: self.io.kube.merge("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
+                                                        {"metadata": {"finalizers": [*record.finalizers, FINALIZER]}})):
+            self._finalized.add(record.uid)  # until its watch event shows it
 
     # -- status ---------------------------------------------------------------------------------
 

@@ -48,6 +48,17 @@ def basemodel_status(name: str, namespace: str, generation: int, spec: dict[str,
     }
 
 
+def keep_transition_times(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with each condition's lastTransitionTime taken from ``old`` where its status did not flip (API conventions)."""
+    before = {c.get("type"): c for c in old.get("conditions") or []}
+    conditions = []
+    for c in new.get("conditions") or []:
+        previous = before.get(c["type"])
+        same = previous is not None and previous.get("status") == c["status"] and previous.get("lastTransitionTime")
+        conditions.append({**c, "lastTransitionTime": previous["lastTransitionTime"]} if same else c)
+    return {**new, "conditions": conditions}
+
+
 def ready_pods(pods: list[dict[str, Any]]) -> dict[str, str]:
     """``{pod name: base URL}`` of the replica pods that are Ready and have an IP (the gateway's members)."""
     members = {}

@@ -23,7 +23,7 @@ import kopf
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status
 from lorafleet.operator.desired import ADMIN_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name
 from lorafleet.operator.fleet import Fleet, FleetIO, PodView
-from lorafleet.operator.fleet_status import basemodel_status
+from lorafleet.operator.fleet_status import basemodel_status, keep_transition_times
 from lorafleet.operator.kube import Kube, login
 from lorafleet.operator.replica_client import ReplicaCalls
 
@@ -103,7 +103,8 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residenc
     @kopf.on.create(GROUP, VERSION, "basemodels", registry=registry)
     @kopf.on.update(GROUP, VERSION, "basemodels", field="spec", registry=registry)
     @kopf.on.resume(GROUP, VERSION, "basemodels", registry=registry)
-    def reconcile_basemodel(body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
+    def reconcile_basemodel(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, meta: kopf.Meta, patch: kopf.Patch,
+                            **_: Any) -> None:
         kube = state.kube
         changed = []
         for obj in fleet_objects(name, namespace, dict(spec), admin_token(kube, namespace, name) or secrets.token_urlsafe(32)):
@@ -113,13 +114,15 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residenc
                 changed.append(f"{obj['kind']}/{obj['metadata']['name']} {outcome}")
         if changed:
             kopf.info(body, reason="Reconciled", message="; ".join(changed))
-        patch.status.update(observe_basemodel(kube, name, namespace, meta.get("generation", 1), dict(spec)))
+        observed = keep_transition_times(observe_basemodel(kube, name, namespace, meta.get("generation", 1), dict(spec)), dict(status))
+        if observed != {k: status.get(k) for k in observed}:
+            patch.status.update(observed)
         state.wake((namespace, name))
 
     @kopf.timer(GROUP, VERSION, "basemodels", interval=status_interval, registry=registry)
     def refresh_basemodel(name: str, namespace: str, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
-        observed = observe_basemodel(state.kube, name, namespace, meta.get("generation", 1), dict(spec))
-        if _without_times(observed) != _without_times(dict(status)):
+        observed = keep_transition_times(observe_basemodel(state.kube, name, namespace, meta.get("generation", 1), dict(spec)), dict(status))
+        if observed != {k: status.get(k) for k in observed}:
             patch.status.update(observed)
 
     @kopf.index(GROUP, VERSION, "basemodels", id="basemodels", registry=registry)
@@ -205,9 +208,3 @@ def observe_basemodel(kube: Kube, name: str, namespace: str, generation: int, sp
     replicas = kube.get("apps/v1", "Deployment", namespace, replica_name(name))
     gateway = kube.get("apps/v1", "Deployment", namespace, name)
     return basemodel_status(name, namespace, generation, spec, replicas, gateway, now())
-
-
-def _without_times(status: dict) -> dict:
-    copy = dict(status)
-    copy["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or []]
-    return copy

@@ -94,3 +94,17 @@ def test_generate_name_and_missing_namespace(api) -> None:
     with pytest.raises(ApiException) as missing:
         core.create_namespaced_config_map("nowhere", {"metadata": {"name": "x"}})
     assert missing.value.status == 404
+
+
+def test_metrics_count_requests_as_a_real_api_server_labels_them(api, kube_api) -> None:
+    import httpx
+
+    custom = client.CustomObjectsApi(api)
+    custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, widget("m"))
+    custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", PLURAL, "m", {"status": {"phase": "Up"}})
+    with pytest.raises(ApiException):
+        custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, widget("m"))
+    text = httpx.get(f"{kube_api.url}/metrics").text
+    assert 'apiserver_request_total{code="201",resource="widgets",subresource="",verb="create"} 1.0' in text
+    assert 'apiserver_request_total{code="409",resource="widgets",subresource="",verb="create"} 1.0' in text
+    assert 'apiserver_request_total{code="200",resource="widgets",subresource="status",verb="patch"} 1.0' in text

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
+import prometheus_client
 
 from lorafleet.local.kubeapi import paths
 from lorafleet.local.kubeapi.resources import Registry, ResourceDef, openapi_v3_document, openapi_v3_index, table
@@ -30,6 +31,7 @@ from lorafleet.local.kubeapi.store import ApiError, Store, Watcher
 log = logging.getLogger(__name__)
 CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
 JSON = "application/json"
+VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
 def _json(body: Any, status: int = 200) -> aiohttp.web.Response:
@@ -40,9 +42,13 @@ def _json(body: Any, status: int = 200) -> aiohttp.web.Response:
 class KubeAPI(kmock.KubernetesEmulator):
     registry: Registry = attrs.field(factory=Registry)
     store: Store = attrs.field(factory=Store)
+    metrics: prometheus_client.CollectorRegistry = attrs.field(factory=lambda: prometheus_client.CollectorRegistry(auto_describe=True))
+    requests: prometheus_client.Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self.requests = prometheus_client.Counter("apiserver_request", "requests answered, as a real API server counts them",
+                                                  ["verb", "resource", "subresource", "code"], registry=self.metrics)
         self.registry.load_bundled()
         self.store.on_change.append(self._follow_crds)
         namespaces = self.registry.by_key[("", "namespaces")]
@@ -52,13 +58,26 @@ class KubeAPI(kmock.KubernetesEmulator):
     # -- the aiohttp entry point ----------------------------------------------------------------
 
     async def __call__(self, request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if request.method == "GET" and request.path == "/metrics":
+            return aiohttp.web.Response(body=prometheus_client.generate_latest(self.metrics), content_type="text/plain")
         try:
-            return await self._serve(request)
+            response = await self._serve(request)
         except ApiError as exc:
-            return _json(exc.status_object(), exc.status)
+            response = _json(exc.status_object(), exc.status)
         except Exception as exc:  # never a dropped connection: a 500 Status the clients understand
             log.exception("embedded API failed on %s %s", request.method, request.path)
-            return _json(ApiError(500, "InternalError", repr(exc)).status_object(), 500)
+            response = _json(ApiError(500, "InternalError", repr(exc)).status_object(), 500)
+        self._count(request, response.status)
+        return response
+
+    def _count(self, request: aiohttp.web.BaseRequest, code: int) -> None:
+        """``apiserver_request_total`` as a real API server labels it (verb, resource, subresource, code)."""
+        parsed = paths.parse(request.path, lambda g, p: bool((r := self.registry.by_key.get((g, p))) and r.namespaced))
+        resource, subresource = (parsed.plural or "", parsed.subresource or "") if parsed else ("", "")
+        verb = VERBS.get(request.method, request.method.lower())
+        if request.method == "GET":
+            verb = "watch" if request.query.get("watch") in ("true", "1") else ("get" if parsed and parsed.name else "list")
+        self.requests.labels(verb, resource, subresource, str(code)).inc()
 
     async def _serve(self, request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         path, method = request.path, request.method
