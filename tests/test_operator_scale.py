@@ -171,3 +171,17 @@ def test_a_slow_source_for_one_adapter_leaves_the_others_prompt(fleet, tmp_path,
         assert seen.get("slow-hub", {}).get("phase") != "Ready" and seen.get("slow-load", {}).get("phase") != "Ready"
         # The slow one gets there in its own time (and no hub request outlives the hub).
         wait_until(lambda: statuses(api).get("slow-hub", {}).get("phase") == "Ready", timeout=40)
+
+
+def test_adapters_of_a_deleted_basemodel_fail_with_the_reason_and_can_still_be_deleted(fleet) -> None:
+    kubectl, api, replicas = fleet
+    core = client.CoreV1Api(api)
+    pod = sorted(replicas)[0]
+    run_pod(core, "smol", pod, replicas[pod])
+    kubectl("apply", "-f", "-", input=adapters_yaml(["e00", "e01"]))
+    wait_placed(api, replicas, ["e00", "e01"], [pod])
+    kubectl("delete", "basemodel", "smol", "--timeout", "30s")
+    wait_until(lambda: all(s.get("reason") == "BaseModelNotFound" for s in statuses(api).values()), timeout=15)
+    assert statuses(api)["e00"]["phase"] == "Failed" and "BaseModel 'smol' does not exist" in statuses(api)["e00"]["message"]
+    kubectl("delete", "adapter", "e00", "e01", "--timeout", "20s")  # the finalizer does not hold them without a fleet
+    assert statuses(api) == {}
