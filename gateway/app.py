@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import httpcore
@@ -55,10 +56,13 @@ class GatewayApp:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         if path == "/metrics" and method == "GET":
             return await respond(send, 200, generate_latest(self.metrics.registry), content_type=b"text/plain; version=0.0.4")
-        if path == "/replicas" and method == "GET":
+        if path in ("/replicas", "/v1/models") and method == "GET":
             authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
             if not self.keys.allows(authorization):
                 return await respond_error(send, 401, "a valid API key is required", "unauthorized")
+            if path == "/v1/models":  # the fleet's catalogue, once, not one replica's view of it
+                base = self.config.served_model_name or next((r.model_id for r in self.replicas.replicas.values() if r.model_id), None)
+                return await respond(send, 200, json.dumps(self.replicas.catalogue.models(base, int(time.time()))).encode())
             return await respond(send, 200, json.dumps(self.gateway.describe()).encode())
         started = False
 
@@ -80,7 +84,8 @@ class GatewayApp:
             if message["type"] == "lifespan.startup":
                 pool = httpcore.AsyncConnectionPool(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0)
                 config = self.config
-                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config.load_factor, config.max_body_bytes, config.upstream_timeout)
+                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config.load_factor, config.max_body_bytes, config.upstream_timeout,
+                                       config.policy)
                 self._probe_client = httpx.AsyncClient(timeout=2.0)
                 if self.replica_urls:
                     self.replicas.update(static_members(self.replica_urls))

@@ -17,6 +17,11 @@ class GatewayConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     upstream_timeout: float = 300.0  # seconds to wait for a replica's response to start
     probe_interval: float = 1.0  # seconds between /health probes of each replica
+    policy: str = "lorafleet"  # one of POLICIES
+    served_model_name: str | None = None  # the base model's name in /v1/models (the operator passes the BaseModel's)
+
+
+POLICIES = ("lorafleet", "round-robin", "least-loaded")
 
 
 def load_factor(text: str) -> float:

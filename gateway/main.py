@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lorafleet.gateway.config import GatewayConfig, load_factor
+from lorafleet.gateway.config import POLICIES, GatewayConfig, load_factor
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,9 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-factor", type=load_factor, default=defaults.load_factor, help=f"bounded-load factor c, > 1 (default: {defaults.load_factor})")
     parser.add_argument("--api-key-file", type=Path, help="file of bearer keys, one per line, re-read on change")
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help=f"largest request body (default: {defaults.max_body_bytes})")
+    parser.add_argument("--policy", choices=POLICIES, default=defaults.policy,
+                        help="routing: lorafleet (adapter-aware ring with bounded loads), or round-robin / least-loaded to compare (default: %(default)s)")
+    parser.add_argument("--served-model-name", default=defaults.served_model_name, help="the base model's name in /v1/models (default: the replicas')")
     parser.add_argument("--upstream-timeout", type=float, default=defaults.upstream_timeout,
                         help=f"seconds to wait for a replica's response to start (default: {defaults.upstream_timeout:g})")
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         config = GatewayConfig(load_factor=args.load_factor, api_key_file=args.api_key_file, max_body_bytes=args.max_body_bytes,
-                               upstream_timeout=args.upstream_timeout)
+                               upstream_timeout=args.upstream_timeout, policy=args.policy, served_model_name=args.served_model_name)
         app = create_gateway_app(args.replica, args.service, config)
     except ValueError as exc:
         print(f"lorafleet gateway: {exc}", file=sys.stderr)

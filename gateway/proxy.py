@@ -129,9 +129,21 @@ class Gateway:
     pool: httpcore.AsyncConnectionPool
     metrics: GatewayMetrics
     keys: ApiKeys
-    load_factor: float  # these three from GatewayConfig
+    load_factor: float  # these four from GatewayConfig
     max_body_bytes: int
     upstream_timeout: float
+    policy: str = "lorafleet"
+    _turn: int = 0
+
+    def _plain_order(self, loads: dict[str, int]) -> list[str]:
+        """The adapter-blind policies a user would otherwise deploy, for comparison on the same fleet."""
+        names = sorted(loads)
+        self._turn += 1
+        start = self._turn % len(names)
+        rotated = names[start:] + names[:start]
+        if self.policy == "round-robin":
+            return rotated
+        return sorted(rotated, key=lambda m: loads[m])  # least-loaded; ties take turns
 
     async def read_body(self, scope: dict, receive: Receive) -> bytes | None:
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
@@ -168,11 +180,11 @@ class Gateway:
         if not routable:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         path = scope["path"]
-        key = routing_key(path, body, self.replicas.base_model_ids())
+        key = self.replicas.catalogue.key_for(routing_key(path, body, self.replicas.base_model_ids()))
         loads = {name: r.in_flight for name, r in routable.items()}
         hot = set(self.replicas.hot.holders(key)) if key is not None else set()
         ranked = ring.owners(key, loads) if key is not None else []
-        order = ring.routing_order(key, loads, self.load_factor, hot, ranked)
+        order = ring.routing_order(key, loads, self.load_factor, hot, ranked) if self.policy == "lorafleet" else self._plain_order(loads)
         top_owner = ranked[0] if ranked else None
         # Header values as h11 accepts them (no surrounding whitespace), and never the client's
         # credential: the gateway consumed it, and nothing behind the gateway may see it.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from lorafleet.gateway.catalogue import Catalogue
 from lorafleet.gateway.hot_adapters import HotAdapters
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class ReplicaSet:
     replicas: dict[str, Replica] = field(default_factory=dict)
     on_eject: Callable[[], None] = lambda: None
     hot: HotAdapters = field(default_factory=HotAdapters)
+    catalogue: Catalogue = field(default_factory=Catalogue)
 
     def update(self, members: dict[str, str]) -> None:
         """Replace membership with ``{name: url}``; known replicas keep their counters."""
@@ -73,7 +75,7 @@ class ReplicaSet:
         return live or dict(self.replicas)  # all ejected: still try them rather than fail outright
 
     def base_model_ids(self) -> set[str]:
-        return {r.model_id for r in self.replicas.values() if r.model_id}
+        return {r.model_id for r in self.replicas.values() if r.model_id} | ({self.catalogue.base} if self.catalogue.base else set())
 
     def succeeded(self, replica: Replica) -> None:
         replica.consecutive_failures = 0
@@ -90,9 +92,12 @@ class ReplicaSet:
             log.warning("ejected %s for %.0fs after %d failures in a row", replica.name, seconds, replica.consecutive_failures)
 
     async def probe_forever(self, client: httpx.AsyncClient, interval: float) -> None:
-        """Active health: every ``interval`` seconds, /health each replica and read its hot adapters; /info once."""
+        """Active health: every ``interval`` seconds, /health each replica and read its hot adapters; /info once; the catalogue if it changed."""
         while True:
             await asyncio.gather(*(self._probe(client, r) for r in list(self.replicas.values())), return_exceptions=True)
+            healthy = [r for r in self.replicas.values() if not r.ejected]
+            if healthy:
+                await self.catalogue.refresh(client, healthy[0].url)
             await asyncio.sleep(interval)
 
     async def _probe(self, client: httpx.AsyncClient, replica: Replica) -> None:

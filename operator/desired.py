@@ -52,9 +52,10 @@ def gateway_url(name: str, namespace: str) -> str:
     return f"http://{name}.{namespace}.svc:{GATEWAY_PORT}"
 
 
-def serve_args(spec: dict[str, Any]) -> list[str]:
+def serve_args(spec: dict[str, Any], name: str | None = None) -> list[str]:
+    """``lorafleet serve``'s arguments; ``name`` (the BaseModel's) is what clients call the base model."""
     model, engine = spec["model"], spec.get("engine") or {}
-    args = ["serve", "--model", model["id"], "--model-source", model.get("source", "hub"), "--dtype", model.get("dtype", "auto"),
+    args = ["serve", "--model", model["id"], *(["--served-model-name", name] if name else []), "--model-source", model.get("source", "hub"), "--dtype", model.get("dtype", "auto"),
             "--device", engine.get("device", "cuda"), "--host", "0.0.0.0", "--port", str(REPLICA_PORT),
             "--adapter-cache-dir", "/data/adapters", "--grace-period-s", str(DRAIN_SECONDS)]
     if model.get("revision"):
@@ -84,7 +85,7 @@ def replica_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
     container = {
         "name": "lorafleet",
         "image": spec.get("image", IMAGE),
-        "args": serve_args(spec),
+        "args": serve_args(spec, name),
         "ports": [{"name": "http", "containerPort": REPLICA_PORT}],
         "env": env,
         "resources": spec.get("resources") or {},
@@ -130,7 +131,7 @@ def replica_service(name: str, namespace: str) -> dict[str, Any]:
 
 def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
     routing = spec.get("routing") or {}
-    args = ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--service", f"{namespace}/{replica_name(name)}",
+    args = ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--service", f"{namespace}/{replica_name(name)}", "--served-model-name", name,
             "--load-factor", str(routing.get("loadFactor", DEFAULT_LOAD_FACTOR))]
     volumes, mounts = [], []
     keys = routing.get("apiKeySecretRef")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -90,6 +92,8 @@ class Fleet:
         self._written: dict[str, dict[str, Any]] = {}  # uid → the status we last wrote
         self._headers: dict[str, str] | None = None
         self._finalized: set[str] = set()
+        self._catalogue_sent: dict[str, tuple] = {}  # pod -> (its identity, the catalogue version it holds)
+        self._catalogue_retry: dict[str, float] = {}
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -113,7 +117,7 @@ class Fleet:
 
     def _next_due(self) -> float:
         dues = [self._next_check, *(t for t, _, _ in self._retry.values()), *(t for t, _, _ in self._check_retry.values()),
-                *self._list_retry.values(), *(t + SETTLE_S for t in self._work_since.values())]
+                *self._list_retry.values(), *self._catalogue_retry.values(), *(t + SETTLE_S for t in self._work_since.values())]
         return min(dues)
 
     def _spawn(self, key: tuple, uid: str | None, work: Any) -> None:
@@ -155,10 +159,29 @@ class Fleet:
             if FINALIZER not in record.finalizers and record.uid not in self._finalized:
                 self._spawn(("finalizer", record.uid), record.uid, self._add_finalizer(record))
             self._place(record, members, known, engine, now)
+        self._share_catalogue([r for r in records if not r.deleting], members, now)
         for store in (self._checked, self._check_retry, self._failed, self._placed, self._written):
             for uid in [u for u in store if u not in present]:
                 del store[uid]
         self._finalized &= present
+
+    def _share_catalogue(self, records: list[AdapterRecord], members: dict[str, str], now: float) -> None:
+        """Every replica learns the fleet's Adapters (name -> id, source, revision), so a name alone is a request."""
+        entries = sorted(({"name": r.name, "id": r.id, "source": r.source, "revision": r.revision} for r in records), key=lambda e: e["name"])
+        version = hashlib.blake2b(json.dumps(entries).encode(), digest_size=8).hexdigest()
+        for pod, url in members.items():
+            sent = (self._pods_seen.get(pod), version)
+            if self._catalogue_sent.get(pod) != sent and self._catalogue_retry.get(pod, 0.0) <= now:
+                self._spawn(("catalogue", pod), None, self._put_catalogue(pod, url, entries, sent))
+
+    async def _put_catalogue(self, pod: str, url: str, entries: list[dict[str, Any]], sent: tuple) -> None:
+        if self._headers is None:
+            await asyncio.get_running_loop().run_in_executor(self.io.executor, self.headers)
+        if await self.io.calls.put_catalogue(url, entries, self._headers or {}):
+            self._catalogue_sent[pod] = sent
+            self._catalogue_retry.pop(pod, None)
+        else:
+            self._catalogue_retry[pod] = time.monotonic() + RETRY_MIN_S
 
     def _follow_pods(self, pods: list[PodView], now: float) -> dict[str, str]:
         """Ready members; a new, restarted or returning pod has its listing read again."""

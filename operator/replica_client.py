@@ -64,6 +64,14 @@ class ReplicaCalls:
             return LoadResult(False, permanent=True, message=_error_text(response))
         return LoadResult(False, message=f"HTTP {response.status_code}: {_error_text(response)}")
 
+    async def put_catalogue(self, url: str, entries: list[dict[str, Any]], headers: dict[str, str]) -> bool:
+        try:
+            async with self._slot(url):
+                response = await self._client.put(f"{url}/adapters/catalogue", json={"adapters": entries}, headers=headers, timeout=LIST_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
     async def unload(self, url: str, adapter_id: str, headers: dict[str, str]) -> bool:
         """True once the replica no longer holds it (404 counts); False when it could not say."""
         try:

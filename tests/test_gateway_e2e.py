@@ -180,3 +180,30 @@ def test_killing_a_replica_mid_run_loses_no_request(fleet, tiny_models, tmp_path
         assert all(r.headers["x-generated-tokens"] == "120" for r in responses)
         assert victim.wait(10) != 0
         assert metric(gateway.url, "lorafleet_gateway_retries_total") >= 1  # requests that were on the killed replica were served by the next owner
+
+
+def test_a_registered_adapter_answers_by_name_alone_through_the_gateway_and_directly(fleet) -> None:
+    urls = [url for _, url in fleet]
+    names = [u.split("//")[1] for u in urls]
+    owner = ring.owners("ad5", names, 1)[0]
+    # A name the ring would place elsewhere than its id: routing by the name would show.
+    name = next(n for n in ("support-bot", "helpdesk", "billing", "triage", "support-bot-2") if ring.owners(n, names, 1)[0] != owner)
+    entries = [{"name": name, "id": "ad5", "source": "local"}, {"name": "pirate", "id": "ad4", "source": "local"}]
+    for url in urls:  # what the operator does for every Adapter resource
+        assert httpx.put(url + "/adapters/catalogue", json={"adapters": entries}).status_code == 200
+    by_id = generate(f"http://{owner}", "ad5")
+    by_name = httpx.post(f"http://{owner}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4, "adapter_id": name}}, timeout=60)
+    assert by_name.status_code == 200 and by_name.json()["generated_text"] == by_id.json()["generated_text"]
+    etag = httpx.get(urls[0] + "/adapters/catalogue").headers["etag"]
+    assert httpx.get(urls[0] + "/adapters/catalogue", headers={"if-none-match": etag}).status_code == 304
+    with GatewayThread(urls, served_model_name="tiny") as gateway:
+        wait_until(lambda: len(httpx.get(gateway.url + "/v1/models").json()["data"]) == 3, timeout=10, what="the gateway reading the catalogue")
+        models = httpx.get(gateway.url + "/v1/models").json()["data"]
+        assert [(m["id"], m["parent"], m["root"]) for m in models] == [("tiny", None, "tiny"), *sorted([("pirate", "tiny", "ad4"), (name, "tiny", "ad5")])]
+        for _ in range(3):  # routed by the id the name stands for: the id's ring owner
+            response = httpx.post(gateway.url + "/v1/completions", json={"model": name, "prompt": "Hello", "max_tokens": 4, "temperature": 0},
+                                  timeout=60)
+            assert response.status_code == 200 and response.headers["x-lorafleet-replica"] == owner
+            assert response.json()["choices"][0]["text"] == by_id.json()["generated_text"]
+    for url in urls:
+        httpx.put(url + "/adapters/catalogue", json={"adapters": []})

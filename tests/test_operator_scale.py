@@ -91,6 +91,9 @@ def test_a_scale_up_re_places_only_the_adapters_that_moved_at_once(fleet) -> Non
     for pod in first_two:
         assert all(op == "unload" and a in {f"team/{n}" for n in moved} for op, a in replicas[pod].calls)
     assert replicas[third].listings == 1  # one listing for the new pod, not a call per adapter
+    # Every replica, the new one too, knows each Adapter by name (so a name alone is a request).
+    expected = [{"name": n, "id": f"team/{n}", "source": "local", "revision": None} for n in names]
+    wait_until(lambda: all(r.catalogue == expected for r in replicas.values()), timeout=5, what="the catalogue on every replica")
 
 
 def test_a_replica_back_from_a_restart_gets_its_adapters_again(fleet) -> None:

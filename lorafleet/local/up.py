@@ -8,8 +8,10 @@ Adapter per folder of the adapter root applied, exactly as a user would with kub
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,9 +41,33 @@ def basemodel(name: str, model: str, replicas: int) -> dict:
                      "routing": {"gatewayReplicas": 1}}}  # one gateway port on this machine (a cluster runs two)
 
 
-def adapter(name: str, base: str) -> dict:
-    return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"baseModel": base, "source": "local", "id": name, "warmReplicas": 1}}
+def adapter(folder: str, base: str, name: str | None = None) -> dict:
+    """An Adapter for the folder ``folder`` of the adapter root, named ``name`` (valid for the API)."""
+    return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": name or object_name(folder), "namespace": "default"},
+            "spec": {"baseModel": base, "source": "local", "id": folder, "warmReplicas": 1}}
+
+
+def object_name(folder: str, taken: set[str] | None = None) -> str:
+    """A valid object name (RFC 1123 subdomain, at most 63 characters) for any folder name, unique among ``taken``.
+
+    ``Support_Bot.v2`` becomes ``support-bot.v2``; a name that changed and collides with another gets a
+    short hash of the folder's own name.
+    """
+    name = re.sub(r"[^a-z0-9.-]+", "-", folder.lower())
+    name = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", name)).strip("-.")[:63].strip("-.") or "adapter"
+    if taken is not None and name in taken:
+        suffix = hashlib.blake2b(folder.encode(), digest_size=3).hexdigest()
+        name = f"{name[:56].strip('-.')}-{suffix}"
+    return name
+
+
+def object_names(folders: list[str]) -> dict[str, str]:
+    taken: set[str] = set()
+    names = {}
+    for folder in folders:
+        names[folder] = object_name(folder, taken)
+        taken.add(names[folder])
+    return names
 
 
 def say(message: str) -> None:
@@ -79,9 +105,12 @@ def up(args: argparse.Namespace) -> int:
     (workdir / STATE).write_text(json.dumps({"pid": os.getpid(), "kubeconfig": str(kubeconfig), "gateway": f"http://127.0.0.1:{args.port}"}))
     try:
         kube.apply(basemodel(args.name, model_path, args.replicas))
-        for name in adapters:
-            kube.apply(adapter(name, args.name))
-        say(f"applied BaseModel/{args.name} ({args.replicas} replicas) and {len(adapters)} Adapters: {', '.join(adapters) or 'none'}")
+        names = object_names(adapters)
+        for folder, name in names.items():
+            kube.apply(adapter(folder, args.name, name))
+        listed = ", ".join(name if name == folder else f"{name} ({folder})" for folder, name in names.items())
+        say(f"applied BaseModel/{args.name} ({args.replicas} replicas) and {len(adapters)} Adapters: {listed or 'none'}")
+        adapters = list(names.values())
         shown = 0
         deadline = time.monotonic() + args.timeout
         while not stop.is_set():

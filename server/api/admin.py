@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from lorafleet.server.adapters.manager import TIERS
+from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.api.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
@@ -25,6 +28,18 @@ def require_admin(service: ReplicaService, request: Request) -> None:
         raise Unauthorized("this route needs the replica's admin token (Authorization: Bearer <admin token>)")
 
 
+MAX_CATALOGUE = 100_000
+
+
+def catalogue_entries(catalogue: dict[str, AdapterRef]) -> list[dict[str, Any]]:
+    return [{"name": name, "id": ref.id, "source": ref.source, "revision": ref.revision} for name, ref in sorted(catalogue.items())]
+
+
+def catalogue_version(catalogue: dict[str, AdapterRef]) -> str:
+    """A digest of the catalogue, so a gateway polling it reads it again only when it changed."""
+    return hashlib.blake2b(json.dumps(catalogue_entries(catalogue)).encode(), digest_size=8).hexdigest()
+
+
 def admin_router(service: ReplicaService) -> APIRouter:
     router = APIRouter(prefix="/adapters")
 
@@ -35,6 +50,38 @@ def admin_router(service: ReplicaService) -> APIRouter:
             return error_response(ValidationError(f"unknown tier {', '.join(unknown)}; tiers are {', '.join(TIERS)}"))
         listing = service.engine.adapters.describe(service.in_flight_by_adapter())
         return [a for a in listing if a["tier"] in tier] if tier else listing
+
+    @router.get("/catalogue", summary="the registered adapters: name -> id, source, revision (the fleet's Adapter resources)")
+    async def get_catalogue(request: Request) -> Any:
+        version = catalogue_version(service.limits.catalogue)
+        if request.headers.get("if-none-match") == f'"{version}"':
+            return Response(status_code=304, headers={"etag": f'"{version}"'})
+        return JSONResponse({"version": version, "base": service.base_name, "adapters": catalogue_entries(service.limits.catalogue)},
+                            headers={"etag": f'"{version}"'})
+
+    @router.put("/catalogue", summary="replace the registered adapters (the operator keeps it equal to the Adapter resources)")
+    async def put_catalogue(request: Request) -> Any:
+        try:
+            require_admin(service, request)
+            body = await read_json_object(request)
+            entries = body.get("adapters")
+            if not isinstance(entries, list) or len(entries) > MAX_CATALOGUE:
+                raise ValidationError(f"`adapters` must be a list of at most {MAX_CATALOGUE} entries")
+            catalogue: dict[str, AdapterRef] = {}
+            for entry in entries:
+                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+                    raise ValidationError("each entry needs a `name` (string) and an `id`")
+                ref = parse_adapter(entry.get("id"), entry.get("source", "hub"), service.limits)
+                if ref is None:
+                    raise ValidationError(f"entry {entry['name']!r} needs an `id`")
+                revision = entry.get("revision")
+                if revision is not None and not isinstance(revision, str):
+                    raise ValidationError("`revision` must be a string")
+                catalogue[entry["name"]] = AdapterRef(ref.source, ref.id, revision or ref.revision)
+            service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
+            return {"version": catalogue_version(catalogue), "adapters": len(catalogue)}
+        except Exception as exc:
+            return error_response(exc)
 
     @router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
     async def load(request: Request) -> Any:

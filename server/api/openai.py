@@ -49,7 +49,7 @@ def to_job(service: ReplicaService, body: dict, inputs: str, stream: bool) -> Ge
         do_sample=isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0,
         stop=stop,
         return_k_alternatives=logprobs,
-        adapter_id=None if model in (None, "", service.config.model_id) else model,
+        adapter_id=None if service.is_base(model) else model,
         response_format=body.get("response_format"),
     )
     return validate_generate({"inputs": inputs, "parameters": parameters}, service.limits, stream=stream)
@@ -119,12 +119,16 @@ async def openai_stream(service: ReplicaService, request: Request, job: Generate
 def openai_router(service: ReplicaService) -> APIRouter:
     router = APIRouter(prefix="/v1")
 
-    @router.get("/models", summary="the base model and the adapters this replica knows")
+    @router.get("/models", summary="the base model, the registered adapters, and the others this replica holds")
     async def models() -> dict:
-        created = int(time.time())
-        data = [{"id": service.config.model_id, "object": "model", "created": created, "owned_by": "lorafleet", "root": service.config.model_id, "parent": None}]
-        for state in list(service.engine.adapters.states.values()):
-            data.append({"id": state.ref.id, "object": "model", "created": created, "owned_by": "lorafleet", "root": state.ref.id, "parent": service.config.model_id})
+        created, base = int(time.time()), service.base_name
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet", "root": service.config.model_id, "parent": None}]
+        catalogue = service.limits.catalogue
+        for name, ref in sorted(catalogue.items()):
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": ref.id, "parent": base})
+        registered = set(catalogue.values())
+        for ref in sorted({s.ref for s in list(service.engine.adapters.states.values())} - registered, key=lambda r: r.key):
+            data.append({"id": ref.id, "object": "model", "created": created, "owned_by": "lorafleet", "root": ref.id, "parent": base})
         return {"object": "list", "data": data}
 
     @router.post("/completions", summary="OpenAI completions; `model` is the adapter id")
@@ -139,7 +143,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
             stream = bool(body.get("stream"))
             body.setdefault("max_tokens", 16)
             jobs = [c for p in prompts for c in independent_copies(to_job(service, body, p, stream), n)]
-            model = body.get("model") or service.config.model_id
+            model = body.get("model") or service.base_name
             ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             echo = bool(body.get("echo"))
             if stream:
@@ -177,7 +181,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
             job = to_job(service, body, service.tokenizer.decode(prompt_ids), stream)
             job.prompt_ids = prompt_ids
             jobs = independent_copies(job, n)
-            model = body.get("model") or service.config.model_id
+            model = body.get("model") or service.base_name
             ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             if stream:
                 if n != 1:

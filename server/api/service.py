@@ -233,6 +233,14 @@ class ReplicaService:
                 raise TimeoutError(f"adapter {ref.key} did not reach a device slot within {timeout_s}s (all slots busy?)")
             await asyncio.sleep(0.01)
 
+    @property
+    def base_name(self) -> str:
+        """The base model's name for clients: --served-model-name, else --model's value."""
+        return self.config.served_model_name or self.config.model_id
+
+    def is_base(self, model: str | None) -> bool:
+        return model in (None, "", self.config.model_id, self.config.served_model_name)
+
     def in_flight_by_adapter(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
@@ -274,6 +282,7 @@ class ReplicaService:
         c, e = self.config, self.config.engine
         return {
             "model_id": c.model_id,
+            "served_model_name": self.base_name,
             "model_sha": None,
             "model_dtype": str(self.engine.dtype).removeprefix("torch."),
             "model_device_type": self.engine.device.type,

@@ -8,7 +8,7 @@ is allowed (it means no cut).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet.server.adapters.sources import SOURCES, AdapterRef
@@ -33,6 +33,8 @@ class Limits:
     max_best_of: int = 2
     max_alternatives: int = 10
     default_adapter_source: str = "hub"
+    # Registered adapters (the fleet's Adapter resources, pushed by the operator): name -> where it comes from.
+    catalogue: dict[str, AdapterRef] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -79,6 +81,8 @@ def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits) -> Adapt
         return None
     if not isinstance(adapter_id, str):
         raise ValidationError(f"`adapter_id` must be a string, got {adapter_id!r}")
+    if adapter_source is None and adapter_id in limits.catalogue:
+        return limits.catalogue[adapter_id]  # a registered name needs no source
     source = adapter_source if adapter_source is not None else limits.default_adapter_source
     if source not in SOURCES:
         raise ValidationError(f"`adapter_source` must be one of {', '.join(SOURCES)}. Given: {source!r}")

@@ -28,6 +28,7 @@ class StubReplica:
         self.calls: list[tuple[str, str]] = []
         self.listings = 0  # GET /adapters answered
         self.slow: dict[str, float] = {}  # adapter id → seconds its load takes
+        self.catalogue: list[dict] = []  # what the operator registered (PUT /adapters/catalogue)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,6 +57,10 @@ class StubReplica:
                     return self._reply(424, {"error": "not a LoRA for this base", "error_type": "generation"})
                 stub.loaded[request["adapter_id"]] = request.get("pin", False)
                 self._reply(200, {"id": request["adapter_id"], "tier": "device", "pinned": request.get("pin", False)})
+
+            def do_PUT(self) -> None:
+                stub.catalogue = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))["adapters"]
+                self._reply(200, {"adapters": len(stub.catalogue)})
 
             def do_DELETE(self) -> None:
                 adapter = self.path.removeprefix("/adapters/")

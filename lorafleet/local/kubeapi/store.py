@@ -14,6 +14,7 @@ import asyncio
 import copy
 import datetime
 import random
+import re
 import string
 import uuid
 from collections import deque
@@ -26,6 +27,9 @@ import jsonpatch
 from lorafleet.local.kubeapi.resources import ResourceDef, apply_defaults
 
 HISTORY = 20_000
+SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_LABEL_KINDS = {"Namespace", "Service"}  # their names become DNS labels; every other name is a subdomain
 
 
 class ApiError(Exception):
@@ -53,6 +57,18 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+def invalid_name(resource: ResourceDef, name: Any) -> None:
+    """422 for a name a real API server refuses (RFC 1123), with its message."""
+    label = resource.kind in DNS_LABEL_KINDS
+    pattern, limit = (LABEL, 63) if label else (SUBDOMAIN, 253)
+    if isinstance(name, str) and len(name) <= limit and pattern.fullmatch(name):
+        return
+    what, chars = ("RFC 1123 label", "or '-'") if label else ("RFC 1123 subdomain", "'-' or '.'")
+    raise ApiError(422, "Invalid", f'{resource.kind} "{name}" is invalid: metadata.name: Invalid value: "{name}": a lowercase {what} must '
+                                   f"consist of lower case alphanumeric characters, {chars}, start and end with an alphanumeric character, "
+                                   f"and be at most {limit} characters", {"name": name, "group": resource.group, "kind": resource.kind})
 
 
 @dataclass
@@ -121,6 +137,7 @@ class Store:
             if not meta.get("generateName"):
                 raise ApiError(422, "Invalid", f"{resource.kind}: metadata.name or metadata.generateName is required")
             meta["name"] = meta["generateName"] + "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
+        invalid_name(resource, meta["name"])
         key = (meta.get("namespace"), meta["name"])
         if key in self._bucket(resource):
             raise ApiError(409, "AlreadyExists", f'{resource.plural} "{meta["name"]}" already exists',

@@ -1,0 +1,55 @@
+"""The fleet's registered adapters as the gateway knows them: name -> the key the ring places it by.
+
+The operator keeps every replica's catalogue equal to the BaseModel's Adapter resources
+(``PUT /adapters/catalogue``); the gateway reads it from one replica per probe round with
+``If-None-Match``, so an unchanged catalogue of a thousand adapters costs a 304. A request naming
+a registered adapter is routed by the adapter's id — the key the operator placed it by — and the
+replica resolves the name itself; unregistered ids route by themselves, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+def ring_key(entry: dict[str, Any]) -> str:
+    """The key a replica's listing and the operator use for an adapter: its id, with @revision when pinned to one."""
+    return entry["id"] + (f"@{entry['revision']}" if entry.get("revision") else "")
+
+
+class Catalogue:
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}  # registered name -> ring key
+        self.entries: list[dict[str, Any]] = []
+        self.base: str | None = None  # the base model's name, as the replicas serve it
+        self.version: str | None = None
+
+    def key_for(self, requested: str | None) -> str | None:
+        return self.keys.get(requested, requested) if requested is not None else None
+
+    async def refresh(self, client: httpx.AsyncClient, url: str) -> None:
+        """Read the catalogue from the replica at ``url`` if it changed; a replica without one leaves ours as it is."""
+        headers = {"if-none-match": f'"{self.version}"'} if self.version else {}
+        try:
+            response = await client.get(url + "/adapters/catalogue", headers=headers, timeout=2.0)
+            if response.status_code != 200:
+                return
+            body = response.json()
+            entries = [e for e in body["adapters"] if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("id"), str)]
+        except (httpx.HTTPError, ValueError, TypeError, KeyError):
+            return
+        self.entries, self.keys = entries, {e["name"]: ring_key(e) for e in entries}
+        self.base, self.version = body.get("base") or self.base, body.get("version")
+        log.info("catalogue %s: %d registered adapters", self.version, len(entries))
+
+    def models(self, base: str | None, created: int) -> dict[str, Any]:
+        """``GET /v1/models``: the base model once, then each registered adapter once, with its parent."""
+        name = base or self.base
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": name, "parent": None}] if name else []
+        data += [{"id": e["name"], "object": "model", "created": created, "owned_by": "lorafleet", "root": e["id"], "parent": name} for e in self.entries]
+        return {"object": "list", "data": data}
