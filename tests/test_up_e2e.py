@@ -28,6 +28,7 @@ wait_until = partial(poll, timeout=60.0, interval=0.2)  # predicates here run ku
 def fleet(tiny_models: dict[str, Path], tmp_path: Path):
     adapters = tmp_path / "adapters"
     make_lora_adapter(tiny_models["llama"], adapters / "pirate", r=4, seed=1)
+    make_lora_adapter(tiny_models["llama"], adapters / "Support_Bot.v2", r=4, seed=3)  # not a valid object name as it is
     port, workdir = free_port(), tmp_path / "state"
     process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "up", "--model", str(tiny_models["llama"]), "--adapters", str(adapters),
                                 "--replicas", "2", "--port", str(port), "--workdir", str(workdir), "--timeout", "120"],
@@ -92,6 +93,16 @@ def test_the_whole_fleet_on_one_machine(fleet) -> None:
     assert httpx.post(f"http://{owner_ip}:8080/adapters", json={"adapter_id": "pirate", "pin": True}).status_code == 401
     assert httpx.post(url + "/adapters", json={"adapter_id": "pirate", "pin": True}).status_code == 403
 
+    # An Adapter is named validly after any folder; its name alone is a request, through the gateway.
+    bot = json.loads(kubectl("get", "adapter", "support-bot.v2", "-o", "json").stdout)
+    assert bot["spec"]["id"] == "Support_Bot.v2" and bot["status"]["phase"] == "Ready"
+    by_name = httpx.post(url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4, "adapter_id": "support-bot.v2"}}, timeout=60)
+    assert by_name.status_code == 200 and by_name.headers["x-lorafleet-replica"] == bot["status"]["replicas"][0]
+    wait_until(lambda: [(m["id"], m["parent"]) for m in httpx.get(url + "/v1/models").json()["data"]]
+               == [("smollm2", None), ("pirate", "smollm2"), ("support-bot.v2", "smollm2")], timeout=10, what="/v1/models through the gateway")
+    refused = kubectl("apply", "-f", "-", input="apiVersion: v1\nkind: ConfigMap\nmetadata: {name: Support_Bot.v2}\n", check=False)
+    assert refused.returncode != 0 and "RFC 1123 subdomain" in refused.stderr
+
     # 2. An Adapter applied with kubectl goes Ready on its ring owner.
     make_lora_adapter(model, adapters / "shouty", r=4, seed=2)  # a new adapter dropped into the adapter root
     kubectl("apply", "-f", "-", input="apiVersion: lorafleet.io/v1alpha1\nkind: Adapter\nmetadata: {name: shouty}\n"
@@ -128,7 +139,7 @@ def test_the_whole_fleet_on_one_machine(fleet) -> None:
     wait_until(lambda: pods(kubectl)[victim]["status"]["containerStatuses"][0]["restartCount"] >= 1
                and httpx.get(f"http://{victim_ip}:8080/health", timeout=2).status_code == 200, timeout=90, what="the victim restarted")
 
-    # 5. A restarted replica lost its adapters: the operator's repair timer warms them again. Then deleting one unloads it.
+    # 5. A restarted replica lost its adapters: its restart count tells the operator, which warms them again. Then deleting one unloads it.
     owner = adapter_status(kubectl, "shouty")["replicas"][0]
     owner_ip = pods(kubectl)[owner]["status"]["podIP"]
     wait_until(lambda: "shouty" in {a["id"] for a in httpx.get(f"http://{owner_ip}:8080/adapters").json()}, timeout=45, what="shouty re-warmed")

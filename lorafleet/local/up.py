@@ -168,13 +168,14 @@ def examples(port: int, adapters: list[str]) -> str:
     name = adapters[0] if adapters else "my-adapter"
     url = f"http://127.0.0.1:{port}"
     return f"""
-try it:
+try it (an Adapter's name is enough; any other id needs "adapter_source"):
+  curl -s {url}/v1/models
   curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{{"model": "{name}", "adapter_source": "local", "temperature": 0, "messages": [{{"role": "user", "content": "What is the capital of Italy?"}}]}}'
+    -d '{{"model": "{name}", "temperature": 0, "messages": [{{"role": "user", "content": "What is the capital of Italy?"}}]}}'
   curl -s {url}/generate -H 'content-type: application/json' \\
-    -d '{{"inputs": "What is the capital of Italy?", "parameters": {{"adapter_id": "{name}", "adapter_source": "local", "max_new_tokens": 32}}}}'
-  python -c "from lorax import Client; print(Client('{url}').generate('Hello', adapter_id='{name}', adapter_source='local').generated_text)"
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hi'}}], extra_body={{'adapter_source': 'local'}}).choices[0].message.content)"
+    -d '{{"inputs": "What is the capital of Italy?", "parameters": {{"adapter_id": "{name}", "max_new_tokens": 32}}}}'
+  python -c "from lorax import Client; print(Client('{url}').generate('Hello', adapter_id='{name}').generated_text)"
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
   kubectl get basemodels,adapters
 """
 

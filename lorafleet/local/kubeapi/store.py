@@ -66,9 +66,11 @@ def invalid_name(resource: ResourceDef, name: Any) -> None:
     if isinstance(name, str) and len(name) <= limit and pattern.fullmatch(name):
         return
     what, chars = ("RFC 1123 label", "or '-'") if label else ("RFC 1123 subdomain", "'-' or '.'")
-    raise ApiError(422, "Invalid", f'{resource.kind} "{name}" is invalid: metadata.name: Invalid value: "{name}": a lowercase {what} must '
-                                   f"consist of lower case alphanumeric characters, {chars}, start and end with an alphanumeric character, "
-                                   f"and be at most {limit} characters", {"name": name, "group": resource.group, "kind": resource.kind})
+    problem = (f'Invalid value: "{name}": a lowercase {what} must consist of lower case alphanumeric characters, {chars}, '
+               f"start and end with an alphanumeric character, and be at most {limit} characters")
+    raise ApiError(422, "Invalid", f'{resource.kind} "{name}" is invalid: metadata.name: {problem}',
+                   {"name": name, "group": resource.group, "kind": resource.kind,
+                    "causes": [{"reason": "FieldValueInvalid", "message": problem, "field": "metadata.name"}]})
 
 
 @dataclass
