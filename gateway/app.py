@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.config import GatewayConfig
 from lorafleet.gateway.discovery import static_members, watch_service
+from lorafleet.gateway.handoff import HandOff
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.proxy import Gateway, Receive, Send, respond, respond_error
 from lorafleet.gateway.replicas import ReplicaSet
@@ -87,6 +88,8 @@ class GatewayApp:
                 self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config.load_factor, config.max_body_bytes, config.upstream_timeout,
                                        config.policy)
                 self._probe_client = httpx.AsyncClient(timeout=2.0)
+                if config.handoff:
+                    self.replicas.handoff = HandOff(self.replicas, self._probe_client, self.metrics.handoffs)
                 if self.replica_urls:
                     self.replicas.update(static_members(self.replica_urls))
                 else:
@@ -96,6 +99,8 @@ class GatewayApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self._stop.set()
+                if self.replicas.handoff is not None:
+                    self.replicas.handoff.cancel()
                 if self._probes is not None:
                     self._probes.cancel()
                 if self.gateway is not None:

@@ -26,10 +26,23 @@ class HotAdapters:
         self._lru: dict[str, OrderedDict[str, None]] = {}
         self._slots: dict[str, int] = {}
         self._holders: dict[str, set[str]] = {}
+        self._sources: dict[str, str] = {}  # key -> adapter_source, from the replicas' listings
 
     def holders(self, key: str) -> set[str]:
         """The replicas believed to hold ``key`` hot (read-only; do not mutate)."""
         return self._holders.get(key, set())
+
+    def keys(self) -> list[str]:
+        return list(self._holders)
+
+    def keys_of(self, replica: str) -> list[str]:
+        return list(self._lru.get(replica, ()))
+
+    def source(self, key: str) -> str | None:
+        return self._sources.get(key)
+
+    def note_source(self, key: str, source: str) -> None:
+        self._sources[key] = source
 
     def count(self, replica: str) -> int:
         return len(self._lru.get(replica, ()))
@@ -75,3 +88,4 @@ class HotAdapters:
             holders.discard(replica)
             if not holders:
                 del self._holders[key]
+                self._sources.pop(key, None)

@@ -22,6 +22,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help=f"largest request body (default: {defaults.max_body_bytes})")
     parser.add_argument("--policy", choices=POLICIES, default=defaults.policy,
                         help="routing: lorafleet (adapter-aware ring with bounded loads), or round-robin / least-loaded to compare (default: %(default)s)")
+    parser.add_argument("--no-handoff", dest="handoff", action="store_false",
+                        help="do not warm adapters on a joining replica or on a leaving one's next owners (to measure what it buys)")
     parser.add_argument("--served-model-name", default=defaults.served_model_name, help="the base model's name in /v1/models (default: the replicas')")
     parser.add_argument("--upstream-timeout", type=float, default=defaults.upstream_timeout,
                         help=f"seconds to wait for a replica's response to start (default: {defaults.upstream_timeout:g})")
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         config = GatewayConfig(load_factor=args.load_factor, api_key_file=args.api_key_file, max_body_bytes=args.max_body_bytes,
-                               upstream_timeout=args.upstream_timeout, policy=args.policy, served_model_name=args.served_model_name)
+                               upstream_timeout=args.upstream_timeout, policy=args.policy, served_model_name=args.served_model_name,
+                               handoff=args.handoff)
         app = create_gateway_app(args.replica, args.service, config)
     except ValueError as exc:
         print(f"lorafleet gateway: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -56,18 +57,33 @@ class ReplicaSet:
     on_eject: Callable[[], None] = lambda: None
     hot: HotAdapters = field(default_factory=HotAdapters)
     catalogue: Catalogue = field(default_factory=Catalogue)
+    handoff: Any = None  # gateway.handoff.HandOff, when hand-offs are on
+
+    def _joined(self, name: str) -> None:
+        if self.handoff is not None:
+            self.handoff.joined(name)
+
+    def _leaving(self, name: str) -> None:
+        if self.handoff is not None:
+            self.handoff.leaving(name, self.hot.keys_of(name))
 
     def update(self, members: dict[str, str]) -> None:
         """Replace membership with ``{name: url}``; known replicas keep their counters."""
-        for name in list(self.replicas):
-            if name not in members:
-                del self.replicas[name]
+        gone = [name for name in self.replicas if name not in members]
+        for name in gone:
+            del self.replicas[name]
+        joined = []
         for name, url in members.items():
             if name in self.replicas:
                 self.replicas[name].url = url
             else:
                 self.replicas[name] = Replica(name, url)
+                joined.append(name)
+        for name in gone:  # before the hot map forgets what they held
+            self._leaving(name)
         self.hot.retain(members)
+        for name in joined:
+            self._joined(name)
         log.info("replicas: %s", ", ".join(f"{n}={u}" for n, u in sorted(members.items())) or "none")
 
     def routable(self) -> dict[str, Replica]:
@@ -111,15 +127,19 @@ class ReplicaSet:
                 replica.info_read = True
         except (httpx.HTTPError, ValueError, AttributeError):
             healthy = False
-        if healthy and replica.ejected:
+        back = healthy and replica.ejected
+        if back:
             log.info("%s is healthy again", replica.name)
             replica.ejected_until = 0.0
             replica.consecutive_failures = 0
         elif not healthy and not replica.ejected:
             replica.consecutive_failures = max(replica.consecutive_failures, self.eject_after - 1)
             self.failed(replica)
+            self._leaving(replica.name)  # draining or gone: what only it held goes to the next owners
         if healthy:
             await self._read_hot_adapters(client, replica)
+        if back:
+            self._joined(replica.name)
 
     async def _read_hot_adapters(self, client: httpx.AsyncClient, replica: Replica) -> None:
         """Replace the gateway's guess of the replica's device slots with what it reports.
@@ -133,6 +153,10 @@ class ReplicaSet:
                 return
             listing = sorted(response.json(), key=lambda a: -float(a.get("last_used_s_ago") or 0.0))
             keys = [a["id"] + (f"@{a['revision']}" if a.get("revision") else "") for a in listing]
+            sources = [str(a.get("source") or "") for a in listing]
         except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
             return
         self.hot.replace(replica.name, keys)
+        for key, source in zip(keys, sources):
+            if source:
+                self.hot.note_source(key, source)

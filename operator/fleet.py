@@ -35,6 +35,7 @@ from lorafleet.operator.replica_client import ReplicaCalls
 log = logging.getLogger(__name__)
 SETTLE_S = 2.0  # a status is not written while its adapter's work is younger than this (one write, not Warming then Ready)
 RETRY_MIN_S, RETRY_MAX_S = 2.0, 60.0
+UNLOAD_GRACE_S = 3.0
 COALESCE_S = 0.1  # a pass costs O(adapters); events arrive by the thousand
 
 
@@ -94,6 +95,7 @@ class Fleet:
         self._finalized: set[str] = set()
         self._catalogue_sent: dict[str, tuple] = {}  # pod -> (its identity, the catalogue version it holds)
         self._catalogue_retry: dict[str, float] = {}
+        self._unload_at: dict[str, float] = {}  # uid -> when a moved adapter leaves its old holders
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -117,7 +119,7 @@ class Fleet:
 
     def _next_due(self) -> float:
         dues = [self._next_check, *(t for t, _, _ in self._retry.values()), *(t for t, _, _ in self._check_retry.values()),
-                *self._list_retry.values(), *self._catalogue_retry.values(), *(t + SETTLE_S for t in self._work_since.values())]
+                *self._list_retry.values(), *self._catalogue_retry.values(), *self._unload_at.values(), *(t + SETTLE_S for t in self._work_since.values())]
         return min(dues)
 
     def _spawn(self, key: tuple, uid: str | None, work: Any) -> None:
@@ -160,7 +162,7 @@ class Fleet:
                 self._spawn(("finalizer", record.uid), record.uid, self._add_finalizer(record))
             self._place(record, members, known, engine, now)
         self._share_catalogue([r for r in records if not r.deleting], members, now)
-        for store in (self._checked, self._check_retry, self._failed, self._placed, self._written):
+        for store in (self._checked, self._check_retry, self._failed, self._placed, self._written, self._unload_at):
             for uid in [u for u in store if u not in present]:
                 del store[uid]
         self._finalized &= present
@@ -237,12 +239,18 @@ class Fleet:
                 problems.append(f"{pod}: {retry[2]}")
             if pod in self.residency and (retry is None or retry[0] <= now):
                 self._spawn(("load", pod, record.uid), record.uid, self._load(record, pod, members[pod]))
-        if len(hot) == len(owners):
-            for pod in sorted(placed - set(owners)):
-                if pod in members:
-                    self._spawn(("unload", pod, record.uid), record.uid, self._unload(record, pod, members[pod]))
-                else:
-                    placed.discard(pod)
+        leftovers = placed - set(owners)
+        if len(hot) == len(owners) and leftovers:
+            # Unloaded where it was only after the gateways have read (probe: 1 s) that the new owner holds
+            # it: until then they may still send its traffic to the old holder.
+            due = self._unload_at.setdefault(record.uid, now + UNLOAD_GRACE_S)
+            if now >= due:
+                del self._unload_at[record.uid]
+                for pod in sorted(leftovers):
+                    if pod in members:
+                        self._spawn(("unload", pod, record.uid), record.uid, self._unload(record, pod, members[pod]))
+                    else:
+                        placed.discard(pod)
         if any(("list", pod) in self._tasks for pod in owners):
             return  # an owner's listing is being read: publish what it shows, not a Warming in between
         self._publish(record, observed(record, owners, hot, problems, rank, targets))

@@ -57,10 +57,16 @@ class GatewayThread(ThreadedApp):
 
 
 @pytest.fixture(scope="module")
-def fleet(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+def fleet_root(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fleet-adapters")
     for i in range(7):  # ad6 is only ever used by the pre-warm test
         make_lora_adapter(tiny_models["llama"], root / f"ad{i}", r=4, seed=i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_models: dict[str, Path], fleet_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = fleet_root
     started = [start_replica(a, tiny_models["llama"], root, tmp_path_factory.mktemp(f"cache-{a}")) for a in ADDRESSES]
     try:
         for process, url in started:
@@ -207,3 +213,67 @@ def test_a_registered_adapter_answers_by_name_alone_through_the_gateway_and_dire
             assert response.json()["choices"][0]["text"] == by_id.json()["generated_text"]
     for url in urls:
         httpx.put(url + "/adapters/catalogue", json={"adapters": []})
+
+
+def adapter_events(url: str) -> dict[str, float]:
+    lines = httpx.get(url + "/metrics", timeout=5).text.splitlines()
+    return {line.split('event="')[1].split('"')[0]: float(line.split()[-1]) for line in lines if line.startswith("lorafleet_adapter_events{")}
+
+
+def device_tier(url: str) -> set[str]:
+    return {a["id"] for a in httpx.get(url + "/adapters", params={"tier": "device"}, timeout=5).json()}
+
+
+def test_a_joining_replica_gets_its_adapters_before_their_traffic_and_a_draining_one_hands_them_on(fleet, fleet_root, tiny_models, tmp_path) -> None:
+    urls, adapters_dir = [url for _, url in fleet], fleet_root
+    extra, later = [f"hx{i:02d}" for i in range(14)], [f"hy{i:02d}" for i in range(8)]
+    for i, name in enumerate(extra + later):
+        if not (adapters_dir / name).exists():
+            make_lora_adapter(tiny_models["llama"], adapters_dir / name, r=4, seed=100 + i)
+    newcomer = "127.0.0.5"
+    port = port_on(newcomer)
+    new_url = f"http://{newcomer}:{port}"
+    with GatewayThread([*urls, new_url]) as gateway:
+        wait_until(lambda: {r["name"]: r["ejected"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]}[f"{newcomer}:{port}"],
+                   timeout=10, what="the absent replica ejected")
+        for name in extra:  # hot on the three running replicas
+            assert generate(gateway.url, name).status_code == 200
+        names = sorted([u.split("//")[1] for u in urls] + [f"{newcomer}:{port}"])
+        moving = [n for n in extra if ring.owners(n, names, 1) == [f"{newcomer}:{port}"]]
+        assert moving, "no adapter moves to the newcomer: pick more adapters"
+        time.sleep(1.5)  # a probe round: the gateway has read every replica's device tier
+
+        process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "serve", "--model", str(tiny_models["llama"]), "--host", newcomer,
+                                    "--port", str(port), "--adapter-root", str(adapters_dir), "--adapter-source", "local",
+                                    "--adapter-cache-dir", str(tmp_path / "cache"), "--max-lora-rank", "16", "--grace-period-s", "20"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_healthy(new_url, process)
+            # Warmed on the newcomer before any request for them was routed there.
+            wait_until(lambda: set(moving) <= device_tier(new_url), timeout=20, what="the moved adapters warmed on the newcomer")
+            before = adapter_events(new_url)
+            for name in moving:
+                response = generate(gateway.url, name)
+                assert response.status_code == 200
+            after = adapter_events(new_url)
+            served_there = after["device_hit"] - before["device_hit"]
+            assert served_there >= 1 and {k: after[k] - before[k] for k in ("source_fetch", "disk_hit", "cpu_hit")} == {"source_fetch": 0, "disk_hit": 0, "cpu_hit": 0}
+
+            # Drain: a long request keeps it alive after SIGTERM; meanwhile what only it held is warmed on the next owners.
+            for name in later:  # first used now: each is loaded on its owner only
+                assert generate(gateway.url, name).status_code == 200
+            only_there = sorted(device_tier(new_url) - set().union(*(device_tier(u) for u in urls)))
+            assert only_there
+            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}
+            long_request = subprocess.Popen([sys.executable, "-c", f"import httpx; httpx.post('{new_url}/generate', json={body!r}, timeout=120)"])
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            rest = sorted(u.split("//")[1] for u in urls)
+            next_owner = {n: ring.owners(n, rest, 1)[0] for n in only_there}
+            wait_until(lambda: all(n in device_tier(f"http://{next_owner[n]}") for n in only_there), timeout=15, what="hand-off before exit")
+            assert process.poll() is None, "the drained replica exited before its adapters were handed on"
+            long_request.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(30)

@@ -38,22 +38,23 @@ def api_revision(api: client.ApiClient) -> str:
     return client.CustomObjectsApi(api).list_namespaced_custom_object("lorafleet.io", "v1alpha1", "default", "adapters")["metadata"]["resourceVersion"]
 
 
-def misplaced(api, replicas: dict[str, StubReplica], names: list[str], members: list[str]) -> list[tuple]:
-    """Adapters not Ready on exactly their ring owner among ``members`` (and held there and nowhere else)."""
+def misplaced(api, replicas: dict[str, StubReplica], names: list[str], members: list[str], only: bool = True) -> list[tuple]:
+    """Adapters not Ready on their ring owner among ``members`` (and, with ``only``, held nowhere else)."""
     seen, wrong = statuses(api), []
     for name in names:
         owner = ring.owners(f"team/{name}", members, 1)
         holders = [p for p, r in replicas.items() if f"team/{name}" in r.loaded]
-        if seen.get(name, {}).get("phase") != "Ready" or seen[name].get("replicas") != owner or holders != owner:
+        held = holders == owner if only else owner[0] in holders
+        if seen.get(name, {}).get("phase") != "Ready" or seen[name].get("replicas") != owner or not held:
             wrong.append((name, owner, holders, seen.get(name)))
     return wrong
 
 
-def wait_placed(api, replicas: dict[str, StubReplica], names: list[str], members: list[str], timeout: float = 20) -> float:
+def wait_placed(api, replicas: dict[str, StubReplica], names: list[str], members: list[str], timeout: float = 20, only: bool = True) -> float:
     try:
-        return wait_until(lambda: not misplaced(api, replicas, names, members), timeout=timeout, interval=0.2)
+        return wait_until(lambda: not misplaced(api, replicas, names, members, only), timeout=timeout, interval=0.2)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; misplaced (name, owner, holders, status): {misplaced(api, replicas, names, members)[:3]}") from None
+        raise AssertionError(f"{exc}; misplaced (name, owner, holders, status): {misplaced(api, replicas, names, members, only)[:3]}") from None
 
 
 @pytest.fixture
@@ -84,8 +85,10 @@ def test_a_scale_up_re_places_only_the_adapters_that_moved_at_once(fleet) -> Non
     assert 0 < len(moved) < len(names)
 
     run_pod(core, "smol", third, replicas[third])
-    took = wait_placed(api, replicas, names, sorted(replicas), timeout=20)
+    took = wait_placed(api, replicas, names, sorted(replicas), timeout=20, only=False)
     assert took < 5, f"re-placement took {took:.1f}s"
+    # A few seconds later (the gateways have read that the new owner holds them) they leave their old holders.
+    wait_placed(api, replicas, names, sorted(replicas), timeout=10)
     # Only the moved adapters were touched: loaded on the new pod, unloaded from where they were.
     assert sorted(a for op, a in replicas[third].calls if op == "load") == sorted(f"team/{n}" for n in moved)
     for pod in first_two:

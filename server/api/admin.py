@@ -83,6 +83,20 @@ def admin_router(service: ReplicaService) -> APIRouter:
         except Exception as exc:
             return error_response(exc)
 
+    @router.post("/warm", summary="load an adapter onto the device, unpinned: what any request naming it does (no admin token)")
+    async def warm(request: Request) -> Any:
+        """The gateway's hand-off: it moves an adapter's traffic to a replica only once this answered."""
+        try:
+            body = await read_json_object(request)
+            ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits)
+            if ref is None:
+                raise ValidationError("`adapter_id` is required")
+            return await service.load_adapter(ref, pin=False)
+        except TimeoutError as exc:
+            return JSONResponse({"error": str(exc), "error_type": "overloaded"}, status_code=503)
+        except Exception as exc:
+            return error_response(exc)
+
     @router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
     async def load(request: Request) -> Any:
         try:
