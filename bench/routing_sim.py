@@ -48,8 +48,11 @@ class Lru:
         return False
 
 
-def simulate(policy: str, replicas: int, stream: np.ndarray, durations: np.ndarray, owner_lists: list[list[int]]) -> tuple[float, float, float]:
-    """(hit rate, mean of max/mean load, peak of max/mean load) of one policy over one request stream."""
+def simulate(policy: str, replicas: int, stream: np.ndarray, durations: np.ndarray, owner_lists: list[list[int]],
+             floor: int = 1) -> tuple[float, float, float]:
+    """(hit rate, mean of max/mean load, peak of max/mean load) of one policy over one request stream.
+
+    ``floor``: the gateway's --min-bound (a replica is never full below it); 1 is the paper's bound."""
     caches = [Lru(SLOTS) for _ in range(replicas)] if policy != "ceiling" else [Lru(SLOTS * replicas)]
     loads = [0] * replicas
     ends: list[tuple[float, int]] = []
@@ -60,9 +63,9 @@ def simulate(policy: str, replicas: int, stream: np.ndarray, durations: np.ndarr
         total = sum(loads)
         if policy == "lorafleet":
             hot = [r for r in range(replicas) if adapter in caches[r].items]
-            chosen, _ = ring.choose(owner_lists[adapter], loads.__getitem__, ring.load_bound(total, replicas), hot)
+            chosen, _ = ring.choose(owner_lists[adapter], loads.__getitem__, ring.load_bound(total, replicas, floor=floor), hot)
         elif policy == "bounded-plain":
-            chosen, _ = ring.choose(owner_lists[adapter], loads.__getitem__, ring.load_bound(total, replicas), choices=1)
+            chosen, _ = ring.choose(owner_lists[adapter], loads.__getitem__, ring.load_bound(total, replicas, floor=floor), choices=1)
         elif policy == "consistent":
             chosen = owner_lists[adapter][0]
         elif policy == "round-robin":

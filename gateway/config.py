@@ -18,6 +18,7 @@ class GatewayConfig:
     upstream_timeout: float = 300.0  # seconds to wait for a replica's response to start
     probe_interval: float = 1.0  # seconds between /health probes of each replica
     policy: str = "lorafleet"  # one of POLICIES
+    min_bound: int = 4  # a replica is never "full" under this many in flight (ring.load_bound's floor)
     handoff: bool = True  # warm adapters where their traffic is about to go (gateway/handoff.py)
     served_model_name: str | None = None  # the base model's name in /v1/models (the operator passes the BaseModel's)
 

@@ -22,6 +22,8 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help=f"largest request body (default: {defaults.max_body_bytes})")
     parser.add_argument("--policy", choices=POLICIES, default=defaults.policy,
                         help="routing: lorafleet (adapter-aware ring with bounded loads), or round-robin / least-loaded to compare (default: %(default)s)")
+    parser.add_argument("--min-bound", type=int, default=defaults.min_bound,
+                        help="a replica is never over the load bound below this many requests in flight (default: %(default)s)")
     parser.add_argument("--no-handoff", dest="handoff", action="store_false",
                         help="do not warm adapters on a joining replica or on a leaving one's next owners (to measure what it buys)")
     parser.add_argument("--served-model-name", default=defaults.served_model_name, help="the base model's name in /v1/models (default: the replicas')")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = GatewayConfig(load_factor=args.load_factor, api_key_file=args.api_key_file, max_body_bytes=args.max_body_bytes,
                                upstream_timeout=args.upstream_timeout, policy=args.policy, served_model_name=args.served_model_name,
-                               handoff=args.handoff)
+                               handoff=args.handoff, min_bound=max(1, args.min_bound))
         app = create_gateway_app(args.replica, args.service, config)
     except ValueError as exc:
         print(f"lorafleet gateway: {exc}", file=sys.stderr)

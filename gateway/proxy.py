@@ -129,10 +129,11 @@ class Gateway:
     pool: httpcore.AsyncConnectionPool
     metrics: GatewayMetrics
     keys: ApiKeys
-    load_factor: float  # these four from GatewayConfig
+    load_factor: float  # these from GatewayConfig
     max_body_bytes: int
     upstream_timeout: float
     policy: str = "lorafleet"
+    min_bound: int = 1
     _turn: int = 0
 
     def _plain_order(self, loads: dict[str, int]) -> list[str]:
@@ -184,7 +185,8 @@ class Gateway:
         loads = {name: r.in_flight for name, r in routable.items()}
         hot = set(self.replicas.hot.holders(key)) if key is not None else set()
         ranked = ring.owners(key, loads) if key is not None else []
-        order = ring.routing_order(key, loads, self.load_factor, hot, ranked) if self.policy == "lorafleet" else self._plain_order(loads)
+        order = (ring.routing_order(key, loads, self.load_factor, hot, ranked, self.min_bound) if self.policy == "lorafleet"
+                 else self._plain_order(loads))
         top_owner = ranked[0] if ranked else None
         # Header values as h11 accepts them (no surrounding whitespace), and never the client's
         # credential: the gateway consumed it, and nothing behind the gateway may see it.

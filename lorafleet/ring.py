@@ -43,12 +43,15 @@ def owners(key: str, members: Iterable[str], n: int | None = None) -> list[str]:
     return ranked if n is None else ranked[:n]
 
 
-def load_bound(total_in_flight: int, num_members: int, load_factor: float = DEFAULT_LOAD_FACTOR) -> int:
-    return math.ceil(load_factor * (total_in_flight + 1) / num_members)
+def load_bound(total_in_flight: int, num_members: int, load_factor: float = DEFAULT_LOAD_FACTOR, floor: int = 1) -> int:
+    """No member takes a request at or over this many in flight. ``floor``: a member is never full below it
+    (a replica batches a few requests as cheaply as one; at low load the paper's bound of ~1 would spill
+    the second request for a popular adapter to a replica that must load it cold)."""
+    return max(floor, math.ceil(load_factor * (total_in_flight + 1) / num_members))
 
 
 def pick(key: str, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR, hot: Collection[str] = (),
-         choices: int = 2) -> tuple[str, int]:
+         choices: int = 2, floor: int = 1) -> tuple[str, int]:
     """(member, rank among the key's owners) for a new request; no member at or over the bound is picked.
 
     ``hot``: the members believed to hold the key's adapter hot. ``choices=1`` is the paper's
@@ -56,7 +59,7 @@ def pick(key: str, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_F
     """
     if not loads:
         raise ValueError("no members to pick from")
-    bound = load_bound(sum(loads.values()), len(loads), load_factor)
+    bound = load_bound(sum(loads.values()), len(loads), load_factor, floor)
     return choose(owners(key, loads), loads.__getitem__, bound, hot, choices)
 
 
@@ -69,7 +72,7 @@ def choose(ranked: Sequence[M], load: Callable[[M], int], bound: int, hot: Colle
 
 
 def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR,
-                  hot: Collection[str] = (), ranked: Sequence[str] | None = None) -> list[str]:
+                  hot: Collection[str] = (), ranked: Sequence[str] | None = None, floor: int = 1) -> list[str]:
     """Every member in the order to try: the bounded-load pick first, then the other owners (failover).
 
     ``ranked``: the key's owners when the caller has them already (ranking costs N hashes and a sort).
@@ -77,7 +80,7 @@ def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float 
     if key is None:
         return sorted(loads, key=lambda m: (loads[m], m))
     ranked = owners(key, loads) if ranked is None else ranked
-    first, _ = choose(ranked, loads.__getitem__, load_bound(sum(loads.values()), len(loads), load_factor), hot)
+    first, _ = choose(ranked, loads.__getitem__, load_bound(sum(loads.values()), len(loads), load_factor, floor), hot)
     return [first] + [m for m in ranked if m != first]
 
 

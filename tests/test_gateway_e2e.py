@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.server import ThreadedApp
+from support.server import ThreadedApp, wait_healthy
 from support.waiting import wait_until
 
 from lorafleet import ring
@@ -36,19 +36,6 @@ def start_replica(address: str, model: Path, adapters: Path, cache: Path) -> tup
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     return process, f"http://{address}:{port}"
-
-
-def wait_healthy(url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"replica at {url} exited"
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"replica {url} did not become healthy")
 
 
 class GatewayThread(ThreadedApp):
@@ -254,14 +241,15 @@ def test_a_joining_replica_gets_its_adapters_before_their_traffic_and_a_draining
             before = adapter_events(new_url)
             for name in moving:
                 response = generate(gateway.url, name)
-                assert response.status_code == 200
+                assert response.status_code == 200 and response.headers["x-adapter-tier"] == "device"  # the replica's own word: it was hot
             after = adapter_events(new_url)
             served_there = after["device_hit"] - before["device_hit"]
             assert served_there >= 1 and {k: after[k] - before[k] for k in ("source_fetch", "disk_hit", "cpu_hit")} == {"source_fetch": 0, "disk_hit": 0, "cpu_hit": 0}
 
             # Drain: a long request keeps it alive after SIGTERM; meanwhile what only it held is warmed on the next owners.
             for name in later:  # first used now: each is loaded on its owner only
-                assert generate(gateway.url, name).status_code == 200
+                first_use = generate(gateway.url, name)
+                assert first_use.status_code == 200 and first_use.headers["x-adapter-tier"] == "loading"
             only_there = sorted(device_tier(new_url) - set().union(*(device_tier(u) for u in urls)))
             assert only_there
             body = {"inputs": "Hello", "parameters": {"max_new_tokens": 480, "ignore_eos_token": True}}

@@ -136,3 +136,26 @@ async def test_probes_read_each_replicas_hot_adapters() -> None:
     assert replicas.hot.holders("guessed") == {"b"} and set(replicas.routable()) == {"a", "b"}
     replicas.hot.used("a", "third")  # two slots: the least recently used report ("old") is evicted
     assert replicas.hot.holders("old") == set()
+
+
+def test_the_adapter_blind_policies_rotate_and_balance() -> None:
+    from lorafleet.gateway.proxy import Gateway
+
+    rr = Gateway(ReplicaSet(), None, None, None, 1.25, 1 << 20, 30.0, policy="round-robin")
+    loads = {"a": 5, "b": 0, "c": 2}
+    assert [rr._plain_order(loads)[0] for _ in range(6)] == ["b", "c", "a", "b", "c", "a"]  # whatever the loads
+    ll = Gateway(ReplicaSet(), None, None, None, 1.25, 1 << 20, 30.0, policy="least-loaded")
+    assert ll._plain_order(loads) == ["b", "c", "a"]
+    assert {ll._plain_order({"a": 0, "b": 0, "c": 0})[0] for _ in range(3)} == {"a", "b", "c"}  # ties take turns
+
+
+def test_a_registered_name_routes_by_its_id_and_models_lists_each_once() -> None:
+    from lorafleet.gateway.catalogue import Catalogue
+
+    catalogue = Catalogue()
+    catalogue.entries = [{"name": "pirate", "id": "team/pirate", "source": "hub", "revision": "v2"}]
+    catalogue.keys = {"pirate": "team/pirate@v2"}
+    assert catalogue.key_for("pirate") == "team/pirate@v2" and catalogue.key_for("other/x") == "other/x" and catalogue.key_for(None) is None
+    assert catalogue.models("smol", 1)["data"] == [
+        {"id": "smol", "object": "model", "created": 1, "owned_by": "lorafleet", "root": "smol", "parent": None},
+        {"id": "pirate", "object": "model", "created": 1, "owned_by": "lorafleet", "root": "team/pirate", "parent": "smol"}]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -113,10 +112,7 @@ def test_adapters_that_cannot_work_end_failed_with_a_reason(operator_env, monkey
     with HubStandIn() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-        big = tmp_path / "big"
-        big.mkdir()
-        (big / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 64, "target_modules": ["q_proj"]}))
-        hub.repos["acme/too-big"] = big
+        hub.add_config("acme/too-big", tmp_path / "big", {"peft_type": "LORA", "r": 64, "target_modules": ["q_proj"]})
         kubectl("apply", "-f", "-", input=adapter("ghost", "acme/missing", source="hub"))
         kubectl("apply", "-f", "-", input=adapter("big", "acme/too-big", source="hub"))
         wait_until(lambda: custom(api, "adapters", "ghost").get("status", {}).get("phase") == "Failed")

@@ -57,6 +57,16 @@ def wait_placed(api, replicas: dict[str, StubReplica], names: list[str], members
         raise AssertionError(f"{exc}; misplaced (name, owner, holders, status): {misplaced(api, replicas, names, members, only)[:3]}") from None
 
 
+def placed(fleet, pods: list[str], names: list[str]) -> None:
+    """The replica pods Ready and the Adapters ``names`` applied and Ready on their owners."""
+    kubectl, api, replicas = fleet
+    core = client.CoreV1Api(api)
+    for pod in pods:
+        run_pod(core, "smol", pod, replicas[pod])
+    kubectl("apply", "-f", "-", input=adapters_yaml(names))
+    wait_placed(api, replicas, names, pods, timeout=20)
+
+
 @pytest.fixture
 def fleet(kube_api, kubectl, monkeypatch):
     replicas = {f"smol-replicas-{i}": StubReplica(f"127.0.0.{20 + i}") for i in range(3)}
@@ -72,12 +82,8 @@ def fleet(kube_api, kubectl, monkeypatch):
 def test_a_scale_up_re_places_only_the_adapters_that_moved_at_once(fleet) -> None:
     kubectl, api, replicas = fleet
     core = client.CoreV1Api(api)
-    first_two = sorted(replicas)[:2]
-    for pod in first_two:
-        run_pod(core, "smol", pod, replicas[pod])
-    names = [f"a{i:02d}" for i in range(30)]
-    kubectl("apply", "-f", "-", input=adapters_yaml(names))
-    wait_placed(api, replicas, names, first_two, timeout=20)
+    first_two, names = sorted(replicas)[:2], [f"a{i:02d}" for i in range(30)]
+    placed(fleet, first_two, names)
     for replica in replicas.values():
         replica.calls.clear()
     third = sorted(replicas)[2]
@@ -102,12 +108,8 @@ def test_a_scale_up_re_places_only_the_adapters_that_moved_at_once(fleet) -> Non
 def test_a_replica_back_from_a_restart_gets_its_adapters_again(fleet) -> None:
     kubectl, api, replicas = fleet
     core = client.CoreV1Api(api)
-    pods = sorted(replicas)[:2]
-    for pod in pods:
-        run_pod(core, "smol", pod, replicas[pod])
-    names = [f"b{i:02d}" for i in range(12)]
-    kubectl("apply", "-f", "-", input=adapters_yaml(names))
-    wait_placed(api, replicas, names, pods, timeout=20)
+    pods, names = sorted(replicas)[:2], [f"b{i:02d}" for i in range(12)]
+    placed(fleet, pods, names)
     victim, survivor = pods[0], pods[1]
     its_own = {f"team/{n}" for n in names if ring.owners(f"team/{n}", pods, 1) == [victim]}
     assert its_own
@@ -158,10 +160,7 @@ def test_a_slow_source_for_one_adapter_leaves_the_others_prompt(fleet, tmp_path,
     with HubStandIn() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-        folder = tmp_path / "slow"
-        folder.mkdir()
-        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}))
-        hub.repos["acme/slow"] = folder
+        hub.add_config("acme/slow", tmp_path / "slow", {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]})
         hub.repo_delay_s["acme/slow"] = 8  # validating it waits on the hub (under huggingface_hub's 10 s timeout: no retries outlive the test)
         for replica in replicas.values():
             replica.slow["team/slow-load"] = 20  # loading it waits on the replica

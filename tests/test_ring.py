@@ -88,3 +88,15 @@ def test_routing_order_tries_every_member_once_and_no_key_means_least_loaded() -
     assert sorted(order) == ["a", "b", "c"]
     assert ring.routing_order(None, loads) == ["b", "c", "a"]
     assert ring.merged_key(["z", "a"]) == "merged:a,z"
+
+
+def test_a_floor_keeps_a_popular_adapter_on_its_owner_at_low_load() -> None:
+    members = [f"replica-{i}" for i in range(3)]
+    first, second, _ = ring.owners("adapter-x", members)
+    loads = {m: 0 for m in members} | {first: 1}  # total 1: the paper's bound is ceil(1.25 * 2 / 3) = 1
+    assert ring.load_bound(1, 3) == 1 and ring.load_bound(1, 3, floor=4) == 4
+    assert ring.pick("adapter-x", loads, hot={first}) == (second, 1)  # without a floor the second request spills, cold
+    assert ring.pick("adapter-x", loads, hot={first}, floor=4) == (first, 0)  # with it, it joins the first one's batch
+    assert ring.routing_order("adapter-x", loads, hot={first}, floor=4)[0] == first
+    busy = {m: 0 for m in members} | {first: 9}  # total 9: bound ceil(1.25 * 10 / 3) = 5 > floor: the bound rules again
+    assert ring.pick("adapter-x", busy, hot={first}, floor=4)[0] != first

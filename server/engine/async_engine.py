@@ -31,6 +31,7 @@ class TokenEvent:
     token: TokenInfo | None
     finish_reason: FinishReason | None = None
     seq: Sequence | None = None  # set on the last event: the finished sequence, for its details
+    adapter_tier: str = ""  # where the request found its adapter on arrival: device (hot), cpu, loading (cold); "" for the base
 
     @property
     def finished(self) -> bool:
@@ -111,6 +112,8 @@ class AsyncEngine:
             try:
                 key = self.engine.adapters.request(adapter, token) if adapter is not None else None
                 handle.seq = self.engine.add_request(prompt_ids, params, key)
+                if key is not None:
+                    handle.seq.adapter_tier = self.engine.adapters.states[key].status
             except Exception as exc:  # validation and adapter errors belong to this request alone
                 handle.put(exc)
                 return
@@ -132,7 +135,7 @@ class AsyncEngine:
         if reason is FinishReason.ERROR and output.seq.error is not None:
             handle.put(output.seq.error)
         else:
-            handle.put(TokenEvent(output.token, reason, output.seq if output.finished else None))
+            handle.put(TokenEvent(output.token, reason, output.seq if output.finished else None, output.seq.adapter_tier))
         if output.finished:
             del self._handles[id(output.seq)]
 

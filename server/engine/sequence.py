@@ -97,6 +97,7 @@ class Sequence:
     generator: torch.Generator | None = None
     seed_used: int | None = None
     constraint: Any = None  # a structured.Constraint when the output must follow a grammar
+    adapter_tier: str = ""  # the adapter's tier when the request arrived (device = hot), for headers and benchmarks
     prefill_carry: torch.Tensor | None = None  # last prefill chunk's final log-softmax, for the next chunk's first token
 
     def __post_init__(self) -> None:

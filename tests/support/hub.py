@@ -8,6 +8,7 @@ A repo listed in ``private`` answers 401 unless the request carries its token.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,6 +73,12 @@ class HubStandIn:
         self.server.daemon_threads, self.server.block_on_close = True, False  # a delayed answer never holds up the test's end
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def add_config(self, repo: str, folder: Path, config: dict) -> None:
+        """A repo holding just ``adapter_config.json`` (enough for the operator's validation), written under ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        self.repos[repo] = folder
 
     def __enter__(self) -> HubStandIn:
         self._thread.start()

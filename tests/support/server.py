@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -65,3 +66,17 @@ class RunningServer(ThreadedApp):
 def running_server(model: Path, adapter_root: Path, cache: Path, **overrides) -> Iterator[RunningServer]:
     with RunningServer(model, adapter_root, cache, **overrides) as server:
         yield server
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Until ``url``/health answers 200; fails at once if ``process`` (the server) exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process is None or process.poll() is None, f"the server at {url} exited"
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not become healthy in {timeout:.0f}s")

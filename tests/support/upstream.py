@@ -35,7 +35,7 @@ class Upstream(ThreadedApp):
             await asyncio.sleep(0.05)
         if scope["path"] == "/health":
             return await self.reply(send, 200, b"")
-        if scope["path"] in ("/info", "/adapters"):
+        if scope["path"] == "/info" or scope["path"].startswith("/adapters"):  # no lorafleet admin routes or catalogue
             return await self.reply(send, 404, b"{}")
         self.seen.append(scope["path"])
         if self.mode == "unavailable":
