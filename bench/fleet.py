@@ -107,7 +107,7 @@ def cold_loads(url: str) -> int:
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         if line.startswith("lorafleet_adapter_events{"):
             events[line.split('event="')[1].split('"')[0]] = float(line.split()[-1])
-    return int(events.get("source_fetch", 0) + events.get("disk_hit", 0))
+    return int(events.get("source_fetch", 0) + events.get("disk_hit", 0) + events.get("local_read", 0))
 
 
 def stop(processes: list[subprocess.Popen]) -> None:

@@ -244,7 +244,7 @@ def test_a_joining_replica_gets_its_adapters_before_their_traffic_and_a_draining
                 assert response.status_code == 200 and response.headers["x-adapter-tier"] == "device"  # the replica's own word: it was hot
             after = adapter_events(new_url)
             served_there = after["device_hit"] - before["device_hit"]
-            assert served_there >= 1 and {k: after[k] - before[k] for k in ("source_fetch", "disk_hit", "cpu_hit")} == {"source_fetch": 0, "disk_hit": 0, "cpu_hit": 0}
+            assert served_there >= 1 and {k: after[k] - before[k] for k in ("local_read", "cpu_hit")} == {"local_read": 0, "cpu_hit": 0}
 
             # Drain: a long request keeps it alive after SIGTERM; meanwhile what only it held is warmed on the next owners.
             for name in later:  # first used now: each is loaded on its owner only

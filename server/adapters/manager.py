@@ -101,7 +101,8 @@ class AdapterManager:
         self.on_timing: Callable[[str, float], None] = lambda step, seconds: None
         self._pinned: set[str] = set()
         self._draining: set[str] = set()
-        self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "source_fetch": 0, "device_evictions": 0, "rotations": 0}
+        self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "local_read": 0, "source_fetch": 0, "device_evictions": 0,
+                                       "rotations": 0}
 
     def close(self) -> None:
         for pool in (self._local_pool, self._remote_pool):
@@ -240,6 +241,9 @@ class AdapterManager:
                 state.tier_hit = "cpu"
                 self.counts["cpu_hit"] += 1
             else:
+                if local_folder is not None:
+                    state.tier_hit = "local"
+                    self.counts["local_read"] += 1  # read from its folder: as cold as the disk tier
                 folder = local_folder or self._disk_copy(state, token)
                 parse_start = time.perf_counter()
                 adapter = self._parse(key, folder)
