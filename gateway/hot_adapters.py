@@ -27,10 +27,23 @@ class HotAdapters:
         self._slots: dict[str, int] = {}
         self._holders: dict[str, set[str]] = {}
         self._sources: dict[str, str] = {}  # key -> adapter_source, from the replicas' listings
+        self._warm: dict[str, set[str]] = {}  # key -> replicas holding it in CPU memory, from the listings
 
     def holders(self, key: str) -> set[str]:
         """The replicas believed to hold ``key`` hot (read-only; do not mutate)."""
         return self._holders.get(key, set())
+
+    def warm_holders(self, key: str) -> set[str]:
+        """The replicas that reported ``key`` in their CPU tier (read-only)."""
+        return self._warm.get(key, set())
+
+    def replace_warm(self, replica: str, keys: Iterable[str]) -> None:
+        for holders in self._warm.values():
+            holders.discard(replica)
+        for key in keys:
+            self._warm.setdefault(key, set()).add(replica)
+        for key in [k for k, holders in self._warm.items() if not holders]:
+            del self._warm[key]
 
     def keys(self) -> list[str]:
         return list(self._holders)
@@ -69,7 +82,10 @@ class HotAdapters:
 
     def retain(self, replicas: Iterable[str]) -> None:
         """Forget replicas that left the fleet."""
-        for gone in set(self._lru) - set(replicas):
+        members = set(replicas)
+        for holders in self._warm.values():
+            holders &= members
+        for gone in set(self._lru) - members:
             self._drop(gone)
             self._slots.pop(gone, None)
 

@@ -185,7 +185,8 @@ class Gateway:
         loads = {name: r.in_flight for name, r in routable.items()}
         hot = set(self.replicas.hot.holders(key)) if key is not None else set()
         ranked = ring.owners(key, loads) if key is not None else []
-        order = (ring.routing_order(key, loads, self.load_factor, hot, ranked, self.min_bound) if self.policy == "lorafleet"
+        warm = self.replicas.hot.warm_holders(key) if key is not None else set()
+        order = (ring.routing_order(key, loads, self.load_factor, hot, ranked, self.min_bound, warm) if self.policy == "lorafleet"
                  else self._plain_order(loads))
         top_owner = ranked[0] if ranked else None
         # Header values as h11 accepts them (no surrounding whitespace), and never the client's

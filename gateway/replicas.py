@@ -148,15 +148,18 @@ class ReplicaSet:
         guess from the traffic in place; it says nothing about the replica's health.
         """
         try:
-            response = await client.get(replica.url + "/adapters", params=[("tier", "device"), ("tier", "loading")], timeout=2.0)
+            response = await client.get(replica.url + "/adapters", params=[("tier", "device"), ("tier", "loading"), ("tier", "cpu")], timeout=2.0)
             if response.status_code != 200:
                 return
-            listing = sorted(response.json(), key=lambda a: -float(a.get("last_used_s_ago") or 0.0))
+            everything = sorted(response.json(), key=lambda a: -float(a.get("last_used_s_ago") or 0.0))
+            listing = [a for a in everything if a.get("tier") != "cpu"]
             keys = [a["id"] + (f"@{a['revision']}" if a.get("revision") else "") for a in listing]
             sources = [str(a.get("source") or "") for a in listing]
+            warm = [a["id"] + (f"@{a['revision']}" if a.get("revision") else "") for a in everything if a.get("tier") == "cpu"]
         except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
             return
         self.hot.replace(replica.name, keys)
+        self.hot.replace_warm(replica.name, warm)
         for key, source in zip(keys, sources):
             if source:
                 self.hot.note_source(key, source)

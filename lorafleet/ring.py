@@ -63,16 +63,21 @@ def pick(key: str, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_F
     return choose(owners(key, loads), loads.__getitem__, bound, hot, choices)
 
 
-def choose(ranked: Sequence[M], load: Callable[[M], int], bound: int, hot: Collection[M] = (), choices: int = 2) -> tuple[M, int]:
-    """The decision inside :func:`pick`, given the owners already ranked (the routing simulation calls it too)."""
+def choose(ranked: Sequence[M], load: Callable[[M], int], bound: int, hot: Collection[M] = (), choices: int = 2,
+           warm: Collection[M] = ()) -> tuple[M, int]:
+    """The decision inside :func:`pick`, given the owners already ranked (the routing simulation calls it too).
+
+    ``warm``: members holding the adapter in CPU memory (a copy to the device, not a read from disk):
+    after the hot ones, before the two choices, which would otherwise send an adapter that left one
+    owner's device to a second owner that must read it from disk."""
     eligible = [(load(m), rank, m) for rank, m in enumerate(ranked) if load(m) < bound]
-    warm = [entry for entry in eligible if entry[2] in hot]
-    _, rank, member = min(warm or eligible[:choices])  # never empty while the bound exceeds the mean load
+    preferred = [entry for entry in eligible if entry[2] in hot] or [entry for entry in eligible if entry[2] in warm]
+    _, rank, member = min(preferred or eligible[:choices])  # never empty while the bound exceeds the mean load
     return member, rank
 
 
 def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float = DEFAULT_LOAD_FACTOR,
-                  hot: Collection[str] = (), ranked: Sequence[str] | None = None, floor: int = 1) -> list[str]:
+                  hot: Collection[str] = (), ranked: Sequence[str] | None = None, floor: int = 1, warm: Collection[str] = ()) -> list[str]:
     """Every member in the order to try: the bounded-load pick first, then the other owners (failover).
 
     ``ranked``: the key's owners when the caller has them already (ranking costs N hashes and a sort).
@@ -80,7 +85,7 @@ def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float 
     if key is None:
         return sorted(loads, key=lambda m: (loads[m], m))
     ranked = owners(key, loads) if ranked is None else ranked
-    first, _ = choose(ranked, loads.__getitem__, load_bound(sum(loads.values()), len(loads), load_factor, floor), hot)
+    first, _ = choose(ranked, loads.__getitem__, load_bound(sum(loads.values()), len(loads), load_factor, floor), hot, warm=warm)
     return [first] + [m for m in ranked if m != first]
 
 

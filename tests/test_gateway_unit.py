@@ -120,9 +120,10 @@ async def test_probes_read_each_replicas_hot_adapters() -> None:
         if request.url.path == "/info":
             return httpx.Response(200, json={"model_id": "base", "max_active_adapters": 2})
         if request.url.path == "/adapters" and request.url.host == "a":
-            assert request.url.params.get_list("tier") == ["device", "loading"]
-            return httpx.Response(200, json=[{"id": "old", "revision": None, "last_used_s_ago": 9.0},
-                                             {"id": "org/new", "revision": "v2", "last_used_s_ago": 0.5}])
+            assert request.url.params.get_list("tier") == ["device", "loading", "cpu"]
+            return httpx.Response(200, json=[{"id": "old", "revision": None, "last_used_s_ago": 9.0, "tier": "device"},
+                                             {"id": "org/new", "revision": "v2", "last_used_s_ago": 0.5, "tier": "loading"},
+                                             {"id": "in-memory", "revision": None, "last_used_s_ago": 30.0, "tier": "cpu"}])
         if request.url.path == "/adapters":
             return httpx.Response(404, json={"error": "not a lorafleet replica"})
         return httpx.Response(200)
@@ -133,6 +134,7 @@ async def test_probes_read_each_replicas_hot_adapters() -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
         await asyncio.gather(*(replicas._probe(client, r) for r in replicas.replicas.values()))
     assert replicas.hot.holders("old") == {"a"} and replicas.hot.holders("org/new@v2") == {"a"}
+    assert replicas.hot.holders("in-memory") == set() and replicas.hot.warm_holders("in-memory") == {"a"}  # CPU tier: warm, not hot
     assert replicas.hot.holders("guessed") == {"b"} and set(replicas.routable()) == {"a", "b"}
     replicas.hot.used("a", "third")  # two slots: the least recently used report ("old") is evicted
     assert replicas.hot.holders("old") == set()
@@ -159,3 +161,14 @@ def test_a_registered_name_routes_by_its_id_and_models_lists_each_once() -> None
     assert catalogue.models("smol", 1)["data"] == [
         {"id": "smol", "object": "model", "created": 1, "owned_by": "lorafleet", "root": "smol", "parent": None},
         {"id": "pirate", "object": "model", "created": 1, "owned_by": "lorafleet", "root": "team/pirate", "parent": "smol"}]
+
+
+def test_cpu_tier_holders_follow_each_replicas_report() -> None:
+    hot = HotAdapters()
+    hot.replace_warm("r1", ["a", "b"])
+    hot.replace_warm("r2", ["b"])
+    assert hot.warm_holders("a") == {"r1"} and hot.warm_holders("b") == {"r1", "r2"}
+    hot.replace_warm("r1", ["c"])  # r1's next report: a and b left its CPU tier
+    assert hot.warm_holders("a") == set() and hot.warm_holders("b") == {"r2"} and hot.warm_holders("c") == {"r1"}
+    hot.retain(["r1"])  # r2 left the fleet
+    assert hot.warm_holders("b") == set()

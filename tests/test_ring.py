@@ -100,3 +100,13 @@ def test_a_floor_keeps_a_popular_adapter_on_its_owner_at_low_load() -> None:
     assert ring.routing_order("adapter-x", loads, hot={first}, floor=4)[0] == first
     busy = {m: 0 for m in members} | {first: 9}  # total 9: bound ceil(1.25 * 10 / 3) = 5 > floor: the bound rules again
     assert ring.pick("adapter-x", busy, hot={first}, floor=4)[0] != first
+
+
+def test_a_replica_holding_the_adapter_in_cpu_memory_comes_before_the_two_choices() -> None:
+    members = [f"replica-{i}" for i in range(4)]
+    first, second, third, _ = ring.owners("adapter-x", members)
+    loads = {m: 0 for m in members} | {first: 2}  # the top owner is busier: two choices would pick the second
+    assert ring.routing_order("adapter-x", loads, floor=4)[0] == second
+    assert ring.routing_order("adapter-x", loads, floor=4, warm={first})[0] == first  # it still holds it in memory: no disk read
+    assert ring.routing_order("adapter-x", loads, floor=4, warm={first}, hot={third})[0] == third  # hot on a device beats warm
+    assert ring.routing_order("adapter-x", {m: 0 for m in members} | {first: 9}, floor=4, warm={first})[0] != first  # the bound still rules
