@@ -183,6 +183,7 @@ class Fleet:
             self._catalogue_sent[pod] = sent
             self._catalogue_retry.pop(pod, None)
         else:
+            self._headers = None  # read the admin token again: it may not have existed, or was rotated
             self._catalogue_retry[pod] = time.monotonic() + RETRY_MIN_S
 
     def _follow_pods(self, pods: list[PodView], now: float) -> dict[str, str]:
