@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import routing_sim  # noqa: E402
-from support.server import wait_healthy  # noqa: E402
+from support.server import adapter_events, wait_healthy  # noqa: E402
 
 from lorafleet import model_store, ring  # noqa: E402
 from lorafleet.gateway.config import GatewayConfig  # noqa: E402
@@ -103,10 +103,7 @@ def start_replica(address: str, port: int, model: Path, root: Path, work: Path, 
 
 def cold_loads(url: str) -> int:
     """Adapter loads the replica read from disk or from the source (its own counters), not counting copies from CPU memory."""
-    events = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("lorafleet_adapter_events{"):
-            events[line.split('event="')[1].split('"')[0]] = float(line.split()[-1])
+    events = adapter_events(url)
     return int(events.get("source_fetch", 0) + events.get("disk_hit", 0) + events.get("local_read", 0))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from lorafleet.gateway.catalogue import Catalogue
+from lorafleet.gateway.catalogue import Catalogue, ring_key
 from lorafleet.gateway.hot_adapters import HotAdapters
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,9 @@ class ReplicaSet:
                 return
             everything = sorted(response.json(), key=lambda a: -float(a.get("last_used_s_ago") or 0.0))
             listing = [a for a in everything if a.get("tier") != "cpu"]
-            keys = [a["id"] + (f"@{a['revision']}" if a.get("revision") else "") for a in listing]
+            keys = [ring_key(a) for a in listing]
             sources = [str(a.get("source") or "") for a in listing]
-            warm = [a["id"] + (f"@{a['revision']}" if a.get("revision") else "") for a in everything if a.get("tier") == "cpu"]
+            warm = [ring_key(a) for a in everything if a.get("tier") == "cpu"]
         except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
             return
         self.hot.replace(replica.name, keys)

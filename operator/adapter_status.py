@@ -51,8 +51,12 @@ class AdapterRecord:
         return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
 
     def load_request(self) -> dict[str, Any]:
-        request: dict[str, Any] = {"adapter_id": self.id, "adapter_source": self.source, "pin": self.pinned}
-        return request
+        return {"adapter_id": self.id, "adapter_source": self.source, "pin": self.pinned}
+
+    def finalizer_patch(self, present: bool) -> dict[str, Any]:
+        """The merge patch that adds (``present``) or removes lorafleet's finalizer, keeping everyone else's."""
+        others = [f for f in self.finalizers if f != FINALIZER]
+        return {"metadata": {"finalizers": [*others, FINALIZER] if present else others}}
 
     def already_validated(self) -> tuple[int | None, list[str]] | None:
         """(rank, targets) when the status says this generation passed validation (an operator restart need not fetch again)."""

@@ -177,9 +177,7 @@ class Fleet:
                 self._spawn(("catalogue", pod), None, self._put_catalogue(pod, url, entries, sent))
 
     async def _put_catalogue(self, pod: str, url: str, entries: list[dict[str, Any]], sent: tuple) -> None:
-        if self._headers is None:
-            await asyncio.get_running_loop().run_in_executor(self.io.executor, self.headers)
-        if await self.io.calls.put_catalogue(url, entries, self._headers or {}):
+        if await self.io.calls.put_catalogue(url, entries, await self._admin_headers()):
             self._catalogue_sent[pod] = sent
             self._catalogue_retry.pop(pod, None)
         else:
@@ -299,16 +297,14 @@ class Fleet:
 
     # -- replica work ---------------------------------------------------------------------------
 
-    def headers(self) -> dict[str, str]:
+    async def _admin_headers(self) -> dict[str, str]:
+        """The fleet's admin token, read from its Secret once, and again after a replica refused it."""
         if self._headers is None:
-            self._headers = self.io.admin_headers()
+            self._headers = await asyncio.get_running_loop().run_in_executor(self.io.executor, self.io.admin_headers)
         return self._headers
 
     async def _load(self, record: AdapterRecord, pod: str, url: str) -> None:
-        loop = asyncio.get_running_loop()
-        if self._headers is None:
-            await loop.run_in_executor(self.io.executor, self.headers)
-        result = await self.io.calls.load(url, record.load_request(), self._headers or {})
+        result = await self.io.calls.load(url, record.load_request(), await self._admin_headers())
         if result.ok:
             self._retry.pop((pod, record.id), None)
             self.residency.setdefault(pod, {})[record.id] = result.tier
@@ -322,7 +318,7 @@ class Fleet:
             self._retry[(pod, record.id)] = (time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** attempts), attempts, result.message)
 
     async def _unload(self, record: AdapterRecord, pod: str, url: str) -> None:
-        if await self.io.calls.unload(url, record.id, self._headers or {}):
+        if await self.io.calls.unload(url, record.id, await self._admin_headers()):
             self.residency.get(pod, {}).pop(record.id, None)
             self._placed.get(record.uid, set()).discard(pod)
 
@@ -334,13 +330,12 @@ class Fleet:
             if pod in members:
                 await self._unload(record, pod, members[pod])
         if FINALIZER in record.finalizers:
-            await self._write(lambda: self.io.kube.merge(
-                "lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
-                {"metadata": {"finalizers": [f for f in record.finalizers if f != FINALIZER]}}))
+            await self._write(lambda: self.io.kube.merge("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
+                                                         record.finalizer_patch(False)))
 
     async def _add_finalizer(self, record: AdapterRecord) -> None:
         if await self._write(lambda: self.io.kube.merge("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
-                                                        {"metadata": {"finalizers": [*record.finalizers, FINALIZER]}})):
+                                                        record.finalizer_patch(True))):
             self._finalized.add(record.uid)  # until its watch event shows it
 
     # -- status ---------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import datetime
 import secrets
 from typing import Any
 
@@ -22,7 +21,7 @@ import kopf
 
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status
 from lorafleet.operator.desired import ADMIN_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name
-from lorafleet.operator.fleet import Fleet, FleetIO, PodView
+from lorafleet.operator.fleet import Fleet, FleetIO, PodView, now_text
 from lorafleet.operator.fleet_status import basemodel_status, keep_transition_times
 from lorafleet.operator.kube import Kube, login
 from lorafleet.operator.replica_client import ReplicaCalls
@@ -30,10 +29,6 @@ from lorafleet.operator.replica_client import ReplicaCalls
 GROUP, VERSION = "lorafleet.io", "v1alpha1"
 KOPF_FINALIZER = "lorafleet.io/operator"  # kopf's, on BaseModels (their daemon)
 REPLICA_LABELS = {"app.kubernetes.io/name": "lorafleet", "app.kubernetes.io/component": "replica"}
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Operator:
@@ -179,13 +174,12 @@ async def orphaned(state: Operator, record: AdapterRecord) -> None:
     loop = asyncio.get_running_loop()
     if record.deleting:
         if FINALIZER in record.finalizers:
-            await loop.run_in_executor(state.executor, lambda: state.kube.merge(
-                f"{GROUP}/{VERSION}", "Adapter", record.namespace, record.name,
-                {"metadata": {"finalizers": [f for f in record.finalizers if f != FINALIZER]}}))
+            await loop.run_in_executor(state.executor, lambda: state.kube.merge(f"{GROUP}/{VERSION}", "Adapter", record.namespace, record.name,
+                                                                                record.finalizer_patch(False)))
         return
     message = f"BaseModel {record.base!r} does not exist in {record.namespace}"
     status = next_status(record.status, {"phase": "Failed", "reason": "BaseModelNotFound", "message": message,
-                                         "observedGeneration": record.generation, "replicas": [], "hotOn": ""}, now())
+                                         "observedGeneration": record.generation, "replicas": [], "hotOn": ""}, now_text())
     if status is not None:
         await loop.run_in_executor(state.executor, lambda: state.kube.merge_status(f"{GROUP}/{VERSION}", "Adapter", record.namespace, record.name, status))
         if record.status.get("phase") != "Failed":
@@ -207,4 +201,4 @@ def admin_headers(kube: Kube, namespace: str, base: str) -> dict[str, str]:
 def observe_basemodel(kube: Kube, name: str, namespace: str, generation: int, spec: dict) -> dict:
     replicas = kube.get("apps/v1", "Deployment", namespace, replica_name(name))
     gateway = kube.get("apps/v1", "Deployment", namespace, name)
-    return basemodel_status(name, namespace, generation, spec, replicas, gateway, now())
+    return basemodel_status(name, namespace, generation, spec, replicas, gateway, now_text())

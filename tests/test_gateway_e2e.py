@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.server import ThreadedApp, wait_healthy
+from support.server import ThreadedApp, adapter_events, wait_healthy
 from support.waiting import wait_until
 
 from lorafleet import ring
@@ -200,11 +200,6 @@ def test_a_registered_adapter_answers_by_name_alone_through_the_gateway_and_dire
             assert response.json()["choices"][0]["text"] == by_id.json()["generated_text"]
     for url in urls:
         httpx.put(url + "/adapters/catalogue", json={"adapters": []})
-
-
-def adapter_events(url: str) -> dict[str, float]:
-    lines = httpx.get(url + "/metrics", timeout=5).text.splitlines()
-    return {line.split('event="')[1].split('"')[0]: float(line.split()[-1]) for line in lines if line.startswith("lorafleet_adapter_events{")}
 
 
 def device_tier(url: str) -> set[str]:

@@ -80,3 +80,9 @@ def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout: flo
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not become healthy in {timeout:.0f}s")
+
+
+def adapter_events(url: str) -> dict[str, float]:
+    """A replica's ``lorafleet_adapter_events`` counters (device_hit, cpu_hit, local_read, ...) from its /metrics."""
+    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+    return {line.split('event="')[1].split('"')[0]: float(line.split()[-1]) for line in lines if line.startswith("lorafleet_adapter_events{")}
