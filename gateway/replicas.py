@@ -35,6 +35,7 @@ class Replica:
     ejected_until: float = 0.0
     model_id: str | None = None
     info_read: bool = False
+    probed_healthy: bool | None = None  # the last health probe's answer (None before the first)
     # Set when the replica is ejected: requests waiting on it with nothing answered yet move on
     # (a stopped process keeps its connections open and would hold them until the upstream timeout).
     ejected_signal: asyncio.Event = field(default_factory=asyncio.Event)
@@ -127,14 +128,18 @@ class ReplicaSet:
                 replica.info_read = True
         except (httpx.HTTPError, ValueError, AttributeError):
             healthy = False
-        back = healthy and replica.ejected
-        if back:
+        # Transitions of the probe's own answer, not of the ejection (which expires on a timer: a replica
+        # answering for the first time just after its ejection ran out would otherwise never count as back).
+        back, went = healthy and replica.probed_healthy is False, not healthy and replica.probed_healthy is not False
+        replica.probed_healthy = healthy
+        if healthy and replica.ejected:
             log.info("%s is healthy again", replica.name)
             replica.ejected_until = 0.0
             replica.consecutive_failures = 0
         elif not healthy and not replica.ejected:
             replica.consecutive_failures = max(replica.consecutive_failures, self.eject_after - 1)
             self.failed(replica)
+        if went:
             self._leaving(replica.name)  # draining or gone: what only it held goes to the next owners
         if healthy:
             await self._read_hot_adapters(client, replica)
