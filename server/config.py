@@ -28,6 +28,7 @@ class EngineConfig:
     adapter_memory: int | None = None  # bytes for device slots; when set, the slot count follows from it
     lora_kernel: str = "auto"  # auto: triton on cuda, torch elsewhere; or "torch" / "triton"
     attention_kernel: str = "auto"  # the same choice for decode attention over the paged cache
+    linear_kernel: str = "auto"  # auto: oneDNN-packed weights on cpu where torch has them, F.linear elsewhere; or "torch" / "onednn"
     adapter_roots: list[Path] = field(default_factory=list)
     adapter_cache_dir: Path = Path("/data/adapters")
     adapter_disk_cache: int = 20 << 30
@@ -51,5 +52,7 @@ class EngineConfig:
         for name in ("lora_kernel", "attention_kernel"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"{name} must be auto, torch or triton, got {getattr(self, name)!r}")
+        if self.linear_kernel not in ("auto", "torch", "onednn"):
+            problems.append(f"linear_kernel must be auto, torch or onednn, got {self.linear_kernel!r}")
         if problems:
             raise ValueError("; ".join(problems))

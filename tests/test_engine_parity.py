@@ -19,10 +19,14 @@ PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], [1] + list(range(30, 53)), [1, 9
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
+@pytest.mark.parametrize("linear_kernel", ["torch", "onednn"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "llama-tied"])
-def test_every_step_logits_match_transformers(tiny_models: dict[str, Path], arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_step_logits_match_transformers(tiny_models: dict[str, Path], arch: str, linear_kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both weight layouts: F.linear (cuda's) and oneDNN's packed weights (CPU's default), qwen2's biases included."""
     captured = capture_logits(monkeypatch)
-    engine = make_engine(tiny_models[arch], max_batch_prefill_tokens=16)  # forces chunked prefill of the long prompt
+    # max_batch_prefill_tokens=16 forces chunked prefill of the long prompt
+    engine = make_engine(tiny_models[arch], max_batch_prefill_tokens=16, linear_kernel=linear_kernel)
+    assert engine.linear_kernel == linear_kernel
     seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
     engine.run_to_completion()
     reference = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)

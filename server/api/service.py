@@ -311,6 +311,7 @@ class ReplicaService:
             "adapter_disk_cache": e.adapter_disk_cache,
             "adapter_roots": [str(p) for p in e.adapter_roots],
             "lora_kernel": self.engine.lora_kernel(),
+            "linear_kernel": self.engine.linear_kernel,
             "admin_auth": c.admin_token is not None,
             "max_pinned_adapters": self.engine.adapters.settings.max_pinned,
         }

@@ -25,6 +25,7 @@ from lorafleet.server.lora.adapter_format import LoraAdapter, load_adapter
 from lorafleet.server.lora.slots import LoraSlots, bytes_per_slot
 from lorafleet.server.model.attention import BatchMetadata, PrefillSegment
 from lorafleet.server.model.checkpoint import CheckpointError, load_weights, read_config
+from lorafleet.server.model.linear import resolve_linear_kernel
 from lorafleet.server.model.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class LLMEngine:
         self.model_config = read_config(folder)
         raw_dtype = self.model_config.raw.get("torch_dtype") or self.model_config.raw.get("dtype")
         self.dtype = resolve_dtype(config.dtype, self.device, raw_dtype)
-        self.model = CausalLM(folder, self.model_config, load_weights(folder, config.allow_pickle), self.dtype, self.device)
+        self.linear_kernel = resolve_linear_kernel(config.linear_kernel, self.device, self.dtype)
+        self.model = CausalLM(folder, self.model_config, load_weights(folder, config.allow_pickle), self.dtype, self.device, self.linear_kernel)
         if tokenizer is None:
             from transformers import AutoTokenizer
 

@@ -17,18 +17,18 @@ import torch.nn.functional as F
 from lorafleet.server.engine.kv_cache import KVCache
 from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.checkpoint import CheckpointError, ModelConfig
+from lorafleet.server.model.linear import Linear, make_linear
 from lorafleet.server.model.rope import RotaryEmbedding, apply_rotary
 
 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    qkv: Linear
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,8 +39,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class CausalLM:
-    def __init__(self, folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 linear_kernel: str = "torch") -> None:
         self.config = config
+        self.linear_kernel = linear_kernel
         self.dtype = dtype
         self.device = device
         self.q_size = config.num_heads * config.head_dim
@@ -53,6 +55,9 @@ class CausalLM:
                 raise CheckpointError(f"checkpoint is missing tensor {name!r}")
             return weights.pop(name).to(device=device, dtype=dtype)
 
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return make_linear(weight, bias, linear_kernel)
+
         self.embed = take("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
@@ -64,21 +69,19 @@ class CausalLM:
             self.layers.append(
                 LayerWeights(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=torch.cat([take(attn + f"{m}_proj.weight") for m in "qkv"]),
-                    qkv_bias=bias,
-                    o=take(attn + "o_proj.weight"),
+                    qkv=linear(torch.cat([take(attn + f"{m}_proj.weight") for m in "qkv"]), bias),
+                    o=linear(take(attn + "o_proj.weight")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
-                    down=take(mlp + "down_proj.weight"),
+                    gate_up=linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])),
+                    down=linear(take(mlp + "down_proj.weight")),
                 )
             )
         self.norm = take("model.norm.weight")
-        if config.tie_word_embeddings or "lm_head.weight" not in weights:
-            self.lm_head = self.embed
-        else:
-            self.lm_head = take("lm_head.weight")
         if self.embed.shape != (config.vocab_size, config.hidden_size):
             raise CheckpointError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says ({config.vocab_size}, {config.hidden_size})")
+        # A tied head shares the embedding's tensor when dense; packed, it is its own reordered copy.
+        tied = config.tie_word_embeddings or "lm_head.weight" not in weights
+        self.lm_head = linear(self.embed if tied else take("lm_head.weight"))
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every projection an adapter may target."""
@@ -102,7 +105,7 @@ class CausalLM:
         hidden = F.embedding(input_ids, self.embed)
         for index, layer in enumerate(self.layers):
             x = rms_norm(hidden, layer.input_norm, c.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             if lora is not None:
                 lora.add(index, "q_proj", x, q)
@@ -113,23 +116,23 @@ class CausalLM:
             v = v.reshape(-1, c.num_kv_heads, c.head_dim)
             attended = paged_attention(q, k, v, kv.keys[index], kv.values[index], meta, self.scale, c.sliding_window)
             attended = attended.reshape(-1, self.q_size)
-            out = F.linear(attended, layer.o)
+            out = layer.o(attended)
             if lora is not None:
                 lora.add(index, "o_proj", attended, out)
             hidden = hidden + out
 
             x = rms_norm(hidden, layer.post_norm, c.rms_norm_eps)
-            gate_up = F.linear(x, layer.gate_up)
+            gate_up = layer.gate_up(x)
             gate, up = gate_up.split([c.intermediate_size, c.intermediate_size], dim=-1)
             if lora is not None:
                 lora.add(index, "gate_proj", x, gate)
                 lora.add(index, "up_proj", x, up)
             act = F.silu(gate) * up
-            out = F.linear(act, layer.down)
+            out = layer.down(act)
             if lora is not None:
                 lora.add(index, "down_proj", act, out)
             hidden = hidden + out
         return rms_norm(hidden, self.norm, c.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

@@ -1,0 +1,73 @@
+"""The base model's projections, with their weights laid out once for the matmul that runs them.
+
+A decode step multiplies a handful of rows by every weight of the model, so on CPU it is bound by
+how fast the GEMM streams weights from memory. MKL's sgemm on a plain row-major weight streams at
+about 6.5 GB/s on this project's 2-core CI machine; the same weight reordered once at load into
+oneDNN's blocked layout (what inductor's CPU freezing pass does) streams at about 18 GB/s, so a
+SmolLM2 decode step's matmuls drop from ~86 ms to ~31 ms (numbers in bench/engine_throughput.py).
+The packed weight is opaque: nothing may slice it, which the model never does (LoRA deltas are
+added to output slices, never to weights).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+PACK_BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; decode batches are 1..256
+
+
+class Linear(Protocol):
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseLinear:
+    """The reference: ``F.linear`` on the checkpoint's own layout (cuda, and CPUs without oneDNN)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight, self.bias = weight, bias
+        self.out_features = weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class OneDnnLinear:
+    """A weight reordered once for oneDNN's CPU GEMM; the dense copy is dropped."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's packed linear exists in this torch build and computes what F.linear does, here."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.linspace(-1, 1, 48).reshape(6, 8).to(dtype)
+        x = torch.linspace(1, -1, 16).reshape(2, 8).to(dtype)
+        return torch.allclose(OneDnnLinear(weight)(x).float(), F.linear(x, weight).float(), atol=1e-2)
+    except (RuntimeError, AttributeError):  # a torch without the op (or its mkldnn namespace)
+        return False
+
+
+def resolve_linear_kernel(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto: oneDNN's packed weights on CPU where the build has them, plain F.linear elsewhere."""
+    if choice == "auto":
+        return "onednn" if onednn_available(device, dtype) else "torch"
+    if choice == "onednn" and not onednn_available(device, dtype):
+        raise ValueError(f"--linear-kernel onednn needs a CPU torch build with oneDNN and float32 or bfloat16 (device {device}, {dtype})")
+    return choice
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> Linear:
+    return OneDnnLinear(weight, bias) if kernel == "onednn" else DenseLinear(weight, bias)
