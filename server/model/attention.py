@@ -34,6 +34,11 @@ class BatchMetadata:
     rope_lengths: list[tuple[int, int, int]]  # (start, end, sequence length) for length-dependent RoPE
     lora: Any = None  # a LoraBatch when any row uses an adapter
     attention_kernel: str = "torch"  # "triton": decode rows read the paged cache in attention_triton
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, keys], made by the first layer, read by the others
+
+    def all_decode(self, tokens: int) -> bool:
+        """Every token is a decoding row, in batch order: attention output needs no scatter."""
+        return not self.prefills and self.decode_rows.shape[0] == tokens
 
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, limit: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -76,13 +81,15 @@ def paged_attention(
     out = torch.empty_like(q)
     for seg in meta.prefills:
         length = seg.context_len
-        keys = key_cache[seg.block_table].reshape(-1, kv_heads, head_dim)[:length]
-        values = value_cache[seg.block_table].reshape(-1, kv_heads, head_dim)[:length]
         queries = q[seg.start : seg.end]
         q_len = queries.shape[0]
+        if q_len == length:  # the first chunk: its own keys are all there is, no gather from the cache
+            keys, values = k[seg.start : seg.end], v[seg.start : seg.end]
         if q_len == length and (sliding_window is None or length <= sliding_window):
             mask, causal = None, True
         else:
+            keys = key_cache[seg.block_table].reshape(-1, kv_heads, head_dim)[:length]
+            values = value_cache[seg.block_table].reshape(-1, kv_heads, head_dim)[:length]
             query_pos = torch.arange(length - q_len, length, device=q.device)[:, None]
             key_pos = torch.arange(length, device=q.device)[None, :]
             mask, causal = _window_mask(query_pos, key_pos, torch.tensor(length, device=q.device), sliding_window), False
@@ -97,7 +104,7 @@ def paged_attention(
 
         attended = paged_decode_attention(q[meta.decode_rows], key_cache, value_cache, meta.decode_block_tables,
                                           meta.decode_context_lens, scale, sliding_window)
-        if not meta.prefills and attended.shape[0] == q.shape[0]:
+        if meta.all_decode(q.shape[0]):
             return attended
         out[meta.decode_rows] = attended
     elif meta.decode_rows.numel():
@@ -105,15 +112,18 @@ def paged_attention(
         flat_tables = meta.decode_block_tables.reshape(-1)
         keys = key_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
         values = value_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-        lens = meta.decode_context_lens[:, None]
-        key_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
-        mask = _window_mask(lens - 1, key_pos, lens, sliding_window)[:, None, None, :]
-        queries = q[meta.decode_rows].unsqueeze(2)
+        if meta.decode_mask is None:  # the same for every layer
+            lens = meta.decode_context_lens[:, None]
+            key_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+            meta.decode_mask = _window_mask(lens - 1, key_pos, lens, sliding_window)[:, None, None, :]
+        mask = meta.decode_mask
+        all_decode = meta.all_decode(q.shape[0])
+        queries = (q if all_decode else q[meta.decode_rows]).unsqueeze(2)
         if q.device.type == "cpu" and q.dtype != torch.float32:
             attended = _grouped_decode_attention(queries, keys, values, mask, scale).squeeze(2)
         else:
             attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
-        if not meta.prefills and batch == q.shape[0]:
-            return attended  # an all-decode step: rows are already in batch order
+        if all_decode:
+            return attended  # rows are already in batch order
         out[meta.decode_rows] = attended
     return out
