@@ -104,12 +104,13 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **config_o
     config = tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if getattr(config, "attention_bias", False) or arch == "qwen2":
-        # transformers zero-inits biases; random ones prove the engine really adds them.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias"):
-                    param.normal_(0.0, 0.1)
+    # transformers initialises norm weights to one and biases to zero; random ones prove the engine applies them.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -12,7 +12,7 @@ from pathlib import Path
 @dataclass(slots=True)
 class EngineConfig:
     model: str
-    dtype: str = "auto"  # auto: float32 on cpu (no fast bf16 matmul there), the checkpoint's dtype on cuda
+    dtype: str = "auto"  # auto: bfloat16 on a cpu with bf16 units (AVX512-BF16, AMX), else float32; the checkpoint's dtype on cuda
     device: str = "cpu"
     allow_pickle: bool = False
     block_size: int = 16

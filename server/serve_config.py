@@ -69,7 +69,7 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str, bool]] = [
     ("--model", str, _default(_S, "model_id"), "base model: a known name (smollm2), a local folder, or a hub id", False),
     ("--model-source", str, _default(_S, "model_source"), "where --model lives: auto, local or hub", False),
     ("--revision", str, _default(_S, "revision"), "hub revision of the base model", False),
-    ("--dtype", str, _default(_E, "dtype"), "auto (float32 on cpu, the checkpoint's on cuda), float32, bfloat16, float16", False),
+    ("--dtype", str, _default(_E, "dtype"), "auto (cpu: bfloat16 where it has bf16 units, else float32; cuda: the checkpoint's), float32, bfloat16, float16", False),
     ("--device", str, _default(_E, "device"), "cpu or cuda", False),
     ("--host", str, _default(_S, "host"), "address to listen on", False),
     ("--port", _positive(int), _default(_S, "port"), "port to listen on", False),

@@ -17,6 +17,14 @@ from lorafleet.testing import make_tiny_model
 TINY_ARCHS = ["llama", "mistral", "qwen2"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Replicas the tests start as processes compute in float32, where their tokens equal transformers'.
+
+    `--dtype auto` picks bfloat16 on CPUs with bf16 units; the tests of that choice set it explicitly.
+    """
+    os.environ.setdefault("LORAFLEET_DTYPE", "float32")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny random checkpoint per architecture (plus a tied-embedding Llama), made once per session."""

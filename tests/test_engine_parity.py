@@ -11,6 +11,7 @@ import torch
 from support.engine import capture_logits, make_engine
 from transformers import AutoModelForCausalLM
 
+from lorafleet.server.engine import engine as engine_module
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.model.checkpoint import CheckpointError
 from lorafleet.testing import make_tiny_model, reference_greedy
@@ -35,6 +36,40 @@ def test_every_step_logits_match_transformers(tiny_models: dict[str, Path], arch
         assert seq.generated_ids == tokens
         for ours, theirs in zip(captured[seq.request_id], logits):
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bfloat16_logits_are_within_tolerance_of_transformers(tiny_models: dict[str, Path], arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 (what `--dtype auto` picks on CPUs with bf16 units): the same mixed, chunked batch as above.
+
+    Rounding differs from transformers' op for op, so tokens may diverge; the check is on the logits
+    of the tokens this engine chose, teacher-forced through transformers in bfloat16. Measured: at most
+    0.034 apart with logits up to 3.4 in size; the tolerance is 0.08 (float32 paths are at 1e-4).
+    """
+    captured = capture_logits(monkeypatch)
+    engine = make_engine(tiny_models[arch], dtype="bfloat16", max_batch_prefill_tokens=16)
+    assert engine.dtype == torch.bfloat16 and engine.kv.keys[0].dtype == torch.bfloat16
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    engine.run_to_completion()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.bfloat16)
+    for prompt, seq in zip(PROMPTS, seqs):
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + seq.generated_ids])).logits[0].float()
+        theirs = logits[len(prompt) - 1 : len(prompt) - 1 + GREEDY.max_new_tokens]
+        torch.testing.assert_close(torch.stack(captured[seq.request_id]), theirs, atol=0.08, rtol=0)
+
+
+def test_dtype_auto_picks_bfloat16_only_where_the_cpu_has_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(engine_module, "cpu_has_bf16_units", lambda: True)
+    assert engine_module.resolve_dtype("auto", cpu, "float32") == torch.bfloat16
+    assert engine_module.resolve_dtype("float32", cpu, None) == torch.float32
+    monkeypatch.setattr(engine_module, "cpu_has_bf16_units", lambda: False)
+    assert engine_module.resolve_dtype("auto", cpu, "bfloat16") == torch.float32
+    assert engine_module.resolve_dtype("auto", cuda, "float16") == torch.float16
+    assert engine_module.resolve_dtype("auto", cuda, None) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be"):
+        engine_module.resolve_dtype("fp8", cpu, None)
 
 
 def test_arrivals_at_different_steps_do_not_change_greedy_tokens(tiny_models: dict[str, Path]) -> None:

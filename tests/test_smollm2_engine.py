@@ -39,7 +39,7 @@ def prompts_and_reference(smollm2_path: Path) -> tuple[list[list[int]], list[lis
 
 @pytest.fixture(scope="module")
 def engine(smollm2_path: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(smollm2_path), kv_cache_memory=256 << 20))
+    return LLMEngine(EngineConfig(model=str(smollm2_path), dtype="float32", kv_cache_memory=256 << 20))
 
 
 def test_each_prompt_alone_matches_generate(engine: LLMEngine, prompts_and_reference) -> None:

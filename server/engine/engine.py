@@ -39,10 +39,17 @@ class StepOutput:
     finished: bool
 
 
+def cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX: oneDNN's bfloat16 GEMM runs at about twice its float32 rate there."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
 def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """auto: bfloat16 on a CPU with bfloat16 units (as vLLM's CPU backend), float32 on other CPUs, the checkpoint's on cuda."""
     if name == "auto":
         if device.type == "cpu":
-            return torch.float32
+            return torch.bfloat16 if cpu_has_bf16_units() else torch.float32
         name = checkpoint_dtype or "bfloat16"
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
@@ -332,4 +339,4 @@ class LLMEngine:
         raise RuntimeError(f"engine still busy after {max_steps} steps")
 
 
-__all__ = ["LLMEngine", "StepOutput", "CheckpointError", "resolve_dtype"]
+__all__ = ["LLMEngine", "StepOutput", "CheckpointError", "cpu_has_bf16_units", "resolve_dtype"]

@@ -14,7 +14,7 @@ from lorafleet.server.engine.engine import LLMEngine
 
 
 def make_engine(folder: Path, **overrides: Any) -> LLMEngine:
-    settings = dict(model=str(folder), block_size=4, kv_cache_memory=1 << 22, max_total_tokens=512, max_input_length=256)
+    settings = dict(model=str(folder), dtype="float32", block_size=4, kv_cache_memory=1 << 22, max_total_tokens=512, max_input_length=256)
     settings.update(overrides)
     return LLMEngine(EngineConfig(**settings))
 

@@ -55,7 +55,7 @@ class RunningServer(ThreadedApp):
     """A replica on the tiny model with local adapters."""
 
     def __init__(self, model: Path, adapter_root: Path, cache: Path, **overrides) -> None:
-        engine_settings = dict(model=str(model), block_size=4, kv_cache_memory=1 << 22, max_total_tokens=256, max_input_length=128,
+        engine_settings = dict(model=str(model), dtype="float32", block_size=4, kv_cache_memory=1 << 22, max_total_tokens=256, max_input_length=128,
                                adapter_roots=[adapter_root], adapter_cache_dir=cache, max_active_adapters=4, max_lora_rank=16)
         engine_settings.update(overrides.pop("engine", {}))
         config = ServeConfig(engine=EngineConfig(**engine_settings), model_id="tiny-llama", **{"adapter_source": "local", **overrides})
