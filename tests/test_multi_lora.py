@@ -76,6 +76,24 @@ def test_mixed_batch_matches_peft_at_prefill_and_decode(arch: str, tiny_models: 
     assert not torch.allclose(expected_logits[2], peft_greedy(tiny_models[arch], {"a1": adapters[arch]["a1"]}, [prompts[2]], [None], STEPS)[1][0])
 
 
+def test_batch_of_low_rank_adapters_in_wide_slots_matches_peft(tiny_models: dict[str, Path], adapters, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six adapters of ranks 4..24 in rank-64 slots: the torch path multiplies only up to the batch's largest rank."""
+    rows = [None, "a0", "a1", "a2", "a5", "a6", "a7", "a1"]
+    used = {n: adapters["llama"][n] for n in rows if n}
+    prompts = [[1] + [(5 * i + j) % 300 + 7 for j in range(6)] for i in range(len(rows))]
+    expected_tokens, expected_logits = peft_greedy(tiny_models["llama"], used, prompts, rows, STEPS)
+    captured = capture_logits(monkeypatch)
+    engine = make_engine(tiny_models["llama"], max_active_adapters=8, max_lora_rank=64)
+    for name, folder in used.items():
+        engine.load_adapter(name, folder)
+    assert engine.adapters.slots.batch_for([(n, 1) for n in rows]).rank == 24
+    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=STEPS, ignore_eos=True), adapter=n) for p, n in zip(prompts, rows)]
+    engine.run_to_completion()
+    for row, seq in enumerate(seqs):
+        assert seq.generated_ids == expected_tokens[row], f"row {row} ({rows[row]})"
+        torch.testing.assert_close(torch.stack(captured[seq.request_id]), expected_logits[row], atol=1e-4, rtol=0)
+
+
 def test_triton_path_in_the_engine_matches_torch_path(tiny_models: dict[str, Path], adapters, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13], [1, 14]]
     names = ["a1", None, "a3", "a5"]

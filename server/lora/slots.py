@@ -35,6 +35,7 @@ class LoraSlots:
         self.adapters: dict[str, LoraAdapter] = {}
         # Which modules each slot touches, so a batch skips projections no resident row adapts.
         self.modules_of_slot: dict[int, set[str]] = {}
+        self.rank_of_slot: dict[int, int] = {}  # the torch path multiplies only up to the batch's largest rank
 
     @property
     def free_slots(self) -> list[int]:
@@ -65,6 +66,7 @@ class LoraSlots:
         self.slot_of[adapter.name] = slot
         self.adapters[adapter.name] = adapter
         self.modules_of_slot[slot] = set(adapter.target_modules)
+        self.rank_of_slot[slot] = adapter.rank
         log.info("adapter %s (rank %d, %s) in slot %d", adapter.name, adapter.rank, ",".join(adapter.target_modules), slot)
         return slot
 
@@ -72,6 +74,7 @@ class LoraSlots:
         slot = self.slot_of.pop(name)
         self.adapters.pop(name)
         self.modules_of_slot.pop(slot, None)
+        self.rank_of_slot.pop(slot, None)
 
     def batch_for(self, rows: list[tuple[str | None, int]]) -> LoraBatch | None:
         """The per-step LoRA metadata for a batch given as (adapter name or None, number of tokens) per sequence."""
