@@ -28,6 +28,7 @@ class EngineConfig:
     adapter_memory: int | None = None  # bytes for device slots; when set, the slot count follows from it
     lora_kernel: str = "auto"  # auto: triton on cuda, torch elsewhere; or "torch" / "triton"
     attention_kernel: str = "auto"  # the same choice for decode attention over the paged cache
+    cuda_graphs: str = "auto"  # auto: decode steps replayed from CUDA graphs on cuda (Triton kernels, length-free RoPE); "on" / "off"
     linear_kernel: str = "auto"  # auto: oneDNN-packed weights on cpu where torch has them, F.linear elsewhere; or "torch" / "onednn"
     adapter_roots: list[Path] = field(default_factory=list)
     adapter_cache_dir: Path = Path("/data/adapters")
@@ -52,6 +53,8 @@ class EngineConfig:
         for name in ("lora_kernel", "attention_kernel"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 problems.append(f"{name} must be auto, torch or triton, got {getattr(self, name)!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            problems.append(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.linear_kernel not in ("auto", "torch", "onednn"):
             problems.append(f"linear_kernel must be auto, torch or onednn, got {self.linear_kernel!r}")
         if problems:

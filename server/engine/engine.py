@@ -17,6 +17,7 @@ import torch
 from lorafleet.server.adapters.manager import AdapterManager, AdapterSettings
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine import detokenizer
+from lorafleet.server.engine.decode_graphs import DecodeGraphs, DecodeRow
 from lorafleet.server.engine.kv_cache import BlockAllocator, KVCache
 from lorafleet.server.engine.sampler import SamplingError, sample
 from lorafleet.server.engine.scheduler import ScheduledChunk, Scheduler
@@ -90,7 +91,8 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block ({block_bytes} bytes each)")
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        self.kv = KVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+        # One block more than the allocator hands out: the scratch block padded CUDA-graph rows write into.
+        self.kv = KVCache(self.model_config, num_blocks + 1, config.block_size, self.dtype, self.device)
         shapes, layers = self.model.module_shapes(), self.model_config.num_layers
         self.num_slots = config.max_active_adapters
         if config.adapter_memory is not None:
@@ -107,6 +109,7 @@ class LLMEngine:
             parse=lambda name, folder: self._pinned(load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle)),
         )
         self.attention_kernel = self._kernel(config.attention_kernel)
+        self.decode_graphs = self._decode_graphs(num_blocks)
         self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
         self._grammar: Any = None
         self._grammar_lock = threading.Lock()
@@ -152,6 +155,19 @@ class LLMEngine:
                 self._grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
         return self._grammar
 
+    def _decode_graphs(self, scratch_block: int) -> DecodeGraphs | None:
+        """auto: on cuda when every kernel a decode step runs can be captured; "on" elsewhere runs the same path eagerly."""
+        choice = self.config.cuda_graphs
+        capturable = self.attention_kernel == "triton" and self.lora_kernel() == "triton" and not self.model.rope.length_dependent
+        if choice == "off" or (choice == "auto" and (self.device.type != "cuda" or not capturable)):
+            return None
+        if not capturable:
+            raise ValueError("cuda_graphs on needs the Triton attention and LoRA kernels and a RoPE that does not depend on length "
+                             f"(attention {self.attention_kernel}, lora {self.lora_kernel()}, rope {self.model.rope.rope_type})")
+        c = self.config
+        return DecodeGraphs(self.model, self.kv, scratch_block, c.block_size, min(c.max_running_requests, 256),
+                            -(-c.max_total_tokens // c.block_size), capture=self.device.type == "cuda")
+
     def lora_kernel(self) -> str:
         return self._kernel(self.config.lora_kernel)
 
@@ -185,8 +201,14 @@ class LLMEngine:
         if not chunks:
             return outputs
         self.adapters.ran({c.seq.adapter for c in chunks if c.seq.adapter is not None})
-        input_ids, positions, meta = self._prepare(chunks)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv)
+        if self._graphable(chunks):
+            slots = self.adapters.slots
+            rows = [DecodeRow(c.seq.token_ids[c.seq.num_computed], c.seq.num_computed, c.seq.block_table,
+                              slots.slot_of[c.seq.adapter] if c.seq.adapter is not None else -1) for c in chunks]
+            hidden = self.decode_graphs.run(rows, slots)
+        else:
+            input_ids, positions, meta = self._prepare(chunks)
+            hidden = self.model.forward(input_ids, positions, meta, self.kv)
 
         sample_rows, sample_seqs = [], []
         offset = 0
@@ -214,6 +236,11 @@ class LLMEngine:
                 log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
                 outputs.append(self._fail(seq, exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}")))
         return outputs
+
+    def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
+        """A decode-only step that fits a bucket; prefill chunks and bigger batches run eagerly."""
+        fits = self.decode_graphs is not None and self.decode_graphs.bucket_for(len(chunks)) is not None
+        return fits and all(c.num_tokens == 1 and c.seq.num_computed > 0 for c in chunks)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> StepOutput:
         """One request's own failure: it ends with the error, its blocks are freed, the batch goes on."""

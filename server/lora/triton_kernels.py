@@ -115,13 +115,16 @@ def _bgmv_shrink(x_ptr, a_ptr, out_ptr, rows, slots, K, R,
     pid = tl.program_id(0)
     row = tl.load(rows + pid).to(tl.int64)
     slot = tl.load(slots + pid).to(tl.int64)
+    # A row on slot -1 (the base model: CUDA graphs pass every row of a bucket) reads and adds nothing.
+    rank_limit = tl.where(slot >= 0, R, 0)
+    slot = tl.maximum(slot, 0)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xs = tl.load(x_ptr + row * sxm + offs_k * sxk, mask=offs_k < K, other=0.0).to(tl.float32)
         as_ = tl.load(a_ptr + slot * sas + offs_k[:, None] * sak + offs_r[None, :] * sar,
-                      mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+                      mask=(offs_k[:, None] < K) & (offs_r[None, :] < rank_limit), other=0.0).to(tl.float32)
         acc += tl.sum(xs[:, None] * as_, axis=0)
     tl.store(out_ptr + row * som + offs_r * sor, acc, mask=offs_r < R)
 
@@ -134,15 +137,17 @@ def _bgmv_expand(t_ptr, b_ptr, y_ptr, rows, slots, R, N,
     pid_n = tl.program_id(1)
     row = tl.load(rows + pid).to(tl.int64)
     slot = tl.load(slots + pid).to(tl.int64)
+    out_limit = tl.where(slot >= 0, N, 0)  # slot -1: nothing is written
+    slot = tl.maximum(slot, 0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ts = tl.load(t_ptr + row * stm + offs_r * str_, mask=offs_r < R, other=0.0)
     bs = tl.load(b_ptr + slot * sbs + offs_r[:, None] * sbr + offs_n[None, :] * sbn,
-                 mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
+                 mask=(offs_r[:, None] < R) & (offs_n[None, :] < out_limit), other=0.0).to(tl.float32)
     acc = tl.sum(ts[:, None] * bs, axis=0)
     y_ptrs = y_ptr + row * sym + offs_n * syn
-    ys = tl.load(y_ptrs, mask=offs_n < N, other=0.0)
-    tl.store(y_ptrs, (ys.to(tl.float32) + acc).to(ys.dtype), mask=offs_n < N)
+    ys = tl.load(y_ptrs, mask=offs_n < out_limit, other=0.0)
+    tl.store(y_ptrs, (ys.to(tl.float32) + acc).to(ys.dtype), mask=offs_n < out_limit)
 
 
 def lora_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: TritonMeta) -> None:
