@@ -21,6 +21,9 @@ class FakeSlots:
         self.b = [{"m": b}]
         self.kernel = kernel
         self.modules_of_slot = {s: {"m"} for s in range(a.shape[0])}
+        # Each slot's true rank (its nonzero columns), so the torch path's slicing to the batch's largest rank acts.
+        self.max_rank = a.shape[2]
+        self.rank_of_slot = {s: int((a[s].abs().sum(0) > 0).nonzero().max()) + 1 for s in range(a.shape[0])}
 
 
 def make_case(rank: int, dtype: torch.dtype, seq_slots: list[int], seq_tokens: list[int], in_features=48, out_features=80, num_slots=6):
