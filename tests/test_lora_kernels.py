@@ -46,6 +46,7 @@ BATCHES = {
     "decode over many adapters": ([0, 1, 2, 3, 4, 5, -1, 2], [1] * 8),
     "one adapter": ([2, 2, 2, 2], [1, 1, 5, 1]),
     "contiguous decode rows": ([4, 0, 3, 1, 2, 5], [1] * 6),
+    "two adapters side by side": ([1, 1, 1, 4, 4, -1], [1] * 6),  # grouped rows as slices
 }
 
 

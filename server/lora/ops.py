@@ -23,7 +23,7 @@ GROUP_LIMIT = 4  # at most this many distinct adapters among decode rows: one ma
 class LoraBatch:
     slots: Any  # the LoraSlots with the stacked buffers
     segments: list[tuple[int, int, int]]  # (start, end, slot) of multi-token chunks
-    groups: list[tuple[torch.Tensor, int]]  # (row indices, slot) of decode rows, grouped by adapter
+    groups: list[tuple[torch.Tensor | slice, int]]  # (rows, slot) of decode rows grouped by adapter; a slice when contiguous
     rows: torch.Tensor  # decode rows gathered per token (when adapters are many)
     row_slots: torch.Tensor
     modules_used: set[str]
@@ -47,11 +47,13 @@ class LoraBatch:
         device = slots.a[0][next(iter(slots.a[0]))].device
         in_batch = {s for s in seq_slots if s >= 0}
         used = set().union(*(slots.modules_of_slot.get(s, set()) for s in in_batch))
-        groups: list[tuple[torch.Tensor, int]] = []
+        groups: list[tuple[torch.Tensor | slice, int]] = []
         rows: list[int] = []
         row_slots: list[int] = []
         if len(decode) <= GROUP_LIMIT:
-            groups = [(torch.tensor(r, dtype=torch.long, device=device), s) for s, r in decode.items()]
+            # A contiguous group (one adapter's rows side by side, e.g. a batch on one adapter) is a view: no gather, no index_put.
+            groups = [(slice(r[0], r[-1] + 1) if r[-1] - r[0] == len(r) - 1 else torch.tensor(r, dtype=torch.long, device=device), s)
+                      for s, r in decode.items()]
         else:
             pairs = sorted((row, s) for s, r in decode.items() for row in r)
             rows = [row for row, _ in pairs]
