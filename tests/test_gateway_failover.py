@@ -83,6 +83,8 @@ def test_a_request_waiting_on_a_replica_that_stopped_moves_on_when_it_is_ejected
         started = time.monotonic()
         response = generate(gateway.url, adapter)
         assert response.status_code == 200 and response.json()["served_by"] == good.name
-        assert time.monotonic() - started < 6.0  # ejected by its failing /health probes (2 s timeout), then retried
+        # Ejected by its failing /health probes (2 s timeout), then retried: seconds, not the 120 s upstream timeout.
+        # (6 s was exceeded once, 6.2 s, on the 2-core machine under the whole suite.)
+        assert time.monotonic() - started < 10.0
         assert 'outcome="ejected"' in httpx.get(gateway.url + "/metrics").text
         stopped.mode = "ok"  # resumed (SIGCONT), so it can be shut down
