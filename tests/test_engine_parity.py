@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from lorafleet.server.engine import engine as engine_module
 from lorafleet.server.engine.sequence import SamplingParams
+from lorafleet.server.model import linear as linear_module
 from lorafleet.server.model.checkpoint import CheckpointError
 from lorafleet.testing import make_tiny_model, reference_greedy
 
@@ -25,9 +26,11 @@ GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 def test_every_step_logits_match_transformers(tiny_models: dict[str, Path], arch: str, linear_kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both weight layouts: F.linear (cuda's) and oneDNN's packed weights (CPU's default), qwen2's biases included."""
     captured = capture_logits(monkeypatch)
+    monkeypatch.setattr(linear_module, "PACK_MIN_ELEMENTS", 0)  # the fixtures' layers are below the packing threshold
     # max_batch_prefill_tokens=16 forces chunked prefill of the long prompt
     engine = make_engine(tiny_models[arch], max_batch_prefill_tokens=16, linear_kernel=linear_kernel)
-    assert engine.linear_kernel == linear_kernel
+    packed = linear_module.OneDnnLinear if linear_kernel == "onednn" else linear_module.DenseLinear
+    assert engine.linear_kernel == linear_kernel and isinstance(engine.model.layers[0].qkv, packed) and isinstance(engine.model.lm_head, packed)
     seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
     engine.run_to_completion()
     reference = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)

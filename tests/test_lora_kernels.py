@@ -47,6 +47,7 @@ BATCHES = {
     "one adapter": ([2, 2, 2, 2], [1, 1, 5, 1]),
     "contiguous decode rows": ([4, 0, 3, 1, 2, 5], [1] * 6),
     "two adapters side by side": ([1, 1, 1, 4, 4, -1], [1] * 6),  # grouped rows as slices
+    "adjacent prefill chunks on one adapter": ([3, 3, 3, -1, 3, 2], [4, 6, 2, 3, 5, 4]),  # merged segments
 }
 
 
@@ -76,3 +77,6 @@ def test_many_adapters_take_the_gathered_path_and_few_the_grouped_one() -> None:
     assert many.rows.numel() == 6 and many.groups == []
     assert len(few.groups) == 2 and few.rows.numel() == 0
     assert lora_ops.GROUP_LIMIT == 4
+    # Adjacent prefill chunks on one adapter become one segment (one matmul pair); a base row in between splits them.
+    merged = LoraBatch.build(FakeSlots(a, b, "torch"), [3, 3, 3, -1, 3, 2], [4, 6, 2, 3, 5, 4])
+    assert merged.segments == [(0, 12, 3), (15, 20, 3), (20, 24, 2)]

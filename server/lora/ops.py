@@ -41,6 +41,9 @@ class LoraBatch:
             if slot >= 0:
                 if count == 1:
                     decode.setdefault(slot, []).append(start)
+                elif segments and segments[-1][1] == start and segments[-1][2] == slot:
+                    # Adjacent chunks on one adapter are one matmul pair: 16 prompts on one adapter cost 1, not 16.
+                    segments[-1] = (segments[-1][0], start + count, slot)
                 else:
                     segments.append((start, start + count, slot))
             start += count
