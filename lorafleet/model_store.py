@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MANIFEST = "lorafleet-manifest.json"
 
@@ -150,7 +151,7 @@ def fetch(name: str, log: Callable[[str], None] = print) -> Path:
             gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, model.dtype)
         )
         staging = tmpdir / "out"
-        hf_model.save_pretrained(staging, safe_serialization=True)
+        save_dequantized(hf_model, staging)
         tokenizer.save_pretrained(staging)
         # Prove the folder loads as an ordinary Hugging Face model before calling it done.
         AutoTokenizer.from_pretrained(staging)
@@ -162,6 +163,29 @@ def fetch(name: str, log: Callable[[str], None] = print) -> Path:
             shutil.rmtree(target)
         staging.rename(target)
     return target
+
+
+def save_dequantized(hf_model: Any, folder: Path) -> None:
+    """Config, generation config and one safetensors file of a model loaded from a GGUF.
+
+    The GGUF's tensors are dequantized to floats on load, but transformers 5 keeps a GGUF
+    "quantizer" on the model and refuses ``save_pretrained``; writing the tensors directly works on
+    4.x and 5.x alike. A tied head is left out, as save_pretrained leaves it out.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    config = hf_model.config
+    config.architectures = [type(hf_model).__name__]  # what save_pretrained records, and what the engine reads
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    config.save_pretrained(folder)
+    if getattr(hf_model, "generation_config", None) is not None:
+        hf_model.generation_config.save_pretrained(folder)
+    state = {name: tensor.detach().contiguous() for name, tensor in hf_model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def list_models() -> list[tuple[str, Path, str]]:

@@ -113,7 +113,7 @@ def test_openai_completions_and_chat(server, expected, tiny_models, adapter_root
     assert base.choices[0].text == expected[None][0]
 
     messages = [{"role": "user", "content": "Say hi"}]
-    chat_ids = server.service.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    chat_ids = server.service.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     text, _ = engine_text(tiny_models, adapter_root, list(chat_ids), "french", 6)
     chat = client.chat.completions.create(model="french", messages=messages, max_tokens=6, temperature=0)
     assert chat.choices[0].message.content == text and chat.object == "chat.completion"

@@ -28,7 +28,7 @@ def prompts_and_reference(smollm2_path: Path) -> tuple[list[list[int]], list[lis
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
     prompts, expected = [], []
     for question in QUESTIONS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False)
         ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
         tensor = torch.tensor([ids])
         out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[], pad_token_id=0)

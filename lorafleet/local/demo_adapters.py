@@ -30,7 +30,7 @@ def train(base: Path, style: str, out: Path, epochs: int = 4, lr: float = 2e-3, 
     model = get_peft_model(model, config)
     examples = []
     for question, answer in dataset(style):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False)
         prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
         reply = tokenizer(answer + (tokenizer.eos_token or ""), add_special_tokens=False).input_ids
         examples.append((prompt + reply, [-100] * len(prompt) + reply))

@@ -234,7 +234,7 @@ def chat_prompt(service: ReplicaService, messages: Any) -> list[int]:
     if service.tokenizer.chat_template is None:
         raise ValidationError("this model's tokenizer has no chat template; use /v1/completions")
     try:
-        ids = service.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True)
+        ids = service.tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=True, return_dict=False)
     except Exception as exc:
         raise ValidationError(f"the chat template could not render these messages: {exc}") from exc
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)

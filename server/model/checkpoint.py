@@ -43,7 +43,8 @@ class ModelConfig:
 
     @property
     def rope_type(self) -> str:
-        scaling = self.raw.get("rope_scaling") or {}
+        # transformers 4.x writes rope_scaling (absent for plain RoPE); 5.x writes rope_parameters, always with a rope_type.
+        scaling = self.raw.get("rope_scaling") or self.raw.get("rope_parameters") or {}
         return scaling.get("rope_type") or scaling.get("type") or "default"
 
 

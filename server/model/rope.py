@@ -10,6 +10,7 @@ frequencies for its own length and batching never changes a sequence's result.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,9 +22,12 @@ class RotaryEmbedding:
 
         self.hf_config = AutoConfig.from_pretrained(folder)
         self.rope_type = rope_type
-        self.init_fn = ROPE_INIT_FUNCTIONS[rope_type]
+        # transformers 5 keeps plain RoPE in each model class, not in ROPE_INIT_FUNCTIONS; 4.x has it there as "default".
+        self.init_fn = default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
         self.device = device
-        self.original_max = getattr(self.hf_config, "original_max_position_embeddings", None) or self.hf_config.max_position_embeddings
+        params = getattr(self.hf_config, "rope_parameters", None) or {}
+        self.original_max = (getattr(self.hf_config, "original_max_position_embeddings", None) or params.get("original_max_position_embeddings")
+                             or self.hf_config.max_position_embeddings)
         self.base_inv_freq, self.base_scaling = self.init_fn(self.hf_config, device)
         self._by_length: dict[int, tuple[torch.Tensor, float]] = {}
 
@@ -59,6 +63,16 @@ class RotaryEmbedding:
         freqs = positions.float()[:, None] * inv_freq.float()[None, :]
         sin = (freqs.sin() * scaling).to(dtype)
         return (torch.cat((freqs, freqs), dim=-1).cos() * scaling).to(dtype), torch.cat((-sin, sin), dim=-1)
+
+
+def default_rope_parameters(config: Any, device: torch.device | None = None, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Plain RoPE's inverse frequencies, as transformers computes them (4.x and 5.x), and its scaling 1.0."""
+    params = getattr(config, "rope_parameters", None) or {}
+    base = params.get("rope_theta") or getattr(config, "rope_theta", 10000.0)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * (params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+    return inv_freq, 1.0
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
