@@ -101,7 +101,9 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **config_o
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer(folder)
-    config = tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **config_overrides)
+    # A vocabulary larger than the tokenizer's is allowed (bench/gpu_throughput.py: SmolLM2's 49,152); ids past it decode to nothing.
+    vocab_size = config_overrides.pop("vocab_size", len(tokenizer))
+    config = tiny_config(arch, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # transformers initialises norm weights to one and biases to zero; random ones prove the engine applies them.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from lorafleet.server.engine.engine import LLMEngine
 
 
 def make_engine(folder: Path, **overrides: Any) -> LLMEngine:
-    settings = dict(model=str(folder), dtype="float32", block_size=4, kv_cache_memory=1 << 22, max_total_tokens=512, max_input_length=256)
+    """On CPU unless LORAFLEET_TEST_DEVICE says otherwise (bench/gpu_run.sh runs the parity tests on cuda)."""
+    settings = dict(model=str(folder), device=os.environ.get("LORAFLEET_TEST_DEVICE", "cpu"), dtype="float32", block_size=4, kv_cache_memory=1 << 22, max_total_tokens=512, max_input_length=256)
     settings.update(overrides)
     return LLMEngine(EngineConfig(**settings))
 
@@ -26,7 +28,7 @@ def capture_logits(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[torch.Tens
 
     def recording_sample(logits: torch.Tensor, seqs: list) -> Any:
         for row, seq in enumerate(seqs):
-            captured.setdefault(seq.request_id, []).append(logits[row].clone())
+            captured.setdefault(seq.request_id, []).append(logits[row].detach().cpu().clone())
         return original(logits, seqs)
 
     monkeypatch.setattr(engine_module, "sample", recording_sample)
