@@ -26,11 +26,12 @@ class FakeSlots:
         self.rank_of_slot = {s: int((a[s].abs().sum(0) > 0).nonzero().max()) + 1 for s in range(a.shape[0])}
 
 
-def make_case(rank: int, dtype: torch.dtype, seq_slots: list[int], seq_tokens: list[int], in_features=48, out_features=80, num_slots=6):
+def make_case(rank: int, dtype: torch.dtype, seq_slots: list[int], seq_tokens: list[int], in_features=48, out_features=80, num_slots=6,
+              width: int = 64):
     generator = torch.Generator().manual_seed(rank)
-    a = torch.zeros(num_slots, in_features, 64, dtype=dtype)
-    b = torch.zeros(num_slots, 64, out_features, dtype=dtype)
-    # Each slot gets its own rank up to `rank`, zero-padded to the buffers' 64, as real slots are.
+    a = torch.zeros(num_slots, in_features, width, dtype=dtype)
+    b = torch.zeros(num_slots, width, out_features, dtype=dtype)
+    # Each slot gets its own rank up to `rank`, zero-padded to the buffers' width, as real slots are.
     for s in range(num_slots):
         r = max(1, rank - s)
         a[s, :, :r] = (torch.randn(in_features, r, generator=generator) * 0.3).to(dtype)
@@ -68,6 +69,18 @@ def test_lora_op_matches_reference(batch_name: str, kernel: str, rank: int, dtyp
     assert torch.equal(wide[:, :10], before[:, :10]) and torch.equal(wide[:, 90:], before[:, 90:])
     base_rows = token_slots < 0
     assert torch.equal(wide[base_rows], before[base_rows])  # rows with no adapter are untouched
+
+
+@pytest.mark.parametrize("batch_name", ["prefill+decode mixed", "decode over many adapters"])
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_wide_shapes_loop_over_k_tile_n_and_mask_the_rank(batch_name: str, kernel: str) -> None:
+    """K=160 loops over K blocks (32 and 64 wide), N=300 spans several output tiles (64 and 128 wide), and
+    24-wide buffers leave the kernels' 32-wide rank block partly masked: the shapes the 48x80x64 cases never reach."""
+    seq_slots, seq_tokens = BATCHES[batch_name]
+    a, b, x, token_slots = make_case(24, torch.float32, seq_slots, seq_tokens, in_features=160, out_features=300, width=24)
+    y = torch.zeros(x.shape[0], 300)
+    LoraBatch.build(FakeSlots(a, b, kernel), seq_slots, seq_tokens).add(0, "m", x, y)
+    torch.testing.assert_close(y, lora_reference(x, a, b, token_slots), atol=1e-4, rtol=1e-4)
 
 
 def test_many_adapters_take_the_gathered_path_and_few_the_grouped_one() -> None:
