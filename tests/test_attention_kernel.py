@@ -9,14 +9,16 @@ from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.attention_triton import paged_decode_attention
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype,block_size,head_dim", [(torch.float32, 4, 16), (torch.float16, 4, 16), (torch.bfloat16, 4, 16),
+                                                        (torch.float32, 16, 64), (torch.bfloat16, 16, 128)])
 @pytest.mark.parametrize("heads,kv_heads,window", [(4, 2, None), (8, 8, None), (9, 3, None), (4, 1, 5)])
-def test_triton_decode_matches_torch_path(dtype: torch.dtype, heads: int, kv_heads: int, window: int | None) -> None:
+def test_triton_decode_matches_torch_path(dtype: torch.dtype, block_size: int, head_dim: int, heads: int, kv_heads: int, window: int | None) -> None:
+    """Half precisions and the production block (16) and head sizes (64, 128) beside the small ones."""
     generator = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    block_size, head_dim, num_blocks = 4, 16, 40
+    num_blocks = 40
     key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
     value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
-    lens = [1, 7, 13, 4]
+    lens = [1, 7, 13, 4] if block_size == 4 else [1, 17, 40, 33]  # several blocks per sequence at either size
     tables = [torch.randperm(num_blocks, generator=generator)[: -(-n // block_size)].tolist() for n in lens]
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
@@ -29,7 +31,7 @@ def test_triton_decode_matches_torch_path(dtype: torch.dtype, heads: int, kv_hea
                          decode_context_lens=torch.tensor(lens), rope_lengths=[])
     expected = paged_attention(q, k_new, v_new, key_cache, value_cache, meta, head_dim**-0.5, window)
     got = paged_decode_attention(q, key_cache, value_cache, padded.to(torch.int32), torch.tensor(lens, dtype=torch.int32), head_dim**-0.5, window)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
 
 
