@@ -62,6 +62,25 @@ def test_bfloat16_logits_are_within_tolerance_of_transformers(tiny_models: dict[
         torch.testing.assert_close(torch.stack(captured[seq.request_id]), theirs, atol=0.08, rtol=0)
 
 
+def test_a_sliding_window_that_acts_matches_transformers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixture's window (4096) never acts on short prompts; a window of 6 acts in prefill (whole and chunked) and decode."""
+    folder = make_tiny_model(tmp_path / "m", arch="mistral", sliding_window=6)
+    captured = capture_logits(monkeypatch)
+    engine = make_engine(folder, max_batch_prefill_tokens=8)  # the 24-token prompt is prefilled in chunks
+    seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    engine.run_to_completion()
+    windowed = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for prompt, seq in zip(PROMPTS, seqs):
+        tokens, logits = reference_greedy(windowed, prompt, GREEDY.max_new_tokens)
+        assert seq.generated_ids == tokens
+        for ours, theirs in zip(captured[seq.request_id], logits):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    # The window really acts: without it the long prompt's logits differ.
+    unwindowed = make_tiny_model(tmp_path / "full", arch="mistral", sliding_window=None)
+    _, full_logits = reference_greedy(AutoModelForCausalLM.from_pretrained(unwindowed, dtype=torch.float32), PROMPTS[2], 1)
+    assert not torch.allclose(full_logits[0], captured[seqs[2].request_id][0], atol=1e-3)
+
+
 def test_dtype_auto_picks_bfloat16_only_where_the_cpu_has_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(engine_module, "cpu_has_bf16_units", lambda: True)
