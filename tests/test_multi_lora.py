@@ -94,6 +94,27 @@ def test_batch_of_low_rank_adapters_in_wide_slots_matches_peft(tiny_models: dict
         torch.testing.assert_close(torch.stack(captured[seq.request_id]), expected_logits[row], atol=1e-4, rtol=0)
 
 
+def test_few_adapters_staggered_and_chunked_match_peft(tiny_models: dict[str, Path], adapters, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three adapters and the base (the grouped decode path, <= 4 adapters), prompts of different lengths
+    prefilled in chunks, arriving one step apart: each row against peft running that request alone."""
+    rows = ["a1", None, "a3", "a1", "a5"]
+    prompts = [[1] + [(11 * i + 3 * j) % 300 + 5 for j in range(n)] for i, n in enumerate([14, 3, 22, 6, 9])]
+    captured = capture_logits(monkeypatch)
+    engine = make_engine(tiny_models["llama"], max_active_adapters=4, max_lora_rank=64, max_batch_prefill_tokens=8)
+    for name in {n for n in rows if n}:
+        engine.load_adapter(name, adapters["llama"][name])
+    seqs = []
+    for prompt, name in zip(prompts, rows):
+        seqs.append(engine.add_request(prompt, SamplingParams(max_new_tokens=STEPS, ignore_eos=True), adapter=name))
+        engine.step()
+    engine.run_to_completion()
+    for prompt, name, seq in zip(prompts, rows, seqs):
+        used = {name: adapters["llama"][name]} if name else {"a1": adapters["llama"]["a1"]}
+        tokens, logits = peft_greedy(tiny_models["llama"], used, [prompt], [name], STEPS)
+        assert seq.generated_ids == tokens[0], f"{name} {len(prompt)} tokens"
+        torch.testing.assert_close(torch.stack(captured[seq.request_id]), logits[0], atol=1e-4, rtol=0)
+
+
 def test_triton_path_in_the_engine_matches_torch_path(tiny_models: dict[str, Path], adapters, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13], [1, 14]]
     names = ["a1", None, "a3", "a5"]
