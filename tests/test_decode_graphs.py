@@ -83,3 +83,20 @@ def test_graphs_refuse_what_cannot_be_captured(tiny_models: dict[str, Path]) -> 
     assert make_engine(tiny_models["llama"], **KERNELS).decode_graphs is None  # auto: off on cpu
     with pytest.raises(ValueError, match="cuda_graphs must be"):
         make_engine(tiny_models["llama"], cuda_graphs="yes")
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture that raises (a driver, a kernel, memory) is logged once; that step and every later one run eagerly."""
+    requests = [([1, 5, 6, 7], None), ([1, 9], None), ([1, 30, 31], None)]
+    expected = _run(make_engine(tiny_models["llama"], cuda_graphs="off", **KERNELS), requests, monkeypatch)
+    engine = make_engine(tiny_models["llama"], cuda_graphs="on", **KERNELS)
+    engine.decode_graphs.capture = True  # as on cuda
+
+    def failing_capture(bucket) -> None:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine.decode_graphs, "_capture", failing_capture)
+    got = _run(engine, requests, monkeypatch)
+    assert got[0] == expected[0]
+    assert engine.decode_graphs.broken == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    assert engine.decode_graphs.replays == 1  # only the step whose capture failed went through the static buffers

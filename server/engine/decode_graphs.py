@@ -61,6 +61,7 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b <= max_rows] or [1]
         self.width = max_blocks_per_seq
         self.capture = capture
+        self.broken: str | None = None  # why a capture failed: the engine then runs every step eagerly
         self.replays = 0
         self._captured: dict[tuple[int, int | None], _Bucket] = {}
         self._pool: Any = None
@@ -80,7 +81,12 @@ class DecodeGraphs:
             bucket = self._captured[key] = self._buffers(size, lora_slots)
         self._fill(bucket, rows)
         if fresh and self.capture:
-            self._capture(bucket)
+            try:
+                self._capture(bucket)
+            except Exception as exc:  # noqa: BLE001 - a capture that fails must not take the replica down
+                self.broken = f"{type(exc).__name__}: {exc}"
+                log.exception("capturing the decode step for %d rows failed; decode runs eagerly from now on", size)
+                bucket.graph = None
         if bucket.graph is not None:
             bucket.graph.replay()
         else:

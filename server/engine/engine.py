@@ -239,7 +239,8 @@ class LLMEngine:
 
     def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
         """A decode-only step that fits a bucket; prefill chunks and bigger batches run eagerly."""
-        fits = self.decode_graphs is not None and self.decode_graphs.bucket_for(len(chunks)) is not None
+        graphs = self.decode_graphs
+        fits = graphs is not None and graphs.broken is None and graphs.bucket_for(len(chunks)) is not None
         return fits and all(c.num_tokens == 1 and c.seq.num_computed > 0 for c in chunks)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> StepOutput:
