@@ -80,8 +80,20 @@ def test_delete_waits_for_finalizers_and_wait_for_condition(kubectl, kube_api) -
     assert "Ready" in kubectl("get", "wd").stdout
 
 
+def test_server_side_apply_is_refused_with_a_message_and_changes_nothing(kubectl) -> None:
+    """Documented as refused: a 415 that says what to do, for an existing object (unchanged) and a new one (not a 404)."""
+    kubectl("apply", "-f", "-", input=WIDGET)
+    before = kubectl("get", "widget", "w1", "-o", "jsonpath={.spec}").stdout
+    existing = kubectl("apply", "--server-side", "-f", "-", input=WIDGET.replace("red", "green"), check=False)
+    assert existing.returncode != 0 and "server-side apply is not supported" in existing.stderr
+    assert kubectl("get", "widget", "w1", "-o", "jsonpath={.spec}").stdout == before
+    new = kubectl("apply", "--server-side", "-f", "-", input=WIDGET.replace("name: w1", "name: w9"), check=False)
+    assert new.returncode != 0 and "server-side apply is not supported" in new.stderr and "NotFound" not in new.stderr
+
+
 def test_namespaces_and_builtin_resources(kubectl) -> None:
-    kubectl("create", "namespace", "team-a", check=False)  # protobuf body: refused (a known limit), apply instead
+    refused = kubectl("create", "namespace", "team-a", check=False)  # protobuf body: refused (a known limit), apply instead
+    assert refused.returncode != 0 and "protobuf bodies are not supported" in refused.stderr
     kubectl("apply", "-f", "-", input="apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a}\n")
     assert "team-a" in kubectl("get", "ns").stdout
     kubectl("apply", "-n", "team-a", "-f", "-", input="apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {k: v}\n")

@@ -165,6 +165,9 @@ class Store:
         return self._write(resource, current, copy.deepcopy(body), subresource)
 
     def patch(self, resource: ResourceDef, namespace: str | None, name: str, patch: Any, patch_type: str, subresource: str | None = None) -> dict[str, Any]:
+        if "apply-patch" in patch_type:  # before the lookup: a new object would otherwise get a misleading 404
+            raise ApiError(415, "UnsupportedMediaType", "server-side apply is not supported by the embedded API; "
+                                                        "use client-side apply (kubectl apply without --server-side)")
         current = self.get(resource, namespace, name)
         base = copy.deepcopy(current)
         if subresource == "scale":
@@ -172,7 +175,7 @@ class Store:
         try:
             if "json-patch" in patch_type:
                 updated = jsonpatch.apply_patch(base, patch)
-            elif "merge-patch" in patch_type or "strategic-merge-patch" in patch_type or "apply-patch" in patch_type:
+            elif "merge-patch" in patch_type or "strategic-merge-patch" in patch_type:
                 updated = merge_patch(base, patch)  # strategic merge treated as a merge patch: lists are replaced
             else:
                 raise ApiError(415, "UnsupportedMediaType", f"the patch type {patch_type!r} is not supported")
