@@ -89,7 +89,11 @@ def test_many_adapters_take_the_gathered_path_and_few_the_grouped_one() -> None:
     few = LoraBatch.build(FakeSlots(a, b, "torch"), [0, 1, 0, 1, 0, 1], [1] * 6)
     assert many.rows.numel() == 6 and many.groups == []
     assert len(few.groups) == 2 and few.rows.numel() == 0
-    assert lora_ops.GROUP_LIMIT == 4
+    # The switch is at GROUP_LIMIT distinct adapters among decode rows: that many are grouped, one more is gathered.
+    at_limit = LoraBatch.build(FakeSlots(a, b, "torch"), list(range(lora_ops.GROUP_LIMIT)) * 2, [1] * 2 * lora_ops.GROUP_LIMIT)
+    past_limit = LoraBatch.build(FakeSlots(a, b, "torch"), list(range(lora_ops.GROUP_LIMIT + 1)), [1] * (lora_ops.GROUP_LIMIT + 1))
+    assert len(at_limit.groups) == lora_ops.GROUP_LIMIT and at_limit.rows.numel() == 0
+    assert past_limit.groups == [] and past_limit.rows.numel() == lora_ops.GROUP_LIMIT + 1
     # Adjacent prefill chunks on one adapter become one segment (one matmul pair); a base row in between splits them.
     merged = LoraBatch.build(FakeSlots(a, b, "torch"), [3, 3, 3, -1, 3, 2], [4, 6, 2, 3, 5, 4])
     assert merged.segments == [(0, 12, 3), (15, 20, 3), (20, 24, 2)]
