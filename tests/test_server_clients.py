@@ -126,8 +126,12 @@ def test_openai_completions_and_chat(server, expected, tiny_models, adapter_root
 
 
 def test_admin_routes_prewarm_pin_and_unload(server) -> None:
+    httpx.delete(server.url + "/adapters/french")  # whatever earlier tests left resident: this load must copy it in
+    copies = 'lorafleet_adapter_load_seconds_count{step="cpu_to_device"}'
+    before = _metric_values(httpx.get(server.url + "/metrics").text).get(copies, 0.0)
     loaded = httpx.post(server.url + "/adapters", json={"adapter_id": "french", "adapter_source": "local", "pin": True}).json()
     assert loaded["tier"] == "device" and loaded["pinned"] is True and loaded["rank"] == 4
+    assert _metric_values(httpx.get(server.url + "/metrics").text)[copies] == before + 1  # one copy into a slot, timed
     listed = {a["id"]: a for a in httpx.get(server.url + "/adapters").json()}
     assert listed["french"]["pinned"] is True
     assert "french" in {a["id"] for a in httpx.get(server.url + "/adapters", params={"tier": ["device", "loading"]}).json()}
