@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 from support.server import free_port
+from support.waiting import wait_until
 
 
 def start_serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
@@ -85,9 +86,13 @@ def sigterm_during(process: subprocess.Popen, url: str, max_new_tokens: int) -> 
         body = {"inputs": "Hello", "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True}}
         result["response"] = httpx.post(url + "/generate", timeout=60, json=body)
 
+    def running() -> bool:
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        return any(line.startswith("vllm:num_requests_running ") and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
+
     worker = threading.Thread(target=long_request)
     worker.start()
-    time.sleep(0.5)
+    wait_until(running, timeout=30, what="the long request running")  # not a fixed sleep: the signal must find it in flight
     process.send_signal(signal.SIGTERM)
     return worker, result
 
