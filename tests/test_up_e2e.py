@@ -122,26 +122,36 @@ def test_the_whole_fleet_on_one_machine(fleet) -> None:
         wait_until(lambda n=name, e=expected: generate(url, n).headers["x-lorafleet-replica"] == e[0], timeout=10,
                    interval=0.5, what=f"{name} routed to its new owner")
 
-    # 4. Kill a replica process mid-traffic: no request lost, and the agent brings it back.
-    victim = sorted(pods(kubectl))[0]
+    # 4. Kill a replica process mid-traffic: no request lost, and the agent brings it back. The victim is
+    # shouty's owner (so step 5 always checks a re-warm), killed once it is seen running shouty's requests.
+    victim = adapter_status(kubectl, "shouty")["replicas"][0]
     victim_ip = pods(kubectl)[victim]["status"]["podIP"]
     victim_pid = next(pid for pid, args in processes() if "serve" in args and args[args.index("--host") + 1] == victim_ip)
 
-    async def burst() -> list[int]:
+    async def burst() -> tuple[list[int], float]:
         async with httpx.AsyncClient(timeout=120) as client:
-            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 60, "ignore_eos_token": True}}
+            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 60, "ignore_eos_token": True, "adapter_id": "shouty", "adapter_source": "local"}}
             tasks = [asyncio.create_task(client.post(url + "/generate", json=body)) for _ in range(18)]
-            await asyncio.sleep(0.5)
+            running = 0.0
+            for _ in range(200):  # up to 20 s: the requests must be in flight on the victim when it dies
+                metrics = (await client.get(f"http://{victim_ip}:8080/metrics")).text
+                running = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vllm:num_requests_running "))
+                if running >= 1:
+                    break
+                await asyncio.sleep(0.1)
             os.kill(victim_pid, signal.SIGKILL)
-            return [r.status_code for r in await asyncio.gather(*tasks)]
+            return [r.status_code for r in await asyncio.gather(*tasks)], running
 
-    assert asyncio.run(burst()) == [200] * 18
+    statuses, in_flight = asyncio.run(burst())
+    assert in_flight >= 1, "nothing was running on the victim when it was killed"
+    assert statuses == [200] * 18  # the victim's in-flight requests were retried elsewhere
     wait_until(lambda: pods(kubectl)[victim]["status"]["containerStatuses"][0]["restartCount"] >= 1
                and httpx.get(f"http://{victim_ip}:8080/health", timeout=2).status_code == 200, timeout=90, what="the victim restarted")
 
     # 5. A restarted replica lost its adapters: its restart count tells the operator, which warms them again. Then deleting one unloads it.
-    owner = adapter_status(kubectl, "shouty")["replicas"][0]
-    owner_ip = pods(kubectl)[owner]["status"]["podIP"]
+    # While the victim was down shouty was placed on another replica; back and Ready, it owns shouty again.
+    wait_until(lambda: adapter_status(kubectl, "shouty").get("replicas") == [victim], timeout=45, what="shouty placed on the restarted victim")
+    owner, owner_ip = victim, victim_ip  # the restarted replica itself, so the re-warm is really checked
     wait_until(lambda: "shouty" in {a["id"] for a in httpx.get(f"http://{owner_ip}:8080/adapters").json()}, timeout=45, what="shouty re-warmed")
     kubectl("delete", "adapter", "shouty", "--timeout", "60s")
     assert "shouty" not in {a["id"] for a in httpx.get(f"http://{owner_ip}:8080/adapters").json()}
