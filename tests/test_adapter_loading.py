@@ -116,7 +116,8 @@ def test_ten_adapters_share_three_slots_and_none_starves(tiny_models, adapter_ro
     assert all(s.finish_reason is FinishReason.LENGTH for s in seqs)
     assert len(engine.adapters.slots.slot_of) == 3
     print(f"longest wait for a first token with 10 adapters over 3 slots: {max(waits):.3f}s")
-    assert max(waits) < 5.0
+    # Observed 0.08 s; 1 s catches a 10x regression and leaves room for a loaded 2-core machine.
+    assert max(waits) < 1.0
 
 
 def test_device_eviction_is_lru_and_skips_running_and_pinned(tiny_models, adapter_root, tmp_path) -> None:
