@@ -74,3 +74,13 @@ def test_a_client_bearer_never_reaches_the_hub(tiny_models, adapter_root, tmp_pa
             body["parameters"]["api_token"] = "hf_right"
             assert httpx.post(replica.url + "/generate", json=body, timeout=60).status_code == 200
             assert "Bearer hf_right" in hub.authorizations
+
+
+def test_preloaded_adapters_are_resident_and_pinned_before_the_first_request(tiny_models, adapter_root, tmp_path) -> None:
+    """--preload-adapter: loaded and pinned during start-up, so /health answers only once they are on the device."""
+    with RunningServer(tiny_models["llama"], adapter_root, tmp_path / "cache", preload_adapters=["a1", "a2"],
+                       engine={"max_active_adapters": 3}) as server:
+        listed = {a["id"]: a for a in httpx.get(server.url + "/adapters").json()}
+        assert {k: (v["tier"], v["pinned"]) for k, v in listed.items()} == {"a1": ("device", True), "a2": ("device", True)}
+        events = httpx.get(server.url + "/metrics").text
+        assert 'lorafleet_requests_total{adapter="a1"' not in events  # no request brought them in
