@@ -190,3 +190,18 @@ def test_adapters_of_a_deleted_basemodel_fail_with_the_reason_and_can_still_be_d
     assert statuses(api)["e00"]["phase"] == "Failed" and "BaseModel 'smol' does not exist" in statuses(api)["e00"]["message"]
     kubectl("delete", "adapter", "e00", "e01", "--timeout", "20s")  # the finalizer does not hold them without a fleet
     assert statuses(api) == {}
+
+
+def test_spec_pinned_reaches_the_replica_as_a_pinned_load(fleet) -> None:
+    """`spec.pinned: true` loads the adapter with pin (the replica never evicts it); others load unpinned."""
+    kubectl, api, replicas = fleet
+    core = client.CoreV1Api(api)
+    pods = ["smol-replicas-0", "smol-replicas-1"]
+    for pod in pods:
+        run_pod(core, "smol", pod, replicas[pod])
+    docs = list(yaml.safe_load_all(adapters_yaml(["keep", "loose"])))
+    docs[0]["spec"]["pinned"] = True
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    wait_placed(api, replicas, ["keep", "loose"], pods)
+    held = {adapter: pinned for replica in replicas.values() for adapter, pinned in replica.loaded.items()}
+    assert held == {"team/keep": True, "team/loose": False}
