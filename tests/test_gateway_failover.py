@@ -86,5 +86,9 @@ def test_a_request_waiting_on_a_replica_that_stopped_moves_on_when_it_is_ejected
         # Ejected by its failing /health probes (2 s timeout), then retried: seconds, not the 120 s upstream timeout.
         # (6 s was exceeded once, 6.2 s, on the 2-core machine under the whole suite.)
         assert time.monotonic() - started < 10.0
-        assert 'outcome="ejected"' in httpx.get(gateway.url + "/metrics").text
+        metrics = httpx.get(gateway.url + "/metrics").text
+        assert 'outcome="ejected"' in metrics
+        # By value: one ejection (the stopped replica), one request sent on to the next owner.
+        assert "lorafleet_gateway_ejections_total 1.0" in metrics.splitlines()
+        assert "lorafleet_gateway_retries_total 1.0" in metrics.splitlines()
         stopped.mode = "ok"  # resumed (SIGCONT), so it can be shut down
