@@ -82,7 +82,10 @@ def test_one_adapter_always_lands_on_the_same_replica(fleet) -> None:
         base = generate(gateway.url, None)
         assert base.status_code == 200 and base.headers["x-lorafleet-replica"]
         assert {r["name"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]} == {u.split("//")[1] for _, u in fleet}
-        assert 'lorafleet_gateway_routing_total{result="owner"}' in httpx.get(gateway.url + "/metrics").text
+        lines = httpx.get(gateway.url + "/metrics").text.splitlines()
+        # By value: one at a time, every adapter request went to its top owner, and the base request has no owner.
+        assert 'lorafleet_gateway_routing_total{result="owner"} 30.0' in lines and 'lorafleet_gateway_routing_total{result="none"} 1.0' in lines
+        assert not any(line.startswith('lorafleet_gateway_routing_total{result="spill"}') and not line.endswith(" 0.0") for line in lines)
 
 
 def test_an_adapter_prewarmed_on_another_replica_is_routed_there(fleet) -> None:

@@ -172,3 +172,13 @@ def test_cpu_tier_holders_follow_each_replicas_report() -> None:
     assert hot.warm_holders("a") == set() and hot.warm_holders("b") == {"r2"} and hot.warm_holders("c") == {"r1"}
     hot.retain(["r1"])  # r2 left the fleet
     assert hot.warm_holders("b") == set()
+
+
+def test_each_routing_result_is_named_as_the_metric_counts_it() -> None:
+    """The routing counter's labels: the top owner, another replica holding it hot, a spill elsewhere, no adapter."""
+    from lorafleet.gateway.proxy import Gateway
+
+    assert Gateway._placement("r1", "r1", set()) == "owner"
+    assert Gateway._placement("r2", "r1", {"r2"}) == "hot"
+    assert Gateway._placement("r3", "r1", {"r2"}) == "spill"
+    assert Gateway._placement("r1", None, set()) == "none"
