@@ -44,8 +44,11 @@ def test_engine_with_the_triton_decode_kernel_matches_the_torch_path(tiny_models
     results = {}
     for kernel in ("torch", "triton"):
         captured = capture_logits(monkeypatch)
-        engine = make_engine(tiny_models["mistral"], attention_kernel=kernel)
-        seqs = [engine.add_request(p, SamplingParams(max_new_tokens=5, ignore_eos=True)) for p in prompts]
+        engine = make_engine(tiny_models["mistral"], attention_kernel=kernel, max_batch_prefill_tokens=6)
+        seqs = []
+        for prompt in prompts:  # one arrival per step: steps mix decode rows with (chunked) prefill
+            seqs.append(engine.add_request(prompt, SamplingParams(max_new_tokens=5, ignore_eos=True)))
+            engine.step()
         engine.run_to_completion()
         results[kernel] = ([s.generated_ids for s in seqs], [torch.stack(captured[s.request_id]) for s in seqs])
     assert results["torch"][0] == results["triton"][0]
