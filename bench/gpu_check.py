@@ -19,6 +19,9 @@ import torch
 
 from lorafleet.server.lora.ops import LoraBatch
 
+# What only this script (and bench/gpu_run.sh) runs: the SGMV kernels' bfloat16 tensor-core branch (CI's Triton
+# interpreter takes the upcasting one), real Triton compilation of every kernel, and the CUDA-graph capture.
+
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
 PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12}
 NUM_SLOTS, MAX_RANK = 32, 64

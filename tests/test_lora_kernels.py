@@ -56,6 +56,9 @@ BATCHES = {
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("rank,dtype", [(4, torch.float32), (16, torch.float32), (64, torch.float32), (8, torch.bfloat16), (64, torch.float16)])
 def test_lora_op_matches_reference(batch_name: str, kernel: str, rank: int, dtype: torch.dtype) -> None:
+    """Every path against the plain reference. Not reachable here: the SGMV kernels' bfloat16 branch that feeds
+    bf16 tiles to tl.dot (the interpreter multiplies bf16 wrongly, so it takes the upcasting branch instead);
+    it runs on a GPU in bench/gpu_check.py and in bench/gpu_run.sh's parity step."""
     seq_slots, seq_tokens = BATCHES[batch_name]
     a, b, x, token_slots = make_case(rank, dtype, seq_slots, seq_tokens)
     # The output is a strided slice of a wider tensor, as q/k/v are slices of the fused projection.
