@@ -18,8 +18,11 @@ COPY lorafleet ./lorafleet
 COPY server ./server
 COPY gateway ./gateway
 COPY operator ./operator
+COPY crds ./crds
+# The image installs the wheel (as tests/test_wheel_install.py does), not the source tree.
 RUN /opt/lorafleet/bin/pip install --no-cache-dir ${TORCH_SPEC} \
- && /opt/lorafleet/bin/pip install --no-cache-dir ".[gpu]"
+ && /opt/lorafleet/bin/pip wheel --no-cache-dir --no-deps -w /wheels . \
+ && /opt/lorafleet/bin/pip install --no-cache-dir "$(ls /wheels/lorafleet-*.whl)[gpu]"
 
 FROM python
 RUN useradd --uid 10001 --create-home --home-dir /home/lorafleet lorafleet \

@@ -18,14 +18,16 @@ import subprocess
 import sys
 import threading
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 STATE = "up.json"
 
 
-def repo_crds() -> Path:
-    return Path(__file__).resolve().parents[2] / "crds"
+def packaged_crds() -> Path:
+    """The CRDs shipped as package data: found the same way from a checkout, a wheel or the image."""
+    return Path(str(resources.files("lorafleet.crds")))
 
 
 def free_port() -> int:
@@ -90,7 +92,7 @@ def up(args: argparse.Namespace) -> int:
         model_path = str(Path(args.model).resolve())
     adapters = sorted(p.name for p in args.adapters.iterdir() if (p / "adapter_config.json").is_file()) if args.adapters.is_dir() else []
 
-    api = EmbeddedKubeAPI(port=args.api_port, crds=read_crds(repo_crds())).start()
+    api = EmbeddedKubeAPI(port=args.api_port, crds=read_crds(packaged_crds())).start()
     kubeconfig = api.write_kubeconfig(workdir / "kubeconfig")
     os.environ["KUBECONFIG"] = str(kubeconfig)
     say(f"kubernetes API: {api.url}\nexport KUBECONFIG={kubeconfig}")
