@@ -130,15 +130,16 @@ def test_the_whole_fleet_on_one_machine(fleet) -> None:
 
     async def burst() -> tuple[list[int], float]:
         async with httpx.AsyncClient(timeout=120) as client:
-            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 60, "ignore_eos_token": True, "adapter_id": "shouty", "adapter_source": "local"}}
+            # Long enough (300 tokens) that the requests are still running when the poll below sees them.
+            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 300, "ignore_eos_token": True, "adapter_id": "shouty", "adapter_source": "local"}}
             tasks = [asyncio.create_task(client.post(url + "/generate", json=body)) for _ in range(18)]
             running = 0.0
-            for _ in range(200):  # up to 20 s: the requests must be in flight on the victim when it dies
+            for _ in range(1000):  # up to ~20 s: the requests must be in flight on the victim when it dies
                 metrics = (await client.get(f"http://{victim_ip}:8080/metrics")).text
                 running = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vllm:num_requests_running "))
                 if running >= 1:
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.02)
             os.kill(victim_pid, signal.SIGKILL)
             return [r.status_code for r in await asyncio.gather(*tasks)], running
 
