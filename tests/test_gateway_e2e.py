@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.metrics import metric
 from support.server import ThreadedApp, adapter_events, wait_healthy
 from support.waiting import wait_until
 
@@ -109,12 +110,6 @@ def test_streaming_passes_through_byte_for_byte(fleet) -> None:
             assert response.headers["content-type"].startswith("text/event-stream")
         direct = httpx.post(f"http://{replica}/generate_stream", json=body, timeout=60).content
     assert via_gateway == direct and via_gateway.count(b"data:") == 12
-
-
-def metric(url: str, name: str) -> float:
-    """An unlabelled series' value from ``url``'s /metrics."""
-    lines = httpx.get(url + "/metrics", timeout=5).text.splitlines()
-    return next(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
 
 
 def test_a_client_that_disconnects_cancels_the_replicas_request(fleet) -> None:

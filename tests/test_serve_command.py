@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from support.metrics import metric
 from support.server import free_port
 from support.waiting import wait_until
 
@@ -87,8 +88,7 @@ def sigterm_during(process: subprocess.Popen, url: str, max_new_tokens: int) -> 
         result["response"] = httpx.post(url + "/generate", timeout=60, json=body)
 
     def running() -> bool:
-        metrics = httpx.get(url + "/metrics", timeout=5).text
-        return any(line.startswith("vllm:num_requests_running ") and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
+        return metric(url, "vllm:num_requests_running") >= 1
 
     worker = threading.Thread(target=long_request)
     worker.start()

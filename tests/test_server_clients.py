@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.engine import make_engine
+from support.metrics import metric_values
 from support.server import running_server
 
 from lorafleet.server.engine.sequence import SamplingParams
@@ -128,10 +129,10 @@ def test_openai_completions_and_chat(server, expected, tiny_models, adapter_root
 def test_admin_routes_prewarm_pin_and_unload(server) -> None:
     httpx.delete(server.url + "/adapters/french")  # whatever earlier tests left resident: this load must copy it in
     copies = 'lorafleet_adapter_load_seconds_count{step="cpu_to_device"}'
-    before = _metric_values(httpx.get(server.url + "/metrics").text).get(copies, 0.0)
+    before = metric_values(httpx.get(server.url + "/metrics").text).get(copies, 0.0)
     loaded = httpx.post(server.url + "/adapters", json={"adapter_id": "french", "adapter_source": "local", "pin": True}).json()
     assert loaded["tier"] == "device" and loaded["pinned"] is True and loaded["rank"] == 4
-    assert _metric_values(httpx.get(server.url + "/metrics").text)[copies] == before + 1  # one copy into a slot, timed
+    assert metric_values(httpx.get(server.url + "/metrics").text)[copies] == before + 1  # one copy into a slot, timed
     listed = {a["id"]: a for a in httpx.get(server.url + "/adapters").json()}
     assert listed["french"]["pinned"] is True
     assert "french" in {a["id"] for a in httpx.get(server.url + "/adapters", params={"tier": ["device", "loading"]}).json()}
@@ -146,27 +147,17 @@ def test_admin_routes_prewarm_pin_and_unload(server) -> None:
     assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
 
 
-def _metric_values(text: str) -> dict[str, float]:
-    """Samples of a Prometheus exposition, keyed as they are written: name{label="value",...}."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
-
-
 def test_info_health_metrics_and_tokenize(server) -> None:
     info = httpx.get(server.url + "/info").json()
     assert info["model_id"] == "tiny-llama" and info["max_total_tokens"] == 256 and info["max_stop_sequences"] == 4
     assert httpx.get(server.url + "/health").status_code == 200
     served = 'lorafleet_requests_total{adapter="",route="/generate",status="200"}'
-    before = _metric_values(httpx.get(server.url + "/metrics").text).get(served, 0.0)
+    before = metric_values(httpx.get(server.url + "/metrics").text).get(served, 0.0)
     httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
     metrics = httpx.get(server.url + "/metrics").text
     for name in ('lorafleet_adapter_events{event="device_hit"}', "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info", served):
         assert name in metrics
-    values = _metric_values(metrics)
+    values = metric_values(metrics)
     assert values[served] == before + 1  # by value: this request, counted once
     assert values["vllm:num_requests_waiting"] == 0 and values["vllm:num_requests_running"] == 0  # nothing left in flight
     tokens = httpx.post(server.url + "/tokenize", json={"inputs": "Hello world"}).json()

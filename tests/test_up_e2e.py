@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.kube import kubectl_for
+from support.metrics import metric_values
 from support.server import free_port
 from support.waiting import wait_until as poll
 
@@ -135,8 +136,7 @@ def test_the_whole_fleet_on_one_machine(fleet) -> None:
             tasks = [asyncio.create_task(client.post(url + "/generate", json=body)) for _ in range(18)]
             running = 0.0
             for _ in range(1000):  # up to ~20 s: the requests must be in flight on the victim when it dies
-                metrics = (await client.get(f"http://{victim_ip}:8080/metrics")).text
-                running = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vllm:num_requests_running "))
+                running = metric_values((await client.get(f"http://{victim_ip}:8080/metrics")).text)["vllm:num_requests_running"]
                 if running >= 1:
                     break
                 await asyncio.sleep(0.02)
