@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lorafleet.server.engine.kv_cache import cache_slot
 from lorafleet.server.lora.ops import LoraBatch
 from lorafleet.server.model.attention import BatchMetadata
 
@@ -121,7 +122,7 @@ class DecodeGraphs:
         scratch = self.scratch_block
         ids = [r.token for r in rows] + [0] * pad
         positions = [r.position for r in rows] + [0] * pad
-        slots = [r.block_table[r.position // bs] * bs + r.position % bs for r in rows] + [scratch * bs] * pad
+        slots = [cache_slot(r.block_table, r.position, bs) for r in rows] + [scratch * bs] * pad
         tables = [r.block_table + [scratch] * (self.width - len(r.block_table)) for r in rows] + [[scratch] * self.width] * pad
         lens = [r.position + 1 for r in rows] + [1] * pad
         lora = [r.lora_slot for r in rows] + [-1] * pad

@@ -18,7 +18,7 @@ from lorafleet.server.adapters.manager import AdapterManager, AdapterSettings
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine import detokenizer
 from lorafleet.server.engine.decode_graphs import DecodeGraphs, DecodeRow
-from lorafleet.server.engine.kv_cache import BlockAllocator, KVCache
+from lorafleet.server.engine.kv_cache import BlockAllocator, KVCache, cache_slot
 from lorafleet.server.engine.sampler import SamplingError, sample
 from lorafleet.server.engine.scheduler import ScheduledChunk, Scheduler
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence, Status, TokenInfo
@@ -272,7 +272,7 @@ class LLMEngine:
             first, last = seq.num_computed, seq.num_computed + chunk.num_tokens
             ids.extend(seq.token_ids[first:last])
             positions.extend(range(first, last))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(first, last))
+            slots.extend(cache_slot(seq.block_table, p, bs) for p in range(first, last))
             rope_lengths.append((start, len(ids), last))
             if chunk.num_tokens == 1 and first > 0:
                 decode_rows.append(start)

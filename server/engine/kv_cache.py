@@ -14,6 +14,11 @@ import torch
 from lorafleet.server.model.checkpoint import ModelConfig
 
 
+def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
+    """The flat cache index of a sequence's token at ``position``."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
 class OutOfBlocks(RuntimeError):
     """The pool has no free block; the scheduler preempts instead of failing."""
 

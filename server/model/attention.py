@@ -85,11 +85,12 @@ def paged_attention(
         q_len = queries.shape[0]
         if q_len == length:  # the first chunk: its own keys are all there is, no gather from the cache
             keys, values = k[seg.start : seg.end], v[seg.start : seg.end]
-        if q_len == length and (sliding_window is None or length <= sliding_window):
-            mask, causal = None, True
         else:
             keys = key_cache[seg.block_table].reshape(-1, kv_heads, head_dim)[:length]
             values = value_cache[seg.block_table].reshape(-1, kv_heads, head_dim)[:length]
+        if q_len == length and (sliding_window is None or length <= sliding_window):
+            mask, causal = None, True
+        else:
             query_pos = torch.arange(length - q_len, length, device=q.device)[:, None]
             key_pos = torch.arange(length, device=q.device)[None, :]
             mask, causal = _window_mask(query_pos, key_pos, torch.tensor(length, device=q.device), sliding_window), False

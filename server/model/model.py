@@ -46,7 +46,6 @@ class CausalLM:
     def __init__(self, folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
                  linear_kernel: str = "torch") -> None:
         self.config = config
-        self.linear_kernel = linear_kernel
         self.dtype = dtype
         self.device = device
         self.q_size = config.num_heads * config.head_dim
