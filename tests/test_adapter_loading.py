@@ -365,6 +365,13 @@ def test_a_drained_adapter_serves_again_when_nobody_needs_its_slot(tiny_models, 
     long_a = submit("a1", 200)
     short_c = submit("a2", 30)
     until(lambda: {s.adapter for s in engine.scheduler.running} == {"local:a1", "local:a2"}, "a1 and a2 running")
+    # a3 waits in CPU memory before its request arrives: a background load slower than a2's 30 tokens
+    # would otherwise let a3 take a2's freed slot with nothing drained (seen once in CI).
+    manager.request(AdapterRef("local", "a3"))
+    deadline = time.monotonic() + 30
+    while manager.states["local:a3"].status != "cpu":
+        assert time.monotonic() < deadline, "a3 loaded into CPU memory"
+        time.sleep(0.01)
     time.sleep(0.1)  # both past the cycle time
     waiting_b = submit("a3", 2)
     until(lambda: manager.states["local:a1"].draining, "a1 drained for a3")  # a1 is the older resident
