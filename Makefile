@@ -13,7 +13,7 @@ OLD_STACK_SPEC ?= "transformers>=4.57,<5" "huggingface_hub>=0.34,<1.0"
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorafleet-installed
 
-.PHONY: setup test up clean lint scan test-old-stack
+.PHONY: setup test up clean lint scan test-old-stack chart-schema
 
 setup: $(STAMP)
 	$(BIN)/lorafleet models fetch smollm2
@@ -40,7 +40,11 @@ test-old-stack:
 # Lint (rules in pyproject.toml). Formatting is not enforced: the code's compact style (one-line
 # literals, lines up to 160) is kept by hand, and ruff format would rewrite it file by file.
 lint: $(STAMP)
-	$(BIN)/ruff check server gateway lorafleet operator tests bench
+	$(BIN)/ruff check server gateway lorafleet operator tests bench charts
+
+# The chart's values.schema.json takes baseModel.spec and adapters[].spec from crds/ (tests/test_chart.py checks it).
+chart-schema: $(STAMP)
+	$(BIN)/python -P charts/values_schema.py
 
 # The whole fleet on this machine: the demo adapters (made once, about a minute each), then `lorafleet up`.
 up: $(STAMP)
