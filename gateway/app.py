@@ -32,7 +32,7 @@ class GatewayApp:
         if bool(replica_urls) == bool(service):
             raise ValueError("give either --replica URLs or --service NAMESPACE/NAME")
         self.replica_urls, self.service, self.config = replica_urls, service, config
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(config.metrics_adapter_labels)
         self.replicas = ReplicaSet(on_eject=self.metrics.ejections.inc)
         self.keys = ApiKeys(config.api_key_file)
         self.gateway: Gateway | None = None

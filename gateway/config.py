@@ -21,6 +21,8 @@ class GatewayConfig:
     min_bound: int = 4  # a replica is never "full" under this many in flight (ring.load_bound's floor)
     handoff: bool = True  # warm adapters where their traffic is about to go (gateway/handoff.py)
     served_model_name: str | None = None  # the base model's name in /v1/models (the operator passes the BaseModel's)
+    metrics_adapter_labels: int = 32  # adapters with series of their own in /metrics; the rest are "other"
+    otlp_endpoint: str | None = None  # traces go here (OTLP over HTTP); None: tracing off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 
 POLICIES = ("lorafleet", "round-robin", "least-loaded")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from lorafleet.adapter_labels import TopAdapters
+
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, adapter_labels: int = 32) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("lorafleet_gateway_requests", "upstream attempts by replica and outcome (status code or error)", ["replica", "outcome"], registry=r)
@@ -16,3 +18,11 @@ class GatewayMetrics:
         self.ejections = Counter("lorafleet_gateway_ejections", "replicas ejected after repeated failures", registry=r)
         self.upstream_latency = Histogram("lorafleet_gateway_upstream_seconds", "time until the replica's response starts", registry=r,
                                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
+        # By adapter, only for answers a replica served (the adapter exists), the busiest by name and the rest `other`.
+        self.adapter_requests = Counter("lorafleet_gateway_adapter_requests", "requests a replica answered with 200, by adapter "
+                                        "(\"\" the base model) and how the replica was chosen", ["adapter", "placement"], registry=r)
+        self.adapters = TopAdapters(adapter_labels, on_drop=self._drop)
+
+    def _drop(self, adapter: str) -> None:
+        for values in [v for v in list(self.adapter_requests._metrics) if v[0] == adapter]:  # noqa: SLF001 - children by label tuple
+            self.adapter_requests.remove(*values)

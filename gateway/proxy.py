@@ -234,11 +234,13 @@ class Gateway:
             await response.aclose()
             self._failed_attempt(replica, "unavailable")
             return False
-        out_headers, length = [], None
+        out_headers, length, served_as = [], None, key
         for k, v in response.headers:
             lowered = k.decode("latin-1").lower()
             if lowered == "content-length":
                 length = v
+            elif lowered == "x-adapter-id":  # the replica's one spelling of the adapter it served
+                served_as = v.decode("latin-1")
             if lowered not in HOP_BY_HOP or lowered == "content-length":
                 out_headers.append((k, v))
         out_headers.append((b"x-lorafleet-replica", replica.name.encode()))
@@ -252,10 +254,10 @@ class Gateway:
                 return False
             finally:
                 await response.aclose()
-            self._served(replica, response.status, started, key, placement)
+            self._served(replica, response.status, started, key, placement, served_as)
             await respond(send, response.status, content, out_headers)
             return True
-        self._served(replica, response.status, started, key, placement)
+        self._served(replica, response.status, started, key, placement, served_as)
         await self._relay(response, replica, out_headers, send, receive)
         return True
 
@@ -294,12 +296,14 @@ class Gateway:
             return "none"
         return "owner" if name == top_owner else ("hot" if name in hot else "spill")
 
-    def _served(self, replica: Replica, status: int, started: float, key: str | None, placement: str) -> None:
+    def _served(self, replica: Replica, status: int, started: float, key: str | None, placement: str, served_as: str | None) -> None:
         self.replicas.succeeded(replica)
         if key is not None and status == 200:
             self.replicas.hot.used(replica.name, key)  # the replica now holds it (it loaded it if it had not)
         self.metrics.upstream_latency.observe(time.perf_counter() - started)
         self.metrics.routing.labels(placement).inc()
+        if status == 200:
+            self.metrics.adapter_requests.labels(self.metrics.adapters.label(served_as or ""), placement).inc()
         self.metrics.requests.labels(replica.name, str(status)).inc()
 
     def describe(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class ServeConfig:
     grace_period_s: float = 30.0
     admin_token: str | None = None
     served_model_name: str | None = None  # the base model's name for clients (the operator passes the BaseModel's)
+    metrics_adapter_labels: int = 32  # adapters with series of their own in /metrics; the rest are "other"
 
 
 def _size(text: str) -> int:
@@ -97,6 +98,8 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str, bool]] = [
      "through LORAFLEET_ADMIN_TOKEN rather than on the command line. Unset: those routes are open", False),
     ("--served-model-name", str, _default(_S, "served_model_name"), "the name clients use for the base model in `model` and /v1/models "
      "(the operator passes the BaseModel's name); --model's value is accepted too", False),
+    ("--metrics-adapter-labels", _positive(int), _default(_S, "metrics_adapter_labels"), "adapters with per-adapter series of their own in "
+     "/metrics (the busiest; the rest are counted as `other`), so thousands of adapters cannot grow it without bound", False),
     ("--allow-pickle", None, _default(_E, "allow_pickle"), "allow pickle (.bin) checkpoints and adapters", False),
 ]
 
@@ -138,5 +141,5 @@ def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> Serv
         max_concurrent_requests=args.max_concurrent_requests, max_stop_sequences=args.max_stop_sequences,
         max_best_of=args.max_best_of, max_body_bytes=args.max_body_bytes, preload_adapters=list(args.preload_adapter or []),
         grace_period_s=args.grace_period_s, admin_token=args.admin_token or None,
-        served_model_name=args.served_model_name or None,
+        served_model_name=args.served_model_name or None, metrics_adapter_labels=args.metrics_adapter_labels,
     )

@@ -195,7 +195,7 @@ def test_generate_options_best_of_full_text_truncate_and_prefill_details(server)
 def test_every_stream_is_in_the_latency_metrics(server, path, body) -> None:
     """Both APIs stream through one loop: each finished stream is one time-to-first-token observation."""
     def observed() -> float:
-        line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith("lorafleet_time_to_first_token_seconds_count"))
+        line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith("lorafleet_time_to_first_token_seconds_count{adapter=\"\",cache=\"hot\"}"))
         return float(line.split()[-1])
 
     before = observed()

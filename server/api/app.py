@@ -93,7 +93,8 @@ class RequestMetrics:
         finally:
             route = scope["path"] if scope["path"] in GENERATE_ROUTES else "other"
             metrics = self.service.metrics
-            metrics.requests.labels(route, seen.get("status", "499"), seen.get("adapter", "")).inc()
+            # x-adapter-id is set only on an answer that used the adapter: the label is never an arbitrary request string.
+            metrics.requests.labels(route, seen.get("status", "499"), metrics.adapters.label(seen.get("adapter", ""))).inc()
             metrics.duration.labels(route).observe(time.perf_counter() - started)
 
 

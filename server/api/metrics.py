@@ -13,7 +13,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from lorafleet.adapter_labels import TopAdapters
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+DEFAULT_ADAPTER_LABELS = 32
 
 
 class _EngineCollector:
@@ -35,10 +39,17 @@ class _EngineCollector:
             family = GaugeMetricFamily(name, help_text)
             family.add_metric([], value)
             yield family
-        lora = GaugeMetricFamily("vllm:lora_requests_info", "running and waiting adapters (vLLM name, read by the endpoint picker)",
+        # Made afresh at each scrape, so an old label set never lingers; the value is the time (the picker reads the newest).
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "adapters resident on the device (running) and requested but not resident "
+                                 "(waiting), and the device slots (vLLM name, read by the endpoint picker for LoRA affinity)",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
         lora.add_metric([str(s["max_lora"]), ",".join(s["running_adapters"]), ",".join(s["waiting_adapters"])], s["timestamp"])
         yield lora
+        loaded = GaugeMetricFamily("lorafleet_adapter_loaded", "1 per adapter and the tier holding it: device, cpu or disk "
+                                   "(device and cpu complete; disk the most recently used few hundred)", labels=["adapter", "tier"])
+        for adapter, tier in s["residency"]:
+            loaded.add_metric([adapter, tier], 1)
+        yield loaded
         tiers = GaugeMetricFamily("lorafleet_adapter_tier_adapters", "adapters held per tier", labels=["tier"])
         for tier, count in s["adapters_per_tier"].items():
             tiers.add_metric([tier], count)
@@ -54,18 +65,44 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    """The replica's series. Per-adapter ones take their ``adapter`` label from ``self.adapters`` (the busiest
+    ``adapter_labels`` adapters by name, the rest ``other``, "" for the base model), so their count is bounded;
+    ``cache`` is hot when the adapter was on the device when the request arrived, cold when it had to be loaded."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], adapter_labels: int = DEFAULT_ADAPTER_LABELS) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("lorafleet_requests", "requests by route, status and adapter", ["route", "status", "adapter"], registry=r)
         self.duration = Histogram("lorafleet_request_duration_seconds", "request duration", ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.generated_tokens = Counter("lorafleet_generated_tokens", "tokens generated", ["adapter"], registry=r)
-        self.time_to_first_token = Histogram("lorafleet_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.time_per_output_token = Histogram("lorafleet_time_per_output_token_seconds", "time per output token after the first",
-                                               buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+        by_adapter = ["adapter", "cache"]
+        self.time_to_first_token = Histogram("lorafleet_time_to_first_token_seconds", "time to first token, by adapter and hot/cold",
+                                             by_adapter, buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram("lorafleet_time_per_output_token_seconds", "time per output token after the first, by adapter and hot/cold",
+                                               by_adapter, buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e_latency = Histogram("lorafleet_e2e_request_latency_seconds", "a generation from arrival to its last token, by adapter and hot/cold",
+                                     by_adapter, buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_load = Histogram("lorafleet_adapter_load_seconds", "adapter load latency per tier step", ["step"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("lorafleet_requests_in_flight", "requests being served", registry=r)
+        self._per_adapter = (self.requests, self.generated_tokens, self.time_to_first_token, self.time_per_output_token, self.e2e_latency)
+        self.adapters = TopAdapters(adapter_labels, on_drop=self._drop)
         r.register(_EngineCollector(snapshot))
+
+    def observe_generation(self, adapter: str, tier: str, tokens: int, first_token_s: float, rest_s: float) -> None:
+        """One finished generation: tokens and latencies under its adapter's label, hot or cold."""
+        label, cache = self.adapters.label(adapter), "hot" if tier in ("", "device") else "cold"
+        self.generated_tokens.labels(label).inc(tokens)
+        self.time_to_first_token.labels(label, cache).observe(first_token_s)
+        self.e2e_latency.labels(label, cache).observe(first_token_s + rest_s)
+        if tokens > 1:
+            self.time_per_output_token.labels(label, cache).observe(rest_s / (tokens - 1))
+
+    def _drop(self, adapter: str) -> None:
+        """An adapter lost its label to busier ones: its series go (their counts continue under ``other``)."""
+        for family in self._per_adapter:
+            position = family._labelnames.index("adapter")  # noqa: SLF001 - prometheus_client keeps children by label tuple
+            for values in [v for v in list(family._metrics) if v[position] == adapter]:  # noqa: SLF001
+                family.remove(*values)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,6 +26,8 @@ from lorafleet.server.engine.sequence import FinishReason, Sequence
 from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
 from lorafleet.server.serve_config import ServeConfig
 
+MAX_DISK_RESIDENCY = 256  # disk-tier adapters listed in lorafleet_adapter_loaded: the disk may hold thousands
+
 log = logging.getLogger(__name__)
 MAX_SCHEMA_BYTES = 64 << 10  # a response_format schema, as JSON text
 GRAMMAR_TIMEOUT_S = 10.0  # compile budget per schema; the compile thread is shared, so a slow one is refused
@@ -76,7 +78,7 @@ class ReplicaService:
             max_stop_sequences=config.max_stop_sequences, max_best_of=config.max_best_of,
             default_adapter_source=config.adapter_source,
         )
-        self.metrics = ServerMetrics(self.snapshot)
+        self.metrics = ServerMetrics(self.snapshot, config.metrics_adapter_labels)
         self.engine.adapters.on_timing = lambda step, seconds: self.metrics.adapter_load.labels(step).observe(seconds)
         self.in_flight = 0
         self.draining = False
@@ -202,11 +204,7 @@ class ReplicaService:
         return best
 
     def observe(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
-        adapter = job.adapter.id if job.adapter else ""
-        self.metrics.generated_tokens.labels(adapter).inc(len(seq.tokens))
-        self.metrics.time_to_first_token.observe(first_token_s)
-        if len(seq.tokens) > 1:
-            self.metrics.time_per_output_token.observe(rest_s / (len(seq.tokens) - 1))
+        self.metrics.observe_generation(job.adapter.id if job.adapter else "", seq.adapter_tier, len(seq.tokens), first_token_s, rest_s)
 
     # -- adapters (admin) -----------------------------------------------------------------------
 
@@ -265,8 +263,7 @@ class ReplicaService:
             "running": len(scheduler.running),
             "kv_usage": 1.0 - allocator.num_free / allocator.num_blocks,
             "max_lora": self.engine.num_slots,
-            "running_adapters": sorted({s.adapter for s in list(scheduler.running) if s.adapter}),
-            "waiting_adapters": sorted({s.adapter for s in list(scheduler.waiting) if s.adapter}),
+            **self._lora_residency(),
             "timestamp": time.time(),
             "adapters_per_tier": tiers,
             "bytes_per_tier": {
@@ -277,6 +274,25 @@ class ReplicaService:
             "adapter_events": {**manager.counts, "cpu_evictions": manager.cpu.evictions, "disk_evictions": manager.disk.evictions,
                                "disk_corrupt_dropped": manager.disk.corrupt_dropped},
         }
+
+    def _lora_residency(self) -> dict[str, Any]:
+        """Adapters by the ids clients call them: resident on the device (running), wanted by waiting requests
+        but not resident (waiting), and each known adapter's tier (device and cpu complete, disk the most
+        recently used MAX_DISK_RESIDENCY), which routers read to prefer a CPU hit over a disk one."""
+        manager = self.engine.adapters
+        states = sorted(list(manager.states.items()), key=lambda item: -item[1].last_used)
+        on_device = {key for key, state in states if state.status == "device"}
+        waiting = {s.adapter for s in list(self.engine.scheduler.waiting) if s.adapter and s.adapter not in on_device}
+        residency, on_disk = [], 0
+        for key, state in states:
+            tier = state.status if state.status in ("device", "cpu") else None
+            if tier is None and on_disk < MAX_DISK_RESIDENCY and (state.ref.source == "local" or manager.disk.folder_for(key).is_dir()):
+                tier, on_disk = "disk", on_disk + 1
+            if tier is not None:
+                residency.append((state.ref.id, tier))
+        ids = {key: state.ref.id for key, state in states}
+        return {"running_adapters": sorted(ids[k] for k in on_device), "waiting_adapters": sorted(ids.get(k, k) for k in waiting),
+                "residency": residency}
 
     def info(self) -> dict[str, Any]:
         c, e = self.config, self.config.engine
