@@ -1,9 +1,11 @@
 """What the gateway adds: latency (p50, p99) and requests/s against a trivial upstream, side by side.
 
 The upstream is a minimal ASGI app answering /generate at once; the gateway runs in its own
-process in front of it; the client measures both paths in the same run, interleaved.
+process in front of it; the client measures both paths in the same run, interleaved. A second
+gateway traces every request (OTLP/HTTP to a sink that answers 200), so tracing's cost is measured
+next to the untraced path.
 
-    .venv/bin/python -P bench/gateway_overhead.py [--requests 2000] [--concurrency 16]
+    .venv/bin/python -P bench/gateway_overhead.py [--requests 2000] [--concurrency 16] [--no-traced]
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -78,27 +81,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--no-traced", dest="traced", action="store_false", help="skip the traced gateway")
     args = parser.parse_args()
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port, gateway_port, traced_port, sink_port = free_port(), free_port(), free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, "-P", "-c", UPSTREAM, str(upstream_port)])
-    gateway = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "gateway", "--port", str(gateway_port),
-                                "--replica", f"http://127.0.0.1:{upstream_port}"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    gateway_command = [sys.executable, "-P", "-m", "lorafleet", "gateway", "--replica", f"http://127.0.0.1:{upstream_port}", "--port"]
+    gateway = subprocess.Popen([*gateway_command, str(gateway_port)], env=env)
+    processes = [gateway, upstream]
+    if args.traced:
+        processes.append(subprocess.Popen([sys.executable, "-P", "-c", UPSTREAM, str(sink_port)]))
+        processes.append(subprocess.Popen([*gateway_command, str(traced_port), "--otlp-endpoint", f"http://127.0.0.1:{sink_port}"], env=env))
     try:
         direct_url, gateway_url = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
-        wait(direct_url + "/health")
-        wait(gateway_url + "/health")
+        traced_url = f"http://127.0.0.1:{traced_port}"
+        for url in (direct_url, gateway_url, *([traced_url] if args.traced else [])):
+            wait(url + "/health")
         results = {}
-        for label, url in (("direct", direct_url), ("gateway", gateway_url), ("direct again", direct_url)):
+        paths = [("direct", direct_url), ("gateway", gateway_url), *([("gateway traced", traced_url)] if args.traced else []), ("direct again", direct_url)]
+        for label, url in paths:
             latencies, throughput = asyncio.run(measure(url, args.requests, args.concurrency))
             q = statistics.quantiles(latencies, n=100)
             results[label] = (q[49], q[98], throughput)
-            print(f"{label:<13} p50 {q[49] * 1e3:6.3f} ms   p99 {q[98] * 1e3:6.3f} ms   {throughput:7.0f} requests/s (concurrency {args.concurrency})", flush=True)
+            print(f"{label:<15} p50 {q[49] * 1e3:6.3f} ms   p99 {q[98] * 1e3:6.3f} ms   {throughput:7.0f} requests/s (concurrency {args.concurrency})", flush=True)
         direct_p50 = min(results["direct"][0], results["direct again"][0])
         direct_p99 = min(results["direct"][1], results["direct again"][1])
         print(f"added by the gateway: p50 {(results['gateway'][0] - direct_p50) * 1e3:.3f} ms, p99 {(results['gateway'][1] - direct_p99) * 1e3:.3f} ms; "
               f"throughput {results['gateway'][2] / max(results['direct'][2], results['direct again'][2]):.2f}x of direct")
+        if args.traced:
+            print(f"added by tracing: p50 {(results['gateway traced'][0] - results['gateway'][0]) * 1e3:.3f} ms, "
+                  f"p99 {(results['gateway traced'][1] - results['gateway'][1]) * 1e3:.3f} ms; "
+                  f"throughput {results['gateway traced'][2] / results['gateway'][2]:.2f}x of untraced")
     finally:
-        for process in (gateway, upstream):
+        for process in processes:
             process.terminate()
             process.wait(10)
 

@@ -21,6 +21,7 @@ from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.proxy import Gateway, Receive, Send, respond, respond_error
 from lorafleet.gateway.replicas import ReplicaSet
 from lorafleet.http_limits import head_too_large
+from lorafleet.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class GatewayApp:
                 pool = httpcore.AsyncConnectionPool(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0)
                 config = self.config
                 self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config.load_factor, config.max_body_bytes, config.upstream_timeout,
-                                       config.policy, config.min_bound)
+                                       config.policy, config.min_bound, setup_tracing("lorafleet-gateway", config.otlp_endpoint))
                 self._probe_client = httpx.AsyncClient(timeout=2.0)
                 if config.handoff:
                     self.replicas.handoff = HandOff(self.replicas, self._probe_client, self.metrics.handoffs)
@@ -106,6 +107,8 @@ class GatewayApp:
                 if self.gateway is not None:
                     await self.gateway.pool.aclose()
                     await self._probe_client.aclose()
+                    if self.gateway.tracing is not None:
+                        await asyncio.to_thread(self.gateway.tracing.shutdown)  # flush the last spans
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

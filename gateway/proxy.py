@@ -25,6 +25,7 @@ from lorafleet import ring
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
+from lorafleet.tracing import TRACE_HEADERS, Tracing
 
 log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[dict]]
@@ -134,6 +135,7 @@ class Gateway:
     upstream_timeout: float
     policy: str = "lorafleet"
     min_bound: int = 1
+    tracing: Tracing | None = None
     _turn: int = 0
 
     def _plain_order(self, loads: dict[str, int]) -> list[str]:
@@ -196,21 +198,33 @@ class Gateway:
             forward.append((b"content-length", str(len(body)).encode()))
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         timeout = {"connect": 2.0, "read": self.upstream_timeout, "write": self.upstream_timeout, "pool": self.upstream_timeout}
-        for attempt, name in enumerate(order):
-            replica = routable[name]
-            upstream = httpcore.Request(scope["method"], replica.url + target, headers=[(b"host", replica.host), *forward],
-                                        content=body, extensions={"timeout": timeout})
-            replica.in_flight += 1  # the one increment; the finally below is the one decrement
-            try:
-                last = attempt + 1 == len(order)
-                if await self._attempt(upstream, replica, last, scope, receive, send, key, self._placement(name, top_owner, hot)):
-                    return
-            finally:
-                replica.in_flight -= 1
-        await respond_error(send, 503, f"no replica could serve the request ({len(order)} tried)", "unhealthy")
+        span = None
+        if self.tracing is not None:  # the gateway's span becomes the replica's parent
+            span = self.tracing.tracer.start_span(f"gateway {scope['method']} {path}", context=self.tracing.extract(headers), kind=_server_kind(),
+                                                  attributes={"lorafleet.adapter": key or "", "lorafleet.routing.top_owner": top_owner or "",
+                                                              "lorafleet.routing.candidates": len(order)})
+            forward = [(k, v) for k, v in forward if k.lower() not in TRACE_HEADERS] + self.tracing.inject(span)
+        try:
+            for attempt, name in enumerate(order):
+                replica = routable[name]
+                upstream = httpcore.Request(scope["method"], replica.url + target, headers=[(b"host", replica.host), *forward],
+                                            content=body, extensions={"timeout": timeout})
+                replica.in_flight += 1  # the one increment; the finally below is the one decrement
+                try:
+                    last = attempt + 1 == len(order)
+                    if await self._attempt(upstream, replica, last, scope, receive, send, key, self._placement(name, top_owner, hot), span):
+                        return
+                finally:
+                    replica.in_flight -= 1
+            if span is not None:
+                span.set_attribute("http.response.status_code", 503)
+            await respond_error(send, 503, f"no replica could serve the request ({len(order)} tried)", "unhealthy")
+        finally:
+            if span is not None:
+                span.end()
 
     async def _attempt(self, upstream: httpcore.Request, replica: Replica, last: bool, scope: dict, receive: Receive, send: Send,
-                       key: str | None, placement: str) -> bool:
+                       key: str | None, placement: str, span: Any = None) -> bool:
         """One try on one replica: True when the client got an answer (or left), False to try the next owner."""
         started = time.perf_counter()
         # A replica already ejected is being tried because every one is: do not give up on it for that.
@@ -218,11 +232,11 @@ class Gateway:
         try:
             response = await unless_client_gone(self.pool.handle_async_request(upstream), receive, ejected)
         except ReplicaEjected:
-            self._failed_attempt(replica, "ejected")
+            self._failed_attempt(replica, "ejected", span)
             log.warning("%s %s: %s was ejected before answering; trying the next owner", scope["method"], scope["path"], replica.name)
             return False
         except RETRYABLE as exc:
-            self._failed_attempt(replica, "connect_error")
+            self._failed_attempt(replica, "connect_error", span)
             log.warning("%s %s: %s failed before responding (%s); trying the next owner", scope["method"], scope["path"], replica.name, type(exc).__name__)
             return False
         except ClientGone:
@@ -232,7 +246,7 @@ class Gateway:
             return True
         if response.status == 503 and not last:
             await response.aclose()
-            self._failed_attempt(replica, "unavailable")
+            self._failed_attempt(replica, "unavailable", span)
             return False
         out_headers, length, served_as = [], None, key
         for k, v in response.headers:
@@ -250,14 +264,14 @@ class Gateway:
             try:
                 content = await response.aread()
             except BROKEN:
-                self._failed_attempt(replica, "broken_response")
+                self._failed_attempt(replica, "broken_response", span)
                 return False
             finally:
                 await response.aclose()
-            self._served(replica, response.status, started, key, placement, served_as)
+            self._served(replica, response.status, started, key, placement, served_as, span)
             await respond(send, response.status, content, out_headers)
             return True
-        self._served(replica, response.status, started, key, placement, served_as)
+        self._served(replica, response.status, started, key, placement, served_as, span)
         await self._relay(response, replica, out_headers, send, receive)
         return True
 
@@ -284,7 +298,9 @@ class Gateway:
         finally:
             await response.aclose()
 
-    def _failed_attempt(self, replica: Replica, outcome: str) -> None:
+    def _failed_attempt(self, replica: Replica, outcome: str, span: Any = None) -> None:
+        if span is not None:
+            span.add_event("retry", {"lorafleet.replica": replica.name, "lorafleet.outcome": outcome})
         self.replicas.failed(replica)
         self.metrics.requests.labels(replica.name, outcome).inc()
         self.metrics.retries.inc()
@@ -296,7 +312,10 @@ class Gateway:
             return "none"
         return "owner" if name == top_owner else ("hot" if name in hot else "spill")
 
-    def _served(self, replica: Replica, status: int, started: float, key: str | None, placement: str, served_as: str | None) -> None:
+    def _served(self, replica: Replica, status: int, started: float, key: str | None, placement: str, served_as: str | None,
+                span: Any = None) -> None:
+        if span is not None:
+            span.set_attributes({"lorafleet.replica": replica.name, "lorafleet.routing.placement": placement, "http.response.status_code": status})
         self.replicas.succeeded(replica)
         if key is not None and status == 200:
             self.replicas.hot.used(replica.name, key)  # the replica now holds it (it loaded it if it had not)
@@ -315,3 +334,9 @@ class Gateway:
                 for r in sorted(self.replicas.replicas.values(), key=lambda r: r.name)
             ],
         }
+
+
+def _server_kind() -> Any:
+    from opentelemetry.trace import SpanKind
+
+    return SpanKind.SERVER

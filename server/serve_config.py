@@ -35,6 +35,7 @@ class ServeConfig:
     admin_token: str | None = None
     served_model_name: str | None = None  # the base model's name for clients (the operator passes the BaseModel's)
     metrics_adapter_labels: int = 32  # adapters with series of their own in /metrics; the rest are "other"
+    otlp_endpoint: str | None = None  # traces go here (OTLP/HTTP); None: off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 
 def _size(text: str) -> int:
@@ -100,6 +101,8 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str, bool]] = [
      "(the operator passes the BaseModel's name); --model's value is accepted too", False),
     ("--metrics-adapter-labels", _positive(int), _default(_S, "metrics_adapter_labels"), "adapters with per-adapter series of their own in "
      "/metrics (the busiest; the rest are counted as `other`), so thousands of adapters cannot grow it without bound", False),
+    ("--otlp-endpoint", str, _default(_S, "otlp_endpoint"), "send traces here over OTLP/HTTP, e.g. http://otel-collector:4318 "
+     "(OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_SERVICE_NAME apply too); unset: tracing off", False),
     ("--allow-pickle", None, _default(_E, "allow_pickle"), "allow pickle (.bin) checkpoints and adapters", False),
 ]
 
@@ -142,4 +145,5 @@ def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> Serv
         max_best_of=args.max_best_of, max_body_bytes=args.max_body_bytes, preload_adapters=list(args.preload_adapter or []),
         grace_period_s=args.grace_period_s, admin_token=args.admin_token or None,
         served_model_name=args.served_model_name or None, metrics_adapter_labels=args.metrics_adapter_labels,
+        otlp_endpoint=args.otlp_endpoint or None,
     )

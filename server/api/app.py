@@ -18,6 +18,7 @@ from lorafleet.http_limits import head_too_large
 from lorafleet.server.api.admin import admin_router
 from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.openai import openai_router
+from lorafleet.server.api.request_spans import start_request_span
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.tgi import tgi_router
 from lorafleet.server.errors import RequestError
@@ -81,6 +82,8 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         seen: dict[str, str] = {}
+        tracing = self.service.tracing
+        span = start_request_span(tracing, scope) if tracing is not None and scope["path"] in GENERATE_ROUTES else None
 
         async def watching(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -91,6 +94,9 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, watching)
         finally:
+            if span is not None:
+                span.set_attribute("http.response.status_code", int(seen.get("status", "499")))
+                span.end()
             route = scope["path"] if scope["path"] in GENERATE_ROUTES else "other"
             metrics = self.service.metrics
             # x-adapter-id is set only on an answer that used the adapter: the label is never an arbitrary request string.

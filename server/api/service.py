@@ -19,12 +19,14 @@ from lorafleet import __version__
 from lorafleet.server.adapters.manager import TIERS
 from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.api.metrics import ServerMetrics
+from lorafleet.server.api.request_spans import record_generation
 from lorafleet.server.api.validation import GenerateJob, Limits
 from lorafleet.server.engine.async_engine import AsyncEngine, TokenEvent
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.sequence import FinishReason, Sequence
 from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
 from lorafleet.server.serve_config import ServeConfig
+from lorafleet.tracing import setup_tracing
 
 MAX_DISK_RESIDENCY = 256  # disk-tier adapters listed in lorafleet_adapter_loaded: the disk may hold thousands
 
@@ -79,6 +81,7 @@ class ReplicaService:
             default_adapter_source=config.adapter_source,
         )
         self.metrics = ServerMetrics(self.snapshot, config.metrics_adapter_labels)
+        self.tracing = setup_tracing("lorafleet-replica", config.otlp_endpoint)
         self.engine.adapters.on_timing = lambda step, seconds: self.metrics.adapter_load.labels(step).observe(seconds)
         self.in_flight = 0
         self.draining = False
@@ -101,6 +104,8 @@ class ReplicaService:
         self.runner.stop()
         self.engine.adapters.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tracing is not None:
+            self.tracing.shutdown()  # flush the last spans
 
     @property
     def healthy(self) -> bool:
@@ -204,7 +209,12 @@ class ReplicaService:
         return best
 
     def observe(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
-        self.metrics.observe_generation(job.adapter.id if job.adapter else "", seq.adapter_tier, len(seq.tokens), first_token_s, rest_s)
+        adapter = job.adapter.id if job.adapter else ""
+        self.metrics.observe_generation(adapter, seq.adapter_tier, len(seq.tokens), first_token_s, rest_s)
+        if self.tracing is not None:
+            state = self.engine.adapters.states.get(seq.adapter) if seq.adapter else None
+            load_seconds, source = (dict(state.load_seconds), state.tier_hit) if state is not None else ({}, "")
+            record_generation(self.tracing, seq, adapter, load_seconds, source, first_token_s, rest_s)
 
     # -- adapters (admin) -----------------------------------------------------------------------
 
