@@ -60,6 +60,7 @@ def serve_args(spec: dict[str, Any], name: str | None = None) -> list[str]:
             "--adapter-cache-dir", "/data/adapters", "--grace-period-s", str(DRAIN_SECONDS)]
     if model.get("revision"):
         args += ["--revision", model["revision"]]
+    args += tracing_args(spec)
     flags = {"maxActiveAdapters": "--max-active-adapters", "adapterMemory": "--adapter-memory", "maxLoraRank": "--max-lora-rank",
              "maxBatchTotalTokens": "--max-batch-total-tokens", "maxBatchPrefillTokens": "--max-batch-prefill-tokens",
              "maxInputLength": "--max-input-length", "maxTotalTokens": "--max-total-tokens", "maxConcurrentRequests": "--max-concurrent-requests"}
@@ -69,6 +70,16 @@ def serve_args(spec: dict[str, Any], name: str | None = None) -> list[str]:
     return args
 
 
+def tracing_args(spec: dict[str, Any]) -> list[str]:
+    endpoint = (spec.get("tracing") or {}).get("otlpEndpoint")
+    return ["--otlp-endpoint", endpoint] if endpoint else []
+
+
+def tracing_env(spec: dict[str, Any], name: str, component: str) -> list[dict[str, str]]:
+    """Traces name the fleet and its part (``<basemodel>-replica``, ``<basemodel>-gateway``)."""
+    return [{"name": "OTEL_SERVICE_NAME", "value": f"{name}-{component}"}] if tracing_args(spec) else []
+
+
 def _probe(path: str, period: int, failures: int, initial: int = 0) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures, "initialDelaySeconds": initial}
 
@@ -76,6 +87,7 @@ def _probe(path: str, period: int, failures: int, initial: int = 0) -> dict[str,
 def replica_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
     env = [{"name": "LORAFLEET_HOME", "value": "/data"}, {"name": "HF_HOME", "value": "/data/hf"},
            {"name": "LORAFLEET_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": admin_secret_name(name), "key": ADMIN_TOKEN_KEY}}}]
+    env += tracing_env(spec, name, "replica")
     token = spec.get("hfTokenSecretRef")
     if token:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token.get("key", "token")}}})
@@ -132,7 +144,7 @@ def replica_service(name: str, namespace: str) -> dict[str, Any]:
 def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
     routing = spec.get("routing") or {}
     args = ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--service", f"{namespace}/{replica_name(name)}", "--served-model-name", name,
-            "--load-factor", str(routing.get("loadFactor", DEFAULT_LOAD_FACTOR))]
+            "--load-factor", str(routing.get("loadFactor", DEFAULT_LOAD_FACTOR)), *tracing_args(spec)]
     volumes, mounts = [], []
     keys = routing.get("apiKeySecretRef")
     if keys:
@@ -156,6 +168,7 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
                     "readinessProbe": _probe("/health", 5, 2), "livenessProbe": _probe("/metrics", 15, 4),
                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
                     "volumeMounts": mounts,
+                    **({"env": env} if (env := tracing_env(spec, name, "gateway")) else {}),
                     "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
                 }],
                 "volumes": volumes,

@@ -36,7 +36,7 @@ def test_the_image_installs_the_wheel_from_every_package_folder_and_runs_as_non_
 
 
 def test_every_command_the_image_is_run_with_exists() -> None:
-    spec = {"model": {"id": "org/base"}, "replicas": 2}
+    spec = {"model": {"id": "org/base"}, "replicas": 2, "tracing": {"otlpEndpoint": "http://collector:4318"}}
     containers = [c for d in (replica_deployment("b", "ns", spec), gateway_deployment("b", "ns", spec)) for c in d["spec"]["template"]["spec"]["containers"]]
     operator = yaml.safe_load_all((REPO / "manifests" / "operator.yaml").read_text())
     containers += [c for doc in operator if doc and doc.get("kind") == "Deployment" for c in doc["spec"]["template"]["spec"]["containers"]]

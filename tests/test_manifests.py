@@ -38,7 +38,7 @@ def test_install_renders_and_validates() -> None:
     {"model": {"id": "org/base", "source": "hub", "revision": "main"}, "replicas": 4, "resources": {"limits": {"nvidia.com/gpu": 1}},
      "engine": {"maxActiveAdapters": 32}, "cache": {"claimName": "models"}, "hfTokenSecretRef": {"name": "hf"},
      "nodeSelector": {"gpu": "h200"}, "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
-     "routing": {"apiKeySecretRef": {"name": "keys"}}},
+     "routing": {"apiKeySecretRef": {"name": "keys"}}, "tracing": {"otlpEndpoint": "http://collector:4318"}},
 ], ids=["minimal", "everything"])
 def test_every_object_the_operator_makes_validates(spec: dict) -> None:
     for obj in fleet_objects("fleet", "default", spec, "admin-token"):

@@ -61,6 +61,9 @@ def test_minimal_spec_gives_a_complete_fleet() -> None:
         ("tolerations", [{"key": "gpu", "operator": "Exists"}], lambda d: d["spec"]["template"]["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]),
         ("affinity", {"podAntiAffinity": {}}, lambda d: d["spec"]["template"]["spec"]["affinity"] == {"podAntiAffinity": {}}),
         ("replicas", 0, lambda d: d["spec"]["replicas"] == 0),
+        ("tracing", {"otlpEndpoint": "http://collector:4318"},
+         lambda d: serve_args_of(d)[serve_args_of(d).index("--otlp-endpoint") + 1] == "http://collector:4318"
+         and {"name": "OTEL_SERVICE_NAME", "value": "m-replica"} in container(d)["env"]),
     ],
 )
 def test_each_field_reaches_the_replica_deployment(field: str, value, check) -> None:
@@ -81,6 +84,10 @@ def test_routing_settings_reach_the_gateway() -> None:
     assert args[args.index("--api-key-file") + 1] == "/etc/lorafleet/keys" and gateway["spec"]["replicas"] == 2
     assert gateway["spec"]["template"]["spec"]["serviceAccountName"] == "m-gateway"
     assert serve_args(SPEC)[:3] == ["serve", "--model", "org/base"]
+    assert "--otlp-endpoint" not in args and "env" not in container(gateway)  # tracing is off unless asked for
+    traced = container(gateway_deployment("m", "ns", {**SPEC, "tracing": {"otlpEndpoint": "http://collector:4318"}}))
+    assert traced["args"][traced["args"].index("--otlp-endpoint") + 1] == "http://collector:4318"
+    assert traced["env"] == [{"name": "OTEL_SERVICE_NAME", "value": "m-gateway"}]
 
 
 @pytest.mark.parametrize(
