@@ -35,6 +35,7 @@ class GatewayApp:
         self.replica_urls, self.service, self.config = replica_urls, service, config
         self.metrics = GatewayMetrics(config.metrics_adapter_labels)
         self.replicas = ReplicaSet(on_eject=self.metrics.ejections.inc)
+        self.metrics.watch_replicas(self.replicas.states)
         self.keys = ApiKeys(config.api_key_file)
         self.gateway: Gateway | None = None
         self._stop = threading.Event()

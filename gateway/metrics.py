@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from lorafleet.adapter_labels import TopAdapters
 
@@ -26,3 +29,19 @@ class GatewayMetrics:
     def _drop(self, adapter: str) -> None:
         for values in [v for v in list(self.adapter_requests._metrics) if v[0] == adapter]:  # noqa: SLF001 - children by label tuple
             self.adapter_requests.remove(*values)
+
+    def watch_replicas(self, states: Callable[[], dict[str, int]]) -> None:
+        """``lorafleet_gateway_replicas{state}``: replicas routable and ejected, read at scrape time."""
+        self.registry.register(_ReplicaStates(states))
+
+
+class _ReplicaStates:
+    def __init__(self, states: Callable[[], dict[str, int]]) -> None:
+        self.states = states
+
+    def collect(self):  # noqa: ANN201
+        family = GaugeMetricFamily("lorafleet_gateway_replicas", "replicas this gateway knows, by state: routable (healthy, not ejected), "
+                                   "ejected (failing, taken out of the ring for a while), unhealthy (failing its health probe)", labels=["state"])
+        for state, count in self.states().items():
+            family.add_metric([state], count)
+        yield family

@@ -91,6 +91,13 @@ class ReplicaSet:
         live = {n: r for n, r in self.replicas.items() if not r.ejected}
         return live or dict(self.replicas)  # all ejected: still try them rather than fail outright
 
+    def states(self) -> dict[str, int]:
+        """How many replicas are routable, ejected, or failing their health probe (for /metrics)."""
+        replicas = list(self.replicas.values())
+        ejected = sum(r.ejected for r in replicas)
+        unhealthy = sum(r.probed_healthy is False and not r.ejected for r in replicas)
+        return {"routable": len(replicas) - ejected - unhealthy, "ejected": ejected, "unhealthy": unhealthy}
+
     def base_model_ids(self) -> set[str]:
         return {r.model_id for r in self.replicas.values() if r.model_id} | ({self.catalogue.base} if self.catalogue.base else set())
 

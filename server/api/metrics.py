@@ -40,6 +40,9 @@ class _EngineCollector:
             family.add_metric([], value)
             yield family
         # Made afresh at each scrape, so an old label set never lingers; the value is the time (the picker reads the newest).
+        slots = GaugeMetricFamily("lorafleet_adapter_slots", "device slots for adapters (what vllm:lora_requests_info calls max_lora)")
+        slots.add_metric([], s["max_lora"])
+        yield slots
         lora = GaugeMetricFamily("vllm:lora_requests_info", "adapters resident on the device (running) and requested but not resident "
                                  "(waiting), and the device slots (vLLM name, read by the endpoint picker for LoRA affinity)",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
