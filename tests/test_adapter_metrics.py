@@ -137,3 +137,38 @@ def test_residency_is_published_for_routers(fleet) -> None:
     assert {a for a, t in loaded if t == "device"} == on_device
     assert {a for a, _ in loaded} == set(ADAPTERS)  # the two evicted ones are in CPU memory
     assert {t for a, t in loaded if a not in on_device} == {"cpu"}
+
+
+def test_the_metrics_follow_the_model_server_protocol(fleet) -> None:
+    """What the Gateway API Inference Extension's endpoint picker reads (its model-server protocol): gauges under
+    vLLM's names, and vllm:lora_requests_info with max_lora, comma-separated adapter lists and a timestamp value."""
+    import time
+
+    replica, _ = fleet
+    text = httpx.get(replica.url + "/metrics").text
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "vllm:lora_requests_info"):
+        assert types[name] == "gauge", name
+    values = metric_values(text)
+    assert 0.0 <= values["vllm:kv_cache_usage_perc"] <= 1.0 and values["vllm:gpu_cache_usage_perc"] == values["vllm:kv_cache_usage_perc"]
+    (line,) = [key for key in values if key.startswith("vllm:lora_requests_info{")]
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+    assert set(labels) == {"max_lora", "running_lora_adapters", "waiting_lora_adapters"} and labels["max_lora"].isdigit()
+    for listed in (labels["running_lora_adapters"], labels["waiting_lora_adapters"]):
+        assert listed == "" or all(name and name == name.strip() for name in listed.split(","))
+    assert abs(values[line] - time.time()) < 60  # the picker keeps the newest series by this value
+
+
+def test_the_inference_pool_sample_selects_the_replicas_the_operator_makes() -> None:
+    import yaml
+
+    from lorafleet.operator.desired import REPLICA_PORT, fleet_objects
+
+    pool, route = yaml.safe_load_all((Path(__file__).resolve().parents[1] / "manifests" / "samples" / "inferencepool.yaml").read_text())
+    objects = fleet_objects("smollm2", "default", {"model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, "token")
+    replica_pods = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "smollm2-replicas")["spec"]["template"]["metadata"]["labels"]
+    gateway_pods = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "smollm2")["spec"]["template"]["metadata"]["labels"]
+    selector = pool["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= replica_pods.items() and not selector.items() <= gateway_pods.items()
+    assert pool["spec"]["targetPorts"] == [{"number": REPLICA_PORT}]
+    assert route["spec"]["rules"][0]["backendRefs"][0] == {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "smollm2"}

@@ -35,6 +35,7 @@ class _EngineCollector:
             ("vllm:num_requests_waiting", "requests waiting (vLLM name, read by the inference-extension endpoint picker)", s["waiting"]),
             ("vllm:num_requests_running", "requests running (vLLM name)", s["running"]),
             ("vllm:kv_cache_usage_perc", "KV-cache usage as a fraction (vLLM name, read by the endpoint picker)", s["kv_usage"]),
+            ("vllm:gpu_cache_usage_perc", "the same, under the name older endpoint pickers read", s["kv_usage"]),
         ]:
             family = GaugeMetricFamily(name, help_text)
             family.add_metric([], value)
