@@ -24,16 +24,37 @@ class FakeKube:
         return OBJECTS[kind]
 
 
+def scrape(requests: float, device_hits: float, loads: float, resident: int, queue: int) -> str:
+    """A replica's /metrics as it writes them (the lines replica_stats reads, among others)."""
+    return f"""# TYPE lorafleet_requests_total counter
+lorafleet_requests_total{{adapter="",route="/generate",status="200"}} {requests}
+lorafleet_requests_total{{adapter="",route="other",status="200"}} 999.0
+# TYPE lorafleet_adapter_events gauge
+lorafleet_adapter_events{{event="device_hit"}} {device_hits}
+lorafleet_adapter_events{{event="cpu_hit"}} {loads}
+lorafleet_adapter_events{{event="device_evictions"}} 7.0
+# TYPE lorafleet_adapter_tier_adapters gauge
+lorafleet_adapter_tier_adapters{{tier="device"}} {resident}
+# TYPE lorafleet_adapter_slots gauge
+lorafleet_adapter_slots 8.0
+# TYPE lorafleet_queue_size gauge
+lorafleet_queue_size {queue}
+"""
+
+
 def test_status_prints_every_object_with_its_state(capsys) -> None:
     kube = FakeKube()
-    print_status(kube)
+    scrapes = {"http://127.0.0.2:8080": iter([scrape(100, 30, 10, 5, 0), scrape(112, 36, 12, 6, 3)]), "http://127.0.0.3:8080": iter([None, None])}
+    slept = []
+    print_status(kube, interval=2.0, read=lambda url: next(scrapes[url]), sleep=slept.append)
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert slept == [2.0]
     assert lines == [
         ["BASEMODEL", "PHASE", "READY", "GATEWAY"],
         ["smollm2", "Ready", "2/3", "http://127.0.0.1:8080"],
-        ["REPLICA", "POD", "ADDRESS", "READY"],
-        ["smollm2-replicas-abcde", "127.0.0.2", "yes"],
-        ["smollm2-replicas-fghij", "127.0.0.3", "no"],
+        ["REPLICA", "POD", "ADDRESS", "READY", "REQ/S", "HITS", "ADAPTERS", "QUEUE"],
+        ["smollm2-replicas-abcde", "127.0.0.2", "yes", "6.0", "75%", "6/8", "3"],  # 12 generate requests in 2 s; 36 of 48 hot
+        ["smollm2-replicas-fghij", "127.0.0.3", "no", "-"],  # its /metrics did not answer
         ["ADAPTER", "PHASE", "HOT", "ON"],
         ["pirate", "Ready", "smollm2-replicas-abcde"],
         ["broken", "Failed", "-"],

@@ -18,9 +18,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from lorafleet.local.replica_stats import read_metrics, replica_stats
+from lorafleet.operator.desired import REPLICA_PORT
 
 STATE = "up.json"
 
@@ -150,16 +154,22 @@ def ready(kube: Any, name: str, adapters: list[str]) -> bool:
     return all(((kube.get("lorafleet.io/v1alpha1", "Adapter", "default", a) or {}).get("status") or {}).get("phase") == "Ready" for a in adapters)
 
 
-def print_status(kube: Any) -> None:
+def print_status(kube: Any, interval: float = 1.0, read: Callable[[str], str | None] = read_metrics,
+                 sleep: Callable[[float], None] | None = None) -> None:
+    """The fleet from the API, and each replica's own numbers from its /metrics (two scrapes ``interval`` apart)."""
     say(f"{'BASEMODEL':<16} {'PHASE':<12} {'READY':<7} GATEWAY")
     for base in kube.list("lorafleet.io/v1alpha1", "BaseModel", "default"):
         status = base.get("status") or {}
         say(f"{base['metadata']['name']:<16} {status.get('phase', '-'):<12} {status.get('readyReplicas', 0)}/{base['spec'].get('replicas', 1):<5} {status.get('gateway', '-')}")
-    say(f"{'REPLICA POD':<32} {'ADDRESS':<18} READY")
-    for pod in kube.list("v1", "Pod", "default", "app.kubernetes.io/component=replica"):
+    pods = kube.list("v1", "Pod", "default", "app.kubernetes.io/component=replica")
+    addresses = {p["metadata"]["name"]: (p.get("status") or {}).get("podIP") for p in pods}
+    numbers = replica_stats({name: f"http://{ip}:{REPLICA_PORT}" for name, ip in addresses.items() if ip}, interval, read, sleep)
+    say(f"{'REPLICA POD':<32} {'ADDRESS':<18} {'READY':<6} {'REQ/S':<8} {'HITS':<6} {'ADAPTERS':<9} QUEUE")
+    for pod in pods:
         status = pod.get("status") or {}
         ready_now = any(c.get("status") == "True" for c in status.get("conditions") or [])
-        say(f"{pod['metadata']['name']:<32} {status.get('podIP', '-'):<18} {'yes' if ready_now else 'no'}")
+        measured = numbers.get(pod["metadata"]["name"])
+        say(f"{pod['metadata']['name']:<32} {status.get('podIP', '-'):<18} {'yes' if ready_now else 'no':<6} {measured.columns() if measured else '-'}")
     say(f"{'ADAPTER':<16} {'PHASE':<12} HOT ON")
     for item in kube.list("lorafleet.io/v1alpha1", "Adapter", "default"):
         status = item.get("status") or {}
