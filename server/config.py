@@ -35,6 +35,7 @@ class EngineConfig:
     adapter_disk_cache: int = 20 << 30
     adapter_cpu_memory: int = 4 << 30
     adapter_cycle_time_s: float = 2.0
+    prefix_caching: bool = True  # reuse full KV blocks of a prefix already computed (per adapter, never across adapters)
 
     def validate(self) -> None:
         problems = []

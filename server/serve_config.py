@@ -127,6 +127,14 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
             parser.set_defaults(**{flag.lstrip("-").replace("-", "_"): value or []})
         else:
             parser.add_argument(flag, type=kind, default=value, help=f"{help_text}{shown} [env {env}]")
+    add_prefix_caching_flag(parser)
+
+
+def add_prefix_caching_flag(parser: argparse.ArgumentParser) -> None:
+    raw = os.environ.get("LORAFLEET_PREFIX_CACHING")
+    default = raw.lower() in ("1", "true", "yes") if raw is not None else _default(_E, "prefix_caching")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=default,
+                        help="reuse the KV blocks of prompt prefixes already computed, per adapter (default: on) [env LORAFLEET_PREFIX_CACHING]")
 
 
 def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> ServeConfig:
@@ -137,7 +145,7 @@ def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> Serv
         max_lora_rank=args.max_lora_rank, max_active_adapters=args.max_active_adapters, adapter_memory=args.adapter_memory,
         adapter_roots=list(args.adapter_root or []), adapter_cache_dir=args.adapter_cache_dir,
         adapter_disk_cache=args.adapter_disk_cache, adapter_cpu_memory=args.adapter_cpu_memory,
-        adapter_cycle_time_s=args.adapter_cycle_time_s,
+        adapter_cycle_time_s=args.adapter_cycle_time_s, prefix_caching=args.prefix_caching,
     )
     return ServeConfig(
         engine=engine, model_id=args.model, model_source=args.model_source, revision=args.revision, host=args.host, port=args.port, adapter_source=args.adapter_source,

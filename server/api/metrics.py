@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lorafleet.adapter_labels import TopAdapters
 
@@ -41,6 +41,14 @@ class _EngineCollector:
             family.add_metric([], value)
             yield family
         # Made afresh at each scrape, so an old label set never lingers; the value is the time (the picker reads the newest).
+        queried, hit = s["prefix_cache"]
+        for name, help_text, value in [
+            ("vllm:prefix_cache_queries", "prompt tokens looked up in the prefix cache (vLLM name, read by prefix-aware routers)", queried),
+            ("vllm:prefix_cache_hits", "prompt tokens found in the prefix cache, their KV blocks reused (vLLM name)", hit),
+        ]:
+            counter = CounterMetricFamily(name, help_text)
+            counter.add_metric([], value)
+            yield counter
         slots = GaugeMetricFamily("lorafleet_adapter_slots", "device slots for adapters (what vllm:lora_requests_info calls max_lora)")
         slots.add_metric([], s["max_lora"])
         yield slots

@@ -18,7 +18,7 @@ from lorafleet.server.adapters.manager import AdapterManager, AdapterSettings
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine import detokenizer
 from lorafleet.server.engine.decode_graphs import DecodeGraphs, DecodeRow
-from lorafleet.server.engine.kv_cache import BlockAllocator, KVCache, cache_slot
+from lorafleet.server.engine.kv_cache import BlockAllocator, KVCache, block_hash, cache_slot
 from lorafleet.server.engine.sampler import SamplingError, sample
 from lorafleet.server.engine.scheduler import ScheduledChunk, Scheduler
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence, Status, TokenInfo
@@ -90,7 +90,7 @@ class LLMEngine:
         num_blocks = budget // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block ({block_bytes} bytes each)")
-        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.allocator = BlockAllocator(num_blocks, config.block_size, caching=config.prefix_caching)
         # One block more than the allocator hands out: the scratch block padded CUDA-graph rows write into.
         self.kv = KVCache(self.model_config, num_blocks + 1, config.block_size, self.dtype, self.device)
         shapes, layers = self.model.module_shapes(), self.model_config.num_layers
@@ -110,7 +110,7 @@ class LLMEngine:
         )
         self.attention_kernel = self._kernel(config.attention_kernel)
         self.decode_graphs = self._decode_graphs(num_blocks)
-        self.scheduler = Scheduler(config, self.allocator, self._adapter_ready)
+        self.scheduler = Scheduler(config, self.allocator, self._adapter_ready, self._block_hashes if config.prefix_caching else None)
         self._grammar: Any = None
         self._grammar_lock = threading.Lock()
         log.info("engine ready: %s %s on %s, %d KV blocks of %d tokens", self.model_config.architecture, self.dtype, self.device, num_blocks, config.block_size)
@@ -218,6 +218,8 @@ class LLMEngine:
             if seq.params.prefill_logprobs and seq.num_computed < seq.num_prompt and seq.num_preemptions == 0:
                 self._record_prefill_logprobs(seq, hidden[offset:end])
             seq.num_computed += chunk.num_tokens
+            if self.allocator.caching:
+                self._register_blocks(seq)
             if seq.num_computed == len(seq.token_ids):
                 sample_rows.append(end - 1)
                 sample_seqs.append(seq)
@@ -236,6 +238,26 @@ class LLMEngine:
                 log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
                 outputs.append(self._fail(seq, exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}")))
         return outputs
+
+    def _block_hashes(self, seq: Sequence, count: int) -> list[bytes]:
+        """The hashes of ``seq``'s first ``count`` full blocks, extending its chain as far as needed."""
+        bs, hashes = self.config.block_size, seq.block_hashes
+        if len(hashes) < count:
+            adapter = b""
+            if seq.adapter is not None:
+                loaded = self.adapters.slots.adapters[seq.adapter]  # on the device: it is admitted only then
+                adapter = seq.adapter.encode() + b"\0" + loaded.fingerprint
+            for i in range(len(hashes), count):
+                hashes.append(block_hash(hashes[i - 1] if i else b"", adapter, seq.token_ids[i * bs:(i + 1) * bs]))
+        return hashes[:count]
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Offer ``seq``'s newly full, computed blocks to the prefix cache."""
+        full = seq.num_computed // self.config.block_size
+        if full > seq.num_registered:
+            for i, block_hash_ in enumerate(self._block_hashes(seq, full)[seq.num_registered:], start=seq.num_registered):
+                self.allocator.register(seq.block_table[i], block_hash_)
+            seq.num_registered = full
 
     def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
         """A decode-only step that fits a bucket; prefill chunks and bigger batches run eagerly."""

@@ -30,10 +30,12 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: BlockAllocator, adapter_ready: Callable[[str | None], bool] | None = None) -> None:
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator, adapter_ready: Callable[[str | None], bool] | None = None,
+                 block_hashes: Callable[[Sequence, int], list[bytes]] | None = None) -> None:
         self.config = config
         self.allocator = allocator
         self.adapter_ready = adapter_ready or (lambda adapter: adapter is None)
+        self.block_hashes = block_hashes  # (seq, n) -> its first n full blocks' hashes, when prefix caching is on
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -62,6 +64,7 @@ class Scheduler:
         self.running.remove(seq)
         self.allocator.free(seq.block_table)
         seq.num_computed = 0
+        seq.num_registered = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -79,6 +82,24 @@ class Scheduler:
                 return False
         self.allocator.grow(seq.block_table, num_tokens)
         return True
+
+    def _take_cached(self, seq: Sequence) -> int:
+        """Start ``seq`` from the cached blocks of its prefix: tokens found (at most all but the last, which
+        must run to give the next token's logits). Requests for prompt logprobs compute every token."""
+        if self.block_hashes is None or seq.num_computed or seq.params.prefill_logprobs:
+            return 0
+        blocks = self.allocator.take_cached(self.block_hashes(seq, (len(seq.token_ids) - 1) // self.allocator.block_size))
+        seq.block_table[:] = blocks
+        seq.num_computed = len(blocks) * self.allocator.block_size
+        seq.num_registered = len(blocks)
+        if seq.num_cached_tokens == 0 and seq.first_scheduled_at is None:
+            seq.num_cached_tokens = seq.num_computed
+        return seq.num_computed
+
+    def _return_cached(self, seq: Sequence) -> None:
+        """Admission failed after the lookup: give the blocks back (they stay cached) and start over next step."""
+        self.allocator.free(seq.block_table)
+        seq.num_computed = seq.num_registered = 0
 
     def schedule(self) -> list[ScheduledChunk]:
         prefill_budget = self.config.max_batch_prefill_tokens
@@ -106,10 +127,15 @@ class Scheduler:
                 continue  # its adapter is not on the device yet; it must not hold up the others
             if total_tokens + len(seq.token_ids) > self.config.max_batch_total_tokens:
                 break
+            hits = self._take_cached(seq)
             num_tokens = min(seq.num_uncomputed, prefill_budget)
             if not self.allocator.can_grow(seq.block_table, seq.num_computed + num_tokens):
+                self._return_cached(seq)
                 break
             self.allocator.grow(seq.block_table, seq.num_computed + num_tokens)
+            if self.block_hashes is not None:
+                self.allocator.queried_tokens += len(seq.token_ids)
+                self.allocator.hit_tokens += hits
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             if seq.first_scheduled_at is None:

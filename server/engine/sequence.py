@@ -99,6 +99,9 @@ class Sequence:
     constraint: Any = None  # a structured.Constraint when the output must follow a grammar
     adapter_tier: str = ""  # the adapter's tier when the request arrived (device = hot), for headers and benchmarks
     prefill_carry: torch.Tensor | None = None  # last prefill chunk's final log-softmax, for the next chunk's first token
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order (prefix caching); tokens only grow
+    num_registered: int = 0  # leading blocks of its table already offered to the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -9,6 +9,7 @@ so the batched op is a plain ``(x·A)·B``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -33,6 +34,7 @@ class LoraAdapter:
     target_modules: list[str]
     # (layer, module) -> (A as [in, r], B·scale as [r, out])
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    fingerprint: bytes = b""  # of the weights as served (content_fingerprint): cached KV blocks are keyed by it
 
     @property
     def size_bytes(self) -> int:
@@ -111,7 +113,20 @@ def load_adapter(
         scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
         adapter.weights[(layer, module)] = (a.float().t().contiguous(), (b.float() * scale).t().contiguous())
         adapter.rank = max(adapter.rank, rank)
+    adapter.fingerprint = content_fingerprint(adapter.weights)
     return adapter
+
+
+def content_fingerprint(weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> bytes:
+    """A digest of the weights (scale applied): the same name with other contents (a re-uploaded folder,
+    a new revision) never reuses KV blocks the old one computed. Hashing runs on the loader thread, at
+    about a GB/s, once per parse."""
+    digest = hashlib.blake2b(digest_size=16)
+    for (layer, module), (a, b) in sorted(weights.items()):
+        digest.update(f"{layer}.{module}".encode())
+        for tensor in (a, b):
+            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.digest()
 
 
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
