@@ -66,7 +66,7 @@ CASES = [
     ("adapter not a lora", "/generate", gen(adapter_id="not-lora", adapter_source="local"), {}, 424, "generation", "peft_type PROMPT_TUNING is not supported"),
     ("merged with adapter_id", "/generate", gen(adapter_id="x", merged_adapters={"ids": ["a"]}), {}, 422, "validation", "cannot be used together with `adapter_id`"),
     ("merge strategy unknown", "/generate", gen(merged_adapters={"ids": ["a", "b"], "merge_strategy": "average"}), {}, 422, "validation", "`merged_adapters.merge_strategy` must be one of"),
-    ("merge valid but not built", "/generate", gen(merged_adapters={"ids": ["a", "b"], "weights": [0.5, 0.5]}), {}, 422, "validation", "merging adapters per request is not supported"),
+    ("merge of adapters that do not exist", "/generate", gen(merged_adapters={"ids": ["a", "b"], "weights": [0.5, 0.5]}), {}, 404, "not_found", "local adapter 'a' not found"),
     ("response_format bad type", "/generate", gen(response_format={"type": "yaml"}), {}, 422, "validation", "`response_format.type` must be json_object or json_schema"),
     ("invalid json schema", "/generate", gen(response_format={"type": "json_schema", "schema": {"type": 5}}), {}, 422, "validation", "`response_format` schema is not valid"),
     ("json_schema without schema", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, {}, 422, "validation", "needs a `schema` object"),

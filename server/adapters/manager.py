@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.server.adapters.cache import CpuCache, DiskCache
+from lorafleet.server.adapters.merged import MergedAdapters
 from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.errors import Conflict, Overloaded
 from lorafleet.server.lora.adapter_format import LoraAdapter
@@ -102,7 +103,8 @@ class AdapterManager:
         self._pinned: set[str] = set()
         self._draining: set[str] = set()
         self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "local_read": 0, "source_fetch": 0, "device_evictions": 0,
-                                       "rotations": 0}
+                                       "rotations": 0, "merges": 0}
+        self.merges = MergedAdapters()
 
     def close(self) -> None:
         for pool in (self._local_pool, self._remote_pool):
@@ -240,6 +242,13 @@ class AdapterManager:
             if adapter is not None:
                 state.tier_hit = "cpu"
                 self.counts["cpu_hit"] += 1
+            elif state.ref.source == "merged":
+                state.tier_hit = "merge"
+                merge_start = time.perf_counter()
+                adapter = self.merges.build(state.ref, lambda member: self._member(member, token))
+                self.counts["merges"] += 1
+                self.on_timing("merge", time.perf_counter() - merge_start)
+                self.cpu.put(key, adapter, protect=set(self._pinned))
             else:
                 if local_folder is not None:
                     state.tier_hit = "local"
@@ -273,6 +282,15 @@ class AdapterManager:
                     if oldest in self.states and self.states[oldest].status == "failed":
                         del self.states[oldest]
             log.warning("adapter %s failed to load (%s: %s)", key, type(exc).__name__, exc)
+
+    def _member(self, ref: AdapterRef, token: str | None) -> LoraAdapter:
+        """One member of a merged adapter, from the CPU tier or loaded into it (disk tier, then its source)."""
+        ref, folder = self._resolve(ref)
+        adapter = self.cpu.get(ref.key)
+        if adapter is None:
+            adapter = self._parse(ref.key, folder or self._disk_copy(AdapterState(ref), token))
+            self.cpu.put(ref.key, adapter, protect=set(self._pinned))
+        return adapter
 
     def _disk_copy(self, state: AdapterState, token: str | None) -> Path:
         key = state.ref.key

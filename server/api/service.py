@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -175,7 +176,10 @@ class ReplicaService:
     async def stream(self, job: GenerateJob, prompt_ids: list[int]) -> tuple[TokenEvent, AsyncIterator[TokenEvent]]:
         """Start a generation and wait for its first event, so errors before it still get their HTTP status."""
         await self.compile_grammar(job)
-        if job.adapter is not None:
+        if job.merge is not None:  # named by its whole spec, members by their one canonical name each
+            manager = self.engine.adapters
+            job.adapter = manager.merges.define(dataclasses.replace(job.merge, members=tuple(manager.canonical(m) for m in job.merge.members)))
+        elif job.adapter is not None:
             job.adapter = self.engine.adapters.canonical(job.adapter)
         events = self.runner.generate(prompt_ids, job.params, job.adapter, job.api_token).__aiter__()
         try:

@@ -15,6 +15,7 @@ from lorafleet.server.adapters.sources import SOURCES, AdapterRef
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.engine.structured import validate_response_format
 from lorafleet.server.errors import ValidationError
+from lorafleet.server.lora.merge import MAX_MEMBERS, STRATEGIES, MergeSpec
 
 MAX_SEED = 2**64 - 1
 # Bounds that keep every row's arithmetic finite in float32: logits / temperature and logits x
@@ -22,7 +23,7 @@ MAX_SEED = 2**64 - 1
 # only approximates greedy decoding (which temperature 0 asks for exactly); above them, uniform noise.
 TEMPERATURE_RANGE = (1e-3, 100.0)
 REPETITION_PENALTY_RANGE = (1e-2, 100.0)
-MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
+MERGE_STRATEGIES = STRATEGIES
 
 
 @dataclass(slots=True)
@@ -52,6 +53,7 @@ class GenerateJob:
     stream: bool = False
     response_format: dict | None = None
     prompt_ids: list[int] | None = None  # already tokenized (chat templates), else inputs is tokenized
+    merge: MergeSpec | None = None  # merged_adapters; the service names it and sets `adapter` to its name
 
 
 def _number(parameters: dict, name: str, kind: type, default: Any = None) -> Any:
@@ -185,9 +187,9 @@ def validate_generate(body: Any, limits: Limits, stream: bool = False) -> Genera
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
 
     adapter = parse_adapter(p.get("adapter_id"), p.get("adapter_source"), limits)
-    merged = p.get("merged_adapters")
-    if merged is not None:
-        _validate_merged(merged, adapter)
+    merge = None
+    if p.get("merged_adapters") is not None:
+        merge = _validate_merged(p["merged_adapters"], adapter, p.get("adapter_source"), limits)
     api_token = p.get("api_token")
     if api_token is not None and not isinstance(api_token, str):
         raise ValidationError("`api_token` must be a string")
@@ -198,11 +200,13 @@ def validate_generate(body: Any, limits: Limits, stream: bool = False) -> Genera
     return GenerateJob(
         inputs=inputs, params=params, max_new_tokens=max_new_tokens, adapter=adapter, api_token=api_token,
         truncate=truncate, details=_flag(p, "details"), decoder_input_details=params.prefill_logprobs,
-        return_full_text=_flag(p, "return_full_text"), best_of=best_of, stream=stream,
+        return_full_text=_flag(p, "return_full_text"), best_of=best_of, stream=stream, merge=merge,
     )
 
 
-def _validate_merged(merged: Any, adapter: AdapterRef | None) -> None:
+def _validate_merged(merged: Any, adapter: AdapterRef | None, adapter_source: Any, limits: Limits) -> MergeSpec:
+    """LoRAX's `merged_adapters`: ids (each resolved as an `adapter_id` with this request's `adapter_source`),
+    weights (default 1 each), merge_strategy, density, majority_sign_method."""
     if adapter is not None:
         raise ValidationError("`merged_adapters` cannot be used together with `adapter_id`")
     if not isinstance(merged, dict):
@@ -210,6 +214,8 @@ def _validate_merged(merged: Any, adapter: AdapterRef | None) -> None:
     ids, weights = merged.get("ids"), merged.get("weights")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
         raise ValidationError("`merged_adapters.ids` must be a non-empty list of adapter ids")
+    if len(ids) > MAX_MEMBERS:
+        raise ValidationError(f"`merged_adapters.ids` may name at most {MAX_MEMBERS} adapters. Given: {len(ids)}")
     if weights is not None and (not isinstance(weights, list) or len(weights) != len(ids) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
         raise ValidationError("`merged_adapters.weights` must be a list of finite numbers, one per id")
     strategy = merged.get("merge_strategy", "linear")
@@ -221,4 +227,7 @@ def _validate_merged(merged: Any, adapter: AdapterRef | None) -> None:
     sign = merged.get("majority_sign_method", "total")
     if sign not in ("total", "frequency"):
         raise ValidationError(f"`merged_adapters.majority_sign_method` must be total or frequency. Given: {sign!r}")
-    raise ValidationError("`merged_adapters` is valid, but merging adapters per request is not supported by this server yet")
+    members = tuple(parse_adapter(i, adapter_source, limits) for i in ids)
+    if len(set(members)) != len(members):
+        raise ValidationError("`merged_adapters.ids` names an adapter more than once; give it one weight instead")
+    return MergeSpec(members, tuple(float(w) for w in (weights or [1.0] * len(ids))), strategy, float(density), sign)

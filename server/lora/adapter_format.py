@@ -35,6 +35,11 @@ class LoraAdapter:
     # (layer, module) -> (A as [in, r], B·scale as [r, out])
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     fingerprint: bytes = b""  # of the weights as served (content_fingerprint): cached KV blocks are keyed by it
+    # What merging needs to undo the served form: each module's scale (alpha / r, or / sqrt(r)), the config's
+    # use_rslora and the base model it names (base_model_name_or_path).
+    scales: dict[tuple[int, str], float] = field(default_factory=dict)
+    use_rslora: bool = False
+    base_model: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -93,7 +98,8 @@ def load_adapter(
         raise AdapterError("the adapter holds no LoRA weights")
     use_rslora = bool(config.get("use_rslora"))
     alpha = float(config.get("lora_alpha", 8))
-    adapter = LoraAdapter(name=name, rank=0, target_modules=sorted({m for _, m in pieces}))
+    adapter = LoraAdapter(name=name, rank=0, target_modules=sorted({m for _, m in pieces}), use_rslora=use_rslora,
+                          base_model=config.get("base_model_name_or_path") or None)
     for (layer, module), pair in sorted(pieces.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"layer {layer} {module}: lora_A and lora_B must both be present")
@@ -112,6 +118,7 @@ def load_adapter(
         module_alpha = _pattern_value(config.get("alpha_pattern") or {}, path, alpha)
         scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
         adapter.weights[(layer, module)] = (a.float().t().contiguous(), (b.float() * scale).t().contiguous())
+        adapter.scales[(layer, module)] = scale
         adapter.rank = max(adapter.rank, rank)
     adapter.fingerprint = content_fingerprint(adapter.weights)
     return adapter
