@@ -22,6 +22,7 @@ class GatewayConfig:
     handoff: bool = True  # warm adapters where their traffic is about to go (gateway/handoff.py)
     served_model_name: str | None = None  # the base model's name in /v1/models (the operator passes the BaseModel's)
     metrics_adapter_labels: int = 32  # adapters with series of their own in /metrics; the rest are "other"
+    prefix_chars: int = 0  # route by adapter + the prompt's first N characters (prefix caching affinity); 0: off
     otlp_endpoint: str | None = None  # traces go here (OTLP over HTTP); None: tracing off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 

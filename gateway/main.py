@@ -29,6 +29,9 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=defaults.served_model_name, help="the base model's name in /v1/models (default: the replicas')")
     parser.add_argument("--metrics-adapter-labels", type=int, default=defaults.metrics_adapter_labels,
                         help="adapters with series of their own in /metrics (the busiest; the rest are `other`) (default: %(default)s)")
+    parser.add_argument("--prefix-chars", type=int, default=defaults.prefix_chars,
+                        help="route by the adapter and the prompt's first N characters, so requests sharing a prefix meet the replica "
+                             "that has its KV blocks cached (default: 0, by adapter only)")
     parser.add_argument("--otlp-endpoint", default=defaults.otlp_endpoint,
                         help="send traces here over OTLP/HTTP, e.g. http://otel-collector:4318 (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset: off)")
     parser.add_argument("--upstream-timeout", type=float, default=defaults.upstream_timeout,
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         config = GatewayConfig(load_factor=args.load_factor, api_key_file=args.api_key_file, max_body_bytes=args.max_body_bytes,
                                upstream_timeout=args.upstream_timeout, policy=args.policy, served_model_name=args.served_model_name,
                                handoff=args.handoff, min_bound=max(1, args.min_bound),
-                               metrics_adapter_labels=args.metrics_adapter_labels, otlp_endpoint=args.otlp_endpoint)
+                               metrics_adapter_labels=args.metrics_adapter_labels, otlp_endpoint=args.otlp_endpoint,
+                               prefix_chars=max(0, args.prefix_chars))
         app = create_gateway_app(args.replica, args.service, config)
     except ValueError as exc:
         print(f"lorafleet gateway: {exc}", file=sys.stderr)

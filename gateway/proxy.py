@@ -115,6 +115,26 @@ def routing_key(path: str, body: bytes, base_model_ids: set[str]) -> str | None:
     return None
 
 
+def prompt_start(path: str, body: bytes, chars: int) -> str | None:
+    """The first ``chars`` characters of the prompt (TGI ``inputs``, OpenAI ``prompt`` or the chat messages),
+    for --prefix-chars routing; None when the body has none."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    if path in TGI_ROUTES:
+        text = payload.get("inputs")
+    elif path == "/v1/completions":
+        text = payload.get("prompt")
+        text = text[0] if isinstance(text, list) and text else text
+    else:
+        messages = payload.get("messages")
+        text = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))[: chars + 64] if isinstance(messages, list) else None
+    return _hashable(text[:chars]) if isinstance(text, str) and text else None
+
+
 def _hashable(key: str) -> str | None:
     """A key the ring can hash: a lone surrogate (valid JSON, invalid Unicode) routes as no adapter; the replica refuses it."""
     try:
@@ -136,6 +156,7 @@ class Gateway:
     policy: str = "lorafleet"
     min_bound: int = 1
     tracing: Tracing | None = None
+    prefix_chars: int = 0  # route by adapter + the prompt's first characters (--prefix-chars); 0: by adapter only
     _turn: int = 0
 
     def _plain_order(self, loads: dict[str, int]) -> list[str]:
@@ -184,11 +205,15 @@ class Gateway:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         path = scope["path"]
         key = self.replicas.catalogue.key_for(routing_key(path, body, self.replicas.base_model_ids()))
+        ring_key = key
+        if self.prefix_chars and (start := prompt_start(path, body, self.prefix_chars)) is not None:
+            ring_key = f"{key or ''}\0{start}"  # one tenant's shared prefix meets its own cached blocks
         loads = {name: r.in_flight for name, r in routable.items()}
-        hot = set(self.replicas.hot.holders(key)) if key is not None else set()
-        ranked = ring.owners(key, loads) if key is not None else []
-        warm = self.replicas.hot.warm_holders(key) if key is not None else set()
-        order = (ring.routing_order(key, loads, self.load_factor, hot, ranked, self.min_bound, warm) if self.policy == "lorafleet"
+        by_adapter = ring_key is not None and ring_key == key  # where the adapter is hot matters only when routing by it
+        hot = set(self.replicas.hot.holders(key)) if by_adapter else set()
+        ranked = ring.owners(ring_key, loads) if ring_key is not None else []
+        warm = self.replicas.hot.warm_holders(key) if by_adapter else set()
+        order = (ring.routing_order(ring_key, loads, self.load_factor, hot, ranked, self.min_bound, warm) if self.policy == "lorafleet"
                  else self._plain_order(loads))
         top_owner = ranked[0] if ranked else None
         # Header values as h11 accepts them (no surrounding whitespace), and never the client's

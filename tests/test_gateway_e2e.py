@@ -89,6 +89,30 @@ def test_one_adapter_always_lands_on_the_same_replica(fleet) -> None:
         assert not any(line.startswith('lorafleet_gateway_routing_total{result="spill"}') and not line.endswith(" 0.0") for line in lines)
 
 
+def test_prefix_routing_sends_one_prompt_prefix_to_the_replica_that_cached_it(fleet) -> None:
+    """--prefix-chars: the ring key is the adapter and the prompt's start, so one tenant's system prompt meets
+    its own cached KV blocks; without it, base requests go wherever load says, prompt unseen."""
+    tenants = [f"Tenant {i} system prompt: you answer questions about product line {i} politely and briefly. " for i in range(6)]
+
+    def ask(url: str, tenant: str, question: str) -> httpx.Response:
+        return httpx.post(url + "/generate", json={"inputs": tenant + question, "parameters": {"max_new_tokens": 2}}, timeout=60)
+
+    def hits() -> float:
+        return sum(metric(url, "vllm:prefix_cache_hits_total") for _, url in fleet)
+
+    with GatewayThread([url for _, url in fleet], prefix_chars=64) as gateway:
+        before, served = hits(), {}
+        for tenant in tenants:
+            replicas = {ask(gateway.url, tenant, q).headers["x-lorafleet-replica"] for q in ("Hi?", "Price?", "Colour?")}
+            assert len(replicas) == 1, f"one prefix went to {replicas}"
+            served[tenant] = replicas.pop()
+        assert len(set(served.values())) >= 2  # six prefixes spread over the three replicas
+        assert hits() - before >= 6 * 2 * 16  # the second and third turn of each tenant reused its prefix's blocks
+    with GatewayThread([url for _, url in fleet]) as gateway:
+        first_by_name = min(url.split("//")[1] for _, url in fleet)
+        assert {ask(gateway.url, tenant, "Hi?").headers["x-lorafleet-replica"] for tenant in tenants} == {first_by_name}  # least loaded, ties by name
+
+
 def test_an_adapter_prewarmed_on_another_replica_is_routed_there(fleet) -> None:
     names = [url.split("//")[1] for _, url in fleet]
     warm = ring.owners("ad6", names)[-1]  # the replica the ring ranks last for ad6

@@ -13,7 +13,7 @@ import pytest
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.discovery import members_from_slices, static_members
 from lorafleet.gateway.hot_adapters import HotAdapters
-from lorafleet.gateway.proxy import routing_key
+from lorafleet.gateway.proxy import prompt_start, routing_key
 from lorafleet.gateway.replicas import ReplicaSet
 
 
@@ -35,6 +35,18 @@ from lorafleet.gateway.replicas import ReplicaSet
 def test_routing_key(path: str, body, key) -> None:
     raw = json.dumps(body).encode() if not isinstance(body, str) else body.encode()
     assert routing_key(path, raw, {"base-model"}) == key
+
+
+@pytest.mark.parametrize(("path", "body", "start"), [
+    ("/generate", {"inputs": "You are a pirate. Say hi", "parameters": {}}, "You are a pirate"),
+    ("/v1/completions", {"model": "m", "prompt": ["You are a pirate. Say hi", "other"]}, "You are a pirate"),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "system", "content": "Be brief"}]}, '[{"role":"system'),
+    ("/generate", {"parameters": {}}, None),
+    ("/generate", "not json", None),
+])
+def test_prompt_start_reads_each_apis_prompt(path: str, body, start) -> None:
+    raw = json.dumps(body).encode() if not isinstance(body, str) else body.encode()
+    assert prompt_start(path, raw, 16) == start
 
 
 def test_members_from_endpoint_slices_use_pod_names_and_skip_unready() -> None:

@@ -151,3 +151,14 @@ def test_a_bad_merge_spec_is_refused_with_its_reason(server, merged: dict, statu
     response = generate(server, merged)
     assert response.status_code == status and message in response.json()["error"], response.text
     assert generate(server, {"ids": ["m0", "m2"]}).status_code == 200  # the replica goes on
+
+
+def test_lorax_client_merged_adapters(server) -> None:  # noqa: ANN001
+    """The real client's MergedAdapters, as LoRAX's guide writes it, against the direct HTTP answer."""
+    from lorax import Client, MergedAdapters
+
+    merged = MergedAdapters(ids=["m0", "m1", "m2"], weights=[2.0, 0.3, 0.7], merge_strategy="ties", density=0.2, majority_sign_method="total")
+    response = Client(server.url).generate("hello there", max_new_tokens=3, merged_adapters=merged)
+    direct = generate(server, {"ids": ["m0", "m1", "m2"], "weights": [2.0, 0.3, 0.7], "merge_strategy": "ties", "density": 0.2,
+                               "majority_sign_method": "total"}).json()
+    assert response.generated_text == direct["generated_text"] and response.details.generated_tokens == 3
