@@ -35,6 +35,8 @@ class EngineConfig:
     adapter_disk_cache: int = 20 << 30
     adapter_cpu_memory: int = 4 << 30
     adapter_cycle_time_s: float = 2.0
+    quantize: str | None = None  # weight-only quantization of the base's projections at load: int8 or int4 (None: as loaded)
+    quantize_group_size: int = 64  # int4: inputs per (scale, min) group
     prefix_caching: bool = True  # reuse full KV blocks of a prefix already computed (per adapter, never across adapters)
 
     def validate(self) -> None:
@@ -58,5 +60,9 @@ class EngineConfig:
             problems.append(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.linear_kernel not in ("auto", "torch", "onednn"):
             problems.append(f"linear_kernel must be auto, torch or onednn, got {self.linear_kernel!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            problems.append(f"quantize must be int8 or int4, got {self.quantize!r}")
+        if self.quantize_group_size not in (32, 64, 128, 256):
+            problems.append(f"quantize_group_size must be 32, 64, 128 or 256, got {self.quantize_group_size}")
         if problems:
             raise ValueError("; ".join(problems))

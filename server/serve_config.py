@@ -103,6 +103,9 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str, bool]] = [
      "/metrics (the busiest; the rest are counted as `other`), so thousands of adapters cannot grow it without bound", False),
     ("--otlp-endpoint", str, _default(_S, "otlp_endpoint"), "send traces here over OTLP/HTTP, e.g. http://otel-collector:4318 "
      "(OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_SERVICE_NAME apply too); unset: tracing off", False),
+    ("--quantize", str, _default(_E, "quantize"), "weight-only quantization of the base's projections at load: int8 (per channel) "
+     "or int4 (grouped); adapters stay in the activation dtype", False),
+    ("--quantize-group-size", _positive(int), _default(_E, "quantize_group_size"), "int4: inputs per scale group (32, 64, 128 or 256)", False),
     ("--allow-pickle", None, _default(_E, "allow_pickle"), "allow pickle (.bin) checkpoints and adapters", False),
 ]
 
@@ -146,6 +149,7 @@ def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> Serv
         adapter_roots=list(args.adapter_root or []), adapter_cache_dir=args.adapter_cache_dir,
         adapter_disk_cache=args.adapter_disk_cache, adapter_cpu_memory=args.adapter_cpu_memory,
         adapter_cycle_time_s=args.adapter_cycle_time_s, prefix_caching=args.prefix_caching,
+        quantize=args.quantize or None, quantize_group_size=args.quantize_group_size,
     )
     return ServeConfig(
         engine=engine, model_id=args.model, model_source=args.model_source, revision=args.revision, host=args.host, port=args.port, adapter_source=args.adapter_source,

@@ -58,6 +58,17 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None)
     return table[name]
 
 
+def check_quantization(checkpoint: dict | None, flag: str | None) -> None:
+    """Refuse what cannot be served as asked: a pre-quantized checkpoint of a kind not read here, or one
+    quantized again on top of its own quantization."""
+    if checkpoint is None:
+        return
+    method = checkpoint.get("quant_method", "unknown")
+    if flag is not None:
+        raise CheckpointError(f"the checkpoint is already quantized ({method}); --quantize {flag} would quantize it again: drop --quantize")
+    raise CheckpointError(f"pre-quantized checkpoints ({method}) are not served yet; serve the full-precision model with --quantize int8 or int4")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Any = None) -> None:
         config.validate()
@@ -68,7 +79,9 @@ class LLMEngine:
         raw_dtype = self.model_config.raw.get("torch_dtype") or self.model_config.raw.get("dtype")
         self.dtype = resolve_dtype(config.dtype, self.device, raw_dtype)
         self.linear_kernel = resolve_linear_kernel(config.linear_kernel, self.device, self.dtype)
-        self.model = CausalLM(folder, self.model_config, load_weights(folder, config.allow_pickle), self.dtype, self.device, self.linear_kernel)
+        check_quantization(self.model_config.raw.get("quantization_config"), config.quantize)
+        self.model = CausalLM(folder, self.model_config, load_weights(folder, config.allow_pickle), self.dtype, self.device, self.linear_kernel,
+                              config.quantize, config.quantize_group_size)
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -88,6 +101,7 @@ class LLMEngine:
             else:
                 budget = DEFAULT_CPU_KV_BYTES
         num_blocks = budget // block_bytes
+        self.kv_cache_bytes = num_blocks * block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block ({block_bytes} bytes each)")
         self.allocator = BlockAllocator(num_blocks, config.block_size, caching=config.prefix_caching)

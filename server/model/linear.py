@@ -16,6 +16,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from lorafleet.server.model.quantized import Int4Linear, Int8Linear
+
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; decode batches are 1..256
 # Below this many weight elements oneDNN's per-call cost (~30 us vs ~20 us for F.linear, 2 cores) outweighs the
 # streaming it saves: the test fixtures' 64-wide layers stay on F.linear, SmolLM2's smallest (192 x 576) is packed.
@@ -72,7 +74,22 @@ def resolve_linear_kernel(choice: str, device: torch.device, dtype: torch.dtype)
     return choice
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> Linear:
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, quantize: str | None = None, group_size: int = 64) -> Linear:
+    """A projection as the engine runs it: weight-only quantized (server/model/quantized.py), oneDNN-packed or dense."""
+    if quantize == "int8":
+        return Int8Linear(weight, bias, weight.dtype, weight.device)
+    if quantize == "int4":
+        return Int4Linear(weight, bias, weight.dtype, weight.device, group_size)
     if kernel == "onednn" and weight.numel() >= PACK_MIN_ELEMENTS:
         return OneDnnLinear(weight, bias)
     return DenseLinear(weight, bias)
+
+
+def linear_bytes(linear: Linear) -> int:
+    """Memory a projection's weights take, as stored."""
+    if hasattr(linear, "nbytes"):
+        return linear.nbytes
+    weight = getattr(linear, "weight", None)
+    if weight is None:  # oneDNN's opaque packed tensor: as many elements as the weight
+        weight = linear.packed
+    return weight.numel() * weight.element_size()

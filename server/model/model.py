@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lorafleet.server.engine.kv_cache import KVCache
 from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.checkpoint import CheckpointError, ModelConfig
-from lorafleet.server.model.linear import Linear, make_linear
+from lorafleet.server.model.linear import Linear, linear_bytes, make_linear
 from lorafleet.server.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -44,7 +44,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class CausalLM:
     def __init__(self, folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                 linear_kernel: str = "torch") -> None:
+                 linear_kernel: str = "torch", quantize: str | None = None, group_size: int = 64) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -59,7 +59,8 @@ class CausalLM:
             return weights.pop(name).to(device=device, dtype=dtype)
 
         def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return make_linear(weight, bias, linear_kernel)
+            """A projection adapters may target: quantized when asked."""
+            return make_linear(weight, bias, linear_kernel, quantize, group_size)
 
         self.embed = take("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
@@ -84,7 +85,15 @@ class CausalLM:
             raise CheckpointError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says ({config.vocab_size}, {config.hidden_size})")
         # A tied head shares the embedding's tensor when dense; packed, it is its own reordered copy.
         tied = config.tie_word_embeddings or "lm_head.weight" not in weights
-        self.lm_head = linear(self.embed if tied else take("lm_head.weight"))
+        self.lm_head = make_linear(self.embed if tied else take("lm_head.weight"), None, linear_kernel)  # never quantized
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the base model's weights take on the device, as stored (quantized projections included)."""
+        tensors = [self.embed, self.norm, *(t for layer in self.layers for t in (layer.input_norm, layer.post_norm))]
+        linears = [self.lm_head, *(p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]
+        tied = getattr(self.lm_head, "weight", None) is self.embed
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(linear_bytes(p) for p in linears) - (linear_bytes(self.lm_head) if tied else 0)
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every projection an adapter may target."""

@@ -1,0 +1,128 @@
+"""Weight-only int8 and int4 bases: the kernels compute with exactly the weights ``dequantize`` gives, so a
+float32 reference built from those weights (transformers, peft for adapters) is what the engine must match."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from support.engine import capture_logits, make_engine
+from transformers import AutoModelForCausalLM
+
+from lorafleet.server.engine.sequence import SamplingParams
+from lorafleet.server.model.checkpoint import CheckpointError
+from lorafleet.server.model.quantized import Int4Linear, Int8Linear, dequantize
+from lorafleet.testing import make_lora_adapter
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TOLERANCE = {"int8": 1e-4, "int4": 1e-3}  # float32 activations; int4's kernel sums its groups in another order
+STEPS = 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(128, 64), (40, 64), (96, 256)], ids=["packed", "widened-int4", "groups"])
+def test_each_kernel_computes_with_the_dequantized_weight(n: int, k: int, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(n + k)
+    weight, x = torch.randn(n, k, generator=generator), torch.randn(5, k, generator=generator).to(dtype)
+    bias = torch.randn(n, generator=generator).to(dtype)
+    cpu = torch.device("cpu")
+    int4 = Int4Linear(weight.to(dtype), bias, dtype, cpu, 32)
+    assert int4.kernel == ("cpu" if n % 16 == 0 else "widen")
+    for method, layer in (("int8", Int8Linear(weight.to(dtype), bias, dtype, cpu)), ("int4", int4)):
+        expected = F.linear(x.float(), dequantize(method, weight.to(dtype), 32), bias.float())
+        tolerance = 1e-3 if dtype == torch.float32 else 0.5  # bfloat16 activations round to 3 digits
+        torch.testing.assert_close(layer(x).float(), expected, atol=tolerance, rtol=0 if dtype == torch.float32 else 1e-2)
+    assert Int8Linear(weight, None, torch.float32, cpu).nbytes == n * k + 4 * n  # a byte per weight, a scale per row
+
+
+def dequantized_copy(folder: Path, out: Path, method: str, group_size: int = 64) -> Path:
+    """The checkpoint with every projection replaced by the float32 weight the quantized engine computes with."""
+    shutil.copytree(folder, out)
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        for name, tensor in tensors.items():
+            if name.endswith("_proj.weight") and any(p in name for p in PROJECTIONS):
+                tensors[name] = dequantize(method, tensor, group_size)
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return out
+
+
+def reference_greedy(folder: Path, adapters: dict[str, Path], prompts: list[list[int]], rows: list[str | None]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapters:
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    all_tokens, all_logits = [], []
+    for prompt, adapter in zip(prompts, rows):
+        tokens, logits = list(prompt), []
+        context = model.disable_adapter() if adapters and adapter is None else None
+        if adapters and adapter is not None:
+            model.set_adapter(adapter)
+        with torch.no_grad(), (context if context is not None else torch.no_grad()):
+            for _ in range(STEPS):
+                row = model(torch.tensor([tokens])).logits[0, -1].float()
+                logits.append(row)
+                tokens.append(int(row.argmax()))
+        all_tokens.append(tokens[len(prompt):])
+        all_logits.append(torch.stack(logits))
+    return all_tokens, all_logits
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quantized-adapters")
+    return {"qkvo": make_lora_adapter(tiny_models["llama"], root / "qkvo", r=8, seed=3, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+            "mlp": make_lora_adapter(tiny_models["llama"], root / "mlp", r=4, seed=4, target_modules=["gate_proj", "up_proj", "down_proj"])}
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_mixed_batch_on_a_quantized_base_matches_its_dequantized_reference(method: str, tiny_models, lora, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    rows = [None, "qkvo", "mlp", None, "qkvo"]
+    prompts = [[1] + [(9 * i + 5 * j) % 290 + 6 for j in range(4 + 3 * i)] for i in range(len(rows))]
+    reference = dequantized_copy(tiny_models["llama"], tmp_path / "reference", method)
+    expected_tokens, expected_logits = reference_greedy(reference, lora, prompts, rows)
+    captured = capture_logits(monkeypatch)
+    engine = make_engine(tiny_models["llama"], quantize=method, max_active_adapters=4, max_lora_rank=16)
+    for name, folder in lora.items():
+        engine.load_adapter(name, folder)
+    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=STEPS, ignore_eos=True), adapter=a) for p, a in zip(prompts, rows)]
+    engine.run_to_completion()
+    for row, seq in enumerate(seqs):
+        assert seq.generated_ids == expected_tokens[row], f"row {row} ({rows[row]})"
+        torch.testing.assert_close(torch.stack(captured[seq.request_id]), expected_logits[row], atol=TOLERANCE[method], rtol=0)
+    # The quantization acts: the full-precision model gives other logits.
+    full_tokens, full_logits = reference_greedy(tiny_models["llama"], {}, prompts[:1], [None])
+    assert not torch.allclose(full_logits[0], expected_logits[0], atol=TOLERANCE[method] * 10)
+
+
+def test_the_base_shrinks_and_info_says_so(tiny_models) -> None:  # noqa: ANN001
+    sizes = {method: make_engine(tiny_models["llama"], quantize=method).model.nbytes for method in (None, "int8", "int4")}
+    full = make_engine(tiny_models["llama"]).model
+    projections = sum(p.weight.numel() for layer in full.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert sizes[None] - sizes["int8"] == pytest.approx(3 * projections, rel=0.05)  # 4 bytes -> 1 per projection weight (+ scales)
+    assert sizes["int4"] < sizes["int8"]
+
+
+def test_what_cannot_be_served_as_asked_is_refused(tiny_models, tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="quantize must be int8 or int4, got 'int3'"):
+        make_engine(tiny_models["llama"], quantize="int3")
+    with pytest.raises(ValueError, match="quantize_group_size must be 32, 64, 128 or 256"):
+        make_engine(tiny_models["llama"], quantize="int4", quantize_group_size=48)
+    with pytest.raises(ValueError, match="int4 group size 256 does not divide a projection's input size 64"):
+        make_engine(tiny_models["llama"], quantize="int4", quantize_group_size=256)
+    prequantized = shutil.copytree(tiny_models["llama"], tmp_path / "bnb")
+    config = json.loads((prequantized / "config.json").read_text())
+    (prequantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    with pytest.raises(CheckpointError, match=r"pre-quantized checkpoints \(bitsandbytes\) are not served"):
+        make_engine(prequantized)
+    with pytest.raises(CheckpointError, match=r"already quantized \(bitsandbytes\); --quantize int8 would quantize it again"):
+        make_engine(prequantized, quantize="int8")
