@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_PROJECTIONS = ("w1", "w2", "w3", "gate_up_proj")  # Mixtral's experts (hub layout, and transformers 5's fused one)
 
 
 class AdapterRuleError(ValueError):
@@ -32,6 +33,10 @@ def check_config(config: dict[str, Any], max_rank: int | None = None, rank_limit
     targets = config.get("target_modules") or []
     if isinstance(targets, list):
         unknown = [t for t in targets if str(t).split(".")[-1] not in PROJECTIONS]
+        experts = [t for t in unknown if str(t).split(".")[-1] in EXPERT_PROJECTIONS or "experts" in str(t)]
+        if experts:
+            raise AdapterRuleError(f"LoRA on mixture-of-experts expert MLPs ({experts}) is not served; "
+                                   "adapters on a MoE model may target the attention projections (q_proj, k_proj, v_proj, o_proj)")
         if unknown:
             raise AdapterRuleError(f"LoRA on {unknown} is not supported (embedding and lm_head LoRA included); targets must be among {list(PROJECTIONS)}")
         projections = sorted({str(t).split(".")[-1] for t in targets})

@@ -63,7 +63,7 @@ def write_tokenizer(folder: Path, vocab_size: int = 384) -> Any:
 
 def tiny_config(arch: str, vocab_size: int, bos_id: int, eos_id: int, **overrides: Any) -> Any:
     """A two-layer config of the given architecture with GQA (4 query heads over 2 kv heads)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -88,8 +88,11 @@ def tiny_config(arch: str, vocab_size: int, bos_id: int, eos_id: int, **override
         config = MistralConfig(**{**common, "sliding_window": 4096, "tie_word_embeddings": False, **overrides})
     elif arch == "qwen2":
         config = Qwen2Config(**{**common, "tie_word_embeddings": True, "use_sliding_window": False, **overrides})
+    elif arch == "mixtral":  # four experts of 96, two per token
+        config = MixtralConfig(**{**common, "intermediate_size": 96, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None,
+                                  "tie_word_embeddings": False, **overrides})
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, llama-tied, mistral or qwen2")
+        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, llama-tied, mistral, qwen2 or mixtral")
     return config
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
 from support.engine import capture_logits, make_engine
+from support.quantize import dequantized_copy
 from transformers import AutoModelForCausalLM
 
 from lorafleet.server.engine.sequence import SamplingParams
@@ -20,7 +20,6 @@ from lorafleet.server.model.checkpoint import CheckpointError
 from lorafleet.server.model.quantized import Int4Linear, Int8Linear, dequantize
 from lorafleet.testing import make_lora_adapter
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOLERANCE = {"int8": 1e-4, "int4": 1e-3}  # float32 activations; int4's kernel sums its groups in another order
 STEPS = 5
 
@@ -39,18 +38,6 @@ def test_each_kernel_computes_with_the_dequantized_weight(n: int, k: int, dtype:
         tolerance = 1e-3 if dtype == torch.float32 else 0.5  # bfloat16 activations round to 3 digits
         torch.testing.assert_close(layer(x).float(), expected, atol=tolerance, rtol=0 if dtype == torch.float32 else 1e-2)
     assert Int8Linear(weight, None, torch.float32, cpu).nbytes == n * k + 4 * n  # a byte per weight, a scale per row
-
-
-def dequantized_copy(folder: Path, out: Path, method: str, group_size: int = 64) -> Path:
-    """The checkpoint with every projection replaced by the float32 weight the quantized engine computes with."""
-    shutil.copytree(folder, out)
-    for path in out.glob("*.safetensors"):
-        tensors = load_file(str(path))
-        for name, tensor in tensors.items():
-            if name.endswith("_proj.weight") and any(p in name for p in PROJECTIONS):
-                tensors[name] = dequantize(method, tensor, group_size)
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    return out
 
 
 def reference_greedy(folder: Path, adapters: dict[str, Path], prompts: list[list[int]], rows: list[str | None]) -> tuple[list[list[int]], list[torch.Tensor]]:

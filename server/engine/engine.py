@@ -172,12 +172,13 @@ class LLMEngine:
     def _decode_graphs(self, scratch_block: int) -> DecodeGraphs | None:
         """auto: on cuda when every kernel a decode step runs can be captured; "on" elsewhere runs the same path eagerly."""
         choice = self.config.cuda_graphs
-        capturable = self.attention_kernel == "triton" and self.lora_kernel() == "triton" and not self.model.rope.length_dependent
+        capturable = (self.attention_kernel == "triton" and self.lora_kernel() == "triton" and not self.model.rope.length_dependent
+                      and not self.model.is_moe)  # the experts' loop depends on the routing: not capturable
         if choice == "off" or (choice == "auto" and (self.device.type != "cuda" or not capturable)):
             return None
         if not capturable:
-            raise ValueError("cuda_graphs on needs the Triton attention and LoRA kernels and a RoPE that does not depend on length "
-                             f"(attention {self.attention_kernel}, lora {self.lora_kernel()}, rope {self.model.rope.rope_type})")
+            raise ValueError("cuda_graphs on needs the Triton attention and LoRA kernels, a RoPE that does not depend on length and a dense MLP "
+                             f"(attention {self.attention_kernel}, lora {self.lora_kernel()}, rope {self.model.rope.rope_type}, experts {self.model_config.num_experts})")
         c = self.config
         return DecodeGraphs(self.model, self.kv, scratch_block, c.block_size, min(c.max_running_requests, 256),
                             -(-c.max_total_tokens // c.block_size), capture=self.device.type == "cuda")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM"}
 SUPPORTED_ROPE_TYPES = {"default", "linear", "dynamic", "llama3", "yarn", "longrope"}
 
 
@@ -40,6 +40,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     raw: dict[str, Any]  # the config.json, for the rotary embedding's scaling parameters
+    num_experts: int = 0  # Mixtral: expert MLPs per layer (0: a dense MLP)
+    experts_per_token: int = 0  # Mixtral: experts each token is routed to
 
     @property
     def rope_type(self) -> str:
@@ -77,7 +79,11 @@ def read_config(folder: Path) -> ModelConfig:
         eos_token_ids=_as_ids(raw.get("eos_token_id")),
         bos_token_id=raw.get("bos_token_id"),
         raw=raw,
+        num_experts=raw.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0,
+        experts_per_token=raw.get("num_experts_per_tok", 2) if arch == "MixtralForCausalLM" else 0,
     )
+    if config.num_experts and not 0 < config.experts_per_token <= config.num_experts:
+        raise CheckpointError(f"num_experts_per_tok {config.experts_per_token} must be between 1 and num_local_experts {config.num_experts}")
     if config.rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(
             f"unsupported rope_scaling type {config.rope_type!r}; supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))}"

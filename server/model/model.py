@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) written for the paged KV cache.
+"""The Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, and Mixtral's experts) written for the paged KV cache.
 
 Read it top to bottom like gpt-fast's model: weights are plain tensors, the forward pass is a
 flat batch of tokens with their positions and a ``BatchMetadata``. Q/K/V and gate/up are fused
@@ -18,6 +18,7 @@ from lorafleet.server.engine.kv_cache import KVCache
 from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.checkpoint import CheckpointError, ModelConfig
 from lorafleet.server.model.linear import Linear, linear_bytes, make_linear
+from lorafleet.server.model.moe import Expert, MixtureOfExperts
 from lorafleet.server.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -27,8 +28,9 @@ class LayerWeights:
     qkv: Linear
     o: Linear
     post_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: Linear | None  # the dense MLP; None in a mixture-of-experts layer
+    down: Linear | None
+    moe: MixtureOfExperts | None = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,14 +72,21 @@ class CausalLM:
             bias = None
             if config.qkv_bias:
                 bias = torch.cat([take(attn + f"{m}_proj.bias") for m in "qkv"])
+            moe = None
+            if config.num_experts:  # Mixtral's experts: w1 (gate), w3 (up), w2 (down)
+                block = p + "block_sparse_moe."
+                experts = [Expert(linear(torch.cat([take(f"{block}experts.{e}.w1.weight"), take(f"{block}experts.{e}.w3.weight")])),
+                                  linear(take(f"{block}experts.{e}.w2.weight"))) for e in range(config.num_experts)]
+                moe = MixtureOfExperts(take(block + "gate.weight"), experts, config.experts_per_token, config.intermediate_size)
             self.layers.append(
                 LayerWeights(
                     input_norm=take(p + "input_layernorm.weight"),
                     qkv=linear(torch.cat([take(attn + f"{m}_proj.weight") for m in "qkv"]), bias),
                     o=linear(take(attn + "o_proj.weight")),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])),
-                    down=linear(take(mlp + "down_proj.weight")),
+                    gate_up=None if moe else linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])),
+                    down=None if moe else linear(take(mlp + "down_proj.weight")),
+                    moe=moe,
                 )
             )
         self.norm = take("model.norm.weight")
@@ -91,22 +100,30 @@ class CausalLM:
     def nbytes(self) -> int:
         """Memory the base model's weights take on the device, as stored (quantized projections included)."""
         tensors = [self.embed, self.norm, *(t for layer in self.layers for t in (layer.input_norm, layer.post_norm))]
-        linears = [self.lm_head, *(p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]
+        linears = [self.lm_head, *(p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down) if p is not None)]
+        linears += [p for layer in self.layers if layer.moe for e in layer.moe.experts for p in (e.gate_up, e.down)]
+        tensors += [layer.moe.router for layer in self.layers if layer.moe]
         tied = getattr(self.lm_head, "weight", None) is self.embed
         return sum(t.numel() * t.element_size() for t in tensors) + sum(linear_bytes(p) for p in linears) - (linear_bytes(self.lm_head) if tied else 0)
 
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.config.num_experts)
+
     def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of every projection an adapter may target."""
+        """(in_features, out_features) of every projection an adapter may target: the attention projections,
+        and the dense MLP's where there is one (a mixture of experts has none; its experts take no adapter here)."""
         c = self.config
-        return {
+        shapes = {
             "q_proj": (c.hidden_size, self.q_size),
             "k_proj": (c.hidden_size, self.kv_size),
             "v_proj": (c.hidden_size, self.kv_size),
             "o_proj": (self.q_size, c.hidden_size),
-            "gate_proj": (c.hidden_size, c.intermediate_size),
-            "up_proj": (c.hidden_size, c.intermediate_size),
-            "down_proj": (c.intermediate_size, c.hidden_size),
         }
+        if not self.is_moe:
+            shapes.update({"gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
+                           "down_proj": (c.intermediate_size, c.hidden_size)})
+        return shapes
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMetadata, kv: KVCache) -> torch.Tensor:
@@ -136,6 +153,9 @@ class CausalLM:
             hidden = hidden + out
 
             x = rms_norm(hidden, layer.post_norm, c.rms_norm_eps)
+            if layer.moe is not None:
+                hidden = hidden + layer.moe(x)
+                continue
             gate_up = layer.gate_up(x)
             gate, up = gate_up.split([c.intermediate_size, c.intermediate_size], dim=-1)
             if lora is not None:
