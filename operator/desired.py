@@ -63,10 +63,13 @@ def serve_args(spec: dict[str, Any], name: str | None = None) -> list[str]:
     args += tracing_args(spec)
     flags = {"maxActiveAdapters": "--max-active-adapters", "adapterMemory": "--adapter-memory", "maxLoraRank": "--max-lora-rank",
              "maxBatchTotalTokens": "--max-batch-total-tokens", "maxBatchPrefillTokens": "--max-batch-prefill-tokens",
-             "maxInputLength": "--max-input-length", "maxTotalTokens": "--max-total-tokens", "maxConcurrentRequests": "--max-concurrent-requests"}
+             "maxInputLength": "--max-input-length", "maxTotalTokens": "--max-total-tokens", "maxConcurrentRequests": "--max-concurrent-requests",
+             "quantize": "--quantize", "quantizeGroupSize": "--quantize-group-size"}
     for field, flag in flags.items():
         if engine.get(field) is not None:
             args += [flag, str(engine[field])]
+    if engine.get("prefixCaching") is False:
+        args.append("--no-prefix-caching")
     return args
 
 

@@ -36,13 +36,16 @@ RULES = {
 }
 FLAG_OF = {"maxActiveAdapters": "max_active_adapters", "maxLoraRank": "max_lora_rank", "maxBatchTotalTokens": "max_batch_total_tokens",
            "maxBatchPrefillTokens": "max_batch_prefill_tokens", "maxInputLength": "max_input_length", "maxTotalTokens": "max_total_tokens",
-           "maxConcurrentRequests": "max_concurrent_requests", "device": "device", "adapterMemory": "adapter_memory"}
+           "maxConcurrentRequests": "max_concurrent_requests", "device": "device", "adapterMemory": "adapter_memory", "quantize": "quantize",
+           "quantizeGroupSize": "quantize_group_size", "prefixCaching": "prefix_caching"}
 
 
 def samples(schema: dict) -> list:
     """The bounds a field admits, and values inside them."""
     if "enum" in schema:
         return list(schema["enum"])
+    if schema.get("type") == "boolean":
+        return [True, False]
     if "pattern" in schema:
         values = ["1", "1.5", "512M", "1Gi", "2GiB", "1.5T", "64KB"]
         assert all(re.fullmatch(schema["pattern"], v) for v in values)

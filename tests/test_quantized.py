@@ -113,3 +113,15 @@ def test_what_cannot_be_served_as_asked_is_refused(tiny_models, tmp_path) -> Non
         make_engine(prequantized)
     with pytest.raises(CheckpointError, match=r"already quantized \(bitsandbytes\); --quantize int8 would quantize it again"):
         make_engine(prequantized, quantize="int8")
+
+
+def test_info_says_what_the_replica_serves(tiny_models, tmp_path) -> None:  # noqa: ANN001
+    import httpx
+    from support.server import RunningServer
+
+    with RunningServer(tiny_models["llama"], tmp_path, tmp_path / "cache", engine={"quantize": "int8"}) as server:
+        info = httpx.get(server.url + "/info").json()
+        answer = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30)
+    assert info["quantize"] == "int8" and info["architecture"] == "LlamaForCausalLM" and "MixtralForCausalLM" in info["architectures_served"]
+    assert info["quantizations_served"] == ["int8", "int4"] and 0 < info["model_bytes"] < make_engine(tiny_models["llama"]).model.nbytes
+    assert info["kv_cache_bytes"] > 0 and answer.status_code == 200

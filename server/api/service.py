@@ -26,6 +26,8 @@ from lorafleet.server.engine.async_engine import AsyncEngine, TokenEvent
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.sequence import FinishReason, Sequence
 from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
+from lorafleet.server.model.checkpoint import SUPPORTED_ARCHITECTURES
+from lorafleet.server.model.quantized import QUANTIZATIONS
 from lorafleet.server.serve_config import ServeConfig
 from lorafleet.tracing import setup_tracing
 
@@ -342,6 +344,9 @@ class ReplicaService:
             "adapter_disk_cache": e.adapter_disk_cache,
             "adapter_roots": [str(p) for p in e.adapter_roots],
             "prefix_caching": self.engine.allocator.caching,
+            "architecture": self.engine.model_config.architecture,
+            "architectures_served": sorted(SUPPORTED_ARCHITECTURES),
+            "quantizations_served": list(QUANTIZATIONS),
             "quantize": e.quantize,
             "quantize_group_size": e.quantize_group_size if e.quantize == "int4" else None,
             "model_bytes": self.engine.model.nbytes,
