@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from support.engine import capture_logits, make_engine
-from support.quantize import dequantized_copy
-from transformers import AutoModelForCausalLM
+from support.quantize import dequantized_copy, reference_greedy
 
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.model.checkpoint import CheckpointError
@@ -38,30 +36,6 @@ def test_each_kernel_computes_with_the_dequantized_weight(n: int, k: int, dtype:
         tolerance = 1e-3 if dtype == torch.float32 else 0.5  # bfloat16 activations round to 3 digits
         torch.testing.assert_close(layer(x).float(), expected, atol=tolerance, rtol=0 if dtype == torch.float32 else 1e-2)
     assert Int8Linear(weight, None, torch.float32, cpu).nbytes == n * k + 4 * n  # a byte per weight, a scale per row
-
-
-def reference_greedy(folder: Path, adapters: dict[str, Path], prompts: list[list[int]], rows: list[str | None]) -> tuple[list[list[int]], list[torch.Tensor]]:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    if adapters:
-        names = list(adapters)
-        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(adapters[name], adapter_name=name)
-    model.eval()
-    all_tokens, all_logits = [], []
-    for prompt, adapter in zip(prompts, rows):
-        tokens, logits = list(prompt), []
-        context = model.disable_adapter() if adapters and adapter is None else None
-        if adapters and adapter is not None:
-            model.set_adapter(adapter)
-        with torch.no_grad(), (context if context is not None else torch.no_grad()):
-            for _ in range(STEPS):
-                row = model(torch.tensor([tokens])).logits[0, -1].float()
-                logits.append(row)
-                tokens.append(int(row.argmax()))
-        all_tokens.append(tokens[len(prompt):])
-        all_logits.append(torch.stack(logits))
-    return all_tokens, all_logits
 
 
 @pytest.fixture(scope="module")

@@ -347,8 +347,9 @@ class ReplicaService:
             "architecture": self.engine.model_config.architecture,
             "architectures_served": sorted(SUPPORTED_ARCHITECTURES),
             "quantizations_served": list(QUANTIZATIONS),
-            "quantize": e.quantize,
-            "quantize_group_size": e.quantize_group_size if e.quantize == "int4" else None,
+            "quantize": e.quantize or (f"{self.engine.packed_format.method} int4" if self.engine.packed_format else None),
+            "quantize_group_size": (self.engine.packed_format.group_size if self.engine.packed_format
+                                    else e.quantize_group_size if e.quantize == "int4" else None),
             "model_bytes": self.engine.model.nbytes,
             "kv_cache_bytes": self.engine.kv_cache_bytes,
             "lora_kernel": self.engine.lora_kernel(),

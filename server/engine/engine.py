@@ -28,6 +28,7 @@ from lorafleet.server.model.attention import BatchMetadata, PrefillSegment
 from lorafleet.server.model.checkpoint import CheckpointError, load_weights, read_config
 from lorafleet.server.model.linear import resolve_linear_kernel
 from lorafleet.server.model.model import CausalLM
+from lorafleet.server.model.prequantized import packed_format
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -58,17 +59,6 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None)
     return table[name]
 
 
-def check_quantization(checkpoint: dict | None, flag: str | None) -> None:
-    """Refuse what cannot be served as asked: a pre-quantized checkpoint of a kind not read here, or one
-    quantized again on top of its own quantization."""
-    if checkpoint is None:
-        return
-    method = checkpoint.get("quant_method", "unknown")
-    if flag is not None:
-        raise CheckpointError(f"the checkpoint is already quantized ({method}); --quantize {flag} would quantize it again: drop --quantize")
-    raise CheckpointError(f"pre-quantized checkpoints ({method}) are not served yet; serve the full-precision model with --quantize int8 or int4")
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Any = None) -> None:
         config.validate()
@@ -79,9 +69,9 @@ class LLMEngine:
         raw_dtype = self.model_config.raw.get("torch_dtype") or self.model_config.raw.get("dtype")
         self.dtype = resolve_dtype(config.dtype, self.device, raw_dtype)
         self.linear_kernel = resolve_linear_kernel(config.linear_kernel, self.device, self.dtype)
-        check_quantization(self.model_config.raw.get("quantization_config"), config.quantize)
+        self.packed_format = packed_format(self.model_config.raw.get("quantization_config"), config.quantize)
         self.model = CausalLM(folder, self.model_config, load_weights(folder, config.allow_pickle), self.dtype, self.device, self.linear_kernel,
-                              config.quantize, config.quantize_group_size)
+                              config.quantize, config.quantize_group_size, self.packed_format)
         if tokenizer is None:
             from transformers import AutoTokenizer
 

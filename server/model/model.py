@@ -19,6 +19,8 @@ from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.checkpoint import CheckpointError, ModelConfig
 from lorafleet.server.model.linear import Linear, linear_bytes, make_linear
 from lorafleet.server.model.moe import Expert, MixtureOfExperts
+from lorafleet.server.model.prequantized import PackedFormat, unpack
+from lorafleet.server.model.quantized import Int4Linear
 from lorafleet.server.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -46,7 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class CausalLM:
     def __init__(self, folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                 linear_kernel: str = "torch", quantize: str | None = None, group_size: int = 64) -> None:
+                 linear_kernel: str = "torch", quantize: str | None = None, group_size: int = 64, packed: PackedFormat | None = None) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -60,9 +62,21 @@ class CausalLM:
                 raise CheckpointError(f"checkpoint is missing tensor {name!r}")
             return weights.pop(name).to(device=device, dtype=dtype)
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            """A projection adapters may target: quantized when asked."""
-            return make_linear(weight, bias, linear_kernel, quantize, group_size)
+        def raw(name: str, optional: bool = False) -> torch.Tensor | None:
+            if name not in weights and optional:
+                return None
+            if name not in weights:
+                raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+            return weights.pop(name)
+
+        def projection(names: list[str], bias: torch.Tensor | None = None) -> Linear:
+            """One matmul for the named projections (fused along their outputs): packed 4-bit from a GPTQ or AWQ
+            checkpoint, else the float weights, quantized when asked."""
+            if packed is None:
+                return make_linear(torch.cat([take(n + ".weight") for n in names]), bias, linear_kernel, quantize, group_size)
+            parts = [unpack(packed, raw, n + ".") for n in names]
+            q, scales, mins = (torch.cat([part[i] for part in parts]) for i in range(3))
+            return Int4Linear.from_quantized(q, scales, mins, parts[0][3], bias, dtype, device)
 
         self.embed = take("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
@@ -75,17 +89,17 @@ class CausalLM:
             moe = None
             if config.num_experts:  # Mixtral's experts: w1 (gate), w3 (up), w2 (down)
                 block = p + "block_sparse_moe."
-                experts = [Expert(linear(torch.cat([take(f"{block}experts.{e}.w1.weight"), take(f"{block}experts.{e}.w3.weight")])),
-                                  linear(take(f"{block}experts.{e}.w2.weight"))) for e in range(config.num_experts)]
+                experts = [Expert(projection([f"{block}experts.{e}.w1", f"{block}experts.{e}.w3"]), projection([f"{block}experts.{e}.w2"]))
+                           for e in range(config.num_experts)]
                 moe = MixtureOfExperts(take(block + "gate.weight"), experts, config.experts_per_token, config.intermediate_size)
             self.layers.append(
                 LayerWeights(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=linear(torch.cat([take(attn + f"{m}_proj.weight") for m in "qkv"]), bias),
-                    o=linear(take(attn + "o_proj.weight")),
+                    qkv=projection([attn + f"{m}_proj" for m in "qkv"], bias),
+                    o=projection([attn + "o_proj"]),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=None if moe else linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])),
-                    down=None if moe else linear(take(mlp + "down_proj.weight")),
+                    gate_up=None if moe else projection([mlp + "gate_proj", mlp + "up_proj"]),
+                    down=None if moe else projection([mlp + "down_proj"]),
                     moe=moe,
                 )
             )

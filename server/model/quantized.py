@@ -76,16 +76,27 @@ class Int8Linear:
 
 class Int4Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device, group_size: int) -> None:
-        q, scales, mins = quantize_int4(weight, group_size)
+        self._build(*quantize_int4(weight, group_size), group_size, bias, dtype, device)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                       dtype: torch.dtype, device: torch.device) -> Int4Linear:
+        """From integers already quantized (a GPTQ or AWQ checkpoint): w = q x scale + min, per group of inputs."""
+        linear = cls.__new__(cls)
+        linear._build(q, scales, mins, group_size, bias, dtype, device)
+        return linear
+
+    def _build(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+               dtype: torch.dtype, device: torch.device) -> None:
         n, k = q.shape
         self.out_features, self.group_size, self.bias, self.dtype = n, group_size, bias, dtype
         # tinygemm's [K/g, N, 2] of (scale, zero) with zero = min + 8 s: it computes (q - 8) s + zero.
         scale_zero = torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1).contiguous().to(device=device, dtype=dtype)
         self.kernel = "widen"
-        if device.type == "cpu" and n % 16 == 0:
+        if device.type == "cpu" and n % 16 == 0 and group_size in INT4_GROUP_SIZES:
             self.kernel, self.scale_zero = "cpu", scale_zero
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        elif device.type == "cuda" and dtype == torch.bfloat16 and n % 8 == 0 and k % 64 == 0:
+        elif device.type == "cuda" and dtype == torch.bfloat16 and n % 8 == 0 and k % 64 == 0 and group_size in INT4_GROUP_SIZES:
             self.kernel, self.scale_zero = "cuda", scale_zero
             self.packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(device), 8)
         else:

@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from lorafleet.server.model.quantized import dequantize
@@ -22,3 +23,32 @@ def dequantized_copy(folder: Path, out: Path, method: str, group_size: int = 64)
                 tensors[name] = dequantize(method, tensor, group_size)
         save_file(tensors, str(path), metadata={"format": "pt"})
     return out
+
+
+def reference_greedy(folder: Path, adapters: dict[str, Path], prompts: list[list[int]], rows: list[str | None],
+                     steps: int = 5) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """transformers (peft for adapter rows) in float32, greedy: tokens and the logits of each step, per row."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if adapters:
+        names = list(adapters)
+        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    all_tokens, all_logits = [], []
+    for prompt, adapter in zip(prompts, rows):
+        tokens, logits = list(prompt), []
+        context = model.disable_adapter() if adapters and adapter is None else None
+        if adapters and adapter is not None:
+            model.set_adapter(adapter)
+        with torch.no_grad(), (context if context is not None else torch.no_grad()):
+            for _ in range(steps):
+                row = model(torch.tensor([tokens])).logits[0, -1].float()
+                logits.append(row)
+                tokens.append(int(row.argmax()))
+        all_tokens.append(tokens[len(prompt):])
+        all_logits.append(torch.stack(logits))
+    return all_tokens, all_logits
