@@ -30,7 +30,7 @@ def test_each_kernel_computes_with_the_dequantized_weight(n: int, k: int, dtype:
     bias = torch.randn(n, generator=generator).to(dtype)
     cpu = torch.device("cpu")
     int4 = Int4Linear(weight.to(dtype), bias, dtype, cpu, 32)
-    assert int4.kernel == ("cpu" if n % 16 == 0 else "widen")
+    assert int4.kernel == ("cpu" if n % 16 == 0 and dtype == torch.bfloat16 else "widen")  # torch's CPU kernels are fast in bf16 only
     for method, layer in (("int8", Int8Linear(weight.to(dtype), bias, dtype, cpu)), ("int4", int4)):
         expected = F.linear(x.float(), dequantize(method, weight.to(dtype), 32), bias.float())
         tolerance = 1e-3 if dtype == torch.float32 else 0.5  # bfloat16 activations round to 3 digits
