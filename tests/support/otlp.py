@@ -8,7 +8,7 @@ import time
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
-from support.server import ThreadedApp
+from support.server import ThreadedApp, read_body
 
 
 class Collector:
@@ -21,12 +21,7 @@ class Collector:
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["path"] == "/v1/traces":
             if dict(scope["headers"]).get(b"content-encoding") == b"gzip":
                 body = gzip.decompress(body)

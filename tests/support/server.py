@@ -19,6 +19,16 @@ from lorafleet.server.config import EngineConfig
 from lorafleet.server.serve_config import ServeConfig
 
 
+async def read_body(receive) -> bytes:  # noqa: ANN001 - an ASGI receive
+    """The whole request body of an ASGI request."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import json
 
 from lorafleet import ring
 from lorafleet.gateway.app import create_gateway_app
-from support.server import ThreadedApp
+from support.server import ThreadedApp, read_body
 
 
 class Upstream(ThreadedApp):
@@ -25,12 +25,7 @@ class Upstream(ThreadedApp):
     async def answer(self, scope: dict, receive, send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         while self.mode == "stopped":  # SIGSTOPped: the socket accepts, nothing answers until it is resumed
             await asyncio.sleep(0.05)
         if scope["path"] == "/health":
