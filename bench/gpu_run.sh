@@ -49,10 +49,11 @@ if [ "$MODE" = cuda ]; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     step install 90 install
     export TRITON_INTERPRET=0  # real kernels: the tests' conftest only sets it where unset
-    step gpu_check 240 $PYTHON -P bench/gpu_check.py
-    step parity 180 env LORAFLEET_TEST_DEVICE=cuda $PYTHON -P -m pytest -q -p no:cacheprovider --timeout 120 \
-        tests/test_engine_parity.py tests/test_multi_lora.py tests/test_decode_graphs.py
-    step throughput 200 $PYTHON -P bench/gpu_throughput.py --device cuda
+    step gpu_check 200 $PYTHON -P bench/gpu_check.py
+    step parity 240 env LORAFLEET_TEST_DEVICE=cuda $PYTHON -P -m pytest -q -p no:cacheprovider --timeout 120 \
+        tests/test_engine_parity.py tests/test_multi_lora.py tests/test_decode_graphs.py tests/test_quantized.py tests/test_prefix_cache.py \
+        tests/test_mixtral.py tests/test_prequantized.py -k "not smollm2"  # the GPU machine has no converted SmolLM2
+    step throughput 180 $PYTHON -P bench/gpu_throughput.py --device cuda
 else
     say "[install] uses this checkout's .venv (--cpu)"
     needs_cuda gpu_check

@@ -4,6 +4,7 @@ float32 reference built from those weights (transformers, peft for adapters) is 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,17 +26,19 @@ STEPS = 5
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(128, 64), (40, 64), (96, 256)], ids=["packed", "widened-int4", "groups"])
 def test_each_kernel_computes_with_the_dequantized_weight(n: int, k: int, dtype: torch.dtype) -> None:
+    """On cuda (LORAFLEET_TEST_DEVICE=cuda, bench/gpu_run.sh) the bfloat16 int4 case runs tinygemm's cuda kernel."""
+    device = torch.device(os.environ.get("LORAFLEET_TEST_DEVICE", "cpu"))
     generator = torch.Generator().manual_seed(n + k)
     weight, x = torch.randn(n, k, generator=generator), torch.randn(5, k, generator=generator).to(dtype)
     bias = torch.randn(n, generator=generator).to(dtype)
-    cpu = torch.device("cpu")
-    int4 = Int4Linear(weight.to(dtype), bias, dtype, cpu, 32)
-    assert int4.kernel == ("cpu" if n % 16 == 0 and dtype == torch.bfloat16 else "widen")  # torch's CPU kernels are fast in bf16 only
-    for method, layer in (("int8", Int8Linear(weight.to(dtype), bias, dtype, cpu)), ("int4", int4)):
+    int4 = Int4Linear(weight.to(dtype), bias.to(device), dtype, device, 32)
+    fast = dtype == torch.bfloat16 and n % 16 == 0 and (device.type == "cpu" or k % 64 == 0)  # torch's CPU kernels are fast in bf16 only
+    assert int4.kernel == (device.type if fast else "widen")
+    for method, layer in (("int8", Int8Linear(weight.to(dtype).to(device), bias.to(device), dtype, device)), ("int4", int4)):
         expected = F.linear(x.float(), dequantize(method, weight.to(dtype), 32), bias.float())
         tolerance = 1e-3 if dtype == torch.float32 else 0.5  # bfloat16 activations round to 3 digits
-        torch.testing.assert_close(layer(x).float(), expected, atol=tolerance, rtol=0 if dtype == torch.float32 else 1e-2)
-    assert Int8Linear(weight, None, torch.float32, cpu).nbytes == n * k + 4 * n  # a byte per weight, a scale per row
+        torch.testing.assert_close(layer(x.to(device)).float().cpu(), expected, atol=tolerance, rtol=0 if dtype == torch.float32 else 1e-2)
+    assert Int8Linear(weight, None, torch.float32, torch.device("cpu")).nbytes == n * k + 4 * n  # a byte per weight, a scale per row
 
 
 @pytest.fixture(scope="module")
