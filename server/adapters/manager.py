@@ -20,65 +20,20 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.server.adapters.cache import CpuCache, DiskCache
 from lorafleet.server.adapters.merged import MergedAdapters
-from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.adapters.sources import AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.adapters.state import AdapterSettings, AdapterState, retry_delay
 from lorafleet.server.errors import Conflict, Overloaded
 from lorafleet.server.lora.adapter_format import LoraAdapter
 from lorafleet.server.lora.slots import LoraSlots
 
 log = logging.getLogger(__name__)
-MAX_BACKOFF_S = 30.0
-NOT_FOUND_RETRY_S = 30.0  # an id its source says does not exist is refused from memory for this long
 MAX_FAILED_REMEMBERED = 256  # failed ids kept for their error and back-off; older ones are forgotten
 SOURCE_DOWN_S = 15.0  # after a fetch finds its source unreachable, new fetches from it fail at once this long
 MAX_PENDING_FETCHES = 64  # hub/S3 loads queued or running; beyond it a new id is refused (429)
-TIERS = ("device", "loading", "cpu", "failed")  # every AdapterState.status
-
-
-@dataclass(slots=True)
-class AdapterState:
-    ref: AdapterRef
-    status: str = "loading"  # one of TIERS
-    pinned: bool = False
-    error: BaseException | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    last_used: float = field(default_factory=time.monotonic)
-    resident_since: float = 0.0
-    ran_since_load: bool = False  # a request has run a step with it since it last entered a slot
-    draining: bool = False
-    rank: int = 0
-    size_bytes: int = 0
-    tier_hit: str = ""  # where the last load found it: cpu | disk | source
-    load_seconds: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class AdapterSettings:
-    """What the manager needs of EngineConfig (whose defaults these are), plus its own thread counts."""
-
-    roots: list[Path]
-    cache_dir: Path
-    disk_bytes: int
-    cpu_bytes: int
-    cycle_time_s: float
-    load_threads: int = 2  # local folders: parsing only
-    remote_load_threads: int = 4  # hub and S3: network-bound, so a slow or unreachable source never holds up local loads
-    max_pinned: int | None = None  # None: no limit (tests); the engine keeps one slot free of pins
-
-
-def retry_delay(exc: BaseException, failures: int) -> float:
-    """How long a failed id is answered from memory: a missing one for a while, an unreachable source
-    with a back-off from 1 s, anything else (a bad file, since replaced?) at once the first time."""
-    if isinstance(exc, AdapterNotFound):
-        return NOT_FOUND_RETRY_S
-    if isinstance(exc, AdapterFetchError):
-        return min(MAX_BACKOFF_S, 2.0 ** (failures - 1))
-    return min(MAX_BACKOFF_S, 0.0 if failures == 1 else 2.0 ** (failures - 2))
 
 
 class AdapterManager:

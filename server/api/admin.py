@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from lorafleet.server.adapters.manager import TIERS
 from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.server.adapters.state import TIERS
 from lorafleet.server.api.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet import __version__
-from lorafleet.server.adapters.manager import TIERS
 from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.server.adapters.state import TIERS
 from lorafleet.server.api.metrics import ServerMetrics
 from lorafleet.server.api.request_spans import record_generation
 from lorafleet.server.api.validation import GenerateJob, Limits

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from lorafleet.server.adapters.manager import AdapterManager, AdapterSettings
+from lorafleet.server.adapters.manager import AdapterManager
+from lorafleet.server.adapters.state import AdapterSettings
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine import detokenizer
 from lorafleet.server.engine.decode_graphs import DecodeGraphs, DecodeRow
