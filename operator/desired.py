@@ -73,6 +73,14 @@ def serve_args(spec: dict[str, Any], name: str | None = None) -> list[str]:
     return args
 
 
+def with_tracing_default(spec: dict[str, Any], otlp_endpoint: str | None) -> dict[str, Any]:
+    """The operator's --otlp-endpoint for a BaseModel that names none of its own (its own always wins)."""
+    tracing = spec.get("tracing") or {}
+    if not otlp_endpoint or tracing.get("otlpEndpoint"):
+        return spec
+    return {**spec, "tracing": {**tracing, "otlpEndpoint": otlp_endpoint}}
+
+
 def tracing_args(spec: dict[str, Any]) -> list[str]:
     endpoint = (spec.get("tracing") or {}).get("otlpEndpoint")
     return ["--otlp-endpoint", endpoint] if endpoint else []

@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status
-from lorafleet.operator.desired import ADMIN_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name
+from lorafleet.operator.desired import ADMIN_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name, with_tracing_default
 from lorafleet.operator.fleet import Fleet, FleetIO, PodView, now_text
 from lorafleet.operator.fleet_status import basemodel_status, keep_transition_times
 from lorafleet.operator.kube import Kube, login
@@ -71,7 +71,7 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
 
 
 def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residency_check_s: float = 300.0, status_interval: float = 5.0,
-             per_replica: int = 4) -> kopf.OperatorRegistry:
+             per_replica: int = 4, otlp_endpoint: str | None = None) -> kopf.OperatorRegistry:
     """Attach the handlers to ``registry`` (the global one for ``lorafleet operator``, a fresh one in tests).
 
     ``residency_check_s``: the safety net, how often every replica's listing is re-read; events
@@ -102,7 +102,8 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residenc
                             **_: Any) -> None:
         kube = state.kube
         changed = []
-        for obj in fleet_objects(name, namespace, dict(spec), admin_token(kube, namespace, name) or secrets.token_urlsafe(32)):
+        desired = with_tracing_default(dict(spec), otlp_endpoint)  # the operator's --otlp-endpoint unless the BaseModel names one
+        for obj in fleet_objects(name, namespace, desired, admin_token(kube, namespace, name) or secrets.token_urlsafe(32)):
             kopf.adopt(obj, owner=body)
             outcome, _ = kube.apply(obj)
             if outcome != "unchanged":

@@ -15,6 +15,8 @@ def add_operator_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica-concurrency", type=int, default=4, metavar="N",
                         help="calls in flight to one replica at a time (default: %(default)s)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL (default: %(default)s)")
+    parser.add_argument("--otlp-endpoint", metavar="URL",
+                        help="OTLP/HTTP collector for the fleets whose BaseModel sets no spec.tracing.otlpEndpoint (default: none, tracing off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One active operator at a time comes from the Deployment's Recreate strategy (see manifests/),
     # so kopf runs standalone and needs no peering resources.
-    kopf.run(registry=register(kopf.get_default_registry(), residency_check_s=args.residency_check_s, per_replica=args.replica_concurrency), standalone=True, liveness_endpoint=args.liveness,
+    kopf.run(registry=register(kopf.get_default_registry(), residency_check_s=args.residency_check_s, per_replica=args.replica_concurrency,
+                               otlp_endpoint=args.otlp_endpoint), standalone=True, liveness_endpoint=args.liveness,
              clusterwide=not args.namespace, namespaces=args.namespace or ())
     return 0

@@ -171,6 +171,15 @@ def test_a_fleet_in_a_namespace_the_operator_does_not_watch_is_refused() -> None
     assert "kubectl -n lorafleet get basemodel mistral-7b" in notes(values, namespace="lorafleet")
 
 
+def test_a_tracing_endpoint_reaches_the_operator_and_through_it_every_fleet() -> None:
+    args = operator_container(render({"tracing": {"otlpEndpoint": "http://otel-collector.observability:4318"}}))["args"]
+    assert args[args.index("--otlp-endpoint") + 1] == "http://otel-collector.observability:4318"
+    assert build_parser().parse_args(args).otlp_endpoint == "http://otel-collector.observability:4318"
+    assert "--otlp-endpoint" not in operator_container(render())["args"]
+    with pytest.raises(helm_python.HelmValuesError, match="/tracing/otlpEndpoint"):
+        render({"tracing": {"otlpEndpoint": "collector:4318"}})
+
+
 def test_the_operator_gets_its_token_and_extra_env_and_a_pinned_image() -> None:
     objects = render({"operator": {"hfTokenSecretRef": {"name": "hf"}, "env": [{"name": "HF_ENDPOINT", "value": "http://mirror"}]},
                       "image": {"digest": "sha256:" + "b" * 64}})

@@ -77,6 +77,16 @@ def serve_args_of(deployment: dict) -> list[str]:
     return container(deployment)["args"]
 
 
+def test_the_operators_tracing_endpoint_is_a_default_a_basemodel_can_override() -> None:
+    from lorafleet.operator.desired import with_tracing_default
+
+    assert with_tracing_default(SPEC, None) is SPEC
+    defaulted = with_tracing_default(SPEC, "http://collector:4318")
+    assert serve_args(defaulted)[serve_args(defaulted).index("--otlp-endpoint") + 1] == "http://collector:4318"
+    own = {**SPEC, "tracing": {"otlpEndpoint": "http://team-collector:4318"}}
+    assert with_tracing_default(own, "http://collector:4318") == own
+
+
 def test_routing_settings_reach_the_gateway() -> None:
     gateway = gateway_deployment("m", "ns", {**SPEC, "routing": {"loadFactor": 1.5, "gatewayReplicas": 2, "apiKeySecretRef": {"name": "keys"}}})
     args = container(gateway)["args"]

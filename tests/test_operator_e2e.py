@@ -55,6 +55,7 @@ def test_basemodel_becomes_a_fleet_with_owner_references(operator_env) -> None:
     assert replicas.spec.replicas == 2
     args = replicas.spec.template.spec.containers[0].args
     assert args[:3] == ["serve", "--model", "smollm2"] and "--max-lora-rank" in args and args[args.index("--max-lora-rank") + 1] == "16"
+    assert args[args.index("--otlp-endpoint") + 1] == "http://otel-collector:4318"  # the operator's default: the BaseModel names none
     objects = [replicas, apps.read_namespaced_deployment("smol", "default"), core.read_namespaced_service("smol", "default"),
                core.read_namespaced_service("smol-replicas", "default"), client.PolicyV1Api(api).read_namespaced_pod_disruption_budget("smol-replicas", "default"),
                core.read_namespaced_service_account("smol-gateway", "default"), client.RbacAuthorizationV1Api(api).read_namespaced_role("smol-gateway", "default")]

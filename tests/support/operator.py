@@ -100,16 +100,18 @@ def set_pod_ready(core: client.CoreV1Api, pod: str, ready: bool, restarts: int =
 
 
 @contextlib.contextmanager
-def operator_running(kube_api, kubectl, monkeypatch, residency_check_s: float = 3600.0) -> Iterator[client.ApiClient]:
+def operator_running(kube_api, kubectl, monkeypatch, residency_check_s: float = 3600.0,
+                     otlp_endpoint: str | None = "http://otel-collector:4318") -> Iterator[client.ApiClient]:
     """The CRDs applied and the operator (kopf, in this process) running against the embedded API.
 
-    The safety net defaults to an hour: what the tests see is done by events alone.
+    The safety net defaults to an hour: what the tests see is done by events alone. The operator has a
+    default tracing endpoint (its --otlp-endpoint), which BaseModels without their own inherit.
     """
     kubectl("apply", "-k", str(ROOT / "crds"))
     monkeypatch.setenv("KUBECONFIG", str(kube_api.kubeconfig))
     api = config.new_client_from_config(str(kube_api.kubeconfig))
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
-    registry = register(kopf.OperatorRegistry(), residency_check_s=residency_check_s, status_interval=0.5)
+    registry = register(kopf.OperatorRegistry(), residency_check_s=residency_check_s, status_interval=0.5, otlp_endpoint=otlp_endpoint)
     with KopfRunner(["run", "--standalone", "--namespace", "default"], registry=registry, settings=settings):
         yield api
