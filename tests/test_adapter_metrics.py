@@ -172,3 +172,19 @@ def test_the_inference_pool_sample_selects_the_replicas_the_operator_makes() -> 
     assert selector.items() <= replica_pods.items() and not selector.items() <= gateway_pods.items()
     assert pool["spec"]["targetPorts"] == [{"number": REPLICA_PORT}]
     assert route["spec"]["rules"][0]["backendRefs"][0] == {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "smollm2"}
+
+
+def test_openai_traffic_is_counted_under_its_adapter(fleet) -> None:
+    """The OpenAI routes say which adapter served them (x-adapter-id, x-adapter-tier) as the TGI routes do, so
+    the replica's per-adapter request counter sees them."""
+    replica, _ = fleet
+    label = f'lorafleet_requests_total{{adapter="{ADAPTERS[0]}",route="/v1/chat/completions",status="200"}}'
+    before = metric_values(httpx.get(replica.url + "/metrics").text).get(label, 0.0)
+    for stream in (False, True):
+        body = {"model": ADAPTERS[0], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream}
+        response = httpx.post(replica.url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200 and response.headers["x-adapter-id"] == ADAPTERS[0]
+        assert response.headers["x-adapter-tier"] in ("device", "cpu", "loading")
+    completion = httpx.post(replica.url + "/v1/completions", json={"model": ADAPTERS[0], "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert completion.headers["x-adapter-id"] == ADAPTERS[0]
+    assert metric_values(httpx.get(replica.url + "/metrics").text)[label] == before + 2

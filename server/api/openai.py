@@ -113,7 +113,13 @@ async def openai_stream(service: ReplicaService, request: Request, job: Generate
 
     prelude = [sse(c) for c in chunk(None, None, start=True)]
     body = sse_events(service, job, first, events, started, render, prelude, epilogue=["data: [DONE]\n\n"])
-    return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache", **adapter_headers(job, first.adapter_tier)})
+
+
+def adapter_headers(job: GenerateJob, tier: str) -> dict[str, str]:
+    """Which adapter served the request and where it found it (as the TGI routes say): the replica's per-adapter
+    request metric and the gateway's read them, so OpenAI traffic is counted under its adapter too."""
+    return {"x-adapter-id": job.adapter.id if job.adapter else "", "x-adapter-tier": tier}
 
 
 def openai_router(service: ReplicaService) -> APIRouter:
@@ -169,7 +175,8 @@ def openai_router(service: ReplicaService) -> APIRouter:
                 "logprobs": logprobs_json(completion, len(prefix)) if job.params.alternatives or body.get("logprobs") == 0 else None,
                 "finish_reason": finish_reason(completion.seq.finish_reason),
             })
-        return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)}
+        return JSONResponse({"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)},
+                            headers=adapter_headers(jobs[0], results[0].seq.adapter_tier))
 
     @router.post("/chat/completions", summary="OpenAI chat completions with the tokenizer's chat template")
     async def chat(request: Request) -> Any:
@@ -202,7 +209,8 @@ def openai_router(service: ReplicaService) -> APIRouter:
             {"index": i, "message": {"role": "assistant", "content": c.seq.text}, "logprobs": None, "finish_reason": finish_reason(c.seq.finish_reason)}
             for i, c in enumerate(results)
         ]
-        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)})
+        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)},
+                            headers=adapter_headers(jobs[0], results[0].seq.adapter_tier))
 
     return router
 
