@@ -86,7 +86,8 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
     everything = " ".join(expr for _, expr in expressions())
     for series in ("lorafleet_time_to_first_token_seconds_bucket", "lorafleet_time_per_output_token_seconds_bucket", "lorafleet_adapter_events",
                    "lorafleet_adapter_load_seconds_count", "lorafleet_adapter_tier_adapters", "lorafleet_queue_size", "lorafleet_gateway_routing_total",
-                   "lorafleet_gateway_retries_total", "lorafleet_gateway_replicas", "lorafleet_requests_total", "lorafleet_e2e_request_latency_seconds_bucket"):
+                   "lorafleet_gateway_retries_total", "lorafleet_gateway_replicas", "lorafleet_requests_total", "lorafleet_e2e_request_latency_seconds_bucket",
+                   "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"):
         assert series in everything
     assert {r["alert"] for g in ALERTS["groups"] for r in g["rules"]} == {
         "LorafleetAdapterCacheThrash", "LorafleetReplicaEjected", "LorafleetQueueGrowing", "LorafleetHighErrorRate"}
