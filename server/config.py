@@ -36,7 +36,7 @@ class EngineConfig:
     adapter_cpu_memory: int = 4 << 30
     adapter_cycle_time_s: float = 2.0
     quantize: str | None = None  # weight-only quantization of the base's projections at load: int8 or int4 (None: as loaded)
-    quantize_group_size: int = 64  # int4: inputs per (scale, min) group
+    quantize_group_size: int = 32  # int4: inputs per (scale, min) group (GGUF Q4 uses 32 too)
     prefix_caching: bool = True  # reuse full KV blocks of a prefix already computed (per adapter, never across adapters)
 
     def validate(self) -> None:

@@ -74,7 +74,7 @@ def resolve_linear_kernel(choice: str, device: torch.device, dtype: torch.dtype)
     return choice
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, quantize: str | None = None, group_size: int = 64) -> Linear:
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, quantize: str | None = None, group_size: int = 32) -> Linear:
     """A projection as the engine runs it: weight-only quantized (server/model/quantized.py), oneDNN-packed or dense."""
     if quantize == "int8":
         return Int8Linear(weight, bias, weight.dtype, weight.device)

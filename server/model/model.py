@@ -48,7 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class CausalLM:
     def __init__(self, folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                 linear_kernel: str = "torch", quantize: str | None = None, group_size: int = 64, packed: PackedFormat | None = None) -> None:
+                 linear_kernel: str = "torch", quantize: str | None = None, group_size: int = 32, packed: PackedFormat | None = None) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device

@@ -45,7 +45,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q.reshape(n, k), scales, mins
 
 
-def dequantize(method: str, weight: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+def dequantize(method: str, weight: torch.Tensor, group_size: int = 32) -> torch.Tensor:
     """The float32 weight the quantized kernels compute with."""
     if method == "int8":
         q, scales = quantize_int8(weight)

@@ -14,7 +14,7 @@ from lorafleet.server.model.quantized import dequantize
 QUANTIZED = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
 
 
-def dequantized_copy(folder: Path, out: Path, method: str, group_size: int = 64) -> Path:
+def dequantized_copy(folder: Path, out: Path, method: str, group_size: int = 32) -> Path:
     shutil.copytree(folder, out)
     for path in out.glob("*.safetensors"):
         tensors = load_file(str(path))
