@@ -205,15 +205,7 @@ class AdapterManager:
                 self.on_timing("merge", time.perf_counter() - merge_start)
                 self.cpu.put(key, adapter, protect=set(self._pinned))
             else:
-                if local_folder is not None:
-                    state.tier_hit = "local"
-                    self.counts["local_read"] += 1  # read from its folder: as cold as the disk tier
-                folder = local_folder or self._disk_copy(state, token)
-                parse_start = time.perf_counter()
-                adapter = self._parse(key, folder)
-                state.load_seconds["disk_to_cpu"] = time.perf_counter() - parse_start
-                self.on_timing("disk_to_cpu", state.load_seconds["disk_to_cpu"])
-                self.cpu.put(key, adapter, protect=set(self._pinned))
+                adapter = self._read(state, local_folder, token)
             with self._lock:
                 state.rank, state.size_bytes = adapter.rank, adapter.size_bytes
                 state.status = "cpu"
@@ -238,14 +230,24 @@ class AdapterManager:
                         del self.states[oldest]
             log.warning("adapter %s failed to load (%s: %s)", key, type(exc).__name__, exc)
 
-    def _member(self, ref: AdapterRef, token: str | None) -> LoraAdapter:
-        """One member of a merged adapter, from the CPU tier or loaded into it (disk tier, then its source)."""
-        ref, folder = self._resolve(ref)
-        adapter = self.cpu.get(ref.key)
-        if adapter is None:
-            adapter = self._parse(ref.key, folder or self._disk_copy(AdapterState(ref), token))
-            self.cpu.put(ref.key, adapter, protect=set(self._pinned))
+    def _read(self, state: AdapterState, local_folder: Path | None, token: str | None) -> LoraAdapter:
+        """Parse an adapter from its local folder, or from the disk tier (fetched from its source first if
+        needed), into the CPU tier."""
+        if local_folder is not None:
+            state.tier_hit = "local"
+            self.counts["local_read"] += 1  # read from its folder: as cold as the disk tier
+        folder = local_folder or self._disk_copy(state, token)
+        parse_start = time.perf_counter()
+        adapter = self._parse(state.ref.key, folder)
+        state.load_seconds["disk_to_cpu"] = time.perf_counter() - parse_start
+        self.on_timing("disk_to_cpu", state.load_seconds["disk_to_cpu"])
+        self.cpu.put(state.ref.key, adapter, protect=set(self._pinned))
         return adapter
+
+    def _member(self, ref: AdapterRef, token: str | None) -> LoraAdapter:
+        """One member of a merged adapter, from the CPU tier or read into it like any adapter."""
+        ref, folder = self._resolve(ref)
+        return self.cpu.get(ref.key) or self._read(AdapterState(ref), folder, token)
 
     def _disk_copy(self, state: AdapterState, token: str | None) -> Path:
         key = state.ref.key
