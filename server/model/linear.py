@@ -27,7 +27,15 @@ PACK_MIN_ELEMENTS = 1 << 16
 class Linear(Protocol):
     out_features: int
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the weight takes, as stored."""
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 class DenseLinear:
@@ -36,6 +44,10 @@ class DenseLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weight, self.bias = weight, bias
         self.out_features = weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -48,6 +60,10 @@ class OneDnnLinear:
         self.out_features = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
         self.bias = bias
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.packed)  # opaque, as many elements as the weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -83,13 +99,3 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, qu
     if kernel == "onednn" and weight.numel() >= PACK_MIN_ELEMENTS:
         return OneDnnLinear(weight, bias)
     return DenseLinear(weight, bias)
-
-
-def linear_bytes(linear: Linear) -> int:
-    """Memory a projection's weights take, as stored."""
-    if hasattr(linear, "nbytes"):
-        return linear.nbytes
-    weight = getattr(linear, "weight", None)
-    if weight is None:  # oneDNN's opaque packed tensor: as many elements as the weight
-        weight = linear.packed
-    return weight.numel() * weight.element_size()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lorafleet.server.engine.kv_cache import KVCache
 from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.checkpoint import CheckpointError, ModelConfig
-from lorafleet.server.model.linear import Linear, linear_bytes, make_linear
+from lorafleet.server.model.linear import Linear, make_linear, tensor_bytes
 from lorafleet.server.model.moe import Expert, MixtureOfExperts
 from lorafleet.server.model.prequantized import PackedFormat, unpack
 from lorafleet.server.model.quantized import Int4Linear
@@ -57,17 +57,16 @@ class CausalLM:
         self.scale = config.head_dim**-0.5
         self.rope = RotaryEmbedding(folder, config.rope_type, device)
 
-        def take(name: str) -> torch.Tensor:
-            if name not in weights:
-                raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-            return weights.pop(name).to(device=device, dtype=dtype)
-
         def raw(name: str, optional: bool = False) -> torch.Tensor | None:
-            if name not in weights and optional:
-                return None
+            """A checkpoint tensor as stored (packed integers stay integers)."""
             if name not in weights:
+                if optional:
+                    return None
                 raise CheckpointError(f"checkpoint is missing tensor {name!r}")
             return weights.pop(name)
+
+        def take(name: str) -> torch.Tensor:
+            return raw(name).to(device=device, dtype=dtype)
 
         def projection(names: list[str], bias: torch.Tensor | None = None) -> Linear:
             """One matmul for the named projections (fused along their outputs): packed 4-bit from a GPTQ or AWQ
@@ -118,7 +117,7 @@ class CausalLM:
         linears += [p for layer in self.layers if layer.moe for e in layer.moe.experts for p in (e.gate_up, e.down)]
         tensors += [layer.moe.router for layer in self.layers if layer.moe]
         tied = getattr(self.lm_head, "weight", None) is self.embed
-        return sum(t.numel() * t.element_size() for t in tensors) + sum(linear_bytes(p) for p in linears) - (linear_bytes(self.lm_head) if tied else 0)
+        return sum(map(tensor_bytes, tensors)) + sum(p.nbytes for p in linears) - (self.lm_head.nbytes if tied else 0)
 
     @property
     def is_moe(self) -> bool:
