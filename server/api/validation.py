@@ -23,7 +23,6 @@ MAX_SEED = 2**64 - 1
 # only approximates greedy decoding (which temperature 0 asks for exactly); above them, uniform noise.
 TEMPERATURE_RANGE = (1e-3, 100.0)
 REPETITION_PENALTY_RANGE = (1e-2, 100.0)
-MERGE_STRATEGIES = STRATEGIES
 
 
 @dataclass(slots=True)
@@ -219,8 +218,8 @@ def _validate_merged(merged: Any, adapter: AdapterRef | None, adapter_source: An
     if weights is not None and (not isinstance(weights, list) or len(weights) != len(ids) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
         raise ValidationError("`merged_adapters.weights` must be a list of finite numbers, one per id")
     strategy = merged.get("merge_strategy", "linear")
-    if strategy not in MERGE_STRATEGIES:
-        raise ValidationError(f"`merged_adapters.merge_strategy` must be one of {', '.join(MERGE_STRATEGIES)}. Given: {strategy!r}")
+    if strategy not in STRATEGIES:
+        raise ValidationError(f"`merged_adapters.merge_strategy` must be one of {', '.join(STRATEGIES)}. Given: {strategy!r}")
     density = merged.get("density", 1.0)
     if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 < density <= 1.0:
         raise ValidationError("`merged_adapters.density` must be > 0.0 and <= 1.0")
