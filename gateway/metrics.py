@@ -7,7 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from lorafleet.adapter_labels import TopAdapters
+from lorafleet.adapter_labels import TopAdapters, remove_adapter_series
 
 
 class GatewayMetrics:
@@ -24,11 +24,7 @@ class GatewayMetrics:
         # By adapter, only for answers a replica served (the adapter exists), the busiest by name and the rest `other`.
         self.adapter_requests = Counter("lorafleet_gateway_adapter_requests", "requests a replica answered with 200, by adapter "
                                         "(\"\" the base model) and how the replica was chosen", ["adapter", "placement"], registry=r)
-        self.adapters = TopAdapters(adapter_labels, on_drop=self._drop)
-
-    def _drop(self, adapter: str) -> None:
-        for values in [v for v in list(self.adapter_requests._metrics) if v[0] == adapter]:  # noqa: SLF001 - children by label tuple
-            self.adapter_requests.remove(*values)
+        self.adapters = TopAdapters(adapter_labels, on_drop=lambda adapter: remove_adapter_series([self.adapter_requests], adapter))
 
     def watch_replicas(self, states: Callable[[], dict[str, int]]) -> None:
         """``lorafleet_gateway_replicas{state}``: replicas routable and ejected, read at scrape time."""

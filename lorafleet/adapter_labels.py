@@ -15,8 +15,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 OTHER = "other"
+
+
+def remove_adapter_series(families: Any, adapter: str) -> None:
+    """Remove every series of ``families`` (prometheus_client labelled metrics with an ``adapter`` label)
+    whose adapter is ``adapter``: what a TopAdapters' ``on_drop`` does."""
+    for family in families:
+        position = family._labelnames.index("adapter")  # noqa: SLF001 - prometheus_client keeps children by label tuple
+        for values in [v for v in list(family._metrics) if v[position] == adapter]:  # noqa: SLF001
+            family.remove(*values)
 
 
 class TopAdapters:

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from lorafleet.adapter_labels import TopAdapters
+from lorafleet.adapter_labels import TopAdapters, remove_adapter_series
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -96,8 +96,9 @@ class ServerMetrics:
                                      by_adapter, buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_load = Histogram("lorafleet_adapter_load_seconds", "adapter load latency per tier step", ["step"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("lorafleet_requests_in_flight", "requests being served", registry=r)
-        self._per_adapter = (self.requests, self.generated_tokens, self.time_to_first_token, self.time_per_output_token, self.e2e_latency)
-        self.adapters = TopAdapters(adapter_labels, on_drop=self._drop)
+        per_adapter = (self.requests, self.generated_tokens, self.time_to_first_token, self.time_per_output_token, self.e2e_latency)
+        # An adapter that loses its label to busier ones loses its series (their counts continue under `other`).
+        self.adapters = TopAdapters(adapter_labels, on_drop=lambda adapter: remove_adapter_series(per_adapter, adapter))
         r.register(_EngineCollector(snapshot))
 
     def observe_generation(self, adapter: str, tier: str, tokens: int, first_token_s: float, rest_s: float) -> None:
@@ -108,13 +109,6 @@ class ServerMetrics:
         self.e2e_latency.labels(label, cache).observe(first_token_s + rest_s)
         if tokens > 1:
             self.time_per_output_token.labels(label, cache).observe(rest_s / (tokens - 1))
-
-    def _drop(self, adapter: str) -> None:
-        """An adapter lost its label to busier ones: its series go (their counts continue under ``other``)."""
-        for family in self._per_adapter:
-            position = family._labelnames.index("adapter")  # noqa: SLF001 - prometheus_client keeps children by label tuple
-            for values in [v for v in list(family._metrics) if v[position] == adapter]:  # noqa: SLF001
-                family.remove(*values)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
