@@ -90,15 +90,21 @@ async def respond_error(send: Send, status: int, message: str, error_type: str) 
     await respond(send, status, json.dumps({"error": message, "error_type": error_type}).encode())
 
 
-def routing_key(path: str, body: bytes, base_model_ids: set[str]) -> str | None:
-    """The adapter a request is for (None: the base model, any replica)."""
+def request_payload(path: str, body: bytes) -> dict | None:
+    """The JSON object of a generate request (TGI or OpenAI routes), parsed once for everything routing reads;
+    None for other routes and for bodies that are not a JSON object (the replica says why)."""
     if not body or not (path in TGI_ROUTES or path.startswith("/v1/")):
         return None
     try:
         payload = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack: the replica says why
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
         return None
-    if not isinstance(payload, dict):
+    return payload if isinstance(payload, dict) else None
+
+
+def routing_key(path: str, payload: dict | None, base_model_ids: set[str]) -> str | None:
+    """The adapter a request is for (None: the base model, any replica)."""
+    if payload is None:
         return None
     if path.startswith("/v1/"):
         model = payload.get("model")
@@ -115,14 +121,10 @@ def routing_key(path: str, body: bytes, base_model_ids: set[str]) -> str | None:
     return None
 
 
-def prompt_start(path: str, body: bytes, chars: int) -> str | None:
+def prompt_start(path: str, payload: dict | None, chars: int) -> str | None:
     """The first ``chars`` characters of the prompt (TGI ``inputs``, OpenAI ``prompt`` or the chat messages),
     for --prefix-chars routing; None when the body has none."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(payload, dict):
+    if payload is None:
         return None
     if path in TGI_ROUTES:
         text = payload.get("inputs")
@@ -204,9 +206,10 @@ class Gateway:
         if not routable:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         path = scope["path"]
-        key = self.replicas.catalogue.key_for(routing_key(path, body, self.replicas.base_model_ids()))
+        payload = request_payload(path, body)
+        key = self.replicas.catalogue.key_for(routing_key(path, payload, self.replicas.base_model_ids()))
         ring_key = key
-        if self.prefix_chars and (start := prompt_start(path, body, self.prefix_chars)) is not None:
+        if self.prefix_chars and (start := prompt_start(path, payload, self.prefix_chars)) is not None:
             ring_key = f"{key or ''}\0{start}"  # one tenant's shared prefix meets its own cached blocks
         loads = {name: r.in_flight for name, r in routable.items()}
         by_adapter = ring_key is not None and ring_key == key  # where the adapter is hot matters only when routing by it

@@ -13,7 +13,7 @@ import pytest
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.discovery import members_from_slices, static_members
 from lorafleet.gateway.hot_adapters import HotAdapters
-from lorafleet.gateway.proxy import prompt_start, routing_key
+from lorafleet.gateway.proxy import prompt_start, request_payload, routing_key
 from lorafleet.gateway.replicas import ReplicaSet
 
 
@@ -34,7 +34,7 @@ from lorafleet.gateway.replicas import ReplicaSet
 )
 def test_routing_key(path: str, body, key) -> None:
     raw = json.dumps(body).encode() if not isinstance(body, str) else body.encode()
-    assert routing_key(path, raw, {"base-model"}) == key
+    assert routing_key(path, request_payload(path, raw), {"base-model"}) == key
 
 
 @pytest.mark.parametrize(("path", "body", "start"), [
@@ -46,7 +46,7 @@ def test_routing_key(path: str, body, key) -> None:
 ])
 def test_prompt_start_reads_each_apis_prompt(path: str, body, start) -> None:
     raw = json.dumps(body).encode() if not isinstance(body, str) else body.encode()
-    assert prompt_start(path, raw, 16) == start
+    assert prompt_start(path, request_payload(path, raw), 16) == start
 
 
 def test_members_from_endpoint_slices_use_pod_names_and_skip_unready() -> None:

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from lorafleet import ring
-from lorafleet.gateway.proxy import routing_key
+from lorafleet.gateway.proxy import request_payload, routing_key
 from lorafleet.operator import adapter_check
 from lorafleet.operator.desired import fleet_objects, gateway_deployment, replica_deployment, serve_args
 from lorafleet.operator.fleet_status import basemodel_status, placement, ready_pods
@@ -127,7 +127,7 @@ def test_placement_agrees_with_the_gateway_for_the_same_replicas() -> None:
     assert sorted(members) == ["m-replicas-0", "m-replicas-1", "m-replicas-3", "m-replicas-4"] and members["m-replicas-0"] == "http://10.0.0.0:8080"
     for i in range(50):
         adapter = f"org/adapter-{i}"
-        key = routing_key("/generate", f'{{"inputs": "x", "parameters": {{"adapter_id": "{adapter}"}}}}'.encode(), set())
+        key = routing_key("/generate", request_payload("/generate", f'{{"inputs": "x", "parameters": {{"adapter_id": "{adapter}"}}}}'.encode()), set())
         idle = {m: 0 for m in members}
         assert placement(adapter, list(members), 1) == [ring.routing_order(key, idle)[0]]
     assert placement("x", list(members), 0) == []
