@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.lora.merge import MergeSpec
-from lorafleet.testing import make_lora_adapter
+from lorafleet.testing import make_lora_adapter, reference_greedy
 
 STEPS = 5
 PROMPT = [1] + [(7 * j) % 290 + 9 for j in range(11)]
@@ -72,13 +72,8 @@ def peft_reference(base: Path, root: Path, spec: MergeSpec) -> tuple[list[int], 
                                majority_sign_method=spec.majority_sign_method)
     model.set_adapter("merged")
     model.eval()
-    tokens, logits = list(PROMPT), []
-    with torch.no_grad():
-        for _ in range(STEPS):
-            row = model(torch.tensor([tokens])).logits[0, -1].float()
-            logits.append(row)
-            tokens.append(int(row.argmax()))
-    return tokens[len(PROMPT):], torch.stack(logits)
+    tokens, logits = reference_greedy(model, PROMPT, STEPS)
+    return tokens, torch.stack(logits)
 
 
 def serve(engine, ref: AdapterRef, timeout: float = 60):  # noqa: ANN001, ANN201

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.lora.adapter_format import AdapterError
-from lorafleet.testing import make_lora_adapter, make_tiny_model
+from lorafleet.testing import make_lora_adapter, make_tiny_model, reference_greedy
 
 STEPS = 6
 PROMPTS = [[1] + [(11 * i + 7 * j) % 290 + 5 for j in range(n)] for i, n in enumerate([5, 13, 9, 20, 3])]
@@ -28,13 +28,8 @@ def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def greedy(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:  # noqa: ANN001
-    tokens, logits = list(prompt), []
-    with torch.no_grad():
-        for _ in range(STEPS):
-            row = model(torch.tensor([tokens])).logits[0, -1].float()
-            logits.append(row)
-            tokens.append(int(row.argmax()))
-    return tokens[len(prompt):], torch.stack(logits)
+    tokens, logits = reference_greedy(model, prompt, STEPS)
+    return tokens, torch.stack(logits)
 
 
 def test_greedy_and_logits_equal_transformers(mixtral: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from support.engine import capture_logits, make_engine
 from support.prequantized import write
-from support.quantize import reference_greedy
+from support.quantize import reference_rows
 
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.model.checkpoint import CheckpointError
@@ -24,7 +24,7 @@ def test_a_packed_checkpoint_with_adapters_matches_the_weights_it_encodes(method
     packed, reference = write(tiny_models["llama"], tmp_path, method, group=32)
     adapter = make_lora_adapter(tiny_models["llama"], tmp_path / "qlora", r=8, seed=7, target_modules=["q_proj", "v_proj", "down_proj"])
     rows = [None, "qlora", None, "qlora"]  # an adapter trained on a 4-bit base (QLoRA) is a plain LoRA adapter
-    expected_tokens, expected_logits = reference_greedy(reference, {"qlora": adapter}, PROMPTS, rows, STEPS)
+    expected_tokens, expected_logits = reference_rows(reference, {"qlora": adapter}, PROMPTS, rows, STEPS)
     captured = capture_logits(monkeypatch)
     engine = make_engine(packed, max_active_adapters=2, max_lora_rank=16)
     engine.load_adapter("qlora", adapter)
@@ -36,7 +36,7 @@ def test_a_packed_checkpoint_with_adapters_matches_the_weights_it_encodes(method
     # The projections shrink 8x; the tiny model is half embedding and head, which stay float32.
     assert engine.packed_format.method == method and engine.model.nbytes < 0.6 * make_engine(tiny_models["llama"]).model.nbytes
     # The packing is read, not guessed: the unquantized model gives other logits.
-    _, full_logits = reference_greedy(tiny_models["llama"], {}, PROMPTS[:1], [None], STEPS)
+    _, full_logits = reference_rows(tiny_models["llama"], {}, PROMPTS[:1], [None], STEPS)
     assert not torch.allclose(full_logits[0], expected_logits[0], atol=1e-2)
 
 

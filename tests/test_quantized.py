@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.engine import capture_logits, make_engine
-from support.quantize import dequantized_copy, reference_greedy
+from support.quantize import dequantized_copy, reference_rows
 
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.model.checkpoint import CheckpointError
@@ -53,7 +53,7 @@ def test_a_mixed_batch_on_a_quantized_base_matches_its_dequantized_reference(met
     rows = [None, "qkvo", "mlp", None, "qkvo"]
     prompts = [[1] + [(9 * i + 5 * j) % 290 + 6 for j in range(4 + 3 * i)] for i in range(len(rows))]
     reference = dequantized_copy(tiny_models["llama"], tmp_path / "reference", method)
-    expected_tokens, expected_logits = reference_greedy(reference, lora, prompts, rows)
+    expected_tokens, expected_logits = reference_rows(reference, lora, prompts, rows)
     captured = capture_logits(monkeypatch)
     engine = make_engine(tiny_models["llama"], quantize=method, max_active_adapters=4, max_lora_rank=16)
     for name, folder in lora.items():
@@ -64,7 +64,7 @@ def test_a_mixed_batch_on_a_quantized_base_matches_its_dequantized_reference(met
         assert seq.generated_ids == expected_tokens[row], f"row {row} ({rows[row]})"
         torch.testing.assert_close(torch.stack(captured[seq.request_id]), expected_logits[row], atol=TOLERANCE[method], rtol=0)
     # The quantization acts: the full-precision model gives other logits.
-    full_tokens, full_logits = reference_greedy(tiny_models["llama"], {}, prompts[:1], [None])
+    full_tokens, full_logits = reference_rows(tiny_models["llama"], {}, prompts[:1], [None])
     assert not torch.allclose(full_logits[0], expected_logits[0], atol=TOLERANCE[method] * 10)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafleet.server.model.quantized import dequantize
+from lorafleet.testing import reference_greedy
 
 QUANTIZED = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
 
@@ -25,8 +27,8 @@ def dequantized_copy(folder: Path, out: Path, method: str, group_size: int = 32)
     return out
 
 
-def reference_greedy(folder: Path, adapters: dict[str, Path], prompts: list[list[int]], rows: list[str | None],
-                     steps: int = 5) -> tuple[list[list[int]], list[torch.Tensor]]:
+def reference_rows(folder: Path, adapters: dict[str, Path], prompts: list[list[int]], rows: list[str | None],
+                   steps: int = 5) -> tuple[list[list[int]], list[torch.Tensor]]:
     """transformers (peft for adapter rows) in float32, greedy: tokens and the logits of each step, per row."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -40,15 +42,10 @@ def reference_greedy(folder: Path, adapters: dict[str, Path], prompts: list[list
     model.eval()
     all_tokens, all_logits = [], []
     for prompt, adapter in zip(prompts, rows):
-        tokens, logits = list(prompt), []
-        context = model.disable_adapter() if adapters and adapter is None else None
         if adapters and adapter is not None:
             model.set_adapter(adapter)
-        with torch.no_grad(), (context if context is not None else torch.no_grad()):
-            for _ in range(steps):
-                row = model(torch.tensor([tokens])).logits[0, -1].float()
-                logits.append(row)
-                tokens.append(int(row.argmax()))
-        all_tokens.append(tokens[len(prompt):])
+        with model.disable_adapter() if adapters and adapter is None else contextlib.nullcontext():
+            tokens, logits = reference_greedy(model, prompt, steps)
+        all_tokens.append(tokens)
         all_logits.append(torch.stack(logits))
     return all_tokens, all_logits
