@@ -8,14 +8,14 @@ input dimension and stores zero - 1; AWQ packs eight outputs per int32 in the or
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-PROJECTION = re.compile(r"^(.*\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123]))\.weight$")
+from support.quantize import PROJECTION_WEIGHT
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
@@ -66,7 +66,7 @@ def write(folder: Path, out: Path, method: str, group: int) -> tuple[Path, Path]
     for path in folder.glob("*.safetensors"):
         tensors, packed, reference = load_file(str(path)), {}, {}
         for name, tensor in tensors.items():
-            match = PROJECTION.match(name)
+            match = PROJECTION_WEIGHT.match(name)
             if match is None:
                 packed[name] = reference[name] = tensor
                 continue

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from lorafleet.server.model.quantized import dequantize
 from lorafleet.testing import reference_greedy
 
-QUANTIZED = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
+# The weights a quantized engine quantizes (the projections, and Mixtral's experts); group 1 is the name before ".weight".
+PROJECTION_WEIGHT = re.compile(r"^(.*\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123]))\.weight$")
 
 
 def dequantized_copy(folder: Path, out: Path, method: str, group_size: int = 32) -> Path:
@@ -21,7 +22,7 @@ def dequantized_copy(folder: Path, out: Path, method: str, group_size: int = 32)
     for path in out.glob("*.safetensors"):
         tensors = load_file(str(path))
         for name, tensor in tensors.items():
-            if QUANTIZED.search(name):
+            if PROJECTION_WEIGHT.match(name):
                 tensors[name] = dequantize(method, tensor, group_size)
         save_file(tensors, str(path), metadata={"format": "pt"})
     return out
