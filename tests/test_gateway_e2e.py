@@ -230,23 +230,35 @@ def device_tier(url: str) -> set[str]:
     return {a["id"] for a in httpx.get(url + "/adapters", params={"tier": "device"}, timeout=5).json()}
 
 
+def names_owned_by(replica: str, names: list[str], prefix: str, *, moving: int, staying: int) -> list[str]:
+    """`moving` adapter names whose ring owner is `replica` and `staying` ones owned by another replica, the first found."""
+    picked: dict[bool, list[str]] = {True: [], False: []}
+    for name in (f"{prefix}{i:02d}" for i in itertools.count()):
+        owned = ring.owners(name, names, 1) == [replica]
+        if len(picked[owned]) < (moving if owned else staying):
+            picked[owned].append(name)
+        if len(picked[True]) == moving and len(picked[False]) == staying:
+            return picked[True] + picked[False]
+    raise AssertionError("unreachable")
+
+
 def test_a_joining_replica_gets_its_adapters_before_their_traffic_and_a_draining_one_hands_them_on(fleet, fleet_root, tiny_models, tmp_path) -> None:
     urls, adapters_dir = [url for _, url in fleet], fleet_root
-    extra, later = [f"hx{i:02d}" for i in range(14)], [f"hy{i:02d}" for i in range(8)]
-    for i, name in enumerate(extra + later):
-        if not (adapters_dir / name).exists():
-            make_lora_adapter(tiny_models["llama"], adapters_dir / name, r=4, seed=100 + i)
     newcomer = "127.0.0.5"
     port = port_on(newcomer)
     new_url = f"http://{newcomer}:{port}"
+    # The ring depends on the ports drawn, so names are picked for it: some will move to the newcomer, some stay.
+    names = sorted([u.split("//")[1] for u in urls] + [f"{newcomer}:{port}"])
+    extra, later = names_owned_by(f"{newcomer}:{port}", names, "hx", moving=4, staying=10), names_owned_by(f"{newcomer}:{port}", names, "hy", moving=3, staying=3)
+    for i, name in enumerate(extra + later):
+        if not (adapters_dir / name).exists():
+            make_lora_adapter(tiny_models["llama"], adapters_dir / name, r=4, seed=100 + i)
     with GatewayThread([*urls, new_url]) as gateway:
         wait_until(lambda: {r["name"]: r["ejected"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]}[f"{newcomer}:{port}"],
                    timeout=10, what="the absent replica ejected")
         for name in extra:  # hot on the three running replicas
             assert generate(gateway.url, name).status_code == 200
-        names = sorted([u.split("//")[1] for u in urls] + [f"{newcomer}:{port}"])
         moving = [n for n in extra if ring.owners(n, names, 1) == [f"{newcomer}:{port}"]]
-        assert moving, "no adapter moves to the newcomer: pick more adapters"
         time.sleep(1.5)  # a probe round: the gateway has read every replica's device tier
 
         process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "serve", "--model", str(tiny_models["llama"]), "--host", newcomer,
