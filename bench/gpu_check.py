@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from lorafleet.server.lora.ops import LoraBatch
+from lorafleet.server.lora.ops import LoraBatch, SlotBuffers
 
 # What only this script (and bench/gpu_run.sh) runs: the SGMV kernels' bfloat16 tensor-core branch (CI's Triton
 # interpreter takes the upcasting one), real Triton compilation of every kernel, and the CUDA-graph capture.
@@ -27,15 +27,12 @@ PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.8
 NUM_SLOTS, MAX_RANK = 32, 64
 
 
-class Slots:
-    """Stacked A/B buffers for one module, shaped as lorafleet's LoraSlots makes them."""
-
-    def __init__(self, in_features: int, out_features: int, kernel: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.a, self.b = [{"m": a}], [{"m": b}]
-        self.kernel = kernel
-        self.modules_of_slot = {s: {"m"} for s in range(NUM_SLOTS)}
-        self.max_rank = MAX_RANK
-        self.rank_of_slot = {s: MAX_RANK for s in range(NUM_SLOTS)}  # the torch path's rank slicing off: same work as the kernels
+def stacked(kernel: str, a: torch.Tensor, b: torch.Tensor) -> SlotBuffers:
+    """Stacked A/B buffers for one module ("m"), as lorafleet's LoraSlots holds them."""
+    slots = SlotBuffers([{"m": a}], [{"m": b}], kernel, MAX_RANK)
+    slots.modules_of_slot = {s: {"m"} for s in range(NUM_SLOTS)}
+    slots.rank_of_slot = {s: MAX_RANK for s in range(NUM_SLOTS)}  # the torch path's rank slicing off: same work as the kernels
+    return slots
 
 
 def timed_ms(fn, repeat: int = 20) -> float:
@@ -186,7 +183,7 @@ def main() -> int:
             y0 = torch.randn(tokens, n, device="cuda", generator=generator, dtype=torch.bfloat16)
             results, times = {}, {}
             for kernel in ("torch", "triton"):
-                batch = LoraBatch.build(Slots(k, n, kernel, a, b), seq_slots, seq_tokens)
+                batch = LoraBatch.build(stacked(kernel, a, b), seq_slots, seq_tokens)
                 y = y0.clone()
                 batch.add(0, "m", x, y)
                 results[kernel] = y.float() - y0.float()

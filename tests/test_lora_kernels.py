@@ -10,20 +10,16 @@ import pytest
 import torch
 
 from lorafleet.server.lora import ops as lora_ops
-from lorafleet.server.lora.ops import LoraBatch, lora_reference
+from lorafleet.server.lora.ops import LoraBatch, SlotBuffers, lora_reference
 
 
-class FakeSlots:
-    """Just the stacked buffers LoraBatch reads, for one layer and one module."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, kernel: str) -> None:
-        self.a = [{"m": a}]
-        self.b = [{"m": b}]
-        self.kernel = kernel
-        self.modules_of_slot = {s: {"m"} for s in range(a.shape[0])}
-        # Each slot's true rank (its nonzero columns), so the torch path's slicing to the batch's largest rank acts.
-        self.max_rank = a.shape[2]
-        self.rank_of_slot = {s: int((a[s].abs().sum(0) > 0).nonzero().max()) + 1 for s in range(a.shape[0])}
+def stacked(a: torch.Tensor, b: torch.Tensor, kernel: str) -> SlotBuffers:
+    """One layer and one module ("m") of stacked buffers, each slot's rank read from its nonzero columns."""
+    slots = SlotBuffers([{"m": a}], [{"m": b}], kernel, a.shape[2])
+    slots.modules_of_slot = {s: {"m"} for s in range(a.shape[0])}
+    # Each slot's true rank, so the torch path's slicing to the batch's largest rank acts.
+    slots.rank_of_slot = {s: int((a[s].abs().sum(0) > 0).nonzero().max()) + 1 for s in range(a.shape[0])}
+    return slots
 
 
 def make_case(rank: int, dtype: torch.dtype, seq_slots: list[int], seq_tokens: list[int], in_features=48, out_features=80, num_slots=6,
@@ -65,7 +61,7 @@ def test_lora_op_matches_reference(batch_name: str, kernel: str, rank: int, dtyp
     wide = torch.randn(x.shape[0], 100, generator=torch.Generator().manual_seed(1)).to(dtype)
     before = wide.clone()
     y = wide[:, 10:90]
-    LoraBatch.build(FakeSlots(a, b, kernel), seq_slots, seq_tokens).add(0, "m", x, y)
+    LoraBatch.build(stacked(a, b, kernel), seq_slots, seq_tokens).add(0, "m", x, y)
     expected = lora_reference(x, a, b, token_slots)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(wide[:, 10:90].float(), before[:, 10:90].float() + expected, atol=tol, rtol=tol)
@@ -82,21 +78,21 @@ def test_wide_shapes_loop_over_k_tile_n_and_mask_the_rank(batch_name: str, kerne
     seq_slots, seq_tokens = BATCHES[batch_name]
     a, b, x, token_slots = make_case(24, torch.float32, seq_slots, seq_tokens, in_features=160, out_features=300, width=24)
     y = torch.zeros(x.shape[0], 300)
-    LoraBatch.build(FakeSlots(a, b, kernel), seq_slots, seq_tokens).add(0, "m", x, y)
+    LoraBatch.build(stacked(a, b, kernel), seq_slots, seq_tokens).add(0, "m", x, y)
     torch.testing.assert_close(y, lora_reference(x, a, b, token_slots), atol=1e-4, rtol=1e-4)
 
 
 def test_many_adapters_take_the_gathered_path_and_few_the_grouped_one() -> None:
     a, b, _, _ = make_case(8, torch.float32, [0], [1])
-    many = LoraBatch.build(FakeSlots(a, b, "torch"), [0, 1, 2, 3, 4, 5], [1] * 6)
-    few = LoraBatch.build(FakeSlots(a, b, "torch"), [0, 1, 0, 1, 0, 1], [1] * 6)
+    many = LoraBatch.build(stacked(a, b, "torch"), [0, 1, 2, 3, 4, 5], [1] * 6)
+    few = LoraBatch.build(stacked(a, b, "torch"), [0, 1, 0, 1, 0, 1], [1] * 6)
     assert many.rows.numel() == 6 and many.groups == []
     assert len(few.groups) == 2 and few.rows.numel() == 0
     # The switch is at GROUP_LIMIT distinct adapters among decode rows: that many are grouped, one more is gathered.
-    at_limit = LoraBatch.build(FakeSlots(a, b, "torch"), list(range(lora_ops.GROUP_LIMIT)) * 2, [1] * 2 * lora_ops.GROUP_LIMIT)
-    past_limit = LoraBatch.build(FakeSlots(a, b, "torch"), list(range(lora_ops.GROUP_LIMIT + 1)), [1] * (lora_ops.GROUP_LIMIT + 1))
+    at_limit = LoraBatch.build(stacked(a, b, "torch"), list(range(lora_ops.GROUP_LIMIT)) * 2, [1] * 2 * lora_ops.GROUP_LIMIT)
+    past_limit = LoraBatch.build(stacked(a, b, "torch"), list(range(lora_ops.GROUP_LIMIT + 1)), [1] * (lora_ops.GROUP_LIMIT + 1))
     assert len(at_limit.groups) == lora_ops.GROUP_LIMIT and at_limit.rows.numel() == 0
     assert past_limit.groups == [] and past_limit.rows.numel() == lora_ops.GROUP_LIMIT + 1
     # Adjacent prefill chunks on one adapter become one segment (one matmul pair); a base row in between splits them.
-    merged = LoraBatch.build(FakeSlots(a, b, "torch"), [3, 3, 3, -1, 3, 2], [4, 6, 2, 3, 5, 4])
+    merged = LoraBatch.build(stacked(a, b, "torch"), [3, 3, 3, -1, 3, 2], [4, 6, 2, 3, 5, 4])
     assert merged.segments == [(0, 12, 3), (15, 20, 3), (20, 24, 2)]

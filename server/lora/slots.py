@@ -12,7 +12,7 @@ import logging
 import torch
 
 from lorafleet.server.lora.adapter_format import LoraAdapter
-from lorafleet.server.lora.ops import LoraBatch
+from lorafleet.server.lora.ops import LoraBatch, SlotBuffers
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +23,17 @@ def bytes_per_slot(module_shapes: dict[str, tuple[int, int]], num_layers: int, m
     return num_layers * sum(i + o for i, o in module_shapes.values()) * max_rank * element
 
 
-class LoraSlots:
+class LoraSlots(SlotBuffers):
     def __init__(self, module_shapes: dict[str, tuple[int, int]], num_layers: int, num_slots: int, max_rank: int,
                  dtype: torch.dtype, device: torch.device, kernel: str = "torch") -> None:
+        super().__init__(
+            [{m: torch.zeros(num_slots, i, max_rank, dtype=dtype, device=device) for m, (i, o) in module_shapes.items()} for _ in range(num_layers)],
+            [{m: torch.zeros(num_slots, max_rank, o, dtype=dtype, device=device) for m, (i, o) in module_shapes.items()} for _ in range(num_layers)],
+            kernel, max_rank,
+        )
         self.num_slots = num_slots
-        self.max_rank = max_rank
-        self.kernel = kernel
-        self.a = [{m: torch.zeros(num_slots, i, max_rank, dtype=dtype, device=device) for m, (i, o) in module_shapes.items()} for _ in range(num_layers)]
-        self.b = [{m: torch.zeros(num_slots, max_rank, o, dtype=dtype, device=device) for m, (i, o) in module_shapes.items()} for _ in range(num_layers)]
         self.slot_of: dict[str, int] = {}
         self.adapters: dict[str, LoraAdapter] = {}
-        # Which modules each slot touches, so a batch skips projections no resident row adapts.
-        self.modules_of_slot: dict[int, set[str]] = {}
-        self.rank_of_slot: dict[int, int] = {}  # the torch path multiplies only up to the batch's largest rank
 
     @property
     def free_slots(self) -> list[int]:
