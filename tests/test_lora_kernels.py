@@ -22,7 +22,7 @@ def stacked(a: torch.Tensor, b: torch.Tensor, kernel: str) -> SlotBuffers:
     return slots
 
 
-def make_case(rank: int, dtype: torch.dtype, seq_slots: list[int], seq_tokens: list[int], in_features=48, out_features=80, num_slots=6,
+def make_case(rank: int, dtype: torch.dtype, seq_slots: list[int], seq_tokens: list[int], in_features=48, out_features=80, num_slots=16,
               width: int = 64):
     generator = torch.Generator().manual_seed(rank)
     a = torch.zeros(num_slots, in_features, width, dtype=dtype)
@@ -42,7 +42,10 @@ BATCHES = {
     "prefill+decode mixed": ([0, -1, 3, 3, 5, -1, 1], [7, 3, 1, 1, 20, 1, 1]),
     "decode over many adapters": ([0, 1, 2, 3, 4, 5, -1, 2], [1] * 8),
     "one adapter": ([2, 2, 2, 2], [1, 1, 5, 1]),
-    "contiguous decode rows": ([4, 0, 3, 1, 2, 5], [1] * 6),
+    "contiguous decode rows": ([4, 0, 3, 1, 2, 5], [1] * 6),  # slots 0..5 once each: read in place, no padding
+    "decode rows in slot order": ([0, 1, 2, 3, 4, 5], [1] * 6),  # nor any gather of x or of the delta
+    "decode over slots with gaps": ([6, 2, 4, 8, 4, 9, -1], [1] * 7),  # slots 2..9, some empty, one twice: padded
+    "decode over scattered slots": ([0, 15, 7, 12, 3, -1, 15], [1] * 7),  # five of sixteen slots: gathered
     "two adapters side by side": ([1, 1, 1, 4, 4, -1], [1] * 6),  # grouped rows as slices
     "adjacent prefill chunks on one adapter": ([3, 3, 3, -1, 3, 2], [4, 6, 2, 3, 5, 4]),  # merged segments
 }
@@ -86,7 +89,15 @@ def test_many_adapters_take_the_gathered_path_and_few_the_grouped_one() -> None:
     a, b, _, _ = make_case(8, torch.float32, [0], [1])
     many = LoraBatch.build(stacked(a, b, "torch"), [0, 1, 2, 3, 4, 5], [1] * 6)
     few = LoraBatch.build(stacked(a, b, "torch"), [0, 1, 0, 1, 0, 1], [1] * 6)
-    assert many.rows.numel() == 6 and many.groups == []
+    assert many.rows.numel() == 6 and many.groups == [] and many.span == (0, 6, 1) and many.positions is None
+    # Rows of many adapters are read in place while their slots are dense, and gathered when they are scattered.
+    gaps = LoraBatch.build(stacked(a, b, "torch"), *BATCHES["decode over slots with gaps"])
+    assert gaps.span == (2, 8, 2) and gaps.positions.tolist() == [0, 4, 5, 8, 12, 14]
+    # Contiguous rows take the delta back by one index_select (each row's place, in row order), or as it is.
+    assert gaps.row_range == slice(0, 6) and gaps.back.tolist() == [8, 0, 4, 12, 5, 14]
+    assert many.row_range == slice(0, 6) and many.back is None
+    scattered = LoraBatch.build(stacked(a, b, "torch"), *BATCHES["decode over scattered slots"])
+    assert scattered.span is None and scattered.row_slots.tolist() == [0, 15, 7, 12, 3, 15]
     assert len(few.groups) == 2 and few.rows.numel() == 0
     # The switch is at GROUP_LIMIT distinct adapters among decode rows: that many are grouped, one more is gathered.
     at_limit = LoraBatch.build(stacked(a, b, "torch"), list(range(lora_ops.GROUP_LIMIT)) * 2, [1] * 2 * lora_ops.GROUP_LIMIT)

@@ -4,8 +4,9 @@
 every projection of every layer. Two implementations sit behind ``add``:
 
 - torch (the reference and the CPU path): rows of the few adapters that fill most of a batch are
-  grouped, one matmul pair per adapter; single decode rows of many adapters are gathered and
-  multiplied with one bmm (BGMV); prefill chunks are segments, one matmul pair each (SGMV).
+  grouped, one matmul pair per adapter; single decode rows of many adapters are one bmm pair over
+  their slots in place (rows sorted by slot), or, when those slots are scattered, over a gather of
+  each row's A and B (BGMV); prefill chunks are segments, one matmul pair each (SGMV).
 - triton (cuda): the same segments and rows through the kernels in ``triton_kernels``.
 """
 
@@ -34,13 +35,17 @@ class SlotBuffers:
         # asks for one per projection per layer. The buffers are never reallocated, so a view never goes stale.
         self._views: dict[tuple[int, str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def view(self, layer: int, module: str, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A [in, rank] and B [rank, out] of one slot, or of every slot ([slots, ...]) for slot -1."""
-        key = (layer, module, slot, rank)
+    def view(self, layer: int, module: str, rank: int, which: int | tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [in, rank] and B [rank, out] of slot ``which``; of slots start..stop-1 for a tuple, of all for None."""
+        key = (layer, module, rank, which)
         found = self._views.get(key)
         if found is None:
             a, b = self.a[layer][module][:, :, :rank], self.b[layer][module][:, :rank]
-            found = self._views[key] = (a, b) if slot < 0 else (a[slot], b[slot])
+            if isinstance(which, int):
+                a, b = a[which], b[which]
+            elif which is not None:
+                a, b = a[which[0]: which[1]], b[which[0]: which[1]]
+            found = self._views[key] = (a, b)
         return found
 
 
@@ -54,6 +59,13 @@ class LoraBatch:
     modules_used: set[str]
     kernel: str
     row_range: slice | None = None  # the gathered rows as a slice, when they are contiguous (all-decode steps)
+    # When the rows' slots are a dense range: (first slot, number of slots, rows per slot), and each row's
+    # place in the [slots × rows per slot] block when padded. Then bmm reads the slots in place, no gather.
+    span: tuple[int, int, int] | None = None
+    positions: torch.Tensor | None = None
+    # With a span over contiguous rows: each row's place in that block, in row order (None when it is the
+    # identity), so the delta goes back with one index_select and an add, not index_add_ (~5x slower here).
+    back: torch.Tensor | None = None
     triton_meta: Any = None
     rank: int = 0  # the largest rank among this batch's adapters: the torch path slices the padded buffers to it
 
@@ -76,6 +88,7 @@ class LoraBatch:
         in_batch = {s for s in seq_slots if s >= 0}
         used = set().union(*(slots.modules_of_slot.get(s, set()) for s in in_batch))
         groups: list[tuple[torch.Tensor | slice, int]] = []
+        span, places = None, []
         rows: list[int] = []
         row_slots: list[int] = []
         if len(decode) <= GROUP_LIMIT:
@@ -83,9 +96,15 @@ class LoraBatch:
             groups = [(slice(r[0], r[-1] + 1) if r[-1] - r[0] == len(r) - 1 else torch.tensor(r, dtype=torch.long, device=device), s)
                       for s, r in decode.items()]
         else:
-            pairs = sorted((row, s) for s, r in decode.items() for row in r)
-            rows = [row for row, _ in pairs]
-            row_slots = [s for _, s in pairs]
+            first, last, per = min(decode), max(decode), max(len(r) for r in decode.values())
+            if last - first + 1 <= 2 * len(decode):  # at most half the spanned slots unused: reading them in place wins
+                span = (first, last - first + 1, per)
+                rows = [row for s in sorted(decode) for row in decode[s]]
+                places = [(s - first) * per + k for s in sorted(decode) for k in range(len(decode[s]))]
+            else:
+                pairs = sorted((row, s) for s, r in decode.items() for row in r)
+                rows = [row for row, _ in pairs]
+                row_slots = [s for _, s in pairs]
         batch = cls(
             slots=slots,
             segments=segments,
@@ -96,7 +115,18 @@ class LoraBatch:
             kernel=slots.kernel,
             rank=max((slots.rank_of_slot.get(s, slots.max_rank) for s in in_batch), default=slots.max_rank),
         )
-        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        if span is not None:
+            batch.span = span
+            padded = span[1] * span[2] != len(rows)
+            if padded:
+                batch.positions = torch.tensor(places, dtype=torch.long, device=device)
+            by_row = sorted(range(len(rows)), key=rows.__getitem__)
+            if rows[by_row[-1]] - rows[by_row[0]] == len(rows) - 1:
+                batch.row_range = slice(rows[by_row[0]], rows[by_row[0]] + len(rows))
+                back = [places[i] for i in by_row]
+                if padded or back != list(range(len(rows))):
+                    batch.back = torch.tensor(back, dtype=torch.long, device=device)
+        elif rows and rows == list(range(rows[0], rows[0] + len(rows))):
             batch.row_range = slice(rows[0], rows[0] + len(rows))
         if batch.kernel == "triton":
             from lorafleet.server.lora import triton_kernels as lora_triton
@@ -122,19 +152,31 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
     # 7 × layers times, so each dispatch saved (an indexing view, a separate add) is ~5 µs × hundreds.
     view = batch.slots.view
     for start, end, slot in batch.segments:
-        a, b = view(layer, module, slot, batch.rank)
+        a, b = view(layer, module, batch.rank, slot)
         y[start:end].addmm_(torch.mm(x[start:end], a), b)
     for rows, slot in batch.groups:
-        a, b = view(layer, module, slot, batch.rank)
+        a, b = view(layer, module, batch.rank, slot)
         if isinstance(rows, slice):
             y[rows].addmm_(torch.mm(x[rows], a), b)
         else:
             y.index_add_(0, rows, torch.mm(x[rows], a) @ b)
-    if batch.rows.numel():
-        # index_select copies each row's adapter once, multi-threaded; that copy is most of the cost.
-        # Measured against one bmm over the slots in place (rows sorted and padded by slot): no faster at
-        # rank 16 (35 vs 37 ms per SmolLM2 step, 32 rows on 32 adapters), far slower on rank-sliced views.
-        a, b = view(layer, module, -1, batch.rank)
+    if batch.span is not None:
+        # Rows sorted by slot over a dense range of slots: one bmm pair reads each adapter in place, once.
+        first, count, per = batch.span
+        a, b = view(layer, module, batch.rank, (first, first + count))
+        in_order = batch.row_range is not None and batch.back is None  # rows already in slot order, unpadded
+        xs = x[batch.row_range] if in_order else x.index_select(0, batch.rows)
+        if batch.positions is not None:  # some slots have fewer rows than others, or none: zero rows pad them
+            xs = x.new_zeros(count * per, x.shape[1]).index_copy_(0, batch.positions, xs)
+        delta = torch.bmm(torch.bmm(xs.view(count, per, -1), a), b).view(count * per, -1)
+        if batch.row_range is not None:
+            y[batch.row_range] += delta if batch.back is None else delta.index_select(0, batch.back)
+        else:
+            y.index_add_(0, batch.rows, delta if batch.positions is None else delta.index_select(0, batch.positions))
+    elif batch.rows.numel():
+        # Slots scattered over a wide range (reading the range in place would read more unused slots than
+        # used ones): index_select copies each row's adapter once, and that copy is most of the cost.
+        a, b = view(layer, module, batch.rank)
         rows = batch.row_range if batch.row_range is not None else batch.rows
         shrunk = torch.bmm(x[rows].unsqueeze(1), a.index_select(0, batch.row_slots))
         delta = torch.bmm(shrunk, b.index_select(0, batch.row_slots)).squeeze(1)
