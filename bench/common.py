@@ -35,3 +35,19 @@ def timed(fn: Callable[[], int]) -> tuple[int, float]:
     start = time.perf_counter()
     tokens = fn()
     return tokens, time.perf_counter() - start
+
+
+def rates_in_turns(cases: dict[str, Callable[[], int]], rounds: int) -> dict[str, list[float]]:
+    """Tokens/s of each case, the cases taking turns round after round (each run once first, untimed, to warm).
+
+    This VM's speed drifts by 10-20 % within a minute; measured in turns, a drift falls on every case alike
+    instead of showing up as a ratio. Report the median of each list.
+    """
+    for run in cases.values():
+        run()
+    samples: dict[str, list[float]] = {label: [] for label in cases}
+    for _ in range(rounds):
+        for label, run in cases.items():
+            tokens, seconds = timed(run)
+            samples[label].append(tokens / seconds)
+    return samples

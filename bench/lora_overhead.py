@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timed, workload  # noqa: E402
+from common import rates_in_turns, timed, workload  # noqa: E402
 
 from lorafleet import model_store  # noqa: E402
 from lorafleet.server.config import EngineConfig  # noqa: E402
@@ -107,15 +107,8 @@ def main() -> None:
         rates = {}
         dtype = str(engine.dtype).removeprefix("torch.")
         print(f"SmolLM2-135M-Instruct, cpu {dtype} (linear {engine.linear_kernel}), {torch.get_num_threads()} threads, {n} concurrent, {args.new_tokens} new tokens, rank {args.rank} on all 7 projections")
-        # The cases take turns, round after round, and each reports its median: this VM's speed drifts by 10-20 %
-        # within a minute, and a drift that falls on one case alone would show up as a ratio.
-        samples: dict[str, list[float]] = {label: [] for label in cases}
-        for adapters in cases.values():  # warm-up: each case's shapes once (oneDNN primitives, the slot views)
-            run_engine(engine, requests, adapters, 4)
-        for _ in range(args.rounds):
-            for label, adapters in cases.items():
-                tokens, seconds = timed(lambda: run_engine(engine, requests, adapters, args.new_tokens))
-                samples[label].append(tokens / seconds)
+        runs = {label: (lambda adapters=adapters: run_engine(engine, requests, adapters, args.new_tokens)) for label, adapters in cases.items()}
+        samples = rates_in_turns(runs, args.rounds)
         for label, rounds in samples.items():
             rates[label] = statistics.median(rounds)
             print(f"  lorafleet {label:<14} {rates[label]:8.1f} tokens/s  (rounds: {', '.join(f'{r:.1f}' for r in rounds)})", flush=True)
