@@ -101,3 +101,15 @@ def test_draws_follow_the_processed_distribution_and_repeat_by_seed() -> None:
     assert again == tokens  # the same seed, the same draws
     other, _, _ = sampler.sample(logits.expand(rows, VOCAB).clone(), [_seq(**{**params, "seed": 12})] * rows)
     assert other != tokens
+
+
+def test_a_row_with_a_nan_or_with_every_token_ruled_out_fails_alone() -> None:
+    """NaN in one score, or every score -inf, fails that row; a +inf score or a mostly masked row is still sampled."""
+    rows = torch.stack([_logits(i) for i in range(5)])
+    rows[0, 17] = float("nan")
+    rows[1] = float("-inf")
+    rows[2, :-1] = float("-inf")  # one token left: it is the choice
+    rows[3, 9] = float("inf")
+    tokens, _, failed = sampler.sample(rows, [_seq(max_new_tokens=1) for _ in range(5)])
+    assert sorted(failed) == [0, 1] and all(isinstance(e, sampler.SamplingError) for e in failed.values())
+    assert tokens[2] == VOCAB - 1 and tokens[3] == 9 and tokens[4] == int(_logits(4).argmax())
