@@ -153,7 +153,10 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
     view = batch.slots.view
     for start, end, slot in batch.segments:
         a, b = view(layer, module, batch.rank, slot)
-        y[start:end].addmm_(torch.mm(x[start:end], a), b)
+        # MKL's sgemm is slow for a many-row x times an A under 16 columns (1024x576 by 576x8: 350 µs); the
+        # transposed product (A^T x^T)^T is the same sums at 120 µs. At rank 16 and up the plain form wins.
+        shrunk = torch.mm(a.t(), x[start:end].t()).t() if batch.rank < 16 and end - start >= 64 else torch.mm(x[start:end], a)
+        y[start:end].addmm_(shrunk, b)
     for rows, slot in batch.groups:
         a, b = view(layer, module, batch.rank, slot)
         if isinstance(rows, slice):
