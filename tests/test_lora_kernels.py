@@ -74,6 +74,19 @@ def test_lora_op_matches_reference(batch_name: str, kernel: str, rank: int, dtyp
     assert torch.equal(wide[base_rows], before[base_rows])  # rows with no adapter are untouched
 
 
+@pytest.mark.parametrize("batch_name", BATCHES)
+def test_float32_slots_under_a_bfloat16_model(batch_name: str) -> None:
+    """The CPU engine keeps slots in float32 under a bf16 model: x is widened, the delta narrowed into y."""
+    seq_slots, seq_tokens = BATCHES[batch_name]
+    a, b, x, token_slots = make_case(8, torch.float32, seq_slots, seq_tokens)
+    wide = torch.randn(x.shape[0], 100, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    before = wide.clone()
+    LoraBatch.build(stacked(a, b, "torch"), seq_slots, seq_tokens).add(0, "m", x.to(torch.bfloat16), wide[:, 10:90])
+    expected = lora_reference(x.to(torch.bfloat16), a, b, token_slots)
+    torch.testing.assert_close(wide[:, 10:90].float(), before[:, 10:90].float() + expected, atol=3e-2, rtol=3e-2)
+    assert torch.equal(wide[:, :10], before[:, :10]) and torch.equal(wide[:, 90:], before[:, 90:])
+
+
 @pytest.mark.parametrize("batch_name", ["prefill+decode mixed", "decode over many adapters"])
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_wide_shapes_loop_over_k_tile_n_and_mask_the_rank(batch_name: str, kernel: str) -> None:

@@ -99,9 +99,12 @@ class LLMEngine:
         # One block more than the allocator hands out: the scratch block padded CUDA-graph rows write into.
         self.kv = KVCache(self.model_config, num_blocks + 1, config.block_size, self.dtype, self.device)
         shapes, layers = self.model.module_shapes(), self.model_config.num_layers
+        # On CPU the torch path computes LoRA in float32 whatever the model's dtype: torch's bfloat16 matmuls at
+        # LoRA's small shapes run at half the float32 speed here, and a slot is small next to the base model.
+        self.slot_dtype = torch.float32 if self.device.type == "cpu" and self.lora_kernel() == "torch" else self.dtype
         self.num_slots = config.max_active_adapters
         if config.adapter_memory is not None:
-            per_slot = bytes_per_slot(shapes, layers, config.max_lora_rank, self.dtype)
+            per_slot = bytes_per_slot(shapes, layers, config.max_lora_rank, self.slot_dtype)
             self.num_slots = config.adapter_memory // per_slot
             if self.num_slots < 1:
                 raise ValueError(f"--adapter-memory {config.adapter_memory} bytes holds no adapter slot "
@@ -110,7 +113,7 @@ class LLMEngine:
             AdapterSettings(config.adapter_roots, config.adapter_cache_dir, config.adapter_disk_cache,
                             config.adapter_cpu_memory, config.adapter_cycle_time_s, max_pinned=self.num_slots - 1),
             # Slots are made on the first adapter load: they cost memory a base-only replica never uses.
-            make_slots=lambda: LoraSlots(shapes, layers, self.num_slots, config.max_lora_rank, self.dtype, self.device, self.lora_kernel()),
+            make_slots=lambda: LoraSlots(shapes, layers, self.num_slots, config.max_lora_rank, self.slot_dtype, self.device, self.lora_kernel()),
             parse=lambda name, folder: self._pinned(load_adapter(name, Path(folder), shapes, layers, config.max_lora_rank, config.allow_pickle)),
         )
         self.attention_kernel = self._kernel(config.attention_kernel)

@@ -151,18 +151,22 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
     # Per adapter: y += (x·A)·B as mm and addmm_, on views made once; a decode step runs this up to
     # 7 × layers times, so each dispatch saved (an indexing view, a separate add) is ~5 µs × hundreds.
     view = batch.slots.view
+    # Slots may be float32 under a bfloat16 model (on CPU, torch's bf16 matmuls at these small shapes run at
+    # half the float32 speed): x is widened once, each delta narrowed as it is added.
+    slot_dtype = batch.slots.a[layer][module].dtype
+    x = x if x.dtype == slot_dtype else x.to(slot_dtype)
     for start, end, slot in batch.segments:
         a, b = view(layer, module, batch.rank, slot)
         # MKL's sgemm is slow for a many-row x times an A under 16 columns (1024x576 by 576x8: 350 µs); the
         # transposed product (A^T x^T)^T is the same sums at 120 µs. At rank 16 and up the plain form wins.
         shrunk = torch.mm(a.t(), x[start:end].t()).t() if batch.rank < 16 and end - start >= 64 else torch.mm(x[start:end], a)
-        y[start:end].addmm_(shrunk, b)
+        add_product(y[start:end], shrunk, b)
     for rows, slot in batch.groups:
         a, b = view(layer, module, batch.rank, slot)
         if isinstance(rows, slice):
-            y[rows].addmm_(torch.mm(x[rows], a), b)
+            add_product(y[rows], torch.mm(x[rows], a), b)
         else:
-            y.index_add_(0, rows, torch.mm(x[rows], a) @ b)
+            y.index_add_(0, rows, (torch.mm(x[rows], a) @ b).to(y.dtype))
     if batch.span is not None:
         # Rows sorted by slot over a dense range of slots: one bmm pair reads each adapter in place, once.
         first, count, per = batch.span
@@ -175,7 +179,7 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
         if batch.row_range is not None:
             y[batch.row_range] += delta if batch.back is None else delta.index_select(0, batch.back)
         else:
-            y.index_add_(0, batch.rows, delta if batch.positions is None else delta.index_select(0, batch.positions))
+            y.index_add_(0, batch.rows, (delta if batch.positions is None else delta.index_select(0, batch.positions)).to(y.dtype))
     elif batch.rows.numel():
         # Slots scattered over a wide range (reading the range in place would read more unused slots than
         # used ones): index_select copies each row's adapter once, and that copy is most of the cost.
@@ -186,7 +190,15 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
         if batch.row_range is not None:
             y[rows] += delta
         else:
-            y.index_add_(0, rows, delta)
+            y.index_add_(0, rows, delta.to(y.dtype))
+
+
+def add_product(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> None:
+    """y += s·b, fused into one addmm_ when the dtypes agree."""
+    if y.dtype == b.dtype:
+        y.addmm_(s, b)
+    else:
+        y += torch.mm(s, b)
 
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
