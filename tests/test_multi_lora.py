@@ -77,15 +77,19 @@ def test_mixed_batch_matches_peft_at_prefill_and_decode(arch: str, tiny_models: 
 
 
 def test_a_bfloat16_mixed_batch_is_within_tolerance_of_peft(tiny_models: dict[str, Path], adapters, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bfloat16 model, float32 slots (the CPU torch path computes LoRA in float32): each row's logits against peft's
-    bfloat16 forward of the tokens this engine chose, teacher-forced."""
-    prompts = [[1] + [(7 * i + j) % 300 + 5 for j in range(8)] for i in range(len(ROWS))]
+    """bfloat16 model, float32 slots: prefill chunks multiply in bf16, decode rows in float32 (the CPU torch path).
+    Each row's logits against peft's bfloat16 forward of the tokens this engine chose, teacher-forced.
+
+    Measured: at most 0.07 apart over six steps; with the delta dropped they are 0.1-3.6 apart. a1 is left out:
+    its rsLoRA scaling (5.7 on every projection) compounds bf16 rounding to 0.4 by step 6, with bf16 slots too."""
+    rows = [None, "a0", "a2", "a3", "a4", "a5", "a6", "a7", "a0"]  # seven adapters: decode rows read in place
+    prompts = [[1] + [(7 * i + j) % 300 + 5 for j in range(8)] for i in range(len(rows))]
     captured = capture_logits(monkeypatch)
     engine = make_engine(tiny_models["llama"], dtype="bfloat16", max_active_adapters=8, max_lora_rank=64)
     for name, folder in adapters["llama"].items():
         engine.load_adapter(name, folder)
     assert engine.dtype == torch.bfloat16 and engine.adapters.slots.a[0]["q_proj"].dtype == torch.float32
-    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=STEPS, ignore_eos=True), adapter=n) for p, n in zip(prompts, ROWS)]
+    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=STEPS, ignore_eos=True), adapter=n) for p, n in zip(prompts, rows)]
     engine.run_to_completion()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16), adapters["llama"]["a0"], adapter_name="a0")
     for name, folder in list(adapters["llama"].items())[1:]:
@@ -93,12 +97,9 @@ def test_a_bfloat16_mixed_batch_is_within_tolerance_of_peft(tiny_models: dict[st
     model.eval()
     for row, (prompt, seq) in enumerate(zip(prompts, seqs)):
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + seq.generated_ids]), adapter_names=[ROWS[row] or "__base__"]).logits[0].float()
+            logits = model(torch.tensor([prompt + seq.generated_ids]), adapter_names=[rows[row] or "__base__"]).logits[0].float()
         theirs = logits[len(prompt) - 1 : len(prompt) - 1 + STEPS]
-        # Prefill and two decode steps (segments, then rows read from their slots in place): measured at most 0.098 apart; with
-        # the delta dropped they are 0.37-3.7 apart. Later steps drift on the strong rsLoRA adapter a1 (0.5 by step 6,
-        # 0.24 with bf16 slots too): bf16 rounding compounded, the same with either slot dtype.
-        torch.testing.assert_close(torch.stack(captured[seq.request_id])[:3], theirs[:3], atol=0.2, rtol=0, msg=f"row {row} ({ROWS[row]})")
+        torch.testing.assert_close(torch.stack(captured[seq.request_id]), theirs, atol=0.15, rtol=0, msg=f"row {row} ({rows[row]})")
 
 
 def test_batch_of_low_rank_adapters_in_wide_slots_matches_peft(tiny_models: dict[str, Path], adapters, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -151,12 +151,14 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
     # Per adapter: y += (x·A)·B as mm and addmm_, on views made once; a decode step runs this up to
     # 7 × layers times, so each dispatch saved (an indexing view, a separate add) is ~5 µs × hundreds.
     view = batch.slots.view
-    # Slots may be float32 under a bfloat16 model (on CPU, torch's bf16 matmuls at these small shapes run at
-    # half the float32 speed): x is widened once, each delta narrowed as it is added.
+    # Slots may be float32 under a bfloat16 model. Prefill chunks (many rows) multiply in the model's dtype, which
+    # has the fast units (AMX), converting the one adapter's A and B; decode rows (few rows, where torch's bf16
+    # matmuls run at half the float32 speed here) are widened to float32 and their delta narrowed as it is added.
     slot_dtype = batch.slots.a[layer][module].dtype
-    x = x if x.dtype == slot_dtype else x.to(slot_dtype)
     for start, end, slot in batch.segments:
         a, b = view(layer, module, batch.rank, slot)
+        if a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
         # MKL's sgemm is slow for a many-row x times an A under 16 columns (1024x576 by 576x8: 350 µs); the
         # transposed product (A^T x^T)^T is the same sums at 120 µs. At rank 16 and up the plain form wins.
         shrunk = torch.mm(a.t(), x[start:end].t()).t() if batch.rank < 16 and end - start >= 64 else torch.mm(x[start:end], a)
@@ -164,17 +166,17 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
     for rows, slot in batch.groups:
         a, b = view(layer, module, batch.rank, slot)
         if isinstance(rows, slice):
-            add_product(y[rows], torch.mm(x[rows], a), b)
+            add_product(y[rows], torch.mm(x[rows].to(slot_dtype), a), b)
         else:
-            y.index_add_(0, rows, (torch.mm(x[rows], a) @ b).to(y.dtype))
+            y.index_add_(0, rows, (torch.mm(x[rows].to(slot_dtype), a) @ b).to(y.dtype))
     if batch.span is not None:
         # Rows sorted by slot over a dense range of slots: one bmm pair reads each adapter in place, once.
         first, count, per = batch.span
         a, b = view(layer, module, batch.rank, (first, first + count))
         in_order = batch.row_range is not None and batch.back is None  # rows already in slot order, unpadded
-        xs = x[batch.row_range] if in_order else x.index_select(0, batch.rows)
+        xs = (x[batch.row_range] if in_order else x.index_select(0, batch.rows)).to(slot_dtype)
         if batch.positions is not None:  # some slots have fewer rows than others, or none: zero rows pad them
-            xs = x.new_zeros(count * per, x.shape[1]).index_copy_(0, batch.positions, xs)
+            xs = xs.new_zeros(count * per, x.shape[1]).index_copy_(0, batch.positions, xs)
         delta = torch.bmm(torch.bmm(xs.view(count, per, -1), a), b).view(count * per, -1)
         if batch.row_range is not None:
             y[batch.row_range] += delta if batch.back is None else delta.index_select(0, batch.back)
@@ -185,7 +187,7 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
         # used ones): index_select copies each row's adapter once, and that copy is most of the cost.
         a, b = view(layer, module, batch.rank)
         rows = batch.row_range if batch.row_range is not None else batch.rows
-        shrunk = torch.bmm(x[rows].unsqueeze(1), a.index_select(0, batch.row_slots))
+        shrunk = torch.bmm(x[rows].to(slot_dtype).unsqueeze(1), a.index_select(0, batch.row_slots))
         delta = torch.bmm(shrunk, b.index_select(0, batch.row_slots)).squeeze(1)
         if batch.row_range is not None:
             y[rows] += delta
