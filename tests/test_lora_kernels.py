@@ -49,6 +49,7 @@ BATCHES = {
     "two adapters side by side": ([1, 1, 1, 4, 4, -1], [1] * 6),  # grouped rows as slices
     "adjacent prefill chunks on one adapter": ([3, 3, 3, -1, 3, 2], [4, 6, 2, 3, 5, 4]),  # merged segments
     "long prefill chunks": ([2, -1, 5, 1], [70, 3, 80, 1]),  # 64 rows and more: the transposed shrink below rank 16
+    "prefill among decode rows of many adapters": ([0, 3, 1, 2, 4, 5, 2, 3], [1, 9, 1, 1, 12, 1, 1, 1]),  # segments and a span
 }
 
 
