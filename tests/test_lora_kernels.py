@@ -122,3 +122,18 @@ def test_many_adapters_take_the_gathered_path_and_few_the_grouped_one() -> None:
     # Adjacent prefill chunks on one adapter become one segment (one matmul pair); a base row in between splits them.
     merged = LoraBatch.build(stacked(a, b, "torch"), [3, 3, 3, -1, 3, 2], [4, 6, 2, 3, 5, 4])
     assert merged.segments == [(0, 12, 3), (15, 20, 3), (20, 24, 2)]
+
+
+def test_the_slot_view_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Views are keyed by rank and by slot or span of slots, which traffic varies without end: the cache is emptied
+    at its limit, and a view made after that is still the right one."""
+    monkeypatch.setattr(lora_ops, "VIEW_CACHE_LIMIT", 8)
+    a, b, _, _ = make_case(8, torch.float32, [0], [1])
+    slots = stacked(a, b, "torch")
+    for first in range(6):
+        for stop in range(first + 1, 7):
+            slots.view(0, "m", 4, (first, stop))
+            assert len(slots._views) <= 8
+    got_a, got_b = slots.view(0, "m", 3, (2, 5))
+    assert torch.equal(got_a, a[2:5, :, :3]) and torch.equal(got_b, b[2:5, :3])
+

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 GROUP_LIMIT = 4  # at most this many distinct adapters among decode rows: one matmul pair per adapter
+VIEW_CACHE_LIMIT = 1 << 16  # cached slot views, ~400 bytes each (a step uses one per adapter, projection and layer)
 
 
 class SlotBuffers:
@@ -32,8 +33,9 @@ class SlotBuffers:
         self.modules_of_slot: dict[int, set[str]] = {}
         self.rank_of_slot: dict[int, int] = {}  # the torch path multiplies only up to the batch's largest rank
         # Rank-sliced views of the buffers, made once: a view costs a few µs of dispatch, and a decode step
-        # asks for one per projection per layer. The buffers are never reallocated, so a view never goes stale.
-        self._views: dict[tuple[int, str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # asks for one per projection per layer. The buffers are never reallocated, so a view never goes stale;
+        # the keys (rank, slot or span of slots) vary with traffic, so the cache is emptied at VIEW_CACHE_LIMIT.
+        self._views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def view(self, layer: int, module: str, rank: int, which: int | tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A [in, rank] and B [rank, out] of slot ``which``; of slots start..stop-1 for a tuple, of all for None."""
@@ -45,6 +47,8 @@ class SlotBuffers:
                 a, b = a[which], b[which]
             elif which is not None:
                 a, b = a[which[0]: which[1]], b[which[0]: which[1]]
+            if len(self._views) >= VIEW_CACHE_LIMIT:
+                self._views.clear()
             found = self._views[key] = (a, b)
         return found
 
