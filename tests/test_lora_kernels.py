@@ -77,7 +77,8 @@ def test_lora_op_matches_reference(batch_name: str, kernel: str, rank: int, dtyp
 
 @pytest.mark.parametrize("batch_name", BATCHES)
 def test_float32_slots_under_a_bfloat16_model(batch_name: str) -> None:
-    """The CPU engine keeps slots in float32 under a bf16 model: x is widened, the delta narrowed into y."""
+    """The CPU engine keeps slots in float32 under a bf16 model: decode rows are widened and their delta narrowed
+    into y; prefill chunks narrow their adapter's A and B to bf16."""
     seq_slots, seq_tokens = BATCHES[batch_name]
     a, b, x, token_slots = make_case(8, torch.float32, seq_slots, seq_tokens)
     wide = torch.randn(x.shape[0], 100, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)

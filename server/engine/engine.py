@@ -99,8 +99,9 @@ class LLMEngine:
         # One block more than the allocator hands out: the scratch block padded CUDA-graph rows write into.
         self.kv = KVCache(self.model_config, num_blocks + 1, config.block_size, self.dtype, self.device)
         shapes, layers = self.model.module_shapes(), self.model_config.num_layers
-        # On CPU the torch path computes LoRA in float32 whatever the model's dtype: torch's bfloat16 matmuls at
-        # LoRA's small shapes run at half the float32 speed here, and a slot is small next to the base model.
+        # On CPU the torch path keeps slots in float32 whatever the model's dtype: decode rows multiply in float32
+        # (torch's bf16 matmuls at LoRA's few-row shapes run at half the float32 speed here), prefill chunks narrow
+        # their adapter to the model's dtype (many rows: the bf16 units win). A slot is small next to the base model.
         self.slot_dtype = torch.float32 if self.device.type == "cpu" and self.lora_kernel() == "torch" else self.dtype
         self.num_slots = config.max_active_adapters
         if config.adapter_memory is not None:
