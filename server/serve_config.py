@@ -82,7 +82,7 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str, bool]] = [
     ("--adapter-cpu-memory", _size, _default(_E, "adapter_cpu_memory"), "bytes of CPU memory for parsed adapters", False),
     ("--adapter-cycle-time-s", float, _default(_E, "adapter_cycle_time_s"), "how long an adapter keeps a slot while others wait for one", False),
     ("--max-active-adapters", _positive(int), _default(_E, "max_active_adapters"), "device slots for adapters", False),
-    ("--adapter-memory", _size, _default(_E, "adapter_memory"), "bytes for device slots instead of a count (the count follows from --max-lora-rank)", False),
+    ("--adapter-memory", _size, _default(_E, "adapter_memory"), "bytes for device slots instead of a count (the count follows from --max-lora-rank; CPU slots are float32 whatever --dtype)", False),
     ("--max-lora-rank", _positive(int), _default(_E, "max_lora_rank"), "largest adapter rank a slot holds", False),
     ("--max-concurrent-requests", _positive(int), _default(_S, "max_concurrent_requests"), "sequences in flight before new requests get 429", False),
     ("--max-input-length", _positive(int), _default(_E, "max_input_length"), "longest input in tokens", False),
