@@ -106,6 +106,7 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str, bool]] = [
     ("--quantize", str, _default(_E, "quantize"), "weight-only quantization of the base's projections at load: int8 (per channel) "
      "or int4 (grouped); adapters stay in the activation dtype", False),
     ("--quantize-group-size", _positive(int), _default(_E, "quantize_group_size"), "int4: inputs per scale group (32, 64, 128 or 256)", False),
+    ("--prefix-caching", None, _default(_E, "prefix_caching"), "reuse the KV blocks of prompt prefixes already computed, per adapter", False),
     ("--allow-pickle", None, _default(_E, "allow_pickle"), "allow pickle (.bin) checkpoints and adapters", False),
 ]
 
@@ -114,9 +115,10 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     for flag, kind, default, help_text, multiple in FLAGS:
         env = "LORAFLEET_" + flag.lstrip("-").upper().replace("-", "_")
         raw = os.environ.get(env)
-        if kind is None:
+        if kind is None:  # a switch: --flag, and --no-flag too when it is on by default
             env_default = raw.lower() in ("1", "true", "yes") if raw is not None else default
-            parser.add_argument(flag, action="store_true", default=env_default, help=f"{help_text} [env {env}]")
+            action, shown = (argparse.BooleanOptionalAction, " (default: on)") if default else ("store_true", "")
+            parser.add_argument(flag, action=action, default=env_default, help=f"{help_text}{shown} [env {env}]")
             continue
         value = default
         if raw is not None:
@@ -130,14 +132,6 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
             parser.set_defaults(**{flag.lstrip("-").replace("-", "_"): value or []})
         else:
             parser.add_argument(flag, type=kind, default=value, help=f"{help_text}{shown} [env {env}]")
-    add_prefix_caching_flag(parser)
-
-
-def add_prefix_caching_flag(parser: argparse.ArgumentParser) -> None:
-    raw = os.environ.get("LORAFLEET_PREFIX_CACHING")
-    default = raw.lower() in ("1", "true", "yes") if raw is not None else _default(_E, "prefix_caching")
-    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=default,
-                        help="reuse the KV blocks of prompt prefixes already computed, per adapter (default: on) [env LORAFLEET_PREFIX_CACHING]")
 
 
 def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> ServeConfig:

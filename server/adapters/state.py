@@ -27,7 +27,7 @@ class AdapterState:
     draining: bool = False
     rank: int = 0
     size_bytes: int = 0
-    tier_hit: str = ""  # where the last load found it: cpu | disk | source
+    tier_hit: str = ""  # where the last load found it: cpu | local | disk | source | merge
     load_seconds: dict[str, float] = field(default_factory=dict)
 
 
