@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+QUANTIZATIONS = ("int8", "int4")  # --quantize: weight-only, of the base's projections (server/model/quantized.py)
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # --quantize-group-size: what the int4 kernels take
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -60,9 +63,10 @@ class EngineConfig:
             problems.append(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.linear_kernel not in ("auto", "torch", "onednn"):
             problems.append(f"linear_kernel must be auto, torch or onednn, got {self.linear_kernel!r}")
-        if self.quantize not in (None, "int8", "int4"):
-            problems.append(f"quantize must be int8 or int4, got {self.quantize!r}")
-        if self.quantize_group_size not in (32, 64, 128, 256):
-            problems.append(f"quantize_group_size must be 32, 64, 128 or 256, got {self.quantize_group_size}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            problems.append(f"quantize must be {' or '.join(QUANTIZATIONS)}, got {self.quantize!r}")
+        if self.quantize_group_size not in INT4_GROUP_SIZES:
+            *first, last = INT4_GROUP_SIZES
+            problems.append(f"quantize_group_size must be {', '.join(map(str, first))} or {last}, got {self.quantize_group_size}")
         if problems:
             raise ValueError("; ".join(problems))

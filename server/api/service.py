@@ -22,12 +22,12 @@ from lorafleet.server.adapters.state import TIERS
 from lorafleet.server.api.metrics import ServerMetrics
 from lorafleet.server.api.request_spans import record_generation
 from lorafleet.server.api.validation import GenerateJob, Limits
+from lorafleet.server.config import QUANTIZATIONS
 from lorafleet.server.engine.async_engine import AsyncEngine, TokenEvent
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.sequence import FinishReason, Sequence
 from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
 from lorafleet.server.model.checkpoint import SUPPORTED_ARCHITECTURES
-from lorafleet.server.model.quantized import QUANTIZATIONS
 from lorafleet.server.serve_config import ServeConfig
 from lorafleet.tracing import setup_tracing
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-QUANTIZATIONS = ("int8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128, 256)
+from lorafleet.server.config import INT4_GROUP_SIZES
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
