@@ -51,3 +51,30 @@ def rates_in_turns(cases: dict[str, Callable[[], int]], rounds: int) -> dict[str
             tokens, seconds = timed(run)
             samples[label].append(tokens / seconds)
     return samples
+
+
+def closed_loop(engine: Any, requests: list[tuple[list[int], str | None]], concurrency: int, params: Any) -> tuple[list[list[int]], float, list[float]]:
+    """``concurrency`` users, each sending its next (prompt ids, adapter) when its last request ends, through the
+    engine's own step loop: the outputs in request order, generated tokens/s, and each request's time to first token."""
+    queue = list(enumerate(requests))
+    live: dict[int, tuple[int, Any, float]] = {}  # id(seq) -> (index, seq, added at)
+    outputs: dict[int, list[int]] = {}
+    ttft: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    while queue or live:
+        while queue and len(live) < concurrency:
+            index, (prompt, adapter) = queue.pop(0)
+            seq = engine.add_request(prompt, params, adapter=adapter)
+            live[id(seq)] = (index, seq, time.perf_counter())
+        for output in engine.step():
+            index, seq, added = live[id(output.seq)]
+            if output.token is not None:
+                tokens += 1
+                if len(seq.tokens) == 1:
+                    ttft.append(time.perf_counter() - added)
+            if output.finished:
+                outputs[index] = seq.generated_ids
+                del live[id(output.seq)]
+    return [outputs[i] for i in range(len(requests))], tokens / (time.perf_counter() - start), ttft
+

@@ -15,10 +15,10 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import closed_loop  # noqa: E402
 from lora_overhead import write_adapters  # noqa: E402
 
 from lorafleet import model_store  # noqa: E402
@@ -47,28 +47,8 @@ def conversation(tokenizer, system_tokens: int, count: int) -> list[tuple[list[i
 
 def run(engine: LLMEngine, requests: list[tuple[list[int], str | None]], concurrency: int, new_tokens: int) -> dict:
     """Closed loop: ``concurrency`` users; returns TTFTs, tokens/s and the outputs."""
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    queue = list(enumerate(requests))
-    live: dict[int, tuple] = {}  # id(seq) -> (index, seq, added_at)
-    ttft: list[float] = []
-    outputs: dict[int, list[int]] = {}
-    tokens = 0
-    start = time.perf_counter()
-    while queue or live:
-        while queue and len(live) < concurrency:
-            index, (prompt, adapter) = queue.pop(0)
-            seq = engine.add_request(prompt, params, adapter=adapter)
-            live[id(seq)] = (index, seq, time.perf_counter())
-        for output in engine.step():
-            index, seq, added = live[id(output.seq)]
-            if output.token is not None:
-                tokens += 1
-                if len(seq.tokens) == 1:
-                    ttft.append(time.perf_counter() - added)
-            if output.finished:
-                outputs[index] = seq.generated_ids
-                del live[id(output.seq)]
-    return {"ttft": ttft, "tokens_per_s": tokens / (time.perf_counter() - start), "outputs": outputs,
+    outputs, rate, ttft = closed_loop(engine, requests, concurrency, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    return {"ttft": ttft, "tokens_per_s": rate, "outputs": outputs,
             "hit_ratio": engine.allocator.hit_tokens / max(1, engine.allocator.queried_tokens)}
 
 

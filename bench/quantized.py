@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUESTIONS  # noqa: E402
+from common import QUESTIONS, closed_loop  # noqa: E402
 
 from lorafleet import model_store  # noqa: E402
 from lorafleet.server.config import EngineConfig  # noqa: E402
@@ -48,20 +47,8 @@ def prompts(tokenizer, count: int) -> list[list[int]]:  # noqa: ANN001
 
 def generate(engine: LLMEngine, requests: list[list[int]], in_flight: int, new_tokens: int) -> tuple[list[list[int]], float]:
     """Greedy outputs in request order, and generated tokens/s, with at most ``in_flight`` running."""
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    queue, live, outputs, tokens = list(enumerate(requests)), {}, {}, 0
-    start = time.perf_counter()
-    while queue or live:
-        while queue and len(live) < in_flight:
-            index, prompt = queue.pop(0)
-            seq = engine.add_request(prompt, params)
-            live[id(seq)] = (index, seq)
-        for output in engine.step():
-            tokens += output.token is not None
-            if output.finished:
-                index, seq = live.pop(id(output.seq))
-                outputs[index] = seq.generated_ids
-    return [outputs[i] for i in range(len(requests))], tokens / (time.perf_counter() - start)
+    outputs, rate, _ = closed_loop(engine, [(prompt, None) for prompt in requests], in_flight, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    return outputs, rate
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ resident adapters and queue. Two scrapes ``interval`` apart give the rate; the r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,8 +61,6 @@ def stats(before: str, after: str, interval: float) -> ReplicaStats:
 def replica_stats(urls: dict[str, str], interval: float, read: Callable[[str], str | None] = read_metrics,
                   sleep: Callable[[float], None] | None = None) -> dict[str, ReplicaStats | None]:
     """Stats per replica name (None: its /metrics did not answer)."""
-    import time
-
     first = {name: read(url) for name, url in urls.items()}
     (sleep or time.sleep)(interval)
     out: dict[str, ReplicaStats | None] = {}
