@@ -62,7 +62,7 @@ class LoraBatch:
     row_slots: torch.Tensor
     modules_used: set[str]
     kernel: str
-    row_range: slice | None = None  # the gathered rows as a slice, when they are contiguous (all-decode steps)
+    row_range: slice | None = None  # the decode rows as a slice, when they are contiguous (all-decode steps)
     # When the rows' slots are a dense range: (first slot, number of slots, rows per slot), and each row's
     # place in the [slots × rows per slot] block when padded. Then bmm reads the slots in place, no gather.
     span: tuple[int, int, int] | None = None
@@ -170,11 +170,10 @@ def lora_add_torch(x: torch.Tensor, y: torch.Tensor, layer: int, module: str, ba
         add_product(y[start:end], shrunk, b)
     for rows, slot in batch.groups:
         a, b = view(layer, module, batch.rank, slot)
+        xs = x[rows].to(slot_dtype) if widened else x[rows]
         if isinstance(rows, slice):
-            xs = x[rows].to(slot_dtype) if widened else x[rows]
             add_product(y[rows], torch.mm(xs, a), b)
         else:
-            xs = x[rows].to(slot_dtype) if widened else x[rows]
             y.index_add_(0, rows, (torch.mm(xs, a) @ b).to(y.dtype))
     if batch.span is not None:
         # Rows sorted by slot over a dense range of slots: one bmm pair reads each adapter in place, once.
