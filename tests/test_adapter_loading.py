@@ -365,6 +365,9 @@ def test_a_drained_adapter_serves_again_when_nobody_needs_its_slot(tiny_models, 
             time.sleep(0.002)
 
     long_a = submit("a1", 200)
+    # a1 takes its slot before a2's load starts, so a1 is the older resident (the one drained below): loaded on
+    # two threads at once, a2 could be placed first (seen once in CI).
+    until(lambda: {s.adapter for s in engine.scheduler.running} == {"local:a1"}, "a1 running")
     short_c = submit("a2", 30)
     until(lambda: {s.adapter for s in engine.scheduler.running} == {"local:a1", "local:a2"}, "a1 and a2 running")
     # a3 waits in CPU memory before its request arrives: a background load slower than a2's 30 tokens
