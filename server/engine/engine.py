@@ -96,8 +96,11 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {budget} bytes holds no block ({block_bytes} bytes each)")
         self.allocator = BlockAllocator(num_blocks, config.block_size, caching=config.prefix_caching)
-        # One block more than the allocator hands out: the scratch block padded CUDA-graph rows write into.
-        self.kv = KVCache(self.model_config, num_blocks + 1, config.block_size, self.dtype, self.device)
+        # Two blocks more than the allocator hands out: the scratch block padded CUDA-graph rows write into, and
+        # the null block that pads decode block tables. Nothing writes the null block, so it stays zero: padding
+        # never reads what another sequence left (server/model/attention.py, "Isolation").
+        self.kv = KVCache(self.model_config, num_blocks + 2, config.block_size, self.dtype, self.device)
+        self.null_block = num_blocks + 1
         shapes, layers = self.model.module_shapes(), self.model_config.num_layers
         # On CPU the torch path keeps slots in float32 whatever the model's dtype: decode rows multiply in float32
         # (torch's bf16 matmuls at LoRA's few-row shapes run at half the float32 speed here), prefill chunks narrow
@@ -319,7 +322,8 @@ class LLMEngine:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             prefills=prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-            decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=device).reshape(len(decode_tables), width),
+            decode_block_tables=torch.tensor([t + [self.null_block] * (width - len(t)) for t in decode_tables],
+                                             dtype=torch.long, device=device).reshape(len(decode_tables), width),
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=device),
             rope_lengths=rope_lengths,
             attention_kernel=self.attention_kernel,

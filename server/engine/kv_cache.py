@@ -85,6 +85,10 @@ class BlockAllocator:
                     self._free.move_to_end(block, last=False)  # nothing to keep: reused before any cached block
         table.clear()
 
+    def blank_blocks(self) -> list[int]:
+        """Free blocks that hold no cached prefix: what they contain is left over from a finished sequence."""
+        return [block for block in self._free if block not in self._hash_of]
+
     def take_cached(self, hashes: list[bytes]) -> list[int]:
         """The longest run of cached blocks for ``hashes`` (a sequence's full blocks, in order), each referenced once more."""
         blocks = []

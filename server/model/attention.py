@@ -5,6 +5,14 @@ contributing many and a decoding sequence one. The torch path here is the refere
 path: prefill chunks attend one sequence at a time (a causal mask offset by what the cache already
 holds); decoding sequences attend together in one padded, masked SDPA call, which is where a
 large batch spends its attention time.
+
+Isolation: a padded decode row reads positions its sequence never wrote, which hold whatever another
+sequence left there, NaN included. A mask alone does not keep them out: a masked key still meets
+``0 * value`` in the weighted sum, and ``0 * NaN`` is NaN. Two rules close it. Padding entries of a decode
+block table name the null block, which nothing ever writes (the engine allocates it zeroed and hands it to
+no sequence); and the tail of each row's last block, past its length, is zeroed in the gathered copy (at
+most block_size - 1 positions a row). The Triton kernel never loads either. Nothing one sequence writes
+into the cache can then change another's output.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ class BatchMetadata:
     lora: Any = None  # a LoraBatch when any row uses an adapter
     attention_kernel: str = "torch"  # "triton": decode rows read the paged cache in attention_triton
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, keys], made by the first layer, read by the others
+    decode_tails: torch.Tensor | None = None  # flat [Bd * keys] indices past each row's length in its last block: zeroed when gathered
 
     def all_decode(self, tokens: int) -> bool:
         """Every token is a decoding row, in batch order: attention output needs no scatter."""
@@ -46,6 +55,13 @@ def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, limit: torch.Te
     if window is not None:
         visible &= key_pos > query_pos - window
     return visible
+
+
+def _unwritten_tails(lens: torch.Tensor, key_pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat indices, in a [rows * keys] gather, of the positions past each row's length within its last block."""
+    last_block_end = (lens + block_size - 1) // block_size * block_size
+    tails = (key_pos >= lens) & (key_pos < last_block_end)
+    return tails.reshape(-1).nonzero().squeeze(1)
 
 
 def _grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -111,12 +127,17 @@ def paged_attention(
     elif meta.decode_rows.numel():
         batch = meta.decode_rows.shape[0]
         flat_tables = meta.decode_block_tables.reshape(-1)
-        keys = key_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-        values = value_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+        keys = key_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim)
+        values = value_cache.index_select(0, flat_tables).view(batch, -1, kv_heads, head_dim)
         if meta.decode_mask is None:  # the same for every layer
             lens = meta.decode_context_lens[:, None]
-            key_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+            key_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
             meta.decode_mask = _window_mask(lens - 1, key_pos, lens, sliding_window)[:, None, None, :]
+            meta.decode_tails = _unwritten_tails(lens, key_pos, block_size)
+        # The gathered copies are ours to change: positions of the last block that another sequence wrote.
+        keys.view(-1, kv_heads, head_dim).index_fill_(0, meta.decode_tails, 0)
+        values.view(-1, kv_heads, head_dim).index_fill_(0, meta.decode_tails, 0)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
         mask = meta.decode_mask
         all_decode = meta.all_decode(q.shape[0])
         queries = (q if all_decode else q[meta.decode_rows]).unsqueeze(2)
