@@ -43,6 +43,7 @@ def members(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     for i, (name, spec) in enumerate(MEMBERS.items()):
         make_lora_adapter(tiny_models["llama"], root / name, seed=10 + i, **spec)
     make_lora_adapter(tiny_models["llama"], root / "rank4", r=4, seed=20)
+    make_lora_adapter(tiny_models["llama"], root / "huge", seed=30, scale=3e4)  # finite, but its merge is out of bounds
     shutil.copytree(root / "m0", root / "elsewhere")  # the same weights, said to be trained on another base model
     config = json.loads((root / "elsewhere" / "adapter_config.json").read_text())
     (root / "elsewhere" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/another-base"}))
@@ -132,9 +133,16 @@ def test_merged_requests_over_http_are_served_and_counted(server) -> None:  # no
 
 @pytest.mark.parametrize(("merged", "status", "message"), [
     ({"ids": ["m0", "m1"], "merge_strategy": "average"}, 422, "`merged_adapters.merge_strategy` must be one of linear, ties, dare_linear, dare_ties"),
-    ({"ids": ["m0", "m1"], "weights": [1.0]}, 422, "`merged_adapters.weights` must be a list of finite numbers, one per id"),
-    ({"ids": ["m0", "m1"], "merge_strategy": "ties", "density": 0}, 422, "`merged_adapters.density` must be > 0.0 and <= 1.0"),
-    ({"ids": ["m0", "m1"], "merge_strategy": "ties", "density": 1.5}, 422, "`merged_adapters.density` must be > 0.0 and <= 1.0"),
+    ({"ids": ["m0", "m1"], "weights": [1.0]}, 422, "`merged_adapters.weights` must be a list of numbers from -100 to 100, one per id"),
+    ({"ids": ["m0", "m1"], "merge_strategy": "ties", "density": 0}, 422, "`merged_adapters.density` must be >= 0.01 and <= 1.0"),
+    ({"ids": ["m0", "m1"], "merge_strategy": "ties", "density": 1.5}, 422, "`merged_adapters.density` must be >= 0.01 and <= 1.0"),
+    # The poison merges of the third adversarial run: each made NaN activations that reached other clients' requests.
+    ({"ids": ["m0"], "weights": [1e30]}, 422, "`merged_adapters.weights` must be a list of numbers from -100 to 100"),
+    ({"ids": ["m0"], "weights": [1.7e308]}, 422, "`merged_adapters.weights` must be a list of numbers from -100 to 100"),
+    ({"ids": ["m0", "m1"], "weights": [1e300, 1]}, 422, "`merged_adapters.weights` must be a list of numbers from -100 to 100"),
+    ({"ids": ["m0", "m1"], "weights": [1e30, -1e30], "merge_strategy": "ties"}, 422, "must be a list of numbers from -100 to 100"),
+    ({"ids": ["m0", "m1"], "merge_strategy": "dare_linear", "density": 1e-300}, 422, "`merged_adapters.density` must be >= 0.01"),
+    ({"ids": ["huge", "m1"]}, 422, "beyond the bound of 10000; use smaller weights or a larger density"),
     ({"ids": ["m0", "m1"], "majority_sign_method": "most"}, 422, "`merged_adapters.majority_sign_method` must be total or frequency"),
     ({"ids": [f"m{i}" for i in range(17)]}, 422, "`merged_adapters.ids` may name at most 16 adapters. Given: 17"),
     ({"ids": ["m0", "m0"]}, 422, "names an adapter more than once"),

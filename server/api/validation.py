@@ -15,7 +15,7 @@ from lorafleet.server.adapters.sources import SOURCES, AdapterRef
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.engine.structured import validate_response_format
 from lorafleet.server.errors import ValidationError
-from lorafleet.server.lora.merge import MAX_MEMBERS, STRATEGIES, MergeSpec
+from lorafleet.server.lora.merge import MAX_MEMBERS, MAX_WEIGHT, MIN_DENSITY, STRATEGIES, MergeSpec
 
 MAX_SEED = 2**64 - 1
 # Bounds that keep every row's arithmetic finite in float32: logits / temperature and logits x
@@ -215,14 +215,15 @@ def _validate_merged(merged: Any, adapter: AdapterRef | None, adapter_source: An
         raise ValidationError("`merged_adapters.ids` must be a non-empty list of adapter ids")
     if len(ids) > MAX_MEMBERS:
         raise ValidationError(f"`merged_adapters.ids` may name at most {MAX_MEMBERS} adapters. Given: {len(ids)}")
-    if weights is not None and (not isinstance(weights, list) or len(weights) != len(ids) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
-        raise ValidationError("`merged_adapters.weights` must be a list of finite numbers, one per id")
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(ids)
+                                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and abs(w) <= MAX_WEIGHT for w in weights)):
+        raise ValidationError(f"`merged_adapters.weights` must be a list of numbers from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}, one per id")
     strategy = merged.get("merge_strategy", "linear")
     if strategy not in STRATEGIES:
         raise ValidationError(f"`merged_adapters.merge_strategy` must be one of {', '.join(STRATEGIES)}. Given: {strategy!r}")
     density = merged.get("density", 1.0)
-    if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 < density <= 1.0:
-        raise ValidationError("`merged_adapters.density` must be > 0.0 and <= 1.0")
+    if not isinstance(density, (int, float)) or isinstance(density, bool) or not MIN_DENSITY <= density <= 1.0:
+        raise ValidationError(f"`merged_adapters.density` must be >= {MIN_DENSITY:g} and <= 1.0 (DARE rescales by 1/density)")
     sign = merged.get("majority_sign_method", "total")
     if sign not in ("total", "frequency"):
         raise ValidationError(f"`merged_adapters.majority_sign_method` must be total or frequency. Given: {sign!r}")

@@ -114,6 +114,8 @@ def load_adapter(
             )
         if rank > max_rank:
             raise AdapterError(f"layer {layer} {module}: rank {rank} is above --max-lora-rank {max_rank}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # NaN weights would make every forward of it NaN
+            raise AdapterError(f"layer {layer} {module}: lora_A or lora_B holds NaN or infinite values")
         path = f"model.layers.{layer}.{'mlp' if module in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{module}"
         module_alpha = _pattern_value(config.get("alpha_pattern") or {}, path, alpha)
         scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank

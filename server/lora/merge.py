@@ -31,6 +31,12 @@ from lorafleet.server.lora.adapter_format import LoraAdapter, content_fingerprin
 
 STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 MAX_MEMBERS = 16
+# Bounds that keep a merge finite in every slot dtype (float16's largest is 65504): a weight scales A and B by
+# its square root, DARE rescales by 1/density, and a merged value past MAX_MERGED_VALUE is no fine-tune anyone
+# trained but a way to make activations overflow. Real merges use weights near 1 and densities of 0.1 to 1.
+MAX_WEIGHT = 100.0
+MIN_DENSITY = 0.01
+MAX_MERGED_VALUE = 1e4
 
 
 class MergeError(ValueError):
@@ -127,5 +133,17 @@ def merge_adapters(name: str, members: list[LoraAdapter], spec: MergeSpec) -> Lo
             new_b = _combine(b_list, torch.tensor(weights_b), spec, strategy, generator)
             merged.weights[(layer, module)] = (new_a.t().contiguous(), (new_b * scale).t().contiguous())
             merged.scales[(layer, module)] = scale
+    _check_bounded(merged, spec)
     merged.fingerprint = content_fingerprint(merged.weights)
     return merged
+
+
+def _check_bounded(merged: LoraAdapter, spec: MergeSpec) -> None:
+    """Refuse a result that is not finite or is out of bounds before it is cached or reaches a slot: members
+    with extreme values can still combine into one that overflows a half-precision forward pass."""
+    for (layer, module), (a, b) in merged.weights.items():
+        for name, tensor in (("A", a), ("B", b)):
+            largest = tensor.abs().max().item() if tensor.numel() else 0.0
+            if not math.isfinite(largest) or largest > MAX_MERGED_VALUE:
+                raise MergeError(f"`merged_adapters` ({spec.strategy}) gives {name} of layer {layer} {module} a value of {largest:.3g}, "
+                                 f"beyond the bound of {MAX_MERGED_VALUE:g}; use smaller weights or a larger density")
