@@ -91,7 +91,7 @@ class GatewayApp:
                                        config.policy, config.min_bound, setup_tracing("lorafleet-gateway", config.otlp_endpoint), config.prefix_chars)
                 self._probe_client = httpx.AsyncClient(timeout=2.0)
                 if config.handoff:
-                    self.replicas.handoff = HandOff(self.replicas, self._probe_client, self.metrics.handoffs)
+                    self.replicas.handoff = HandOff(self.replicas, self._probe_client, self.metrics.handoffs, warm_token=config.warm_token)
                 if self.replica_urls:
                     self.replicas.update(static_members(self.replica_urls))
                 else:

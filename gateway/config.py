@@ -23,6 +23,7 @@ class GatewayConfig:
     served_model_name: str | None = None  # the base model's name in /v1/models (the operator passes the BaseModel's)
     metrics_adapter_labels: int = 32  # adapters with series of their own in /metrics; the rest are "other"
     prefix_chars: int = 0  # route by adapter + the prompt's first N characters (prefix caching affinity); 0: off
+    warm_token: str | None = None  # the replicas' warm token (LORAFLEET_WARM_TOKEN): hand-offs send it, and nothing else
     otlp_endpoint: str | None = None  # traces go here (OTLP over HTTP); None: tracing off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
 
 

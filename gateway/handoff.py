@@ -25,9 +25,10 @@ WARM_TIMEOUT_S = 120.0
 
 
 class HandOff:
-    def __init__(self, replicas: object, client: httpx.AsyncClient, counter: Counter, per_replica: int = 4) -> None:
+    def __init__(self, replicas: object, client: httpx.AsyncClient, counter: Counter, per_replica: int = 4, warm_token: str | None = None) -> None:
         self.replicas = replicas  # gateway.replicas.ReplicaSet
         self.client, self.counter, self.per_replica = client, counter, per_replica
+        self._headers = {"authorization": f"Bearer {warm_token}"} if warm_token else {}
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._running: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -67,7 +68,7 @@ class HandOff:
                 return
             async with self._limits.setdefault(target, asyncio.Semaphore(self.per_replica)):
                 response = await self.client.post(replica.url + "/adapters/warm", json={"adapter_id": key, "adapter_source": source},
-                                                  timeout=WARM_TIMEOUT_S)
+                                                  headers=self._headers, timeout=WARM_TIMEOUT_S)
             if response.status_code == 200:
                 self.replicas.hot.used(target, key)  # routable to it from now on
                 self.counter.labels("warmed").inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
                              "that has its KV blocks cached (default: 0, by adapter only)")
     parser.add_argument("--otlp-endpoint", default=defaults.otlp_endpoint,
                         help="send traces here over OTLP/HTTP, e.g. http://otel-collector:4318 (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset: off)")
+    parser.add_argument("--warm-token", default=os.environ.get("LORAFLEET_WARM_TOKEN") or None,
+                        help="bearer token the replicas take for POST /adapters/warm (hand-offs); best set through LORAFLEET_WARM_TOKEN "
+                             "from a Secret (the operator does)")
     parser.add_argument("--upstream-timeout", type=float, default=defaults.upstream_timeout,
                         help=f"seconds to wait for a replica's response to start (default: {defaults.upstream_timeout:g})")
 
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                                upstream_timeout=args.upstream_timeout, policy=args.policy, served_model_name=args.served_model_name,
                                handoff=args.handoff, min_bound=max(1, args.min_bound),
                                metrics_adapter_labels=args.metrics_adapter_labels, otlp_endpoint=args.otlp_endpoint,
-                               prefix_chars=max(0, args.prefix_chars))
+                               prefix_chars=max(0, args.prefix_chars), warm_token=args.warm_token)
         app = create_gateway_app(args.replica, args.service, config)
     except ValueError as exc:
         print(f"lorafleet gateway: {exc}", file=sys.stderr)

@@ -3,8 +3,10 @@
 For a BaseModel ``m``: a Deployment ``m-replicas`` of ``lorafleet serve``, a Service ``m-replicas``
 in front of it (its EndpointSlices are how the gateway finds the replicas), a gateway Deployment
 and Service ``m`` (the fleet's entry point), a PodDisruptionBudget, and the ServiceAccount, Role
-and RoleBinding that let the gateway read EndpointSlices, and a Secret ``m-admin`` with the replicas'
-admin token (the gateway never gets it). The operator adds owner references, so
+and RoleBinding that let the gateway read EndpointSlices, a Secret ``m-admin`` with the replicas'
+admin token (the gateway never gets it) and their warm token (the gateways' one credential: it allows
+``POST /adapters/warm`` and nothing else), and a NetworkPolicy that admits to replica pods only the fleet's
+gateways, the operator and the metrics scraper. The operator adds owner references, so
 deleting the BaseModel removes all of it.
 """
 
@@ -21,6 +23,11 @@ REPLICA_PORT = 8080
 GATEWAY_PORT = 8000
 DRAIN_SECONDS = 30
 ADMIN_TOKEN_KEY = "token"
+WARM_TOKEN_KEY = "warm-token"
+OPERATOR_POD = {"app.kubernetes.io/name": "lorafleet", "app.kubernetes.io/component": "operator"}  # manifests/ and the chart label it so
+# Who else reaches replica pods when spec.networkPolicy.allowFrom says nothing: the Prometheus operator's pods (scraping
+# /metrics), in any namespace. An InferencePool's proxy is added there by whoever routes through one.
+DEFAULT_ALLOW_FROM = [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -35,16 +42,39 @@ def admin_secret_name(name: str) -> str:
     return f"{name}-admin"
 
 
-def admin_secret(name: str, namespace: str, token: str) -> dict[str, Any]:
-    """The replicas' admin token (load, pin, unload): read by the operator, mounted into replicas only.
+def admin_secret(name: str, namespace: str, token: str, warm_token: str) -> dict[str, Any]:
+    """The replicas' admin token (load, pin, unload), read by the operator and mounted into replicas only; and their
+    warm token, mounted into replicas and gateways (hand-offs).
 
-    The token is made once by the operator (the handler keeps an existing one), so this stays a
+    The tokens are made once by the operator (the handler keeps existing ones), so this stays a
     pure function of its inputs.
     """
     return {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {"name": admin_secret_name(name), "namespace": namespace, "labels": labels(name, "replica")},
-        "data": {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+        "data": {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode(), WARM_TOKEN_KEY: base64.b64encode(warm_token.encode()).decode()},
+    }
+
+
+def warm_token_env(name: str) -> dict[str, Any]:
+    return {"name": "LORAFLEET_WARM_TOKEN", "valueFrom": {"secretKeyRef": {"name": admin_secret_name(name), "key": WARM_TOKEN_KEY}}}
+
+
+def replica_network_policy(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Replica pods admit the fleet's gateways, the operator (any namespace) and the metrics scraper, on the replica port:
+    a pod elsewhere in the cluster must not reach the admin or warm routes, nor bypass the gateway's keys.
+    None when ``spec.networkPolicy.enabled`` is false (a cluster whose CNI enforces none, or a policy of its own)."""
+    policy = spec.get("networkPolicy") or {}
+    if not policy.get("enabled", True):
+        return None
+    peers = [{"podSelector": {"matchLabels": labels(name, "gateway")}},
+             {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_POD)}},
+             *policy.get("allowFrom", DEFAULT_ALLOW_FROM)]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": replica_name(name), "namespace": namespace, "labels": labels(name, "replica")},
+        "spec": {"podSelector": {"matchLabels": labels(name, "replica")}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": peers, "ports": [{"port": REPLICA_PORT, "protocol": "TCP"}]}]},
     }
 
 
@@ -97,7 +127,8 @@ def _probe(path: str, period: int, failures: int, initial: int = 0) -> dict[str,
 
 def replica_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
     env = [{"name": "LORAFLEET_HOME", "value": "/data"}, {"name": "HF_HOME", "value": "/data/hf"},
-           {"name": "LORAFLEET_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": admin_secret_name(name), "key": ADMIN_TOKEN_KEY}}}]
+           {"name": "LORAFLEET_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": admin_secret_name(name), "key": ADMIN_TOKEN_KEY}}},
+           warm_token_env(name)]
     env += tracing_env(spec, name, "replica")
     token = spec.get("hfTokenSecretRef")
     if token:
@@ -179,7 +210,7 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
                     "readinessProbe": _probe("/health", 5, 2), "livenessProbe": _probe("/metrics", 15, 4),
                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
                     "volumeMounts": mounts,
-                    **({"env": env} if (env := tracing_env(spec, name, "gateway")) else {}),
+                    "env": [warm_token_env(name), *tracing_env(spec, name, "gateway")],
                     "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
                 }],
                 "volumes": volumes,
@@ -229,10 +260,12 @@ def gateway_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
     ]
 
 
-def fleet_objects(name: str, namespace: str, spec: dict[str, Any], admin_token: str) -> list[dict[str, Any]]:
+def fleet_objects(name: str, namespace: str, spec: dict[str, Any], admin_token: str, warm_token: str) -> list[dict[str, Any]]:
     """Every object a BaseModel owns, in the order they are best created."""
+    policy = replica_network_policy(name, namespace, spec)
     return [
-        admin_secret(name, namespace, admin_token),
+        admin_secret(name, namespace, admin_token, warm_token),
+        *([policy] if policy else []),
         *gateway_rbac(name, namespace),
         replica_service(name, namespace),
         replica_deployment(name, namespace, spec),

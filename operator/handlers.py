@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status
-from lorafleet.operator.desired import ADMIN_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name, with_tracing_default
+from lorafleet.operator.desired import ADMIN_TOKEN_KEY, WARM_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name, with_tracing_default
 from lorafleet.operator.fleet import Fleet, FleetIO, PodView, now_text
 from lorafleet.operator.fleet_status import basemodel_status, keep_transition_times
 from lorafleet.operator.kube import Kube, login
@@ -103,7 +103,9 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residenc
         kube = state.kube
         changed = []
         desired = with_tracing_default(dict(spec), otlp_endpoint)  # the operator's --otlp-endpoint unless the BaseModel names one
-        for obj in fleet_objects(name, namespace, desired, admin_token(kube, namespace, name) or secrets.token_urlsafe(32)):
+        tokens = fleet_tokens(kube, namespace, name)
+        for obj in fleet_objects(name, namespace, desired, tokens.get(ADMIN_TOKEN_KEY) or secrets.token_urlsafe(32),
+                                 tokens.get(WARM_TOKEN_KEY) or secrets.token_urlsafe(32)):
             kopf.adopt(obj, owner=body)
             outcome, _ = kube.apply(obj)
             if outcome != "unchanged":
@@ -187,11 +189,16 @@ async def orphaned(state: Operator, record: AdapterRecord) -> None:
             post_event(record.reference, "Warning", "BaseModelNotFound", message)
 
 
+def fleet_tokens(kube: Kube, namespace: str, base: str) -> dict[str, str]:
+    """The fleet's tokens from its Secret, by key (none before the BaseModel first reconciled; a Secret made before the
+    warm token existed has only the admin token, and the next reconcile adds the other)."""
+    secret = kube.get("v1", "Secret", namespace, admin_secret_name(base))
+    return {key: base64.b64decode(value).decode() for key, value in ((secret or {}).get("data") or {}).items()}
+
+
 def admin_token(kube: Kube, namespace: str, base: str) -> str | None:
     """The fleet's admin token from its Secret (None before the BaseModel first reconciled)."""
-    secret = kube.get("v1", "Secret", namespace, admin_secret_name(base))
-    encoded = ((secret or {}).get("data") or {}).get(ADMIN_TOKEN_KEY)
-    return base64.b64decode(encoded).decode() if encoded else None
+    return fleet_tokens(kube, namespace, base).get(ADMIN_TOKEN_KEY)
 
 
 def admin_headers(kube: Kube, namespace: str, base: str) -> dict[str, str]:

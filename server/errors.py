@@ -38,6 +38,10 @@ class Unauthorized(RequestError):
     status, error_type = 401, "unauthorized"
 
 
+class Forbidden(RequestError):
+    status, error_type = 403, "forbidden"
+
+
 class Conflict(RequestError):
     status, error_type = 409, "conflict"
 

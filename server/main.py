@@ -42,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"lorafleet serve: {exc}", file=sys.stderr)
         return 2
-    if config.admin_token is None:
-        log.warning("no --admin-token (LORAFLEET_ADMIN_TOKEN): anyone who can reach this replica may load, pin and unload adapters")
+    if config.admin_token is None and config.admin_open:
+        log.warning("--admin-open without --admin-token: anyone who can reach this replica may load, pin, unload and warm adapters")
+    elif config.admin_token is None:
+        log.info("no --admin-token (LORAFLEET_ADMIN_TOKEN): admin routes (load, pin, unload) are refused")
     log.info("loading %s from %s", args.model, folder)
     service = ReplicaService(config)
     app = create_app(service)

@@ -33,6 +33,8 @@ class ServeConfig:
     preload_adapters: list[str] = field(default_factory=list)
     grace_period_s: float = 30.0
     admin_token: str | None = None
+    admin_open: bool = False  # no token and open admin routes: a laptop's choice, never a default
+    warm_token: str | None = None  # the gateways' credential: POST /adapters/warm and nothing else
     served_model_name: str | None = None  # the base model's name for clients (the operator passes the BaseModel's)
     metrics_adapter_labels: int = 32  # adapters with series of their own in /metrics; the rest are "other"
     otlp_endpoint: str | None = None  # traces go here (OTLP/HTTP); None: off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
@@ -96,7 +98,11 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str, bool]] = [
     ("--preload-adapter", str, None, "adapter id to load and pin at start-up (repeatable; source: --adapter-source)", True),
     ("--grace-period-s", float, _default(_S, "grace_period_s"), "on SIGTERM, how long running requests may finish", False),
     ("--admin-token", str, _default(_S, "admin_token"), "bearer token POST and DELETE /adapters require (load, pin, unload); set it from a Secret "
-     "through LORAFLEET_ADMIN_TOKEN rather than on the command line. Unset: those routes are open", False),
+     "through LORAFLEET_ADMIN_TOKEN rather than on the command line. Unset: those routes are refused (403) unless --admin-open", False),
+    ("--admin-open", None, _default(_S, "admin_open"), "without --admin-token, let anyone who reaches this replica load, pin, unload and "
+     "warm adapters (a laptop; never a shared network)", False),
+    ("--warm-token", str, _default(_S, "warm_token"), "bearer token that allows POST /adapters/warm and nothing else: the gateways' "
+     "credential for hand-offs (the admin token allows it too); set it through LORAFLEET_WARM_TOKEN", False),
     ("--served-model-name", str, _default(_S, "served_model_name"), "the name clients use for the base model in `model` and /v1/models "
      "(the operator passes the BaseModel's name); --model's value is accepted too", False),
     ("--metrics-adapter-labels", _positive(int), _default(_S, "metrics_adapter_labels"), "adapters with per-adapter series of their own in "
@@ -149,7 +155,8 @@ def serve_config_from_args(args: argparse.Namespace, model_folder: Path) -> Serv
         engine=engine, model_id=args.model, model_source=args.model_source, revision=args.revision, host=args.host, port=args.port, adapter_source=args.adapter_source,
         max_concurrent_requests=args.max_concurrent_requests, max_stop_sequences=args.max_stop_sequences,
         max_best_of=args.max_best_of, max_body_bytes=args.max_body_bytes, preload_adapters=list(args.preload_adapter or []),
-        grace_period_s=args.grace_period_s, admin_token=args.admin_token or None,
+        grace_period_s=args.grace_period_s, admin_token=args.admin_token or None, admin_open=args.admin_open,
+        warm_token=args.warm_token or None,
         served_model_name=args.served_model_name or None, metrics_adapter_labels=args.metrics_adapter_labels,
         otlp_endpoint=args.otlp_endpoint or None,
     )

@@ -340,8 +340,9 @@ def test_an_unreachable_hub_costs_one_fetch_not_one_per_id(tiny_models, adapter_
     assert isinstance(first.error, SourceUnreachable)
     started = time.monotonic()
     for i in range(50):
-        with pytest.raises(SourceUnreachable, match=r"the hub is unreachable .*\(not tried again for 1[45]s\)"):
+        with pytest.raises(SourceUnreachable, match=r"the hub source is unreachable .*not tried again for 1[45]s\)") as refused:
             engine.adapters.request(AdapterRef.parse(f"junk/id{i}", "hub"))
+        assert f"'junk/id{i}'" in str(refused.value) and "junk/first" not in str(refused.value)  # another client's id stays theirs
     assert calls == ["junk/first"] and time.monotonic() - started < 0.5
     local = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef("local", "a1")))  # other sources unaffected
     drive(engine, [local])

@@ -44,6 +44,39 @@ def test_admin_routes_refuse_anything_but_the_admin_token(server, headers) -> No
     assert "local:a0" not in {a["key"] for a in httpx.get(server.url + "/adapters").json()}
 
 
+def test_without_a_token_admin_routes_are_closed_and_say_how_to_open_them(tiny_models, adapter_root, tmp_path) -> None:
+    """Secure by default: `lorafleet serve` with no --admin-token refuses every mutating admin route (and warm) with a 403."""
+    with RunningServer(tiny_models["llama"], adapter_root, tmp_path / "cache", admin_open=False) as replica:
+        answers = [httpx.post(replica.url + "/adapters", json={"adapter_id": "a0"}, timeout=30),
+                   httpx.delete(replica.url + "/adapters/a0", timeout=30),
+                   httpx.put(replica.url + "/adapters/catalogue", json={"adapters": []}, timeout=30),
+                   httpx.post(replica.url + "/adapters/warm", json={"adapter_id": "a0"}, headers={"authorization": "Bearer x"}, timeout=30)]
+        for response in answers:
+            assert response.status_code == 403, response.text
+            assert response.json()["error_type"] == "forbidden" and "--admin-open" in response.json()["error"]
+        assert "--admin-token (LORAFLEET_ADMIN_TOKEN)" in answers[0].json()["error"] and "--warm-token" in answers[3].json()["error"]
+        assert httpx.get(replica.url + "/adapters", timeout=30).json() == []  # nothing was loaded
+        assert httpx.post(replica.url + "/generate", json={"inputs": "Hi", "parameters": {"adapter_id": "a0", "max_new_tokens": 2}},
+                          timeout=30).status_code == 200  # requests still load adapters on demand
+
+
+def test_warm_takes_the_warm_token_which_opens_nothing_else_and_is_rate_limited(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
+    from lorafleet.server.api import admin
+
+    monkeypatch.setattr(admin, "WARM_BURST", 3)
+    monkeypatch.setattr(admin, "WARM_RATE_PER_S", 0.5)
+    with RunningServer(tiny_models["llama"], adapter_root, tmp_path / "cache", admin_token="op-secret", warm_token="gw-warm") as replica:
+        warm = {"authorization": "Bearer gw-warm"}
+        refused = httpx.post(replica.url + "/adapters/warm", json={"adapter_id": "a0"}, headers={"authorization": "Bearer client"}, timeout=30)
+        assert refused.status_code == 401 and "warm token" in refused.json()["error"]
+        assert httpx.post(replica.url + "/adapters", json={"adapter_id": "a0"}, headers=warm, timeout=30).status_code == 401
+        assert httpx.delete(replica.url + "/adapters/a0", headers=warm, timeout=30).status_code == 401
+        answers = [httpx.post(replica.url + "/adapters/warm", json={"adapter_id": f"a{i % 3}"}, headers=warm if i else ADMIN, timeout=30)
+                   for i in range(5)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
+        assert int(answers[3].headers["retry-after"]) >= 1 and "warms a second" in answers[3].json()["error"]
+
+
 def test_pins_leave_one_slot_for_everyone_else(server) -> None:
     for name in ("a0", "a1"):
         response = httpx.post(server.url + "/adapters", json={"adapter_id": name, "pin": True}, headers=ADMIN, timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import socket
 import subprocess
@@ -30,19 +31,25 @@ def port_on(address: str) -> int:
         return sock.getsockname()[1]
 
 
+# The replicas' credentials, as the operator hands them out: the admin token to the tests (in its place), the
+# warm token to the gateway, whose hand-offs must carry it.
+ADMIN = {"authorization": "Bearer e2e-admin"}
+REPLICA_ENV = {**os.environ, "LORAFLEET_ADMIN_TOKEN": "e2e-admin", "LORAFLEET_WARM_TOKEN": "e2e-warm"}
+
+
 def start_replica(address: str, model: Path, adapters: Path, cache: Path) -> tuple[subprocess.Popen, str]:
     port = port_on(address)
     process = subprocess.Popen(
         [sys.executable, "-P", "-m", "lorafleet", "serve", "--model", str(model), "--host", address, "--port", str(port),
          "--adapter-root", str(adapters), "--adapter-source", "local", "--adapter-cache-dir", str(cache), "--max-lora-rank", "16"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=REPLICA_ENV,
     )
     return process, f"http://{address}:{port}"
 
 
 class GatewayThread(ThreadedApp):
     def __init__(self, urls: list[str], **kwargs) -> None:
-        super().__init__(create_gateway_app(urls, probe_interval=0.2, **kwargs))
+        super().__init__(create_gateway_app(urls, probe_interval=0.2, warm_token="e2e-warm", **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +124,7 @@ def test_prefix_routing_sends_one_prompt_prefix_to_the_replica_that_cached_it(fl
 def test_an_adapter_prewarmed_on_another_replica_is_routed_there(fleet) -> None:
     names = [url.split("//")[1] for _, url in fleet]
     warm = ring.owners("ad6", names)[-1]  # the replica the ring ranks last for ad6
-    loaded = httpx.post(f"http://{warm}/adapters", json={"adapter_id": "ad6", "adapter_source": "local"}, timeout=60)
+    loaded = httpx.post(f"http://{warm}/adapters", json={"adapter_id": "ad6", "adapter_source": "local"}, headers=ADMIN, timeout=60)
     assert loaded.status_code == 200 and loaded.json()["tier"] == "device"
     with GatewayThread([url for _, url in fleet]) as gateway:
         wait_until(lambda: {r["name"]: r["hot_adapters"] for r in httpx.get(gateway.url + "/replicas").json()["replicas"]}[warm] > 0,
@@ -207,7 +214,7 @@ def test_a_registered_adapter_answers_by_name_alone_through_the_gateway_and_dire
     name = next(n for n in (f"support-bot-{i}" for i in itertools.count()) if ring.owners(n, names, 1)[0] != owner)
     entries = [{"name": name, "id": "ad5", "source": "local"}, {"name": "pirate", "id": "ad4", "source": "local"}]
     for url in urls:  # what the operator does for every Adapter resource
-        assert httpx.put(url + "/adapters/catalogue", json={"adapters": entries}).status_code == 200
+        assert httpx.put(url + "/adapters/catalogue", json={"adapters": entries}, headers=ADMIN).status_code == 200
     by_id = generate(f"http://{owner}", "ad5")
     by_name = httpx.post(f"http://{owner}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4, "adapter_id": name}}, timeout=60)
     assert by_name.status_code == 200 and by_name.json()["generated_text"] == by_id.json()["generated_text"]
@@ -223,7 +230,7 @@ def test_a_registered_adapter_answers_by_name_alone_through_the_gateway_and_dire
             assert response.status_code == 200 and response.headers["x-lorafleet-replica"] == owner
             assert response.json()["choices"][0]["text"] == by_id.json()["generated_text"]
     for url in urls:
-        httpx.put(url + "/adapters/catalogue", json={"adapters": []})
+        httpx.put(url + "/adapters/catalogue", json={"adapters": []}, headers=ADMIN)
 
 
 def device_tier(url: str) -> set[str]:
@@ -264,7 +271,7 @@ def test_a_joining_replica_gets_its_adapters_before_their_traffic_and_a_draining
         process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "serve", "--model", str(tiny_models["llama"]), "--host", newcomer,
                                     "--port", str(port), "--adapter-root", str(adapters_dir), "--adapter-source", "local",
                                     "--adapter-cache-dir", str(tmp_path / "cache"), "--max-lora-rank", "16", "--grace-period-s", "20"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=REPLICA_ENV)
         try:
             wait_healthy(new_url, process)
             # Warmed on the newcomer before any request for them was routed there.

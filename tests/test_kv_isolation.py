@@ -57,3 +57,29 @@ def test_garbage_in_free_kv_blocks_changes_no_output(tiny_models: dict[str, Path
     for ours, clean in zip(logits, clean_logits):
         assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, clean, atol=0, rtol=0)
+
+
+def test_a_row_whose_activations_overflow_fails_alone_and_leaves_nothing_behind(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """An adapter with finite but absurd weights (past every load check) makes its row's activations inf, then NaN:
+    that request fails with its own error; its neighbours in the same steps, and requests that later take its
+    freed blocks, produce exactly the tokens they produce on a clean replica."""
+    from lorafleet.server.engine.sampler import SamplingError
+    from lorafleet.server.engine.sequence import FinishReason
+    from lorafleet.testing import make_lora_adapter
+
+    folder = make_lora_adapter(tiny_models["mistral"], tmp_path / "overflow", seed=3, scale=1e18,
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    clean = make_engine(tiny_models["mistral"])
+    expected = [clean.add_request(p, GREEDY) for p in PROMPTS]
+    clean.run_to_completion()
+
+    engine = make_engine(tiny_models["mistral"], max_active_adapters=2, max_lora_rank=8)
+    engine.adapters.load_now("overflow", folder)
+    bad = engine.add_request([1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], SamplingParams(max_new_tokens=12, ignore_eos=True), adapter="overflow")
+    beside = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    engine.run_to_completion()
+    assert bad.finish_reason is FinishReason.ERROR and isinstance(bad.error, SamplingError)
+    assert [s.generated_ids for s in beside] == [s.generated_ids for s in expected]
+    later = [engine.add_request(p, GREEDY) for p in PROMPTS]  # on the blocks the overflowing row left
+    engine.run_to_completion()
+    assert [s.generated_ids for s in later] == [s.generated_ids for s in expected]

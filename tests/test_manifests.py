@@ -41,7 +41,7 @@ def test_install_renders_and_validates() -> None:
      "routing": {"apiKeySecretRef": {"name": "keys"}}, "tracing": {"otlpEndpoint": "http://collector:4318"}},
 ], ids=["minimal", "everything"])
 def test_every_object_the_operator_makes_validates(spec: dict) -> None:
-    for obj in fleet_objects("fleet", "default", spec, "admin-token"):
+    for obj in fleet_objects("fleet", "default", spec, "admin-token", "warm-token"):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from lorafleet import ring
 from lorafleet.gateway.proxy import request_payload, routing_key
@@ -14,6 +16,7 @@ from lorafleet.operator import adapter_check
 from lorafleet.operator.desired import fleet_objects, gateway_deployment, replica_deployment, serve_args
 from lorafleet.operator.fleet_status import basemodel_status, placement, ready_pods
 
+ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"model": {"id": "org/base", "source": "hub", "dtype": "bfloat16"}, "replicas": 3}
 
 
@@ -22,8 +25,10 @@ def container(deployment: dict) -> dict:
 
 
 def test_minimal_spec_gives_a_complete_fleet() -> None:
-    secret, *objects = fleet_objects("m", "ns", SPEC, "admin-token")
+    secret, policy, *objects = fleet_objects("m", "ns", SPEC, "admin-token", "warm-token")
     assert (secret["kind"], secret["metadata"]["name"], base64.b64decode(secret["data"]["token"])) == ("Secret", "m-admin", b"admin-token")
+    assert base64.b64decode(secret["data"]["warm-token"]) == b"warm-token"
+    assert (policy["kind"], policy["metadata"]["name"]) == ("NetworkPolicy", "m-replicas")
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
         ("ServiceAccount", "m-gateway"), ("Role", "m-gateway"), ("RoleBinding", "m-gateway"), ("Service", "m-replicas"),
         ("Deployment", "m-replicas"), ("PodDisruptionBudget", "m-replicas"), ("Service", "m"), ("Deployment", "m"),
@@ -41,7 +46,31 @@ def test_minimal_spec_gives_a_complete_fleet() -> None:
     assert objects[1]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]
     # The replicas take the admin token from the Secret; the gateway never sees it.
     assert {"name": "LORAFLEET_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "m-admin", "key": "token"}}} in container(replicas)["env"]
-    assert "m-admin" not in json.dumps(objects[7])
+    # The gateway gets the warm token alone: it warms on hand-offs, and cannot load, pin or unload.
+    warm = {"name": "LORAFLEET_WARM_TOKEN", "valueFrom": {"secretKeyRef": {"name": "m-admin", "key": "warm-token"}}}
+    assert warm in container(replicas)["env"] and container(objects[7])["env"] == [warm]
+    assert '"key": "token"' not in json.dumps(objects[7])
+
+
+def test_replica_pods_admit_only_the_fleets_gateways_the_operator_and_the_scraper() -> None:
+    """Anyone else in the cluster reaching a replica could warm (thrash its slots) or skip the gateway's keys."""
+    _, policy, *objects = fleet_objects("m", "ns", SPEC, "admin-token", "warm-token")
+    replicas = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "m-replicas")
+    gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "m")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == replicas["spec"]["template"]["metadata"]["labels"] and spec["policyTypes"] == ["Ingress"]
+    [rule] = spec["ingress"]
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    gateways, operator, scraper = rule["from"]
+    assert gateways == {"podSelector": {"matchLabels": gateway["spec"]["template"]["metadata"]["labels"]}}
+    operator_pods = yaml.safe_load((ROOT / "manifests" / "operator.yaml").read_text())["spec"]["template"]["metadata"]["labels"]
+    assert operator["podSelector"]["matchLabels"].items() <= operator_pods.items() and operator["namespaceSelector"] == {}
+    assert scraper["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    custom = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    _, custom_policy, *_ = fleet_objects("m", "ns", {**SPEC, "networkPolicy": {"allowFrom": custom}}, "a", "w")
+    assert custom_policy["spec"]["ingress"][0]["from"][2:] == custom
+    off = fleet_objects("m", "ns", {**SPEC, "networkPolicy": {"enabled": False}}, "a", "w")
+    assert "NetworkPolicy" not in {o["kind"] for o in off}
 
 
 @pytest.mark.parametrize(
@@ -94,10 +123,10 @@ def test_routing_settings_reach_the_gateway() -> None:
     assert args[args.index("--api-key-file") + 1] == "/etc/lorafleet/keys" and gateway["spec"]["replicas"] == 2
     assert gateway["spec"]["template"]["spec"]["serviceAccountName"] == "m-gateway"
     assert serve_args(SPEC)[:3] == ["serve", "--model", "org/base"]
-    assert "--otlp-endpoint" not in args and "env" not in container(gateway)  # tracing is off unless asked for
+    assert "--otlp-endpoint" not in args and [e["name"] for e in container(gateway)["env"]] == ["LORAFLEET_WARM_TOKEN"]  # no tracing unless asked
     traced = container(gateway_deployment("m", "ns", {**SPEC, "tracing": {"otlpEndpoint": "http://collector:4318"}}))
     assert traced["args"][traced["args"].index("--otlp-endpoint") + 1] == "http://collector:4318"
-    assert traced["env"] == [{"name": "OTEL_SERVICE_NAME", "value": "m-gateway"}]
+    assert traced["env"][1:] == [{"name": "OTEL_SERVICE_NAME", "value": "m-gateway"}]
 
 
 @pytest.mark.parametrize(
@@ -148,3 +177,16 @@ def test_adapters_that_do_not_fit_are_permanent_failures(config: dict, message: 
         adapter_check.check_fits(config, {"maxLoraRank": 64})
     assert adapter_check.check_fits({"r": 16, "target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"]}, {}) == (16, ["q_proj", "v_proj"])
     assert adapter_check.fetch_config("local", "anything", None, None) is None
+
+
+def test_the_operators_role_may_create_and_patch_every_kind_a_fleet_owns() -> None:
+    """A kind added to the fleet (the NetworkPolicy) without its rule would fail every reconcile in a real cluster;
+    the embedded API has no RBAC to catch it."""
+    from lorafleet.operator.kube import PLURALS
+
+    role = next(o for o in yaml.safe_load_all((ROOT / "manifests" / "rbac.yaml").read_text()) if o and o["kind"] == "ClusterRole")
+    allowed = {(group, plural) for rule in role["rules"] if {"create", "patch"} <= set(rule["verbs"])
+               for group in rule["apiGroups"] for plural in rule["resources"]}
+    for obj in fleet_objects("m", "ns", SPEC, "a", "w"):
+        group = obj["apiVersion"].rpartition("/")[0]
+        assert (group, PLURALS[obj["kind"]]) in allowed, obj["kind"]

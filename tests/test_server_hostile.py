@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
-from support.server import running_server
+from safetensors.torch import load_file, save_file
+from support.server import RunningServer, running_server
 
 from lorafleet.testing import make_lora_adapter
 
@@ -64,6 +69,11 @@ CASES = [
     ("adapter source unknown", "/generate", gen(adapter_id="x", adapter_source="ftp"), {}, 422, "validation", "`adapter_source` must be one of hub, local, s3"),
     ("adapter id a number", "/generate", gen(adapter_id=5), {}, 422, "validation", "`adapter_id` must be a string"),
     ("adapter not a lora", "/generate", gen(adapter_id="not-lora", adapter_source="local"), {}, 424, "generation", "peft_type PROMPT_TUNING is not supported"),
+    ("adapter with NaN weights", "/generate", gen(adapter_id="nan-weights", adapter_source="local"), {}, 424, "generation", "holds NaN or infinite values"),
+    ("poison merge weight", "/generate", gen(merged_adapters={"ids": ["ok"], "weights": [1e30]}), {}, 422, "validation", "from -100 to 100"),
+    ("poison merge density", "/generate", gen(merged_adapters={"ids": ["ok"], "merge_strategy": "dare_linear", "density": 1e-300}), {}, 422,
+     "validation", "`merged_adapters.density` must be >= 0.01"),
+    ("warm without a token", "/adapters/warm", {"adapter_id": "ok"}, {}, 401, "unauthorized", "needs the replica's warm token"),
     ("merged with adapter_id", "/generate", gen(adapter_id="x", merged_adapters={"ids": ["a"]}), {}, 422, "validation", "cannot be used together with `adapter_id`"),
     ("merge strategy unknown", "/generate", gen(merged_adapters={"ids": ["a", "b"], "merge_strategy": "average"}), {}, 422, "validation", "`merged_adapters.merge_strategy` must be one of"),
     ("merge of adapters that do not exist", "/generate", gen(merged_adapters={"ids": ["a", "b"], "weights": [0.5, 0.5]}), {}, 404, "not_found", "local adapter 'a' not found"),
@@ -193,6 +203,11 @@ CASES += [
 def server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hostile-adapters")
     make_lora_adapter(tiny_models["llama"], root / "ok", r=4)
+    shutil.copytree(root / "ok", root / "nan-weights")
+    weights = load_file(root / "nan-weights" / "adapter_model.safetensors")
+    first = sorted(weights)[0]
+    weights[first][0, 0] = float("nan")
+    save_file(weights, root / "nan-weights" / "adapter_model.safetensors")
     (root / "not-lora").mkdir()
     (root / "not-lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
     yield from running_server(tiny_models["llama"], root, tmp_path_factory.mktemp("cache"), max_concurrent_requests=2, admin_token="admin")
@@ -312,3 +327,34 @@ def test_usage_counts_every_prompt_once(server) -> None:
     one = httpx.post(server.url + "/v1/completions", json={**body, "prompt": prompts[1], "n": 2}, timeout=30).json()["usage"]
     assert one["prompt_tokens"] == lengths[1]  # n completions of one prompt share it
 
+
+
+def test_a_hub_that_accepts_and_never_answers_fails_within_the_deadline(tiny_models, tmp_path, monkeypatch) -> None:
+    """A socket that accepts and stays silent: the request gets 424 within the fetch deadline (stated: 20 s; 2 s here),
+    the hub counts as down so the next hub id fails at once, and local adapters keep loading all along."""
+    from lorafleet.server.adapters import sources
+
+    monkeypatch.setattr(sources, "REMOTE_FETCH_DEADLINE_S", 2.0)
+    silent, accepted = socket.socket(), []
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    threading.Thread(target=lambda: [accepted.append(silent.accept()) for _ in iter(int, 1)], daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    root = tmp_path / "adapters"
+    make_lora_adapter(tiny_models["llama"], root / "local-one", r=4)
+    try:
+        with RunningServer(tiny_models["llama"], root, tmp_path / "cache") as replica:
+            started = time.monotonic()
+            stuck = httpx.post(replica.url + "/generate", json=gen(adapter_id="acme/silent", adapter_source="hub"), timeout=60)
+            waited = time.monotonic() - started
+            assert stuck.status_code == 424 and "the hub source did not answer within 2s" in stuck.json()["error"], stuck.text
+            assert waited < 6, waited
+            started = time.monotonic()
+            other = httpx.post(replica.url + "/generate", json=gen(adapter_id="acme/other", adapter_source="hub"), timeout=60)
+            assert other.status_code == 424 and time.monotonic() - started < 1
+            assert "'acme/other'" in other.json()["error"] and "acme/silent" not in other.json()["error"]
+            local = httpx.post(replica.url + "/generate", json=gen(adapter_id="local-one", adapter_source="local"), timeout=60)
+            assert local.status_code == 200
+    finally:
+        silent.close()

@@ -75,19 +75,27 @@ class AdapterManager:
 
     def _fetch(self, state: AdapterState, token: str | None) -> None:
         try:
-            self._load(state, None, token)
+            self._load(state, None, token, recheck_source=True)
         finally:
             with self._pending_lock:
                 self._pending_fetches -= 1
 
-    def _check_source(self, source: str, now: float) -> None:
+    def _check_source(self, source: str, now: float, adapter_id: str) -> None:
         """Fail a new remote load at once while its source is known to be down or its queue is full:
-        a dead hub costs one fetch's retries, not one per junk id, and queued fetches stay bounded."""
-        until, why = self._source_down.get(source, (0.0, None))
-        if now < until:
-            raise SourceUnreachable(f"{why} (not tried again for {until - now:.0f}s)")
+        a dead hub costs one fetch's deadline, not one per junk id, and queued fetches stay bounded.
+        The error names this request's adapter only: why the source went down is another client's fetch."""
+        down = self._source_down_error(source, now, adapter_id)
+        if down is not None:
+            raise down
         if self._pending_fetches >= MAX_PENDING_FETCHES:
             raise Overloaded(f"{self._pending_fetches} adapter fetches are already pending; try again shortly")
+
+    def _source_down_error(self, source: str, now: float, adapter_id: str) -> SourceUnreachable | None:
+        until, _ = self._source_down.get(source, (0.0, None))
+        if now >= until:
+            return None
+        return SourceUnreachable(f"{source} adapter {adapter_id!r}: the {source} source is unreachable "
+                                 f"(a fetch from it failed; not tried again for {until - now:.0f}s)")
 
     # -- requests (engine thread) ---------------------------------------------------------------
 
@@ -109,7 +117,7 @@ class AdapterManager:
                 self._check_pin_room(key)
             if state is None or state.status == "failed":
                 if ref.source != "local":
-                    self._check_source(ref.source, now)
+                    self._check_source(ref.source, now, ref.id)
                 state = self.states[key] = AdapterState(ref, failures=state.failures if state else 0)
                 self._failed_keys.pop(key, None)
                 self._submit(state, folder, token)
@@ -189,10 +197,14 @@ class AdapterManager:
 
     # -- loading (worker threads) ---------------------------------------------------------------
 
-    def _load(self, state: AdapterState, local_folder: Path | None, token: str | None) -> None:
+    def _load(self, state: AdapterState, local_folder: Path | None, token: str | None, recheck_source: bool = False) -> None:
         key = state.ref.key
         started = time.perf_counter()
         try:
+            if recheck_source:  # queued behind fetches that found the source down: fail now rather than wait a deadline too
+                down = self._source_down_error(state.ref.source, time.monotonic(), state.ref.id)
+                if down is not None and self.cpu.get(key) is None and self.disk.get(key) is None:
+                    raise down
             adapter = self.cpu.get(key)
             if adapter is not None:
                 state.tier_hit = "cpu"

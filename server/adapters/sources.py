@@ -9,6 +9,8 @@ adapter id arrives from the network. An adapter that does not exist is ``Adapter
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,14 +73,48 @@ def resolve_local(adapter_id: str, roots: list[Path]) -> Path:
     raise AdapterNotFound(f"local adapter {adapter_id!r} not found under the adapter roots")
 
 
+# A remote fetch's whole budget: connect, metadata, every file, retries included. A hub that accepts connections and
+# never answers (or trickles bytes) would otherwise hold a loader thread, and the requests waiting on it, for as long
+# as the client library's per-read timeouts and retries allow (over a minute seen).
+REMOTE_FETCH_DEADLINE_S = 20.0
+
+
+def within_deadline(fetch: Callable[[], None], source: str, adapter_id: str) -> None:
+    """Run ``fetch`` on a thread of its own and give up on it after REMOTE_FETCH_DEADLINE_S: the loader thread returns
+    (SourceUnreachable marks the source down), and the abandoned fetch ends by its library's own timeouts, writing
+    nowhere (its staging folder is gone, and nothing recreates it)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fetch()
+        except BaseException as exc:  # handed to the caller below
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name=f"lorafleet-fetch-{source}", daemon=True)
+    worker.start()
+    worker.join(REMOTE_FETCH_DEADLINE_S)
+    if worker.is_alive():
+        raise SourceUnreachable(f"{source} adapter {adapter_id!r}: the {source} source did not answer within {REMOTE_FETCH_DEADLINE_S:g}s")
+    if failure:
+        raise failure[0]
+
+
 def fetch_hub(ref: AdapterRef, destination: Path, token: str | None) -> None:
-    """The adapter's files from the Hub, copied into ``destination`` (the disk tier)."""
-    destination.mkdir(parents=True, exist_ok=True)
-    for filename in ADAPTER_FILES:
-        (destination / filename).write_bytes(hub_file(ref.id, filename, ref.revision, token).read_bytes())
+    """The adapter's files from the Hub, copied into ``destination`` (the disk tier's staging folder, which exists)."""
+    def files() -> None:
+        for filename in ADAPTER_FILES:
+            data = hub_file(ref.id, filename, ref.revision, token).read_bytes()
+            if destination.is_dir():
+                (destination / filename).write_bytes(data)
+
+    within_deadline(files, "hub", ref.id)
 
 
 def fetch_s3(ref: AdapterRef, destination: Path) -> None:
-    destination.mkdir(parents=True, exist_ok=True)
-    for filename in ADAPTER_FILES:
-        s3_file(ref.id, filename, destination / filename)
+    def files() -> None:
+        for filename in ADAPTER_FILES:
+            if destination.is_dir():
+                s3_file(ref.id, filename, destination / filename)
+
+    within_deadline(files, "s3", ref.id)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
+import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -15,20 +17,64 @@ from lorafleet.server.adapters.state import TIERS
 from lorafleet.server.api.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
-from lorafleet.server.errors import Unauthorized, ValidationError
+from lorafleet.server.errors import Forbidden, Overloaded, Unauthorized, ValidationError
+
+
+CLOSED = ("admin routes are off on this replica: start it with --admin-token (LORAFLEET_ADMIN_TOKEN) and send that token, "
+          "or with --admin-open on a machine nobody else can reach")
+
+
+def _offered(request: Request, *expected: str | None) -> bool:
+    """The bearer token matches one of ``expected``, compared in constant time."""
+    offered = (bearer_token(request) or "").encode("utf-8", "surrogateescape")
+    return any(hmac.compare_digest(offered, token.encode()) for token in expected if token is not None)
 
 
 def require_admin(service: ReplicaService, request: Request) -> None:
-    """Load, pin and unload change what every client gets: they take the admin token, not a client's key."""
-    expected = service.config.admin_token
-    if expected is None:
+    """Load, pin and unload change what every client gets: they take the admin token, not a client's key.
+    Secure by default: with no token configured they are refused, unless the replica was started --admin-open."""
+    config = service.config
+    if config.admin_token is None:
+        if not config.admin_open:
+            raise Forbidden(CLOSED)
         return
-    offered = bearer_token(request) or ""
-    if not hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), expected.encode()):
+    if not _offered(request, config.admin_token):
         raise Unauthorized("this route needs the replica's admin token (Authorization: Bearer <admin token>)")
 
 
+def require_warm(service: ReplicaService, request: Request) -> None:
+    """A warm takes a slot like a request does, so it is the gateways' to ask (their warm token), or the operator's
+    (the admin token): a pod that can reach the replica must not be able to thrash its slots."""
+    config = service.config
+    if config.admin_token is None and config.warm_token is None:
+        if not config.admin_open:
+            raise Forbidden(CLOSED.replace("--admin-token (LORAFLEET_ADMIN_TOKEN)", "--warm-token or --admin-token"))
+        return
+    if not _offered(request, config.warm_token, config.admin_token):
+        raise Unauthorized("this route needs the replica's warm token (Authorization: Bearer <warm token>)")
+
+
 MAX_CATALOGUE = 100_000
+# Hand-offs warm an adapter once per scale event and owner: a few a second is plenty; more is a thrash attempt.
+WARM_RATE_PER_S = 5.0
+WARM_BURST = 20
+
+
+class TokenBucket:
+    """``rate`` takes a second with bursts of ``burst``; ``take`` answers how long to wait (0: taken)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = float(burst), time.monotonic()
+
+    def take(self) -> float:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate
 
 
 def catalogue_entries(catalogue: dict[str, AdapterRef]) -> list[dict[str, Any]]:
@@ -83,10 +129,17 @@ def admin_router(service: ReplicaService) -> APIRouter:
         except Exception as exc:
             return error_response(exc)
 
-    @router.post("/warm", summary="load an adapter onto the device, unpinned: what any request naming it does (no admin token)")
+    warm_budget = TokenBucket(WARM_RATE_PER_S, WARM_BURST)
+
+    @router.post("/warm", summary="load an adapter onto the device, unpinned (the warm or admin token; rate-limited)")
     async def warm(request: Request) -> Any:
         """The gateway's hand-off: it moves an adapter's traffic to a replica only once this answered."""
         try:
+            require_warm(service, request)
+            wait = warm_budget.take()
+            if wait > 0:
+                return error_response(Overloaded(f"more than {WARM_RATE_PER_S:g} warms a second (burst {WARM_BURST}) asked of this replica; "
+                                                 f"retry in {wait:.1f}s"), headers={"retry-after": str(max(1, math.ceil(wait)))})
             body = await read_json_object(request)
             ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits)
             if ref is None:
@@ -121,7 +174,7 @@ def admin_router(service: ReplicaService) -> APIRouter:
     async def unload(adapter_id: str, request: Request) -> Any:
         try:
             require_admin(service, request)
-        except Unauthorized as exc:
+        except (Unauthorized, Forbidden) as exc:
             return error_response(exc)
         manager = service.engine.adapters
         keys = [k for k, s in list(manager.states.items()) if adapter_id in (k, s.ref.id)]

@@ -68,6 +68,9 @@ class RunningServer(ThreadedApp):
         engine_settings = dict(model=str(model), dtype="float32", block_size=4, kv_cache_memory=1 << 22, max_total_tokens=256, max_input_length=128,
                                adapter_roots=[adapter_root], adapter_cache_dir=cache, max_active_adapters=4, max_lora_rank=16)
         engine_settings.update(overrides.pop("engine", {}))
+        # Without an admin token a test replica is a laptop's (--admin-open): its admin routes are open, as the tests of
+        # loading and pinning expect; the tests of the closed default and of tokens say what they want.
+        overrides.setdefault("admin_open", "admin_token" not in overrides and "warm_token" not in overrides)
         config = ServeConfig(engine=EngineConfig(**engine_settings), model_id="tiny-llama", **{"adapter_source": "local", **overrides})
         self.service = ReplicaService(config)
         super().__init__(create_app(self.service))

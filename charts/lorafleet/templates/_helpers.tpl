@@ -59,6 +59,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, list, watch, create, update, patch]
+# Each fleet's replica NetworkPolicy (only its gateways, the operator and the scraper reach replica pods).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, update, patch]
 # Each fleet's admin token (made once, read to call the replicas' admin routes); never listed or watched.
 - apiGroups: [""]
   resources: [secrets]
