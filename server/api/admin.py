@@ -19,7 +19,6 @@ from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
 from lorafleet.server.errors import Forbidden, Overloaded, Unauthorized, ValidationError
 
-
 CLOSED = ("admin routes are off on this replica: start it with --admin-token (LORAFLEET_ADMIN_TOKEN) and send that token, "
           "or with --admin-open on a machine nobody else can reach")
 
