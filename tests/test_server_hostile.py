@@ -358,3 +358,32 @@ def test_a_hub_that_accepts_and_never_answers_fails_within_the_deadline(tiny_mod
             assert local.status_code == 200
     finally:
         silent.close()
+
+
+def test_the_catalogue_takes_its_largest_size_and_reads_it_without_hashing_again(server, monkeypatch) -> None:
+    """100,000 entries are admitted and fit the route's body limit (a 2 MiB limit refused ~20,000 with 413); one more
+    is a 422; reads, 304s included, never hash or encode it again (that held generation up on the event loop)."""
+    from lorafleet.server.api import catalogue as catalogue_module
+    from lorafleet.server.api.catalogue import MAX_CATALOGUE, MAX_CATALOGUE_BODY_BYTES, MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_REVISION_LENGTH
+
+    admin = {"authorization": "Bearer admin"}
+    worst = json.dumps({"name": "n" * MAX_NAME_LENGTH, "id": "i" * MAX_ID_LENGTH, "source": "local", "revision": "r" * MAX_REVISION_LENGTH})
+    assert MAX_CATALOGUE * (len(worst) + 2) + 16 <= MAX_CATALOGUE_BODY_BYTES  # the largest admitted catalogue fits its body limit
+    encodings = []
+    real_entries = catalogue_module.entries
+    monkeypatch.setattr(catalogue_module, "entries", lambda refs: encodings.append(len(refs)) or real_entries(refs))
+    entries = [{"name": f"team-{i:06d}/adapter", "id": f"org/adapter-{i}", "source": "hub", "revision": "v1"} for i in range(MAX_CATALOGUE)]
+    put = httpx.put(server.url + "/adapters/catalogue", json={"adapters": entries}, headers=admin, timeout=120)
+    assert put.status_code == 200 and put.json()["adapters"] == MAX_CATALOGUE, put.text[:300]
+    etag = httpx.get(server.url + "/adapters/catalogue", timeout=30).headers["etag"]
+    for _ in range(20):
+        assert httpx.get(server.url + "/adapters/catalogue", headers={"if-none-match": etag}, timeout=30).status_code == 304
+    assert len(httpx.get(server.url + "/adapters/catalogue", timeout=30).json()["adapters"]) == MAX_CATALOGUE
+    assert encodings == [MAX_CATALOGUE]  # once, when it was put
+    over = httpx.put(server.url + "/adapters/catalogue", json={"adapters": [*entries, entries[0]]}, headers=admin, timeout=120)
+    assert over.status_code == 422 and f"at most {MAX_CATALOGUE} entries" in over.json()["error"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:  # a declared length past the route's limit
+        raw.sendall(f"PUT /adapters/catalogue HTTP/1.1\r\nhost: x\r\nauthorization: Bearer admin\r\ncontent-type: application/json\r\n"
+                    f"content-length: {MAX_CATALOGUE_BODY_BYTES + 1}\r\n\r\n".encode())
+        assert raw.recv(65536).startswith(b"HTTP/1.1 413")
+    assert httpx.put(server.url + "/adapters/catalogue", json={"adapters": []}, headers=admin, timeout=30).status_code == 200

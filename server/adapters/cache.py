@@ -92,9 +92,17 @@ class DiskCache:
         return sum(folder_bytes(f) for f in self.root.iterdir() if f.is_dir() and not f.name.startswith("."))
 
 
+MERGED_PREFIX = "merged:"  # AdapterRef("merged", ...).key
+
+
 class CpuCache:
-    def __init__(self, max_bytes: int) -> None:
+    """Parsed adapters in CPU memory, least recently used evicted first. Merged adapters (recomputable from their
+    spec, and as many as clients invent specs) hold at most ``merged_bytes`` of it: past that the oldest merged one
+    goes, never a real adapter."""
+
+    def __init__(self, max_bytes: int, merged_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes
+        self.merged_bytes = max_bytes if merged_bytes is None else merged_bytes
         self.evictions = 0
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._lock = threading.Lock()
@@ -110,6 +118,15 @@ class CpuCache:
         with self._lock:
             self._adapters[key] = adapter
             self._adapters.move_to_end(key)
+            if key.startswith(MERGED_PREFIX):
+                merged = sum(a.size_bytes for k, a in self._adapters.items() if k.startswith(MERGED_PREFIX))
+                for victim in [k for k in self._adapters if k.startswith(MERGED_PREFIX)]:
+                    if merged <= self.merged_bytes:
+                        break
+                    if victim == key or victim in protect:
+                        continue
+                    merged -= self._adapters.pop(victim).size_bytes
+                    self.evictions += 1
             total = sum(a.size_bytes for a in self._adapters.values())
             for victim in list(self._adapters):
                 if total <= self.max_bytes:

@@ -28,19 +28,26 @@ from lorafleet.server.adapters.sources import AdapterNotFound, AdapterRef, Sourc
 from lorafleet.server.adapters.state import AdapterSettings, AdapterState, retry_delay
 from lorafleet.server.errors import Conflict, Overloaded
 from lorafleet.server.lora.adapter_format import LoraAdapter
+from lorafleet.server.lora.merge import MergeCancelled
 from lorafleet.server.lora.slots import LoraSlots
 
 log = logging.getLogger(__name__)
 MAX_FAILED_REMEMBERED = 256  # failed ids kept for their error and back-off; older ones are forgotten
 SOURCE_DOWN_S = 15.0  # after a fetch finds its source unreachable, new fetches from it fail at once this long
 MAX_PENDING_FETCHES = 64  # hub/S3 loads queued or running; beyond it a new id is refused (429)
+# Merges run on a pool of their own (a merge is seconds of CPU; fetches are network waits): a flood of merge specs
+# never holds up other clients' hub adapters. Each is cancelled once no request waits for it.
+MERGE_THREADS = 1
+MAX_PENDING_MERGES = 4
+MAX_MERGED_STATES = 64  # merged adapters remembered (tier, errors); older ones nobody uses are forgotten (recomputable)
+MERGED_CPU_SHARE = 0.25  # of the CPU tier: merged adapters never evict more than this of everyone's real adapters
 
 
 class AdapterManager:
     def __init__(self, settings: AdapterSettings, make_slots: Callable[[], LoraSlots], parse: Callable[[str, Path], LoraAdapter]) -> None:
         self.settings = settings
         self.disk = DiskCache(settings.cache_dir, settings.disk_bytes)
-        self.cpu = CpuCache(settings.cpu_bytes)
+        self.cpu = CpuCache(settings.cpu_bytes, merged_bytes=int(settings.cpu_bytes * MERGED_CPU_SHARE))
         self._make_slots = make_slots
         self._parse = parse
         self.slots: LoraSlots | None = None
@@ -49,6 +56,12 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._local_pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter-local")
         self._remote_pool = ThreadPoolExecutor(settings.remote_load_threads, thread_name_prefix="lorafleet-adapter-remote")
+        self._merge_pool = ThreadPoolExecutor(MERGE_THREADS, thread_name_prefix="lorafleet-adapter-merge")
+        self._pending_merges = 0
+        self._merged_keys: dict[str, None] = {}  # merged adapters with a state, oldest first (engine thread)
+        # What waits for an adapter, published by the engine thread each step: a merge nobody waits for stops.
+        self._wanted: frozenset[str] = frozenset()
+        self._wanted_generation = 0
         self._failed_keys: dict[str, None] = {}  # insertion-ordered: the oldest failure first
         self._source_down: dict[str, tuple[float, BaseException]] = {}  # source -> (until, why)
         self._pending_fetches = 0
@@ -62,12 +75,17 @@ class AdapterManager:
         self.merges = MergedAdapters()
 
     def close(self) -> None:
-        for pool in (self._local_pool, self._remote_pool):
+        for pool in (self._local_pool, self._remote_pool, self._merge_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, state: AdapterState, local_folder: Path | None, token: str | None) -> None:
         if state.ref.source == "local":
             self._local_pool.submit(self._load, state, local_folder, token)
+            return
+        if state.ref.source == "merged":
+            with self._pending_lock:
+                self._pending_merges += 1
+            self._merge_pool.submit(self._merge, state, token, self._wanted_generation)
             return
         with self._pending_lock:
             self._pending_fetches += 1
@@ -79,6 +97,18 @@ class AdapterManager:
         finally:
             with self._pending_lock:
                 self._pending_fetches -= 1
+
+    def _merge(self, state: AdapterState, token: str | None, generation: int) -> None:
+        key = state.ref.key
+
+        def wanted() -> bool:  # no step has run since it was asked for, or a request still waits for it
+            return self._wanted_generation == generation or key in self._wanted
+
+        try:
+            self._load(state, None, token, wanted=wanted)
+        finally:
+            with self._pending_lock:
+                self._pending_merges -= 1
 
     def _check_source(self, source: str, now: float, adapter_id: str) -> None:
         """Fail a new remote load at once while its source is known to be down or its queue is full:
@@ -116,7 +146,11 @@ class AdapterManager:
             if pin and key not in self._pinned:
                 self._check_pin_room(key)
             if state is None or state.status == "failed":
-                if ref.source != "local":
+                if ref.source == "merged":
+                    if self._pending_merges >= MAX_PENDING_MERGES:
+                        raise Overloaded(f"{self._pending_merges} adapter merges are already running or queued; try again shortly")
+                    self._merged_keys[key] = None
+                elif ref.source != "local":
                     self._check_source(ref.source, now, ref.id)
                 state = self.states[key] = AdapterState(ref, failures=state.failures if state else 0)
                 self._failed_keys.pop(key, None)
@@ -160,9 +194,22 @@ class AdapterManager:
         return state is not None and state.status == "device" and not state.draining
 
     def take_failed(self) -> list[tuple[str, BaseException]]:
+        """Loads that failed since the last call, for the engine to fail their waiting requests; a failure that a newer
+        attempt at the same adapter has replaced is left out (it must not fail the newer attempt's requests)."""
         with self._lock:
             failed, self._failed = self._failed, []
-        return failed
+            return [(key, exc) for key, exc in failed if key not in self.states or self.states[key].error is exc]
+
+    def resume_cancelled(self, key: str, error: BaseException) -> bool:
+        """A merge cancelled while a request came to wait for it after all (between the step that saw nobody and the
+        cancel) starts again instead of failing that request."""
+        state = self.states.get(key)
+        if not isinstance(error, MergeCancelled) or state is None or state.error is not error:
+            return False
+        with self._lock:
+            state.status, state.error = "loading", None
+        self._submit(state, None, None)
+        return True
 
     def load_now(self, name: str, folder: Path, pin: bool = True) -> LoraAdapter:
         """Parse a folder and put it straight into a slot (tests, benchmarks, and start-up preloads)."""
@@ -197,7 +244,8 @@ class AdapterManager:
 
     # -- loading (worker threads) ---------------------------------------------------------------
 
-    def _load(self, state: AdapterState, local_folder: Path | None, token: str | None, recheck_source: bool = False) -> None:
+    def _load(self, state: AdapterState, local_folder: Path | None, token: str | None, recheck_source: bool = False,
+              wanted: Callable[[], bool] = lambda: True) -> None:
         key = state.ref.key
         started = time.perf_counter()
         try:
@@ -212,7 +260,7 @@ class AdapterManager:
             elif state.ref.source == "merged":
                 state.tier_hit = "merge"
                 merge_start = time.perf_counter()
-                adapter = self.merges.build(state.ref, lambda member: self._member(member, token))
+                adapter = self.merges.build(state.ref, lambda member: self._member(member, token), wanted)
                 self.counts["merges"] += 1
                 self.on_timing("merge", time.perf_counter() - merge_start)
                 self.cpu.put(key, adapter, protect=set(self._pinned))
@@ -225,6 +273,11 @@ class AdapterManager:
             state.load_seconds["total_to_cpu"] = time.perf_counter() - started
             if state.tier_hit == "source":
                 self._source_down.pop(state.ref.source, None)  # it answered: it is up
+        except MergeCancelled as exc:  # nobody waits: no failure to count or back off from; a later request merges again
+            with self._lock:
+                state.status, state.error, state.retry_at = "failed", exc, 0.0
+                self._failed.append((key, exc))
+            log.info("%s", exc)
         except BaseException as exc:  # every failure reaches the waiting requests
             with self._lock:
                 if isinstance(exc, SourceUnreachable):
@@ -282,6 +335,9 @@ class AdapterManager:
 
     def between_steps(self, running: set[str], waiting: list[str]) -> None:
         """Move adapters wanted by waiting requests (oldest first) and pinned ones into device slots."""
+        self._wanted, self._wanted_generation = frozenset(waiting), self._wanted_generation + 1
+        if len(self._merged_keys) > MAX_MERGED_STATES:
+            self._forget_merged(running, set(waiting))
         # Only what waits, and pinned adapters not yet on the device: never a scan of every known adapter.
         pinned = [k for k in self._pinned if k in self.states and self.states[k].status != "device"]
         wanted = list(dict.fromkeys([*waiting, *pinned]))
@@ -303,6 +359,20 @@ class AdapterManager:
                 self._rotate(running, waiting)
                 break
         self._end_draining(running, wanted)
+
+    def _forget_merged(self, running: set[str], waiting: set[str]) -> None:
+        """Forget the oldest merged adapters nobody uses (outside a slot, not loading): a merge is recomputable from
+        its spec, so a stream of distinct specs must not grow the replica's state without bound."""
+        for key in list(self._merged_keys):
+            if len(self._merged_keys) <= MAX_MERGED_STATES:
+                return
+            state = self.states.get(key)
+            if state is not None and (state.status in ("device", "loading") or key in running or key in waiting):
+                continue
+            with self._lock:
+                self.states.pop(key, None)
+            self.cpu.drop(key)
+            del self._merged_keys[key]
 
     def _end_draining(self, running: set[str], wanted: list[str]) -> None:
         """A drained adapter serves again once it left the device, or once its own requests are done and

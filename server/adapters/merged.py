@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from lorafleet.server.adapters.sources import AdapterNotFound, AdapterRef
 from lorafleet.server.lora.adapter_format import LoraAdapter
-from lorafleet.server.lora.merge import MergeSpec, merge_adapters
+from lorafleet.server.lora.merge import MergeCancelled, MergeSpec, merge_adapters
 
 MAX_SPECS = 4096  # specs remembered by name; a request always registers its own again
 
@@ -40,7 +40,13 @@ class MergedAdapters:
             raise AdapterNotFound(f"merged adapter {ref.id!r} is not defined here; send its `merged_adapters` spec")
         return spec
 
-    def build(self, ref: AdapterRef, member: Callable[[AdapterRef], LoraAdapter]) -> LoraAdapter:
-        """Load every member (through the tiers) and merge them (on a loader thread: never the engine's)."""
+    def build(self, ref: AdapterRef, member: Callable[[AdapterRef], LoraAdapter], wanted: Callable[[], bool]) -> LoraAdapter:
+        """Load every member (through the tiers) and merge them, on the merge pool (never the engine's thread), giving
+        up as soon as ``wanted`` says nobody waits for the result."""
         spec = self.spec(ref)
-        return merge_adapters(ref.key, [member(m) for m in spec.members], spec)
+        members = []
+        for m in spec.members:
+            if not wanted():
+                raise MergeCancelled(f"merge of {ref.key} cancelled: no request waits for it")
+            members.append(member(m))
+        return merge_adapters(ref.key, members, spec, wanted)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import json
 import math
 import time
 from typing import Any
@@ -14,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.adapters.state import TIERS
+from lorafleet.server.api.catalogue import MAX_CATALOGUE, MAX_NAME_LENGTH, MAX_REVISION_LENGTH, Catalogue
 from lorafleet.server.api.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
@@ -53,7 +52,6 @@ def require_warm(service: ReplicaService, request: Request) -> None:
         raise Unauthorized("this route needs the replica's warm token (Authorization: Bearer <warm token>)")
 
 
-MAX_CATALOGUE = 100_000
 # Hand-offs warm an adapter once per scale event and owner: a few a second is plenty; more is a thrash attempt.
 WARM_RATE_PER_S = 5.0
 WARM_BURST = 20
@@ -76,15 +74,6 @@ class TokenBucket:
         return (1 - self._tokens) / self.rate
 
 
-def catalogue_entries(catalogue: dict[str, AdapterRef]) -> list[dict[str, Any]]:
-    return [{"name": name, "id": ref.id, "source": ref.source, "revision": ref.revision} for name, ref in sorted(catalogue.items())]
-
-
-def catalogue_version(catalogue: dict[str, AdapterRef]) -> str:
-    """A digest of the catalogue, so a gateway polling it reads it again only when it changed."""
-    return hashlib.blake2b(json.dumps(catalogue_entries(catalogue)).encode(), digest_size=8).hexdigest()
-
-
 def admin_router(service: ReplicaService) -> APIRouter:
     router = APIRouter(prefix="/adapters")
 
@@ -98,11 +87,13 @@ def admin_router(service: ReplicaService) -> APIRouter:
 
     @router.get("/catalogue", summary="the registered adapters: name -> id, source, revision (the fleet's Adapter resources)")
     async def get_catalogue(request: Request) -> Any:
-        version = catalogue_version(service.limits.catalogue)
-        if request.headers.get("if-none-match") == f'"{version}"':
-            return Response(status_code=304, headers={"etag": f'"{version}"'})
-        return JSONResponse({"version": version, "base": service.base_name, "adapters": catalogue_entries(service.limits.catalogue)},
-                            headers={"etag": f'"{version}"'})
+        catalogue = service.catalogue
+        if not catalogue.version:  # none pushed yet: the empty one, made once
+            catalogue = service.catalogue = Catalogue.of({}, service.base_name)
+        etag = f'"{catalogue.version}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"etag": etag})
+        return Response(catalogue.body, media_type="application/json", headers={"etag": etag})
 
     @router.put("/catalogue", summary="replace the registered adapters (the operator keeps it equal to the Adapter resources)")
     async def put_catalogue(request: Request) -> Any:
@@ -114,17 +105,19 @@ def admin_router(service: ReplicaService) -> APIRouter:
                 raise ValidationError(f"`adapters` must be a list of at most {MAX_CATALOGUE} entries")
             catalogue: dict[str, AdapterRef] = {}
             for entry in entries:
-                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
-                    raise ValidationError("each entry needs a `name` (string) and an `id`")
+                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not 0 < len(entry["name"]) <= MAX_NAME_LENGTH:
+                    raise ValidationError(f"each entry needs a `name` (a string of 1 to {MAX_NAME_LENGTH} characters) and an `id`")
                 ref = parse_adapter(entry.get("id"), entry.get("source", "hub"), service.limits)
                 if ref is None:
                     raise ValidationError(f"entry {entry['name']!r} needs an `id`")
                 revision = entry.get("revision")
-                if revision is not None and not isinstance(revision, str):
-                    raise ValidationError("`revision` must be a string")
+                if revision is not None and (not isinstance(revision, str) or len(revision) > MAX_REVISION_LENGTH):
+                    raise ValidationError(f"`revision` must be a string of at most {MAX_REVISION_LENGTH} characters")
                 catalogue[entry["name"]] = AdapterRef(ref.source, ref.id, revision or ref.revision)
+            snapshot = Catalogue.of(catalogue, service.base_name)  # hashed and encoded once, here
             service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
-            return {"version": catalogue_version(catalogue), "adapters": len(catalogue)}
+            service.catalogue = snapshot
+            return {"version": snapshot.version, "adapters": len(catalogue)}
         except Exception as exc:
             return error_response(exc)
 

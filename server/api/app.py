@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lorafleet import __version__
 from lorafleet.http_limits import head_too_large
 from lorafleet.server.api.admin import admin_router
+from lorafleet.server.api.catalogue import MAX_CATALOGUE_BODY_BYTES
 from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.openai import openai_router
 from lorafleet.server.api.request_spans import start_request_span
@@ -30,9 +31,10 @@ class BodyLimit:
     """Refuse a head over MAX_HEAD_BYTES with 431, and a body over ``limit`` bytes with 413 before reading
     it whole (Content-Length or while streaming in)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, route_limits: dict[tuple[str, str], int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.route_limits = route_limits or {}  # (method, path) -> its own limit (the catalogue's, sized to its entries)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,17 +42,18 @@ class BodyLimit:
         too_large = head_too_large(scope)
         if too_large is not None:
             return await self._refuse(send, 431, too_large)
+        limit = self.route_limits.get((scope["method"], scope["path"]), self.limit)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send, 413, f"the request body is larger than {self.limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, 413, f"the request body is larger than {limit} bytes")
         seen = 0
 
         async def limited() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge(f"the request body is larger than {self.limit} bytes")
+            if seen > limit:
+                raise _TooLarge(f"the request body is larger than {limit} bytes")
             return message
 
         try:
@@ -114,7 +117,8 @@ def create_app(service: ReplicaService) -> FastAPI:
         service.stop()
 
     app = FastAPI(title="lorafleet replica", version=__version__, lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=service.config.max_body_bytes,
+                       route_limits={("PUT", "/adapters/catalogue"): max(MAX_CATALOGUE_BODY_BYTES, service.config.max_body_bytes)})
 
     app.add_middleware(RequestMetrics, service=service)
 

@@ -19,6 +19,7 @@ from typing import Any
 from lorafleet import __version__
 from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.adapters.state import TIERS
+from lorafleet.server.api.catalogue import Catalogue
 from lorafleet.server.api.metrics import ServerMetrics
 from lorafleet.server.api.request_spans import record_generation
 from lorafleet.server.api.validation import GenerateJob, Limits
@@ -83,6 +84,7 @@ class ReplicaService:
             max_stop_sequences=config.max_stop_sequences, max_best_of=config.max_best_of,
             default_adapter_source=config.adapter_source,
         )
+        self.catalogue = Catalogue()  # the GET answer for limits.catalogue, made when it changes (server/api/catalogue.py)
         self.metrics = ServerMetrics(self.snapshot, config.metrics_adapter_labels)
         self.tracing = setup_tracing("lorafleet-replica", config.otlp_endpoint)
         self.engine.adapters.on_timing = lambda step, seconds: self.metrics.adapter_load.labels(step).observe(seconds)

@@ -288,8 +288,10 @@ class LLMEngine:
         """Requests waiting for an adapter that failed to load get its error; nothing else is touched."""
         outputs = []
         for key, error in self.adapters.take_failed():
-            for seq in [s for s in self.scheduler.waiting if s.adapter == key]:
-                outputs.append(self._fail(seq, error))
+            waiters = [s for s in self.scheduler.waiting if s.adapter == key]
+            if waiters and self.adapters.resume_cancelled(key, error):
+                continue
+            outputs.extend(self._fail(seq, error) for seq in waiters)
         return outputs
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, BatchMetadata]:

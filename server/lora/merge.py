@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,13 @@ MAX_MEMBERS = 16
 MAX_WEIGHT = 100.0
 MIN_DENSITY = 0.01
 MAX_MERGED_VALUE = 1e4
+# The work a merge may cost: the members' LoRA parameters together (ties sorts each tensor; 16 rank-8 SmolLM2 adapters
+# on every projection are about 55M). Past it the request is refused before any member is combined.
+MAX_MERGE_PARAMETERS = 64_000_000
+
+
+class MergeCancelled(RuntimeError):
+    """Nobody waits for this merge any more: its requests were cancelled or their clients left."""
 
 
 class MergeError(ValueError):
@@ -95,8 +103,13 @@ def _combine(tensors: list[torch.Tensor], weights: torch.Tensor, spec: MergeSpec
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1.0)
 
 
-def merge_adapters(name: str, members: list[LoraAdapter], spec: MergeSpec) -> LoraAdapter:
-    """The merged adapter, in the served form (A as [in, r], B·scale as [r, out]); MergeError when impossible."""
+def merge_adapters(name: str, members: list[LoraAdapter], spec: MergeSpec, wanted: Callable[[], bool] = lambda: True) -> LoraAdapter:
+    """The merged adapter, in the served form (A as [in, r], B·scale as [r, out]); MergeError when impossible,
+    MergeCancelled as soon as ``wanted`` says nobody waits for it (checked between layers)."""
+    parameters = sum(a.numel() + b.numel() for m in members for a, b in m.weights.values())
+    if parameters > MAX_MERGE_PARAMETERS:
+        raise MergeError(f"`merged_adapters`: the members hold {parameters:,} LoRA parameters together; a merge may combine at most "
+                         f"{MAX_MERGE_PARAMETERS:,} (fewer members, or members of lower rank)")
     ranks = {m.rank for m in members}
     if len(ranks) != 1:
         raise MergeError(f"`merged_adapters` with {spec.strategy!r} needs members of one rank (it combines A and B element by element); "
@@ -112,6 +125,8 @@ def merge_adapters(name: str, members: list[LoraAdapter], spec: MergeSpec) -> Lo
     merged = LoraAdapter(name=name, rank=rank, target_modules=sorted({t for m in members for t in m.target_modules}),
                          use_rslora=members[0].use_rslora, base_model=next(iter(bases), None))
     for layer in layers:
+        if not wanted():
+            raise MergeCancelled(f"merge of {name} cancelled: no request waits for it")
         for module in PROJECTIONS:
             a_list, b_list, weights_a, weights_b = [], [], [], []
             for member, weight in zip(members, spec.weights):

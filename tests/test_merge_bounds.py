@@ -1,0 +1,110 @@
+"""Merged adapters cannot crowd out anyone else: their own small pool, a cost bound, cancellation when nobody waits,
+and a bounded share of the CPU tier and of the replica's state (the third adversarial run: abandoned 16-member
+merges held the hub pool for minutes, and ~350 distinct specs evicted every tenant's real adapters)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from support.engine import make_engine
+
+from lorafleet.server.adapters import manager as manager_module
+from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.server.engine.sequence import FinishReason, SamplingParams
+from lorafleet.server.errors import Overloaded
+from lorafleet.server.lora import merge as merge_module
+from lorafleet.server.lora.merge import MergeCancelled, MergeError, MergeSpec
+from lorafleet.testing import make_lora_adapter
+
+PROMPT = [1, 5, 6, 7]
+NAMES = ("m0", "m1", "m2")
+
+
+@pytest.fixture(scope="module")
+def members(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("merge-bound-members")
+    for i, name in enumerate(NAMES):
+        make_lora_adapter(tiny_models["llama"], root / name, seed=40 + i, target_modules=["q_proj", "v_proj"])
+    return root
+
+
+def engine_for(tiny_models, members, tmp_path, **overrides):  # noqa: ANN001, ANN201
+    settings = dict(adapter_roots=[members], adapter_cache_dir=tmp_path / "cache", max_active_adapters=2, max_lora_rank=16)
+    return make_engine(tiny_models["llama"], **{**settings, **overrides})
+
+
+def spec(weight: float, names: tuple[str, ...] = NAMES) -> MergeSpec:
+    return MergeSpec(tuple(AdapterRef("local", n) for n in names), (1.0, 0.5, weight)[-len(names):])
+
+
+def run_until(engine, done, timeout: float = 30) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        if not engine.step():
+            time.sleep(0.005)
+
+
+def test_a_merge_nobody_waits_for_stops_and_a_later_request_merges_again(tiny_models, members, tmp_path, monkeypatch) -> None:
+    engine = engine_for(tiny_models, members, tmp_path)
+    manager = engine.adapters
+    real_member = manager._member
+    monkeypatch.setattr(manager, "_member", lambda ref, token: (time.sleep(0.4), real_member(ref, token))[1])  # a slow merge
+    key = manager.request(manager.merges.define(spec(0.5)))
+    seq = engine.add_request(PROMPT, SamplingParams(max_new_tokens=2), key)
+    engine.step()
+    engine.cancel(seq)  # the client left
+    run_until(engine, lambda: manager.states[key].status == "failed")
+    assert isinstance(manager.states[key].error, MergeCancelled) and manager.counts["merges"] == 0
+    again = engine.add_request(PROMPT, SamplingParams(max_new_tokens=2, ignore_eos=True), manager.request(manager.merges.define(spec(0.5))))
+    run_until(engine, lambda: again.finished)
+    assert again.finish_reason is FinishReason.LENGTH and manager.counts["merges"] == 1
+
+
+def test_merges_queue_on_their_own_pool_with_a_bound(tiny_models, members, tmp_path, monkeypatch) -> None:
+    engine = engine_for(tiny_models, members, tmp_path)
+    manager = engine.adapters
+    real_member = manager._member
+    monkeypatch.setattr(manager, "_member", lambda ref, token: (time.sleep(0.3), real_member(ref, token))[1])
+    waiting = []
+    for i in range(manager_module.MAX_PENDING_MERGES):
+        key = manager.request(manager.merges.define(spec(0.1 * (i + 1))))
+        waiting.append(engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), key))
+    with pytest.raises(Overloaded, match="adapter merges are already running or queued"):
+        manager.request(manager.merges.define(spec(0.9)))
+    local = engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), manager.request(AdapterRef("local", "m0")))
+    run_until(engine, lambda: local.finished)  # a plain adapter loads while merges queue
+    assert sum(s.finished for s in waiting) < len(waiting)
+    run_until(engine, lambda: all(s.finished for s in waiting))
+    assert all(s.finish_reason is not FinishReason.ERROR for s in waiting)
+
+
+def test_a_merge_over_the_cost_bound_is_refused_before_combining(tiny_models, members, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(merge_module, "MAX_MERGE_PARAMETERS", 1000)
+    engine = engine_for(tiny_models, members, tmp_path)
+    seq = engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), engine.adapters.request(engine.adapters.merges.define(spec(0.5))))
+    run_until(engine, lambda: seq.finished)
+    assert isinstance(seq.error, MergeError) and "a merge may combine at most 1,000" in str(seq.error)
+
+
+def test_distinct_specs_keep_to_their_share_of_the_cpu_tier_and_of_the_state(tiny_models, members, tmp_path, monkeypatch) -> None:
+    """Every distinct spec is a new merged adapter: they evict each other, never the real adapters, and old ones are forgotten."""
+    monkeypatch.setattr(manager_module, "MAX_MERGED_STATES", 4)
+    probe = engine_for(tiny_models, members, tmp_path / "probe")
+    size = probe.adapters.load_now("probe", members / "m0").size_bytes
+    engine = engine_for(tiny_models, members, tmp_path, adapter_cpu_memory=12 * size)  # merged: at most 3 of them
+    manager = engine.adapters
+    bystander = engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), manager.request(AdapterRef("local", "m2")))
+    run_until(engine, lambda: bystander.finished)  # a tenant's real adapter, in the CPU tier before the flood
+    for i in range(12):
+        merged = manager.merges.define(spec(0.01 * (i + 1), NAMES[:2]))
+        seq = engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), manager.request(merged))
+        run_until(engine, lambda: seq.finished)
+        assert seq.finish_reason is not FinishReason.ERROR
+    cached = manager.cpu.keys()
+    assert {f"local:{n}" for n in NAMES} <= set(cached)  # real adapters (the bystander, the members) were never evicted
+    merged = [k for k in cached if k.startswith("merged:")]
+    assert 0 < len(merged) <= 3 and sum(manager.cpu.get(k).size_bytes for k in merged) <= manager.cpu.merged_bytes
+    assert len([k for k in manager.states if k.startswith("merged:")]) <= 4 + 2  # the bound, plus at most the slots' residents
