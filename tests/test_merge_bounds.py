@@ -101,7 +101,7 @@ def test_distinct_specs_keep_to_their_share_of_the_cpu_tier_and_of_the_state(tin
     for i in range(12):
         merged = manager.merges.define(spec(0.01 * (i + 1), NAMES[:2]))
         seq = engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), manager.request(merged))
-        run_until(engine, lambda: seq.finished)
+        run_until(engine, lambda seq=seq: seq.finished)
         assert seq.finish_reason is not FinishReason.ERROR
     cached = manager.cpu.keys()
     assert {f"local:{n}" for n in NAMES} <= set(cached)  # real adapters (the bystander, the members) were never evicted
