@@ -340,7 +340,7 @@ def test_an_unreachable_hub_costs_one_fetch_not_one_per_id(tiny_models, adapter_
     assert isinstance(first.error, SourceUnreachable)
     started = time.monotonic()
     for i in range(50):
-        with pytest.raises(SourceUnreachable, match=r"the hub source is unreachable .*not tried again for 1[45]s\)") as refused:
+        with pytest.raises(SourceUnreachable, match=r"the hub is unreachable .*not tried again for 1[45]s\)") as refused:
             engine.adapters.request(AdapterRef.parse(f"junk/id{i}", "hub"))
         assert f"'junk/id{i}'" in str(refused.value) and "junk/first" not in str(refused.value)  # another client's id stays theirs
     assert calls == ["junk/first"] and time.monotonic() - started < 0.5

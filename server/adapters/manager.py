@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lorafleet.server.adapters.cache import CpuCache, DiskCache
 from lorafleet.server.adapters.merged import MergedAdapters
-from lorafleet.server.adapters.sources import AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.adapters.sources import SOURCE_NAMES, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.adapters.state import AdapterSettings, AdapterState, retry_delay
 from lorafleet.server.errors import Conflict, Overloaded
 from lorafleet.server.lora.adapter_format import LoraAdapter
@@ -124,7 +124,7 @@ class AdapterManager:
         until, _ = self._source_down.get(source, (0.0, None))
         if now >= until:
             return None
-        return SourceUnreachable(f"{source} adapter {adapter_id!r}: the {source} source is unreachable "
+        return SourceUnreachable(f"{source} adapter {adapter_id!r}: {SOURCE_NAMES.get(source, source)} is unreachable "
                                  f"(a fetch from it failed; not tried again for {until - now:.0f}s)")
 
     # -- requests (engine thread) ---------------------------------------------------------------

@@ -77,6 +77,7 @@ def resolve_local(adapter_id: str, roots: list[Path]) -> Path:
 # never answers (or trickles bytes) would otherwise hold a loader thread, and the requests waiting on it, for as long
 # as the client library's per-read timeouts and retries allow (over a minute seen).
 REMOTE_FETCH_DEADLINE_S = 20.0
+SOURCE_NAMES = {"hub": "the hub", "s3": "the S3 endpoint"}
 
 
 def within_deadline(fetch: Callable[[], None], source: str, adapter_id: str) -> None:
@@ -95,7 +96,8 @@ def within_deadline(fetch: Callable[[], None], source: str, adapter_id: str) -> 
     worker.start()
     worker.join(REMOTE_FETCH_DEADLINE_S)
     if worker.is_alive():
-        raise SourceUnreachable(f"{source} adapter {adapter_id!r}: the {source} source did not answer within {REMOTE_FETCH_DEADLINE_S:g}s")
+        raise SourceUnreachable(f"{source} adapter {adapter_id!r}: {SOURCE_NAMES[source]} is unreachable "
+                                f"(no answer within {REMOTE_FETCH_DEADLINE_S:g}s)")
     if failure:
         raise failure[0]
 

@@ -26,6 +26,7 @@ from lorafleet.server.api.validation import GenerateJob, Limits
 from lorafleet.server.config import QUANTIZATIONS
 from lorafleet.server.engine.async_engine import AsyncEngine, TokenEvent
 from lorafleet.server.engine.engine import LLMEngine
+from lorafleet.server.engine.grammar_worker import CompileTimeout
 from lorafleet.server.engine.sequence import FinishReason, Sequence
 from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
 from lorafleet.server.model.checkpoint import SUPPORTED_ARCHITECTURES
@@ -36,7 +37,9 @@ MAX_DISK_RESIDENCY = 256  # disk-tier adapters listed in lorafleet_adapter_loade
 
 log = logging.getLogger(__name__)
 MAX_SCHEMA_BYTES = 64 << 10  # a response_format schema, as JSON text
-GRAMMAR_TIMEOUT_S = 10.0  # compile budget per schema; the compile thread is shared, so a slow one is refused
+GRAMMAR_TIMEOUT_S = 10.0  # compile budget per schema: past it the worker process compiling it is killed (422)
+GRAMMAR_WORKERS = 2  # compile processes; a compile waits for a free one, each busy one ends within its budget
+MAX_QUEUED_COMPILES = 8  # compiles running or waiting for a worker; past it a new schema gets 429
 
 
 @dataclass(slots=True)
@@ -91,7 +94,9 @@ class ReplicaService:
         self.in_flight = 0
         self.draining = False
         self.started = False
-        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="lorafleet-grammar")
+        # Threads that wait on the compile processes (they only block on pipes), one per compile admitted.
+        self._grammar_pool = ThreadPoolExecutor(MAX_QUEUED_COMPILES, thread_name_prefix="lorafleet-grammar")
+        self._compiles = 0  # running or waiting (event loop only)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -109,6 +114,7 @@ class ReplicaService:
         self.runner.stop()
         self.engine.adapters.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.close_grammar()
         if self.tracing is not None:
             self.tracing.shutdown()  # flush the last spans
 
@@ -171,11 +177,16 @@ class ReplicaService:
         size = len(json.dumps(response_format.get("schema")))
         if size > MAX_SCHEMA_BYTES:
             raise ValidationError(f"`response_format` schema is {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted")
-        compiling = asyncio.get_running_loop().run_in_executor(self._grammar_pool, lambda: self.engine.grammar().compile(response_format))
+        if self._compiles >= MAX_QUEUED_COMPILES:
+            raise Overloaded(f"{self._compiles} `response_format` schemas are compiling or waiting to; try again shortly")
+        self._compiles += 1
         try:
-            await asyncio.wait_for(asyncio.shield(compiling), GRAMMAR_TIMEOUT_S)
-        except TimeoutError:
-            raise ValidationError(f"`response_format` schema did not compile within {GRAMMAR_TIMEOUT_S:g}s; simplify it") from None
+            await asyncio.get_running_loop().run_in_executor(
+                self._grammar_pool, lambda: self.engine.grammar().compile_isolated(response_format, GRAMMAR_TIMEOUT_S, GRAMMAR_WORKERS))
+        except CompileTimeout as exc:
+            raise ValidationError(f"`response_format` schema {exc}; simplify it") from None
+        finally:
+            self._compiles -= 1
 
     async def stream(self, job: GenerateJob, prompt_ids: list[int]) -> tuple[TokenEvent, AsyncIterator[TokenEvent]]:
         """Start a generation and wait for its first event, so errors before it still get their HTTP status."""

@@ -167,6 +167,12 @@ class LLMEngine:
                 self._grammar = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_ids))
         return self._grammar
 
+    def close_grammar(self) -> None:
+        """Stop the schema compile processes, if any were started."""
+        with self._grammar_lock:
+            if self._grammar is not None:
+                self._grammar.close()
+
     def _decode_graphs(self, scratch_block: int) -> DecodeGraphs | None:
         """auto: on cuda when every kernel a decode step runs can be captured; "on" elsewhere runs the same path eagerly."""
         choice = self.config.cuda_graphs

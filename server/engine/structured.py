@@ -16,6 +16,10 @@ from typing import Any
 
 import torch
 
+from lorafleet.server.engine.grammar_worker import CompileTimeout, GrammarWorkers
+
+TIMED_OUT_REMEMBERED = 1024
+
 
 class Constraint:
     """One request's grammar state: which tokens may come next, advanced by each accepted token."""
@@ -44,10 +48,56 @@ class GrammarCompiler:
 
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.vocab_size = vocab_size
+        self._info = info
         self._compiler = xgr.GrammarCompiler(info)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
+        self._timed_out: OrderedDict[str, None] = OrderedDict()  # schemas that ran past their budget: refused at once
+        self._workers: GrammarWorkers | None = None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(response_format: dict) -> str:
+        if response_format.get("type") == "json_object" and not response_format.get("schema"):
+            return "json_object"
+        return json.dumps(response_format.get("schema"), sort_keys=True)
+
+    def compile_isolated(self, response_format: dict, timeout: float, workers: int = 2) -> Any:
+        """Compile in a worker process within ``timeout`` (killed past it: CompileTimeout), so a schema that compiles
+        for minutes never holds a thread; the HTTP layer calls this before a request reaches the engine."""
+        import xgrammar as xgr
+
+        key = self._key(response_format)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
+            if key in self._timed_out:
+                raise CompileTimeout(f"did not compile within {timeout:g}s before (refused without trying again)")
+            if self._workers is None:
+                self._workers = GrammarWorkers(self._info.serialize_json(), workers)
+        schema = '{"type": "object"}' if key == "json_object" else key
+        try:
+            serialized = self._workers.compile(schema, timeout)
+        except CompileTimeout:
+            with self._lock:
+                self._timed_out[key] = None
+                while len(self._timed_out) > TIMED_OUT_REMEMBERED:
+                    self._timed_out.popitem(last=False)
+            raise
+        except ValueError as exc:
+            raise ValueError(f"`response_format` schema is not valid: {exc}") from exc
+        compiled = xgr.CompiledGrammar.deserialize_json(serialized, self._info)
+        with self._lock:
+            self._cache[key] = compiled
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
 
     def compile(self, response_format: dict) -> Any:
         """The compiled grammar of a response format, from the cache when it was compiled before.
@@ -55,11 +105,7 @@ class GrammarCompiler:
         Compiling can take seconds for a hostile schema, so the HTTP layer calls this in a worker
         thread before the request reaches the engine; the engine thread then only finds it here.
         """
-        kind = response_format.get("type")
-        if kind == "json_object" and not response_format.get("schema"):
-            key = "json_object"
-        else:
-            key = json.dumps(response_format.get("schema"), sort_keys=True)
+        key = self._key(response_format)
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:

@@ -1,0 +1,140 @@
+"""Schema compiles in processes that can be killed, so a hostile schema costs its own request and nothing else.
+
+xgrammar compiles a JSON schema against the whole vocabulary; some small schemas take minutes (``(.{1,40}){1,40}``
+as a string pattern: over 100 s here), and a compile running on a thread cannot be stopped: a timed-out compile kept
+the one compile thread busy and every other client's schema failed after 10 s. Here each compile runs in one of a
+few worker processes that hold a compiler for the replica's vocabulary; a compile past its budget gets its worker
+killed (a new one starts on the next use) and the request a 422. The compiled grammar comes back serialised.
+The child imports xgrammar only: no torch, no model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+log = logging.getLogger(__name__)
+START_TIMEOUT_S = 60.0  # a new worker imports xgrammar and reads the vocabulary: a second or two, far less than this
+
+
+def serve(conn: Connection) -> None:  # pragma: no cover - runs in the child process
+    """The child: a compiler for the vocabulary it is sent first, then one schema in, one answer out, until EOF."""
+    import xgrammar as xgr
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(conn.recv()), cache_enabled=False)
+    conn.send(("ready", ""))
+    while True:
+        try:
+            schema = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", compiler.compile_json_schema(schema, any_whitespace=False).serialize_json()))
+        except Exception as exc:  # xgrammar reports schema errors as RuntimeError
+            conn.send(("error", str(exc).splitlines()[-1] if str(exc) else type(exc).__name__))
+
+
+class CompileTimeout(TimeoutError):
+    """The schema did not compile within its budget; its worker was killed."""
+
+
+class _Worker:
+    def __init__(self, tokenizer_info_json: str) -> None:
+        self._info = tokenizer_info_json
+        self._process: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+
+    def _start(self) -> None:
+        """A fresh interpreter (never a fork of one that holds torch's threads, nor a re-run of whatever __main__ is)."""
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet.server.engine.grammar_worker", str(theirs.fileno())],
+                                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        self._conn = Connection(ours.detach())
+        self._conn.send(self._info)
+        if not self._conn.poll(START_TIMEOUT_S) or self._conn.recv()[0] != "ready":
+            self.kill()
+            raise RuntimeError("the grammar worker process did not start")
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def ensure_started(self) -> None:
+        if not self.alive:
+            self.kill()
+            self._start()
+
+    def compile(self, schema: str, timeout: float) -> str:
+        """The serialised compiled grammar; ValueError for a schema xgrammar refuses; CompileTimeout past ``timeout``."""
+        self.ensure_started()
+        assert self._conn is not None
+        try:
+            self._conn.send(schema)
+            answered = self._conn.poll(timeout)
+            status, payload = self._conn.recv() if answered else ("", "")
+        except (EOFError, OSError) as exc:  # the worker died under it (killed from outside, out of memory)
+            self.kill()
+            raise RuntimeError(f"the grammar worker process died: {exc}") from exc
+        if not answered:
+            self.kill()
+            raise CompileTimeout(f"did not compile within {timeout:g}s")
+        if status == "error":
+            raise ValueError(payload)
+        return payload
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._process, self._conn = None, None
+
+
+class GrammarWorkers:
+    """A few worker processes; a compile waits for a free one. Only started workers are free: each starts in the
+    background when the pool is made, and again right after a kill, so the compile after a hostile one never waits
+    for a process to start."""
+
+    def __init__(self, tokenizer_info_json: str, workers: int) -> None:
+        self._workers = [_Worker(tokenizer_info_json) for _ in range(workers)]
+        self._closed = False
+        self._free: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        for worker in self._workers:
+            self._restart(worker)
+
+    def _restart(self, worker: _Worker) -> None:
+        def start() -> None:
+            try:
+                if not self._closed:
+                    worker.ensure_started()
+            except Exception as exc:  # it tries again when next used; the request then sees the error
+                log.warning("grammar worker did not start: %s", exc)
+            self._free.put(worker)
+
+        threading.Thread(target=start, name="lorafleet-grammar-start", daemon=True).start()
+
+    def compile(self, schema: str, timeout: float) -> str:
+        """Waits for a free worker (each busy one ends within its own budget), then compiles within ``timeout``."""
+        worker = self._free.get()
+        try:
+            return worker.compile(schema, timeout)
+        finally:
+            if worker.alive:
+                self._free.put(worker)
+            else:
+                self._restart(worker)
+
+    def close(self) -> None:
+        self._closed = True
+        for worker in self._workers:
+            worker.kill()
+
+if __name__ == "__main__":  # pragma: no cover - the child's entry: python -m lorafleet.server.engine.grammar_worker FD
+    serve(Connection(int(sys.argv[1])))
