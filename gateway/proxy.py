@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpcore
 
 from lorafleet import ring
+from lorafleet.cache_salt import HOP_TOKEN_HEADER, SALT_HEADER, salt_for_key
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
@@ -33,7 +34,8 @@ Send = Callable[[dict], Awaitable[None]]
 T = TypeVar("T")
 TGI_ROUTES = {"/", "/generate", "/generate_stream"}
 HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
-NOT_FORWARDED = HOP_BY_HOP | {"authorization", "proxy-authorization", "cookie"}
+# The client's credential, and the headers only the gateway may set (a client's copy would pick its cache partition).
+NOT_FORWARDED = HOP_BY_HOP | {"authorization", "proxy-authorization", "cookie", SALT_HEADER, HOP_TOKEN_HEADER}
 ADMIN_PREFIX = "/adapters"  # load, pin, unload: the operator calls each replica with the admin token, never through here
 BUFFER_LIMIT = 1 << 20  # sized responses up to this are read whole rather than relayed
 # Before a response starts, any transport failure is retryable: a refused or reset connection
@@ -159,6 +161,7 @@ class Gateway:
     min_bound: int = 1
     tracing: Tracing | None = None
     prefix_chars: int = 0  # route by adapter + the prompt's first characters (--prefix-chars); 0: by adapter only
+    warm_token: str | None = None  # the replicas' warm token: also vouches for the cache salt the gateway sets
     _turn: int = 0
 
     def _plain_order(self, loads: dict[str, int]) -> list[str]:
@@ -224,6 +227,9 @@ class Gateway:
         forward = [(k, v.strip()) for k, v in headers if k.decode("latin-1").lower() not in NOT_FORWARDED]
         if body or scope["method"] in ("POST", "PUT", "PATCH"):
             forward.append((b"content-length", str(len(body)).encode()))
+        if self.warm_token and self.keys.path is not None and authorization:  # keys configured: each caller's cache is its own
+            forward += [(SALT_HEADER.encode(), salt_for_key(authorization[7:].strip()).encode()),
+                        (HOP_TOKEN_HEADER.encode(), self.warm_token.encode())]
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         timeout = {"connect": 2.0, "read": self.upstream_timeout, "write": self.upstream_timeout, "pool": self.upstream_timeout}
         span = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -10,6 +12,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from lorafleet.cache_salt import HOP_TOKEN_HEADER, MAX_SALT_LENGTH, SALT_HEADER
 from lorafleet.server.api.json_guard import MAX_DEPTH, UnusableValue, check_values
 from lorafleet.server.errors import RequestError, classify
 
@@ -48,6 +51,17 @@ async def read_json_object(request: Request) -> dict:
 def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
     status, error_type, message = classify(exc)
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def trusted_cache_salt(request: Request, hop_token: str | None) -> bytes:
+    """The request's prefix-cache salt when a trusted hop (the gateway, holding ``hop_token``) set it; else none:
+    a caller's own salt header reaching the replica some other way is ignored (lorafleet/cache_salt.py)."""
+    salt, offered = request.headers.get(SALT_HEADER), request.headers.get(HOP_TOKEN_HEADER)
+    if not salt or not offered or hop_token is None or len(salt) > MAX_SALT_LENGTH:
+        return b""
+    if not hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), hop_token.encode()):
+        return b""
+    return hashlib.blake2b(salt.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
 def bearer_token(request: Request) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.api.http_common import error_response, read_json_object, until_disconnect
+from lorafleet.server.api.http_common import error_response, read_json_object, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService, independent_copies
 from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
@@ -31,7 +31,7 @@ def finish_reason(reason: FinishReason | None) -> str:
     return "length" if reason is FinishReason.LENGTH else "stop"
 
 
-def to_job(service: ReplicaService, body: dict, inputs: str, stream: bool) -> GenerateJob:
+def to_job(service: ReplicaService, request: Request, body: dict, inputs: str, stream: bool) -> GenerateJob:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ValidationError("`model` must be a string")
@@ -52,7 +52,9 @@ def to_job(service: ReplicaService, body: dict, inputs: str, stream: bool) -> Ge
         adapter_id=None if service.is_base(model) else model,
         response_format=body.get("response_format"),
     )
-    return validate_generate({"inputs": inputs, "parameters": parameters}, service.limits, stream=stream)
+    job = validate_generate({"inputs": inputs, "parameters": parameters}, service.limits, stream=stream)
+    job.params.cache_salt = trusted_cache_salt(request, service.config.warm_token)
+    return job
 
 
 def _count(body: dict, name: str, default: int) -> int:
@@ -148,7 +150,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
             n = _count(body, "n", 1)
             stream = bool(body.get("stream"))
             body.setdefault("max_tokens", 16)
-            jobs = [c for p in prompts for c in independent_copies(to_job(service, body, p, stream), n)]
+            jobs = [c for p in prompts for c in independent_copies(to_job(service, request, body, p, stream), n)]
             model = body.get("model") or service.base_name
             ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
             echo = bool(body.get("echo"))
@@ -185,7 +187,7 @@ def openai_router(service: ReplicaService) -> APIRouter:
             prompt_ids = chat_prompt(service, body.get("messages"))
             n = _count(body, "n", 1)
             stream = bool(body.get("stream"))
-            job = to_job(service, body, service.tokenizer.decode(prompt_ids), stream)
+            job = to_job(service, request, body, service.tokenizer.decode(prompt_ids), stream)
             job.prompt_ids = prompt_ids
             jobs = independent_copies(job, n)
             model = body.get("model") or service.base_name

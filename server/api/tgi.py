@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.api.http_common import error_response, read_json, until_disconnect
+from lorafleet.server.api.http_common import error_response, read_json, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService
 from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
@@ -71,6 +71,7 @@ def completion_headers(completion: Completion, job: GenerateJob) -> dict[str, st
 
 async def prepared(service: ReplicaService, request: Request, stream: bool) -> tuple[GenerateJob, list[int]]:
     job = validate_generate(await read_json(request), service.limits, stream=stream)
+    job.params.cache_salt = trusted_cache_salt(request, service.config.warm_token)
     return job, service.prompt_ids(job)
 
 

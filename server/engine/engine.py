@@ -267,7 +267,7 @@ class LLMEngine:
                 loaded = self.adapters.slots.adapters[seq.adapter]  # on the device: it is admitted only then
                 adapter = seq.adapter.encode() + b"\0" + loaded.fingerprint
             for i in range(len(hashes), count):
-                hashes.append(block_hash(hashes[i - 1] if i else b"", adapter, seq.token_ids[i * bs:(i + 1) * bs]))
+                hashes.append(block_hash(hashes[i - 1] if i else seq.params.cache_salt, adapter, seq.token_ids[i * bs:(i + 1) * bs]))
         return hashes[:count]
 
     def _register_blocks(self, seq: Sequence) -> None:

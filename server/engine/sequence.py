@@ -45,6 +45,7 @@ class SamplingParams:
     alternatives: int = 0
     prefill_logprobs: bool = False
     response_format: dict | None = None  # {"type": json_object|json_schema, "schema": {...}}
+    cache_salt: bytes = b""  # prefix-cache partition, from a trusted hop only (lorafleet/cache_salt.py); b"": the shared one
 
     @property
     def sampling(self) -> bool:
