@@ -8,6 +8,7 @@ transient (retry with backoff).
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,28 @@ class Transient(Exception):
     """Worth retrying: the source did not answer."""
 
 
+MAX_ID_LENGTH = 512  # the replicas' bound (server/adapters/sources.py) and the CRD's maxLength
+MAX_REVISION_LENGTH = 255
+REVISION = re.compile(r"[A-Za-z0-9._/-]+")  # a branch, a tag or a commit: what the hub and git accept
+
+
+def check_reference(source: str, adapter_id: str, revision: str | None) -> None:
+    """Refuse what no replica would load, before any replica is asked: a local id is a folder under the replicas'
+    adapter roots, never an absolute path or one that climbs out of them (the CRD says so too; this holds where
+    an API server does not evaluate its rules)."""
+    if not adapter_id or len(adapter_id) > MAX_ID_LENGTH or any(ch.isspace() or ord(ch) < 32 for ch in adapter_id):
+        raise Permanent(f"spec.id must be 1 to {MAX_ID_LENGTH} characters without spaces or control characters")
+    if source == "local" and (adapter_id.startswith(("/", "~")) or "\\" in adapter_id or ".." in adapter_id.split("/")):
+        raise Permanent(f"spec.id {adapter_id[:80]!r} is a path outside the adapter roots: a local id names a folder under "
+                        "them (no leading '/', no '..')")
+    if revision is not None and (len(revision) > MAX_REVISION_LENGTH or not REVISION.fullmatch(revision) or ".." in revision):
+        raise Permanent(f"spec.revision must be a branch, tag or commit of at most {MAX_REVISION_LENGTH} characters "
+                        "(letters, digits, '.', '_', '/', '-')")
+
+
 def fetch_config(source: str, adapter_id: str, revision: str | None, token: str | None) -> dict[str, Any] | None:
     """The adapter's adapter_config.json; None for local adapters (only the replicas can see their folders)."""
+    check_reference(source, adapter_id, revision)
     if source == "local":
         return None
     if source not in ("hub", "s3"):

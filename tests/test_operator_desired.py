@@ -190,3 +190,18 @@ def test_the_operators_role_may_create_and_patch_every_kind_a_fleet_owns() -> No
     for obj in fleet_objects("m", "ns", SPEC, "a", "w"):
         group = obj["apiVersion"].rpartition("/")[0]
         assert (group, PLURALS[obj["kind"]]) in allowed, obj["kind"]
+
+
+@pytest.mark.parametrize(("source", "adapter_id", "revision", "message"), [
+    ("local", "../../../../etc", None, "is a path outside the adapter roots"),
+    ("local", "/etc/passwd", None, "is a path outside the adapter roots"),
+    ("local", "team/../../etc", None, "is a path outside the adapter roots"),
+    ("hub", "org/x", "v" * 1_000_000, "spec.revision must be a branch, tag or commit of at most 255"),
+    ("hub", "org/x", "main; rm -rf", "spec.revision must be a branch"),
+    ("hub", "x" * 513, None, "spec.id must be 1 to 512 characters"),
+    ("hub", "org/x y", None, "without spaces or control characters"),
+])
+def test_adapter_references_no_replica_would_load_fail_before_any_is_asked(source, adapter_id, revision, message) -> None:  # noqa: ANN001
+    with pytest.raises(adapter_check.Permanent, match=re.escape(message)):
+        adapter_check.fetch_config(source, adapter_id, revision, None)
+    adapter_check.check_reference("local", "team/french.v2", "refs/pr/1")  # nested folders and real revisions pass

@@ -156,7 +156,10 @@ class KubeAPI(kmock.KubernetesEmulator):
 
     @staticmethod
     async def _body(request: aiohttp.web.BaseRequest) -> Any:
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except aiohttp.web.HTTPRequestEntityTooLarge as exc:  # a real API server answers 413 too (its limit is 3 MB)
+            raise ApiError(413, "RequestEntityTooLarge", f"the request body is larger than {request.client_max_size} bytes") from exc
         if "protobuf" in request.headers.get("Content-Type", ""):
             raise ApiError(415, "UnsupportedMediaType", "protobuf bodies are not supported by the embedded API; use JSON (kubectl apply -f)")
         try:

@@ -25,6 +25,7 @@ from typing import Any
 import jsonpatch
 
 from lorafleet.local.kubeapi.resources import ResourceDef, apply_defaults
+from lorafleet.local.kubeapi.schema_check import schema_error
 
 HISTORY = 20_000
 SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -149,6 +150,8 @@ class Store:
         meta.pop("deletionTimestamp", None)
         if resource.schema:
             apply_defaults(obj, resource.schema)
+            if (problem := schema_error(resource.kind, resource.schema, obj)) is not None:
+                raise ApiError(422, "Invalid", problem)
         self._bucket(resource)[key] = obj
         self.resolve_uid[meta["uid"]] = (resource, meta.get("namespace"), meta["name"])
         self._emit(resource, "ADDED", obj)
@@ -213,6 +216,8 @@ class Store:
                     new["metadata"].pop(field_name, None)
             if resource.schema:
                 apply_defaults(new, resource.schema)
+        if resource.schema and (problem := schema_error(resource.kind, resource.schema, new)) is not None:
+            raise ApiError(422, "Invalid", problem)
         spec_changed = {k: v for k, v in new.items() if k not in ("metadata", "status")} != {k: v for k, v in current.items() if k not in ("metadata", "status")}
         if new == current:
             return current  # a no-op write: no new version, no event
