@@ -158,7 +158,7 @@ def test_hub_source_through_huggingface_hub_and_a_truncated_disk_copy_is_refetch
         disk_copy = engine.adapters.disk.get(key)
         weights = disk_copy / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])  # truncated, as by a full disk
-        engine.adapters.unload(key, running=set())
+        engine.adapters.unload(key, in_use=set())
         again = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef.parse("acme/pirate", "hub")))
         drive(engine, [again])
         assert again.generated_ids == first.generated_ids

@@ -293,7 +293,7 @@ async def test_a_stream_abandoned_while_it_waits_leaves_the_queue_at_once(server
             while server.service.in_flight or server.service.engine.scheduler.waiting:
                 assert time.monotonic() - gone < 1.5, "the abandoned request kept its place"
                 await asyncio.sleep(0.02)
-            manager.unload("local:slow", running=set())
+            manager.unload("local:slow", in_use=set())
 
 
 def test_a_chunked_body_over_the_limit_is_413(server) -> None:

@@ -36,6 +36,7 @@ class DiskCache:
         self.corrupt_dropped = 0
         self.evictions = 0
         self._lock = threading.Lock()
+        self._used: int | None = None  # bytes on disk, as last counted (by evict); /metrics reads it without a walk
 
     def folder_for(self, key: str) -> Path:
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:40]
@@ -85,11 +86,15 @@ class DiskCache:
                 total -= sizes[folder]
                 self.evictions += 1
                 log.info("adapter disk cache: evicted %s (%d bytes) to stay under %d", folder.name, sizes[folder], self.max_bytes)
+            self._used = total
 
     def used_bytes(self) -> int:
-        if not self.root.is_dir():
-            return 0
-        return sum(folder_bytes(f) for f in self.root.iterdir() if f.is_dir() and not f.name.startswith("."))
+        """As last counted: every put counts (its eviction pass sizes every folder); the first call counts once."""
+        if self._used is None:
+            if not self.root.is_dir():
+                return 0
+            self._used = sum(folder_bytes(f) for f in self.root.iterdir() if f.is_dir() and not f.name.startswith("."))
+        return self._used
 
 
 MERGED_PREFIX = "merged:"  # AdapterRef("merged", ...).key

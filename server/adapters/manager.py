@@ -72,7 +72,13 @@ class AdapterManager:
         self._draining: set[str] = set()
         self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "local_read": 0, "source_fetch": 0, "device_evictions": 0,
                                        "rotations": 0, "merges": 0}
+        self._counts_lock = threading.Lock()
         self.merges = MergedAdapters()
+
+    def _count(self, event: str) -> None:
+        """Counted from the engine thread and the loader threads: under a lock, or increments are lost."""
+        with self._counts_lock:
+            self.counts[event] += 1
 
     def close(self) -> None:
         for pool in (self._local_pool, self._remote_pool, self._merge_pool):
@@ -156,7 +162,7 @@ class AdapterManager:
                 self._failed_keys.pop(key, None)
                 self._submit(state, folder, token)
             elif state.status == "device":
-                self.counts["device_hit"] += 1
+                self._count("device_hit")
             state.last_used = now
             if pin:
                 self._pinned.add(key)
@@ -229,9 +235,10 @@ class AdapterManager:
         if state is not None:
             state.pinned = False
 
-    def unload(self, key: str, running: set[str]) -> bool:
-        """Drop an adapter from every tier but disk; False when running requests still use it."""
-        if key in running:
+    def unload(self, key: str, in_use: set[str]) -> bool:
+        """Drop an adapter from every tier but disk; False when requests use it, running or waiting for it (a waiting
+        request whose adapter state vanished would wait for ever)."""
+        if key in in_use:
             return False
         with self._lock:
             state = self.states.pop(key, None)
@@ -256,12 +263,12 @@ class AdapterManager:
             adapter = self.cpu.get(key)
             if adapter is not None:
                 state.tier_hit = "cpu"
-                self.counts["cpu_hit"] += 1
+                self._count("cpu_hit")
             elif state.ref.source == "merged":
                 state.tier_hit = "merge"
                 merge_start = time.perf_counter()
                 adapter = self.merges.build(state.ref, lambda member: self._member(member, token), wanted)
-                self.counts["merges"] += 1
+                self._count("merges")
                 self.on_timing("merge", time.perf_counter() - merge_start)
                 self.cpu.put(key, adapter, protect=set(self._pinned))
             else:
@@ -300,7 +307,7 @@ class AdapterManager:
         needed), into the CPU tier."""
         if local_folder is not None:
             state.tier_hit = "local"
-            self.counts["local_read"] += 1  # read from its folder: as cold as the disk tier
+            self._count("local_read")  # read from its folder: as cold as the disk tier
         folder = local_folder or self._disk_copy(state, token)
         parse_start = time.perf_counter()
         adapter = self._parse(state.ref.key, folder)
@@ -319,14 +326,15 @@ class AdapterManager:
         folder = self.disk.get(key)
         if folder is not None:
             state.tier_hit = "disk"
-            self.counts["disk_hit"] += 1
+            self._count("disk_hit")
             return folder
         state.tier_hit = "source"
-        self.counts["source_fetch"] += 1
+        self._count("source_fetch")
         fetch_start = time.perf_counter()
         ref = state.ref
         fetch = (lambda dest: fetch_hub(ref, dest, token)) if ref.source == "hub" else (lambda dest: fetch_s3(ref, dest))
-        folder = self.disk.put(key, fetch, protect={k for k, s in self.states.items() if s.status in ("loading", "device")})
+        # A loader thread: the engine thread may add states meanwhile, so read a copy (one C-level call under the GIL).
+        folder = self.disk.put(key, fetch, protect={k for k, s in list(self.states.items()) if s.status in ("loading", "device")})
         state.load_seconds["source_to_disk"] = time.perf_counter() - fetch_start
         self.on_timing("source_to_disk", state.load_seconds["source_to_disk"])
         return folder
@@ -400,7 +408,7 @@ class AdapterManager:
             self.slots.unload(victim)
             if victim in self.states:
                 self.states[victim].status = "cpu"
-            self.counts["device_evictions"] += 1
+            self._count("device_evictions")
         start = time.perf_counter()
         self.slots.load(adapter)
         state.load_seconds["cpu_to_device"] = time.perf_counter() - start
@@ -436,12 +444,13 @@ class AdapterManager:
             victim = min(candidates, key=lambda k: self.states[k].resident_since)
             self.states[victim].draining = True
             self._draining.add(victim)
-            self.counts["rotations"] += 1
+            self._count("rotations")
             log.info("adapter %s drains after %.1fs so waiting adapters get a slot", victim, now - self.states[victim].resident_since)
 
     # -- reporting ------------------------------------------------------------------------------
 
     def describe(self, in_flight: dict[str, int]) -> list[dict]:
+        """Every known adapter; on the engine thread (GET /adapters reaches it through AsyncEngine.call)."""
         now = time.monotonic()
         return [
             {

@@ -82,7 +82,7 @@ def admin_router(service: ReplicaService) -> APIRouter:
         unknown = sorted(set(tier or ()) - set(TIERS))
         if unknown:
             return error_response(ValidationError(f"unknown tier {', '.join(unknown)}; tiers are {', '.join(TIERS)}"))
-        listing = service.engine.adapters.describe(service.in_flight_by_adapter())
+        listing = await service.list_adapters()
         return [a for a in listing if a["tier"] in tier] if tier else listing
 
     @router.get("/catalogue", summary="the registered adapters: name -> id, source, revision (the fleet's Adapter resources)")
@@ -169,15 +169,15 @@ def admin_router(service: ReplicaService) -> APIRouter:
         except (Unauthorized, Forbidden) as exc:
             return error_response(exc)
         manager = service.engine.adapters
-        keys = [k for k, s in list(manager.states.items()) if adapter_id in (k, s.ref.id)]
+        keys = await service.runner.call(lambda: [k for k, s in manager.states.items() if adapter_id in (k, s.ref.id)])
         if not keys:
             return JSONResponse({"error": f"adapter {adapter_id!r} is not loaded", "error_type": "not_found"}, status_code=404)
         for key in keys:
-            manager.unpin(key)
 
-            def drop(key: str = key) -> bool:
-                running = {s.adapter for s in service.engine.scheduler.running if s.adapter}
-                return manager.unload(key, running)
+            def drop(key: str = key) -> bool:  # on the engine thread, which iterates the pins between steps
+                manager.unpin(key)
+                scheduler = service.engine.scheduler
+                return manager.unload(key, {s.adapter for s in [*scheduler.running, *scheduler.waiting] if s.adapter})
 
             if not await service.runner.call(drop):
                 return JSONResponse({"error": f"adapter {adapter_id!r} is serving requests; unpinned, it will be evicted when idle",

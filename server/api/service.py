@@ -28,7 +28,7 @@ from lorafleet.server.engine.async_engine import AsyncEngine, TokenEvent
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.grammar_worker import CompileTimeout
 from lorafleet.server.engine.sequence import FinishReason, Sequence
-from lorafleet.server.errors import Overloaded, Unhealthy, ValidationError
+from lorafleet.server.errors import Conflict, Overloaded, Unhealthy, ValidationError
 from lorafleet.server.model.checkpoint import SUPPORTED_ARCHITECTURES
 from lorafleet.server.serve_config import ServeConfig
 from lorafleet.tracing import setup_tracing
@@ -249,11 +249,11 @@ class ReplicaService:
         while True:
             state = manager.states.get(key)
             if state is None:
-                raise ValidationError(f"adapter {ref.key} was unloaded while loading")
+                raise Conflict(f"adapter {ref.key} was unloaded while loading")
             if state.status == "failed" and state.error is not None:
                 raise state.error
             if state.status == "device":
-                return self.describe_adapter(key)
+                return await self.describe_adapter(key)
             if state.status == "cpu":
                 await self.runner.call(to_device)
             if time.monotonic() > deadline:
@@ -269,14 +269,22 @@ class ReplicaService:
         return model in (None, "", self.config.model_id, self.config.served_model_name)
 
     def in_flight_by_adapter(self) -> dict[str, int]:
+        """Requests per adapter; on the engine thread (the scheduler's queues change under any other)."""
         counts: dict[str, int] = {}
         for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
             if seq.adapter:
                 counts[seq.adapter] = counts.get(seq.adapter, 0) + 1
         return counts
 
-    def describe_adapter(self, key: str) -> dict:
-        return next(a for a in self.engine.adapters.describe(self.in_flight_by_adapter()) if a["key"] == key)
+    async def list_adapters(self) -> list[dict]:
+        """Every known adapter and its tier, read on the engine thread, which owns the adapter states."""
+        return await self.runner.call(lambda: self.engine.adapters.describe(self.in_flight_by_adapter()))
+
+    async def describe_adapter(self, key: str) -> dict:
+        found = [a for a in await self.list_adapters() if a["key"] == key]
+        if not found:  # unloaded by another admin call between its load and this listing
+            raise Conflict(f"adapter {key} was unloaded while loading")
+        return found[0]
 
     # -- reporting ------------------------------------------------------------------------------
 
