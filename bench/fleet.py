@@ -88,6 +88,11 @@ def trace(count: int, adapters: int, rate: float, seed: int) -> tuple[np.ndarray
     return np.cumsum(rng.exponential(1.0 / rate, size=count)), chosen
 
 
+def warm_env() -> dict[str, str]:
+    """The gateway's hand-offs need the replicas' warm token: both get the same one."""
+    return {**os.environ, "LORAFLEET_WARM_TOKEN": "bench-warm"}
+
+
 def port_on(address: str) -> int:
     with socket.socket() as sock:
         sock.bind((address, 0))
@@ -98,7 +103,7 @@ def start_replica(address: str, port: int, model: Path, root: Path, work: Path, 
     return subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "serve", "--model", str(model), "--host", address, "--port", str(port),
                              "--adapter-root", str(root), "--adapter-source", "local", "--adapter-cache-dir", str(work / f"cache-{address}-{port}"),
                              "--max-active-adapters", str(slots), "--max-lora-rank", "8", "--grace-period-s", "5"],
-                            stdout=(work / f"replica-{address}.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=(work / f"replica-{address}.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True, env=warm_env())
 
 
 def cold_loads(url: str) -> int:
@@ -177,7 +182,7 @@ def run_fleet(policy: str, handoff: bool, join_at: float | None, args: argparse.
     members = urls[: count + (1 if join_at is not None else 0)]
     gateway = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "gateway", "--port", str(gateway_port), "--policy", policy,
                                 *([] if handoff else ["--no-handoff"]), *[x for u in members for x in ("--replica", u)]],
-                               stdout=(work / f"gateway-{policy}.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=(work / f"gateway-{policy}.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True, env=warm_env())
     processes = [*replicas, gateway]
     try:
         for url in urls[:count]:

@@ -66,7 +66,7 @@ class Fleet:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_CACHE": str(self.workdir / "hf"),
-               "LORAFLEET_ADMIN_TOKEN": "soak", "PYTHONUNBUFFERED": "1"}
+               "LORAFLEET_ADMIN_TOKEN": "soak", "LORAFLEET_WARM_TOKEN": "soak-warm", "PYTHONUNBUFFERED": "1"}
         log = (self.workdir / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
