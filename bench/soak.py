@@ -10,7 +10,14 @@ replica 1 is SIGSTOPped for 20 s. Every minute it prints, per kind, requests ans
 valid non-streaming request that did not get its 200: must be 0), p99 latency of the answered, and
 RSS and open descriptors of every process (must stay flat).
 
-    .venv/bin/python -P bench/soak.py [--minutes 10] [--replicas 3] [--clients 24] [--model tiny|smollm2]
+Attackers (``--attackers N`` clients beside the normal ones, as in the third adversarial run): poison merges
+(weights 1e30, density 1e-300), merges of many members abandoned after a second, each spec new, schemas that
+compile for minutes, warm floods and catalogue reads straight at the replicas. Their answers are theirs; what
+counts is that no normal request is lost and the normal clients' p99 (non-streaming latency, and time to first
+token of full streams) stays within 2x of a run without attackers: ``--baseline`` runs that first and prints
+the ratios.
+
+    .venv/bin/python -P bench/soak.py [--minutes 10] [--replicas 3] [--clients 24] [--attackers 8] [--baseline] [--model tiny|smollm2]
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ KINDS = {
     "stream-full": (5, {200}), "junk-hub": (5, {424, 404, 429}), "junk-local": (5, {404}), "poison": (10, {422}),
 }
 VALID_NON_STREAMING = {"adapter", "base", "chat"}
+ATTACKS = ("poison-merge", "abandoned-merge", "slow-schema", "warm-flood", "catalogue-read")
+def slow_schema(width: int) -> dict:
+    """Each width a new schema; xgrammar compiles these for seconds (tiny vocabulary) to minutes (SmolLM2's)."""
+    return {"type": "string", "pattern": "^((.{1," + str(width) + "}){1,20}){1,20}$"}
 
 
 def free_port() -> int:
@@ -131,19 +142,53 @@ async def client(url: str, end: float, rng: random.Random, results: list) -> Non
             path, body = request_for(kind, rng)
             kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
             started = time.monotonic()
-            status = 0
+            status, first = 0, None
             try:
                 if kind.startswith("stream"):
                     async with http.stream("POST", path, **kwargs) as response:
                         status = response.status_code
                         async for line in response.aiter_lines():
+                            if line.startswith("data:") and first is None:
+                                first = time.monotonic() - started
                             if kind == "stream-abandoned" and line.startswith("data:"):
                                 break  # hang up after the first token
                 else:
                     status = (await http.post(path, **kwargs)).status_code
             except httpx.HTTPError:
                 status = 0
-            results.append((started, kind, status, time.monotonic() - started))
+            results.append((started, kind, status, time.monotonic() - started, first))
+
+
+async def attacker(url: str, replicas: list[str], end: float, rng: random.Random, attacks: list) -> None:
+    """Hostile traffic of every kind the third adversarial run found; its answers are counted, never judged."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        while time.monotonic() < end:
+            kind = rng.choice(ATTACKS)
+            status = 0
+            try:
+                if kind == "poison-merge":
+                    merged = rng.choice([{"ids": ["a0"], "weights": [1e30]}, {"ids": ["a0", "a1"], "weights": [1e300, 1]},
+                                         {"ids": ["a0", "a1"], "merge_strategy": "dare_linear", "density": 1e-300}])
+                    status = (await http.post(url + "/generate", json={"inputs": "Hi", "parameters": {"merged_adapters": merged}})).status_code
+                elif kind == "abandoned-merge":
+                    ids = rng.sample([f"a{i}" for i in range(ADAPTERS)], 8)
+                    merged = {"ids": ids, "weights": [rng.random() for _ in ids], "merge_strategy": "ties", "density": 0.5}
+                    try:
+                        await http.post(url + "/generate", json={"inputs": "Hi", "parameters": {"merged_adapters": merged}}, timeout=1.0)
+                    except httpx.TimeoutException:
+                        status = -1  # abandoned, as meant
+                elif kind == "slow-schema":
+                    response_format = {"type": "json_schema", "schema": slow_schema(rng.randint(20, 60))}
+                    status = (await http.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4,
+                                                                                                      "response_format": response_format}})).status_code
+                elif kind == "warm-flood":
+                    for replica in replicas:
+                        status = (await http.post(replica + "/adapters/warm", json={"adapter_id": f"a{rng.randrange(ADAPTERS)}"})).status_code
+                else:
+                    status = (await http.get(rng.choice(replicas) + "/adapters/catalogue")).status_code
+            except httpx.HTTPError:
+                status = 0
+            attacks.append((kind, status))
 
 
 async def chaos(fleet: Fleet, start: float, seconds: float, say) -> None:  # noqa: ANN001
@@ -162,15 +207,26 @@ async def chaos(fleet: Fleet, start: float, seconds: float, say) -> None:  # noq
     say(f"t={time.monotonic() - start:5.0f}s SIGCONT replica-1")
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))] if ordered else float("nan")
+
+
+def p99s(results: list, skip_s: float, start: float) -> tuple[float, float]:
+    """(p99 latency of answered non-streaming requests, p99 time to first token of full streams), after ``skip_s``."""
+    rows = [r for r in results if r[0] - start >= skip_s]
+    return (percentile([r[3] for r in rows if r[1] in VALID_NON_STREAMING and r[2] == 200], 0.99),
+            percentile([r[4] for r in rows if r[1] == "stream-full" and r[4] is not None], 0.99))
+
+
 def report(results: list, minute: int, start: float, fleet: Fleet, with_processes: bool = True) -> None:
     rows = [r for r in results if minute * 60 <= r[0] - start < (minute + 1) * 60]
     by_kind: dict[str, list] = defaultdict(list)
-    for _, kind, status, seconds in rows:
+    for _, kind, status, seconds, _ in rows:
         by_kind[kind].append((status, seconds))
-    answered = sum(status in KINDS[kind][1] for _, kind, status, _ in rows)
-    lost = sum(status != 200 for _, kind, status, _ in rows if kind in VALID_NON_STREAMING)
-    latencies = sorted(s for _, kind, status, s in rows if kind in VALID_NON_STREAMING and status == 200)
-    p99 = latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
+    answered = sum(status in KINDS[kind][1] for _, kind, status, _, _ in rows)
+    lost = sum(status != 200 for _, kind, status, _, _ in rows if kind in VALID_NON_STREAMING)
+    p99 = percentile([s for _, kind, status, s, _ in rows if kind in VALID_NON_STREAMING and status == 200], 0.99)
     stats = " ".join(f"{name}={rss:.0f}M/{fds}fd" for name, process in fleet.processes.items()
                      for rss, fds in [process_stats(process.pid)]) if with_processes else ""
     odd = {k: sorted({s for s, _ in v if s not in KINDS[k][1]}) for k, v in by_kind.items()}
@@ -179,11 +235,64 @@ def report(results: list, minute: int, start: float, fleet: Fleet, with_processe
           + (f"  unexpected {odd}" if odd else ""), flush=True)
 
 
+def run_soak(args: argparse.Namespace, model: Path, workdir: Path, attackers: int, label: str) -> tuple[list, list, float]:
+    """One soak on a fresh fleet: the per-minute table, the whole table, the lost requests; returns
+    (results, attacks, start)."""
+    fleet = Fleet(model, workdir / "adapters", workdir / label, args.replicas)
+    (workdir / label).mkdir()
+    fleet.start()
+    try:
+        fleet.wait_ready()
+        print(f"\n[{label}] {args.replicas} replicas ({SLOTS} slots each, {ADAPTERS} adapters) + gateway, {args.clients} clients, "
+              f"{attackers} attackers, {args.minutes:g} min; logs in {workdir / label}", flush=True)
+        results: list = []
+        attacks: list = []
+        seconds = args.minutes * 60
+        start = time.monotonic()
+
+        async def run() -> None:
+            rng = random.Random(args.seed)
+            url = f"http://127.0.0.1:{fleet.gateway_port}"
+            replicas = [f"http://127.0.0.1:{p}" for p in fleet.ports]
+            workers = [client(url, start + seconds, random.Random(rng.random()), results) for _ in range(args.clients)]
+            workers += [attacker(url, replicas, start + seconds, random.Random(rng.random()), attacks) for _ in range(attackers)]
+
+            async def minutes() -> None:
+                for minute in range(int(args.minutes + 0.999)):
+                    await asyncio.sleep(max(0.0, start + (minute + 1) * 60 - time.monotonic()))
+                    report(results, minute, start, fleet)
+
+            await asyncio.gather(*workers, chaos(fleet, start, seconds, print), minutes())
+
+        asyncio.run(run())
+        # The rows above were printed as each minute ended, before its slowest requests returned:
+        # the table again with every request, then what the lost ones were.
+        print("\nevery request, by the minute it started:")
+        for minute in range(int(args.minutes + 0.999)):
+            report(results, minute, start, fleet, with_processes=False)
+        valid = [r for r in results if r[1] in VALID_NON_STREAMING]
+        lost = [r for r in valid if r[2] != 200]
+        print(f"total: {len(results)} requests, {len(valid)} valid non-streaming, lost {len(lost)}")
+        for started, kind, status, took, _ in lost[:20]:
+            print(f"  lost: t={started - start:6.1f}s {kind} status {status or 'no answer'} after {took:.1f}s")
+        if attacks:
+            by_kind: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+            for kind, status in attacks:
+                by_kind[kind][status] += 1
+            print("attacks (status: count; -1 abandoned, 0 no answer): "
+                  + "; ".join(f"{kind} {dict(sorted(counts.items()))}" for kind, counts in sorted(by_kind.items())))
+        return results, attacks, start
+    finally:
+        fleet.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--clients", type=int, default=24)
+    parser.add_argument("--attackers", type=int, default=8, help="hostile clients beside the normal ones (0: none)")
+    parser.add_argument("--baseline", action="store_true", help="first the same soak without attackers, then the ratios")
     parser.add_argument("--model", default="tiny", help="tiny (a random tiny Llama, fast) or smollm2")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -195,41 +304,15 @@ def main() -> None:
         model = make_tiny_model(workdir / "model") if args.model == "tiny" else model_store.resolve_model(args.model)
         for i in range(ADAPTERS):
             make_lora_adapter(model, workdir / "adapters" / f"a{i}", r=8, seed=i)
-        fleet = Fleet(model, workdir / "adapters", workdir, args.replicas)
-        fleet.start()
-        try:
-            fleet.wait_ready()
-            print(f"{args.replicas} replicas ({SLOTS} slots each, {ADAPTERS} adapters) + gateway, {args.clients} clients, "
-                  f"{args.minutes:g} min; logs in {workdir}", flush=True)
-            results: list = []
-            seconds = args.minutes * 60
-            start = time.monotonic()
-
-            async def run() -> None:
-                rng = random.Random(args.seed)
-                url = f"http://127.0.0.1:{fleet.gateway_port}"
-                workers = [client(url, start + seconds, random.Random(rng.random()), results) for _ in range(args.clients)]
-
-                async def minutes() -> None:
-                    for minute in range(int(args.minutes + 0.999)):
-                        await asyncio.sleep(max(0.0, start + (minute + 1) * 60 - time.monotonic()))
-                        report(results, minute, start, fleet)
-
-                await asyncio.gather(*workers, chaos(fleet, start, seconds, print), minutes())
-
-            asyncio.run(run())
-            # The rows above were printed as each minute ended, before its slowest requests returned:
-            # the table again with every request, then what the lost ones were.
-            print("\nevery request, by the minute it started:")
-            for minute in range(int(args.minutes + 0.999)):
-                report(results, minute, start, fleet, with_processes=False)
-            valid = [r for r in results if r[1] in VALID_NON_STREAMING]
-            lost = [r for r in valid if r[2] != 200]
-            print(f"total: {len(results)} requests, {len(valid)} valid non-streaming, lost {len(lost)}")
-            for started, kind, status, took in lost[:20]:
-                print(f"  lost: t={started - start:6.1f}s {kind} status {status or 'no answer'} after {took:.1f}s")
-        finally:
-            fleet.stop()
+        runs = {}
+        if args.baseline and args.attackers:
+            runs["no attackers"] = run_soak(args, model, workdir, 0, "baseline")
+        runs["attackers"] = run_soak(args, model, workdir, args.attackers, "attacked")
+        if len(runs) == 2:
+            (base, _, base_start), (hit, _, hit_start) = runs["no attackers"], runs["attackers"]
+            (base_latency, base_ttft), (hit_latency, hit_ttft) = p99s(base, 30, base_start), p99s(hit, 30, hit_start)
+            print(f"\nnormal clients, p99 after the first 30 s: latency {base_latency:.2f}s -> {hit_latency:.2f}s "
+                  f"({hit_latency / base_latency:.2f}x), stream TTFT {base_ttft:.2f}s -> {hit_ttft:.2f}s ({hit_ttft / base_ttft:.2f}x); goal: within 2x")
 
 
 if __name__ == "__main__":
