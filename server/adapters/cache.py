@@ -124,22 +124,19 @@ class CpuCache:
             self._adapters[key] = adapter
             self._adapters.move_to_end(key)
             if key.startswith(MERGED_PREFIX):
-                merged = sum(a.size_bytes for k, a in self._adapters.items() if k.startswith(MERGED_PREFIX))
-                for victim in [k for k in self._adapters if k.startswith(MERGED_PREFIX)]:
-                    if merged <= self.merged_bytes:
-                        break
-                    if victim == key or victim in protect:
-                        continue
-                    merged -= self._adapters.pop(victim).size_bytes
-                    self.evictions += 1
-            total = sum(a.size_bytes for a in self._adapters.values())
-            for victim in list(self._adapters):
-                if total <= self.max_bytes:
-                    break
-                if victim == key or victim in protect:
-                    continue
-                total -= self._adapters.pop(victim).size_bytes
-                self.evictions += 1
+                self._evict([k for k in self._adapters if k.startswith(MERGED_PREFIX)], self.merged_bytes, protect | {key})
+            self._evict(list(self._adapters), self.max_bytes, protect | {key})
+
+    def _evict(self, candidates: list[str], limit: int, protect: set[str]) -> None:
+        """Least recently used first among ``candidates`` (under the lock) until they hold at most ``limit`` bytes."""
+        total = sum(self._adapters[k].size_bytes for k in candidates)
+        for victim in candidates:
+            if total <= limit:
+                break
+            if victim in protect:
+                continue
+            total -= self._adapters.pop(victim).size_bytes
+            self.evictions += 1
 
     def drop(self, key: str) -> None:
         with self._lock:

@@ -69,9 +69,8 @@ class GrammarCompiler:
 
         key = self._key(response_format)
         with self._lock:
-            compiled = self._cache.get(key)
+            compiled = self._cached(key)
             if compiled is not None:
-                self._cache.move_to_end(key)
                 return compiled
             if key in self._timed_out:
                 raise CompileTimeout(f"did not compile within {timeout:g}s before (refused without trying again)")
@@ -88,7 +87,15 @@ class GrammarCompiler:
             raise
         except ValueError as exc:
             raise ValueError(f"`response_format` schema is not valid: {exc}") from exc
-        compiled = xgr.CompiledGrammar.deserialize_json(serialized, self._info)
+        return self._remember(key, xgr.CompiledGrammar.deserialize_json(serialized, self._info))
+
+    def _cached(self, key: str) -> Any:
+        compiled = self._cache.get(key)
+        if compiled is not None:
+            self._cache.move_to_end(key)
+        return compiled
+
+    def _remember(self, key: str, compiled: Any) -> Any:
         with self._lock:
             self._cache[key] = compiled
             if len(self._cache) > self._cache_size:
@@ -107,9 +114,8 @@ class GrammarCompiler:
         """
         key = self._key(response_format)
         with self._lock:
-            compiled = self._cache.get(key)
+            compiled = self._cached(key)
             if compiled is not None:
-                self._cache.move_to_end(key)
                 return compiled
         try:
             # json_object means an object (OpenAI's contract), not any JSON value.
@@ -117,11 +123,7 @@ class GrammarCompiler:
             compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
         except Exception as exc:  # xgrammar reports schema errors as RuntimeError
             raise ValueError(f"`response_format` schema is not valid: {str(exc).splitlines()[-1]}") from exc
-        with self._lock:
-            self._cache[key] = compiled
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return compiled
+        return self._remember(key, compiled)
 
     def constraint(self, response_format: dict) -> Constraint:
         return Constraint(self.compile(response_format), self.vocab_size)

@@ -47,21 +47,23 @@ def schema_error(kind: str, schema: dict[str, Any] | None, obj: dict[str, Any]) 
     return f'{kind} "{name}" is invalid: {field}: {_worded(error)}'
 
 
+# The API server's wording per JSON Schema keyword: {shown} is the offending value cut short, {bound} the keyword's value.
+WORDING = {
+    "maxLength": "Too long: may not be more than {bound} bytes",
+    "minLength": "Invalid value: {shown}: should be at least {bound} chars long",
+    "pattern": "Invalid value: {shown}: should match '{bound}'",
+    "enum": "Unsupported value: {shown}: supported values: {choices}",
+    "minimum": "Invalid value: {shown}: should be greater than or equal to {bound}",
+    "maximum": "Invalid value: {shown}: should be less than or equal to {bound}",
+}
+
+
 def _worded(error: jsonschema.ValidationError) -> str:
     """The API server's wording, with the offending value cut short (it can be a megabyte)."""
-    value, bound = error.instance, error.validator_value
-    shown = repr(value) if len(repr(value)) <= 64 else repr(value)[:60] + "..."
-    kind = error.validator
-    if kind == "maxLength":
-        return f"Too long: may not be more than {bound} bytes"
-    if kind == "minLength":
-        return f"Invalid value: {shown}: should be at least {bound} chars long"
-    if kind == "pattern":
-        return f"Invalid value: {shown}: should match '{bound}'"
-    if kind == "enum":
-        return f"Unsupported value: {shown}: supported values: {', '.join(repr(v) for v in bound)}"
-    if kind == "minimum":
-        return f"Invalid value: {shown}: should be greater than or equal to {bound}"
-    if kind == "maximum":
-        return f"Invalid value: {shown}: should be less than or equal to {bound}"
-    return error.message if len(error.message) <= 300 else error.message[:300] + "..."
+    shown = repr(error.instance) if len(repr(error.instance)) <= 64 else repr(error.instance)[:60] + "..."
+    template = WORDING.get(str(error.validator))
+    if template is None:
+        return error.message if len(error.message) <= 300 else error.message[:300] + "..."
+    bound = error.validator_value
+    choices = ", ".join(repr(v) for v in bound) if isinstance(bound, list) else ""
+    return template.format(shown=shown, bound=bound, choices=choices)
