@@ -338,7 +338,14 @@ def test_a_hub_that_accepts_and_never_answers_fails_within_the_deadline(tiny_mod
     silent, accepted = socket.socket(), []
     silent.bind(("127.0.0.1", 0))
     silent.listen(64)
-    threading.Thread(target=lambda: [accepted.append(silent.accept()) for _ in iter(int, 1)], daemon=True).start()
+    def accept_and_say_nothing() -> None:
+        try:
+            while True:
+                accepted.append(silent.accept())
+        except OSError:  # closed at the end of the test
+            pass
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     root = tmp_path / "adapters"
