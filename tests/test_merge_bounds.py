@@ -108,3 +108,16 @@ def test_distinct_specs_keep_to_their_share_of_the_cpu_tier_and_of_the_state(tin
     merged = [k for k in cached if k.startswith("merged:")]
     assert 0 < len(merged) <= 3 and sum(manager.cpu.get(k).size_bytes for k in merged) <= manager.cpu.merged_bytes
     assert len([k for k in manager.states if k.startswith("merged:")]) <= 4 + 2  # the bound, plus at most the slots' residents
+
+
+def test_merges_run_below_the_engines_priority(tiny_models, members, tmp_path) -> None:
+    """A stream of merges gets only the CPU the engine leaves (its threads, and the threads torch starts from them)."""
+    import os
+    import threading
+
+    from lorafleet.server.background import NICENESS
+
+    engine = engine_for(tiny_models, members, tmp_path)
+    ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    merge_thread = engine.adapters._merge_pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert merge_thread == min(19, ours + NICENESS)

@@ -26,6 +26,7 @@ from lorafleet.server.adapters.cache import CpuCache, DiskCache
 from lorafleet.server.adapters.merged import MergedAdapters
 from lorafleet.server.adapters.sources import SOURCE_NAMES, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.adapters.state import AdapterSettings, AdapterState, retry_delay
+from lorafleet.server.background import lower_this_threads_priority
 from lorafleet.server.errors import Conflict, Overloaded
 from lorafleet.server.lora.adapter_format import LoraAdapter
 from lorafleet.server.lora.merge import MergeCancelled
@@ -56,7 +57,7 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._local_pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter-local")
         self._remote_pool = ThreadPoolExecutor(settings.remote_load_threads, thread_name_prefix="lorafleet-adapter-remote")
-        self._merge_pool = ThreadPoolExecutor(MERGE_THREADS, thread_name_prefix="lorafleet-adapter-merge")
+        self._merge_pool = ThreadPoolExecutor(MERGE_THREADS, thread_name_prefix="lorafleet-adapter-merge", initializer=lower_this_threads_priority)
         self._pending_merges = 0
         self._merged_keys: dict[str, None] = {}  # merged adapters with a state, oldest first (engine thread)
         # What waits for an adapter, published by the engine thread each step: a merge nobody waits for stops.

@@ -11,12 +11,15 @@ The child imports xgrammar only: no torch, no model.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import subprocess
 import sys
 import threading
 from multiprocessing.connection import Connection
+
+from lorafleet.server.background import NICENESS
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0  # a new worker imports xgrammar and reads the vocabulary: a second or two, far less than this
@@ -26,6 +29,7 @@ def serve(conn: Connection) -> None:  # pragma: no cover - runs in the child pro
     """The child: a compiler for the vocabulary it is sent first, then one schema in, one answer out, until EOF."""
     import xgrammar as xgr
 
+    os.nice(NICENESS)  # serving first: a hostile compile gets what CPU the engine leaves
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(conn.recv()), cache_enabled=False)
     conn.send(("ready", ""))
     while True:
