@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.tgi import tgi_router
 from lorafleet.server.errors import RequestError
 
+METRICS_WAIT_S = 10.0  # a scrape waits at most this for the engine thread (one step, normally milliseconds)
 GENERATE_ROUTES = {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
 
 
@@ -149,7 +151,11 @@ def create_app(service: ReplicaService) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus text")
     async def metrics() -> Response:
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        try:  # the engine thread reads its own state between steps (slots and states change under any other reader)
+            snapshot = await asyncio.wait_for(service.runner.call(service.snapshot), METRICS_WAIT_S)
+        except TimeoutError:
+            return JSONResponse({"error": f"the engine did not answer within {METRICS_WAIT_S:g}s", "error_type": "unhealthy"}, status_code=503)
+        return Response(service.metrics.render(snapshot), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize", summary="tokens of an input, with character offsets")
     async def tokenize(request: Request) -> Any:

@@ -25,9 +25,10 @@ class _EngineCollector:
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.snapshot = snapshot
+        self.taken: dict[str, Any] | None = None  # what the scrape took on the engine thread, when it did
 
     def collect(self):  # noqa: ANN201
-        s = self.snapshot()
+        s = self.taken if self.taken is not None else self.snapshot()
         for name, help_text, value in [
             ("lorafleet_queue_size", "requests waiting to be scheduled", s["waiting"]),
             ("lorafleet_batch_size", "sequences in the running batch", s["running"]),
@@ -99,7 +100,8 @@ class ServerMetrics:
         per_adapter = (self.requests, self.generated_tokens, self.time_to_first_token, self.time_per_output_token, self.e2e_latency)
         # An adapter that loses its label to busier ones loses its series (their counts continue under `other`).
         self.adapters = TopAdapters(adapter_labels, on_drop=lambda adapter: remove_adapter_series(per_adapter, adapter))
-        r.register(_EngineCollector(snapshot))
+        self._collector = _EngineCollector(snapshot)
+        r.register(self._collector)
 
     def observe_generation(self, adapter: str, tier: str, tokens: int, first_token_s: float, rest_s: float) -> None:
         """One finished generation: tokens and latencies under its adapter's label, hot or cold."""
@@ -110,5 +112,11 @@ class ServerMetrics:
         if tokens > 1:
             self.time_per_output_token.labels(label, cache).observe(rest_s / (tokens - 1))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, snapshot: dict[str, Any] | None = None) -> bytes:
+        """The exposition; ``snapshot`` is the engine's state as its own thread read it (the scrape's normal path:
+        read from the event loop, the slots and states change under the read)."""
+        self._collector.taken = snapshot
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._collector.taken = None
