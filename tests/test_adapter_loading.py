@@ -293,7 +293,7 @@ def test_a_slow_hub_never_holds_up_local_loads_and_missing_ids_are_remembered(ti
         drive(engine, [local])
         assert time.monotonic() - started < 1.5  # it used to queue behind the hub fetches on two shared threads
         drive(engine, junk, timeout=120)
-        assert all(isinstance(s.error, AdapterNotFound) for s in junk)
+        assert all(isinstance(s.error, AdapterNotFound) for s in junk), [repr(s.error) for s in junk]
         asked = len(hub.authorizations)
         for _ in range(20):  # a missing id is refused from memory, not asked again
             with pytest.raises(AdapterNotFound, match="junk/id0"):

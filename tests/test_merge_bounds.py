@@ -121,3 +121,23 @@ def test_merges_run_below_the_engines_priority(tiny_models, members, tmp_path) -
     ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     merge_thread = engine.adapters._merge_pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
     assert merge_thread == min(19, ours + NICENESS)  # the kernel caps it at 19
+
+
+def test_one_identified_caller_holds_at_most_half_the_merge_queue(tiny_models, members, tmp_path, monkeypatch) -> None:
+    """Callers the gateway identified (their cache salt, one per API key) get a share each: one cannot take every place."""
+    engine = engine_for(tiny_models, members, tmp_path)
+    manager = engine.adapters
+    real_member = manager._member
+    monkeypatch.setattr(manager, "_member", lambda ref, token: (time.sleep(0.3), real_member(ref, token))[1])
+    share = manager_module.MAX_PENDING_MERGES_PER_CALLER
+    waiting = []
+    for i in range(share):
+        key = manager.request(manager.merges.define(spec(0.1 * (i + 1))), caller=b"tenant-a")
+        waiting.append(engine.add_request(PROMPT, SamplingParams(max_new_tokens=1, cache_salt=b"tenant-a"), key))
+    with pytest.raises(Overloaded, match="this caller has 2 adapter merges running or queued already"):
+        manager.request(manager.merges.define(spec(0.7)), caller=b"tenant-a")
+    other = manager.request(manager.merges.define(spec(0.8)), caller=b"tenant-b")  # another caller still gets a place
+    waiting.append(engine.add_request(PROMPT, SamplingParams(max_new_tokens=1, cache_salt=b"tenant-b"), other))
+    run_until(engine, lambda: all(s.finished for s in waiting))
+    assert all(s.finish_reason is not FinishReason.ERROR for s in waiting)
+    manager.request(manager.merges.define(spec(0.7)), caller=b"tenant-a")  # its merges done, its share is back

@@ -365,6 +365,10 @@ def test_a_hub_that_accepts_and_never_answers_fails_within_the_deadline(tiny_mod
             assert local.status_code == 200
     finally:
         silent.close()
+        for connection, _ in accepted:  # the abandoned fetches fail now, and leave nothing running for later tests
+            connection.close()
+        for thread in [t for t in threading.enumerate() if t.name == "lorafleet-fetch-hub"]:
+            thread.join(30)
 
 
 def test_the_catalogue_takes_its_largest_size_and_reads_it_without_hashing_again(server, monkeypatch) -> None:

@@ -40,6 +40,7 @@ MAX_PENDING_FETCHES = 64  # hub/S3 loads queued or running; beyond it a new id i
 # never holds up other clients' hub adapters. Each is cancelled once no request waits for it.
 MERGE_THREADS = 1
 MAX_PENDING_MERGES = 4
+MAX_PENDING_MERGES_PER_CALLER = 2  # a caller the gateway identified (its cache salt) holds at most half the merge queue
 MAX_MERGED_STATES = 64  # merged adapters remembered (tier, errors); older ones nobody uses are forgotten (recomputable)
 MERGED_CPU_SHARE = 0.25  # of the CPU tier: merged adapters never evict more than this of everyone's real adapters
 
@@ -59,6 +60,7 @@ class AdapterManager:
         self._remote_pool = ThreadPoolExecutor(settings.remote_load_threads, thread_name_prefix="lorafleet-adapter-remote")
         self._merge_pool = ThreadPoolExecutor(MERGE_THREADS, thread_name_prefix="lorafleet-adapter-merge", initializer=lower_this_threads_priority)
         self._pending_merges = 0
+        self._merges_by_caller: dict[bytes, int] = {}  # pending merges per identified caller (under _pending_lock)
         self._merged_keys: dict[str, None] = {}  # merged adapters with a state, oldest first (engine thread)
         # What waits for an adapter, published by the engine thread each step: a merge nobody waits for stops.
         self._wanted: frozenset[str] = frozenset()
@@ -85,14 +87,16 @@ class AdapterManager:
         for pool in (self._local_pool, self._remote_pool, self._merge_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _submit(self, state: AdapterState, local_folder: Path | None, token: str | None) -> None:
+    def _submit(self, state: AdapterState, local_folder: Path | None, token: str | None, caller: bytes = b"") -> None:
         if state.ref.source == "local":
             self._local_pool.submit(self._load, state, local_folder, token)
             return
         if state.ref.source == "merged":
             with self._pending_lock:
                 self._pending_merges += 1
-            self._merge_pool.submit(self._merge, state, token, self._wanted_generation)
+                if caller:
+                    self._merges_by_caller[caller] = self._merges_by_caller.get(caller, 0) + 1
+            self._merge_pool.submit(self._merge, state, token, self._wanted_generation, caller)
             return
         with self._pending_lock:
             self._pending_fetches += 1
@@ -105,7 +109,7 @@ class AdapterManager:
             with self._pending_lock:
                 self._pending_fetches -= 1
 
-    def _merge(self, state: AdapterState, token: str | None, generation: int) -> None:
+    def _merge(self, state: AdapterState, token: str | None, generation: int, caller: bytes) -> None:
         key = state.ref.key
 
         def wanted() -> bool:  # no step has run since it was asked for, or a request still waits for it
@@ -116,6 +120,10 @@ class AdapterManager:
         finally:
             with self._pending_lock:
                 self._pending_merges -= 1
+                if caller:
+                    left = self._merges_by_caller.pop(caller) - 1
+                    if left:
+                        self._merges_by_caller[caller] = left
 
     def _check_source(self, source: str, now: float, adapter_id: str) -> None:
         """Fail a new remote load at once while its source is known to be down or its queue is full:
@@ -136,7 +144,7 @@ class AdapterManager:
 
     # -- requests (engine thread) ---------------------------------------------------------------
 
-    def request(self, ref: AdapterRef, token: str | None = None, pin: bool = False) -> str:
+    def request(self, ref: AdapterRef, token: str | None = None, pin: bool = False, caller: bytes = b"") -> str:
         """Register a use of ``ref``; start loading it if no tier holds it. Raises at once for a bad id or a recent failure."""
         folder = None
         known = self.states.get(ref.key)
@@ -156,12 +164,15 @@ class AdapterManager:
                 if ref.source == "merged":
                     if self._pending_merges >= MAX_PENDING_MERGES:
                         raise Overloaded(f"{self._pending_merges} adapter merges are already running or queued; try again shortly")
+                    if caller and self._merges_by_caller.get(caller, 0) >= MAX_PENDING_MERGES_PER_CALLER:
+                        raise Overloaded(f"this caller has {MAX_PENDING_MERGES_PER_CALLER} adapter merges running or queued already; "
+                                         "try again when one is done")
                     self._merged_keys[key] = None
                 elif ref.source != "local":
                     self._check_source(ref.source, now, ref.id)
                 state = self.states[key] = AdapterState(ref, failures=state.failures if state else 0)
                 self._failed_keys.pop(key, None)
-                self._submit(state, folder, token)
+                self._submit(state, folder, token, caller)
             elif state.status == "device":
                 self._count("device_hit")
             state.last_used = now

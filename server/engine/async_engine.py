@@ -110,7 +110,7 @@ class AsyncEngine:
         if kind == "add":
             _, handle, prompt_ids, params, adapter, token = command
             try:
-                key = self.engine.adapters.request(adapter, token) if adapter is not None else None
+                key = self.engine.adapters.request(adapter, token, caller=params.cache_salt) if adapter is not None else None
                 handle.seq = self.engine.add_request(prompt_ids, params, key)
                 if key is not None:
                     handle.seq.adapter_tier = self.engine.adapters.states[key].status
