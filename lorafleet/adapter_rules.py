@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# How long an adapter reference may be, for the replicas, the catalogue and the operator alike (the CRDs say the same).
+MAX_ID_LENGTH = 512  # hub ids are at most 96 characters; a path under a root or an S3 prefix fits with room
+MAX_REVISION_LENGTH = 255  # a branch, a tag or a commit
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPERT_PROJECTIONS = ("w1", "w2", "w3", "gate_up_proj")  # Mixtral's experts (hub layout, and transformers 5's fused one)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, hub_file, s3_file
-from lorafleet.adapter_rules import AdapterRuleError, check_config
+from lorafleet.adapter_rules import MAX_ID_LENGTH, MAX_REVISION_LENGTH, AdapterRuleError, check_config
 
 
 class Permanent(Exception):
@@ -25,8 +25,6 @@ class Transient(Exception):
     """Worth retrying: the source did not answer."""
 
 
-MAX_ID_LENGTH = 512  # the replicas' bound (server/adapters/sources.py) and the CRD's maxLength
-MAX_REVISION_LENGTH = 255
 REVISION = re.compile(r"[A-Za-z0-9._/-]+")  # a branch, a tag or a commit: what the hub and git accept
 
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, SourceUnreachable, hub_file, s3_file
+from lorafleet.adapter_rules import MAX_ID_LENGTH
 
 __all__ = ["ADAPTER_FILES", "SOURCES", "AdapterFetchError", "AdapterNotFound", "AdapterRef", "SourceUnreachable", "fetch_hub", "fetch_s3",
            "resolve_local"]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SOURCES = ("hub", "local", "s3")
-MAX_ID_LENGTH = 512  # hub ids are at most 96 characters; a path under a root or an S3 prefix fits with room
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,8 +88,6 @@ def admin_router(service: ReplicaService) -> APIRouter:
     @router.get("/catalogue", summary="the registered adapters: name -> id, source, revision (the fleet's Adapter resources)")
     async def get_catalogue(request: Request) -> Any:
         catalogue = service.catalogue
-        if not catalogue.version:  # none pushed yet: the empty one, made once
-            catalogue = service.catalogue = Catalogue.of({}, service.base_name)
         etag = f'"{catalogue.version}"'
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"etag": etag})

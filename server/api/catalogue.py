@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.server.adapters.sources import MAX_ID_LENGTH, AdapterRef
+from lorafleet.adapter_rules import MAX_ID_LENGTH, MAX_REVISION_LENGTH
+from lorafleet.server.adapters.sources import AdapterRef
 
 MAX_CATALOGUE = 100_000
 MAX_NAME_LENGTH = 317  # an Adapter's "namespace/name": 63 + 1 + 253
-MAX_REVISION_LENGTH = 255
 # Every admitted entry serialises to at most this much JSON (the longest name, id and revision, keys and quotes), so the
 # body limit of PUT /adapters/catalogue admits exactly the largest catalogue the route accepts.
 MAX_ENTRY_BYTES = MAX_NAME_LENGTH + MAX_ID_LENGTH + MAX_REVISION_LENGTH + 80
@@ -29,9 +29,9 @@ def entries(refs: dict[str, AdapterRef]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True, slots=True)
 class Catalogue:
-    refs: dict[str, AdapterRef] = field(default_factory=dict)
-    version: str = ""
-    body: bytes = b""  # the GET answer, made once
+    refs: dict[str, AdapterRef]
+    version: str
+    body: bytes  # the GET answer, made once
 
     @classmethod
     def of(cls, refs: dict[str, AdapterRef], base: str) -> Catalogue:

@@ -87,7 +87,7 @@ class ReplicaService:
             max_stop_sequences=config.max_stop_sequences, max_best_of=config.max_best_of,
             default_adapter_source=config.adapter_source,
         )
-        self.catalogue = Catalogue()  # the GET answer for limits.catalogue, made when it changes (server/api/catalogue.py)
+        self.catalogue = Catalogue.of({}, self.base_name)  # the GET answer for limits.catalogue, made when it changes
         self.metrics = ServerMetrics(self.snapshot, config.metrics_adapter_labels)
         self.tracing = setup_tracing("lorafleet-replica", config.otlp_endpoint)
         self.engine.adapters.on_timing = lambda step, seconds: self.metrics.adapter_load.labels(step).observe(seconds)
