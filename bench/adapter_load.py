@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorafleet import model_store
-from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.sequence import SamplingParams

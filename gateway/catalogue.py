@@ -14,12 +14,9 @@ from typing import Any
 
 import httpx
 
+from lorafleet.adapter_ref import AdapterRef
+
 log = logging.getLogger(__name__)
-
-
-def ring_key(entry: dict[str, Any]) -> str:
-    """The key a replica's listing and the operator use for an adapter: its id, with @revision when pinned to one."""
-    return entry["id"] + (f"@{entry['revision']}" if entry.get("revision") else "")
 
 
 class Catalogue:
@@ -40,10 +37,11 @@ class Catalogue:
             if response.status_code != 200:
                 return
             body = response.json()
-            entries = [e for e in body["adapters"] if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("id"), str)]
-        except (httpx.HTTPError, ValueError, TypeError, KeyError):
+            entries = [e for e in body["adapters"] if isinstance(e, dict) and isinstance(e.get("name"), str)]
+            keys = {e["name"]: AdapterRef.from_entry(e).ring_key for e in entries}  # the key the operator placed it by
+        except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
             return
-        self.entries, self.keys = entries, {e["name"]: ring_key(e) for e in entries}
+        self.entries, self.keys = entries, keys
         self.base, self.version = body.get("base") or self.base, body.get("version")
         log.info("catalogue %s: %d registered adapters", self.version, len(entries))
 

@@ -19,6 +19,7 @@ import httpx
 from prometheus_client import Counter
 
 from lorafleet import ring
+from lorafleet.adapter_ref import AdapterRef
 
 log = logging.getLogger(__name__)
 WARM_TIMEOUT_S = 120.0
@@ -53,21 +54,21 @@ class HandOff:
                 self._start(ring.owners(key, members, 1)[0], key)
 
     def _start(self, target: str, key: str) -> None:
-        source = self.replicas.hot.source(key)
-        if source is None or (target, key) in self._running:
+        ref = self.replicas.hot.ref(key)
+        if ref is None or (target, key) in self._running:
             return  # seen only in traffic so far (no listing said where it comes from): the next request loads it
         self._running.add((target, key))
-        task = asyncio.get_running_loop().create_task(self._warm(target, key, source))
+        task = asyncio.get_running_loop().create_task(self._warm(target, key, ref))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _warm(self, target: str, key: str, source: str) -> None:
+    async def _warm(self, target: str, key: str, ref: AdapterRef) -> None:
         try:
             replica = self.replicas.replicas.get(target)
             if replica is None:
                 return
             async with self._limits.setdefault(target, asyncio.Semaphore(self.per_replica)):
-                response = await self.client.post(replica.url + "/adapters/warm", json={"adapter_id": key, "adapter_source": source},
+                response = await self.client.post(replica.url + "/adapters/warm", json=ref.load_body(),
                                                   headers=self._headers, timeout=WARM_TIMEOUT_S)
             if response.status_code == 200:
                 self.replicas.hot.used(target, key)  # routable to it from now on

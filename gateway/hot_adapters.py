@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from lorafleet.adapter_ref import AdapterRef
+
 DEFAULT_SLOTS = 64  # until a replica's /info says how many device slots it has
 
 
@@ -26,7 +28,7 @@ class HotAdapters:
         self._lru: dict[str, OrderedDict[str, None]] = {}
         self._slots: dict[str, int] = {}
         self._holders: dict[str, set[str]] = {}
-        self._sources: dict[str, str] = {}  # key -> adapter_source, from the replicas' listings
+        self._refs: dict[str, AdapterRef] = {}  # ring key -> the adapter it names, from the replicas' listings
         self._warm: dict[str, set[str]] = {}  # key -> replicas holding it in CPU memory, from the listings
 
     def holders(self, key: str) -> set[str]:
@@ -51,11 +53,12 @@ class HotAdapters:
     def keys_of(self, replica: str) -> list[str]:
         return list(self._lru.get(replica, ()))
 
-    def source(self, key: str) -> str | None:
-        return self._sources.get(key)
+    def ref(self, key: str) -> AdapterRef | None:
+        """What a replica's listing said ``key`` is (source and revision): what a hand-off must ask for."""
+        return self._refs.get(key)
 
-    def note_source(self, key: str, source: str) -> None:
-        self._sources[key] = source
+    def note_ref(self, ref: AdapterRef) -> None:
+        self._refs[ref.ring_key] = ref
 
     def count(self, replica: str) -> int:
         return len(self._lru.get(replica, ()))
@@ -104,4 +107,4 @@ class HotAdapters:
             holders.discard(replica)
             if not holders:
                 del self._holders[key]
-                self._sources.pop(key, None)
+                self._refs.pop(key, None)

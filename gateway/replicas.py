@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from lorafleet.gateway.catalogue import Catalogue, ring_key
+from lorafleet.adapter_ref import AdapterRef
+from lorafleet.gateway.catalogue import Catalogue
 from lorafleet.gateway.hot_adapters import HotAdapters
 
 log = logging.getLogger(__name__)
@@ -165,13 +166,11 @@ class ReplicaSet:
                 return
             everything = sorted(response.json(), key=lambda a: -float(a.get("last_used_s_ago") or 0.0))
             listing = [a for a in everything if a.get("tier") != "cpu"]
-            keys = [ring_key(a) for a in listing]
-            sources = [str(a.get("source") or "") for a in listing]
-            warm = [ring_key(a) for a in everything if a.get("tier") == "cpu"]
+            refs = [AdapterRef.from_entry(a) for a in listing]
+            warm = [AdapterRef.from_entry(a).ring_key for a in everything if a.get("tier") == "cpu"]
         except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
             return
-        self.hot.replace(replica.name, keys)
+        self.hot.replace(replica.name, [ref.ring_key for ref in refs])
         self.hot.replace_warm(replica.name, warm)
-        for key, source in zip(keys, sources):
-            if source:
-                self.hot.note_source(key, source)
+        for ref in refs:
+            self.hot.note_ref(ref)

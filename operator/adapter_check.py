@@ -37,6 +37,8 @@ def check_reference(source: str, adapter_id: str, revision: str | None) -> None:
     if source == "local" and (adapter_id.startswith(("/", "~")) or "\\" in adapter_id or ".." in adapter_id.split("/")):
         raise Permanent(f"spec.id {adapter_id[:80]!r} is a path outside the adapter roots: a local id names a folder under "
                         "them (no leading '/', no '..')")
+    if source == "hub" and revision is not None and "@" in adapter_id:
+        raise Permanent(f"spec.id {adapter_id[:80]!r} names a revision after '@' and spec.revision names another: give one")
     if revision is not None and (len(revision) > MAX_REVISION_LENGTH or not REVISION.fullmatch(revision) or ".." in revision):
         raise Permanent(f"spec.revision must be a branch, tag or commit of at most {MAX_REVISION_LENGTH} characters "
                         "(letters, digits, '.', '_', '/', '-')")

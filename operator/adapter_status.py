@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafleet.adapter_ref import AdapterRef
+
 # Unload from the replicas before an Adapter goes. Not kopf's own finalizer name: kopf removes its
 # finalizer from objects none of its handlers needs it on (that also frees Adapters made by versions
 # that used kopf's per-object handlers).
@@ -50,8 +52,13 @@ class AdapterRecord:
         """Enough of the object for kopf to post an Event about it."""
         return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid}}
 
+    @property
+    def ref(self) -> AdapterRef:
+        """The version this Adapter names: its ``key`` is what replicas list, its ``ring_key`` what gateways route by."""
+        return AdapterRef(self.source, self.id, self.revision)
+
     def load_request(self) -> dict[str, Any]:
-        return {"adapter_id": self.id, "adapter_source": self.source, "pin": self.pinned}
+        return self.ref.load_body(self.pinned)
 
     def finalizer_patch(self, present: bool) -> dict[str, Any]:
         """The merge patch that adds (``present``) or removes lorafleet's finalizer, keeping everyone else's."""

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from lorafleet.adapter_ref import catalogue_entries, catalogue_version
 from lorafleet.operator import adapter_check
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed
 from lorafleet.operator.fleet_status import placement, ready_pods
@@ -89,7 +88,9 @@ class Fleet:
         self._checked: dict[str, tuple[tuple, Any]] = {}  # uid → (what was checked, (rank, targets) or (reason, message))
         self._check_retry: dict[str, tuple[float, int, str]] = {}
         self._failed: dict[str, tuple[int, str, str]] = {}  # uid → (generation, reason, message) from a replica's refusal
-        self._placed: dict[str, set[str]] = {}  # uid → pods we loaded it on and have not unloaded
+        # uid → (pod, adapter key) we loaded and have not unloaded: the key too, so that when an Adapter's revision
+        # changes the old version is unloaded where it was, once the new one is hot on every owner
+        self._placed: dict[str, set[tuple[str, str]]] = {}
         self._written: dict[str, dict[str, Any]] = {}  # uid → the status we last wrote
         self._headers: dict[str, str] | None = None
         self._finalized: set[str] = set()
@@ -169,8 +170,8 @@ class Fleet:
 
     def _share_catalogue(self, records: list[AdapterRecord], members: dict[str, str], now: float) -> None:
         """Every replica learns the fleet's Adapters (name -> id, source, revision), so a name alone is a request."""
-        entries = sorted(({"name": r.name, "id": r.id, "source": r.source, "revision": r.revision} for r in records), key=lambda e: e["name"])
-        version = hashlib.blake2b(json.dumps(entries).encode(), digest_size=8).hexdigest()
+        entries = catalogue_entries({r.name: r.ref for r in records})
+        version = catalogue_version(entries)
         for pod, url in members.items():
             sent = (self._pods_seen.get(pod), version)
             if self._catalogue_sent.get(pod) != sent and self._catalogue_retry.get(pod, 0.0) <= now:
@@ -225,31 +226,32 @@ class Fleet:
             _, reason, message = self._failed[record.uid]
             self._publish(record, observed(record, [], [], [], rank, targets, failure=(reason, message)))
             return
-        owners = placement(record.id, known, record.warm)
-        placed = self._placed.setdefault(record.uid, set(record.status.get("replicas") or []))
+        key = record.ref.key  # the version exactly: an older revision resident there is not this one
+        owners = placement(record.ref.ring_key, known, record.warm)  # the owners the gateways route this version to
+        placed = self._placed.setdefault(record.uid, {(pod, key) for pod in record.status.get("replicas") or []})
         hot, problems = [], []
         for pod in owners:
-            if record.id in self.residency.get(pod, {}):
+            if key in self.residency.get(pod, {}):
                 hot.append(pod)
-                placed.add(pod)
+                placed.add((pod, key))
                 continue
-            retry = self._retry.get((pod, record.id))
+            retry = self._retry.get((pod, key))
             if retry is not None:
                 problems.append(f"{pod}: {retry[2]}")
             if pod in self.residency and (retry is None or retry[0] <= now):
                 self._spawn(("load", pod, record.uid), record.uid, self._load(record, pod, members[pod]))
-        leftovers = placed - set(owners)
+        leftovers = {(pod, held) for pod, held in placed if pod not in owners or held != key}
         if len(hot) == len(owners) and leftovers:
             # Unloaded where it was only after the gateways have read (probe: 1 s) that the new owner holds
             # it: until then they may still send its traffic to the old holder.
             due = self._unload_at.setdefault(record.uid, now + UNLOAD_GRACE_S)
             if now >= due:
                 del self._unload_at[record.uid]
-                for pod in sorted(leftovers):
+                for pod, held in sorted(leftovers):
                     if pod in members:
-                        self._spawn(("unload", pod, record.uid), record.uid, self._unload(record, pod, members[pod]))
+                        self._spawn(("unload", pod, held, record.uid), record.uid, self._unload(record, pod, members[pod], held))
                     else:
-                        placed.discard(pod)
+                        placed.discard((pod, held))
         if any(("list", pod) in self._tasks for pod in owners):
             return  # an owner's listing is being read: publish what it shows, not a Warming in between
         self._publish(record, observed(record, owners, hot, problems, rank, targets))
@@ -305,30 +307,32 @@ class Fleet:
 
     async def _load(self, record: AdapterRecord, pod: str, url: str) -> None:
         result = await self.io.calls.load(url, record.load_request(), await self._admin_headers())
+        key = record.ref.key
         if result.ok:
-            self._retry.pop((pod, record.id), None)
-            self.residency.setdefault(pod, {})[record.id] = result.tier
-            self._placed.setdefault(record.uid, set()).add(pod)
+            self._retry.pop((pod, key), None)
+            self.residency.setdefault(pod, {})[key] = result.tier
+            self._placed.setdefault(record.uid, set()).add((pod, key))
         elif result.permanent:
             self._failed[record.uid] = (record.generation, "LoadFailed", f"{pod} refused the adapter: {result.message}")
         else:
             if "401" in result.message:
                 self._headers = None  # the token may have been rotated
-            attempts = self._retry.get((pod, record.id), (0.0, 0, ""))[1] + 1
-            self._retry[(pod, record.id)] = (time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** attempts), attempts, result.message)
+            attempts = self._retry.get((pod, key), (0.0, 0, ""))[1] + 1
+            self._retry[(pod, key)] = (time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** attempts), attempts, result.message)
 
-    async def _unload(self, record: AdapterRecord, pod: str, url: str) -> None:
-        if await self.io.calls.unload(url, record.id, await self._admin_headers()):
-            self.residency.get(pod, {}).pop(record.id, None)
-            self._placed.get(record.uid, set()).discard(pod)
+    async def _unload(self, record: AdapterRecord, pod: str, url: str, key: str) -> None:
+        if await self.io.calls.unload(url, key, await self._admin_headers()):
+            self.residency.get(pod, {}).pop(key, None)
+            self._placed.get(record.uid, set()).discard((pod, key))
 
     async def _delete(self, record: AdapterRecord, members: dict[str, str]) -> None:
         """Unload it wherever it was placed, then let the object go."""
-        holders = self._placed.get(record.uid, set()) | set(record.status.get("replicas") or []) | {
-            p for p, held in self.residency.items() if record.id in held and record.pinned}
-        for pod in sorted(holders):
+        key = record.ref.key
+        holders = self._placed.get(record.uid, set()) | {(p, key) for p in record.status.get("replicas") or []} | {
+            (p, key) for p, held in self.residency.items() if key in held and record.pinned}
+        for pod, held in sorted(holders):
             if pod in members:
-                await self._unload(record, pod, members[pod])
+                await self._unload(record, pod, members[pod], held)
         if FINALIZER in record.finalizers:
             await self._write(lambda: self.io.kube.merge("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
                                                          record.finalizer_patch(False)))

@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 import httpx
 
+from lorafleet.adapter_ref import AdapterRef
+
 LIST_TIMEOUT_S = 10.0
 LOAD_TIMEOUT_S = 300.0  # the replica's own wait for a device slot is 300 s
 UNLOAD_TIMEOUT_S = 10.0
@@ -45,12 +47,14 @@ class ReplicaCalls:
         return self._limits.setdefault(url, asyncio.Semaphore(self.per_replica))
 
     async def resident(self, url: str) -> dict[str, str]:
-        """``{adapter id: tier}`` of what the replica holds on its device or in CPU memory, from its own listing."""
+        """``{adapter key: tier}`` of what the replica holds on its device or in CPU memory, from its own listing.
+
+        Keyed by the whole version (``AdapterRef.key``): an older revision of the same id is not the one asked for."""
         async with self._slot(url):
             response = await self._client.get(f"{url}/adapters", timeout=LIST_TIMEOUT_S)
         response.raise_for_status()
         listing: list[dict[str, Any]] = response.json()
-        return {a["id"]: a["tier"] for a in listing if a.get("tier") in ("device", "cpu")}
+        return {AdapterRef.from_entry(a).key: a["tier"] for a in listing if a.get("tier") in ("device", "cpu")}
 
     async def load(self, url: str, request: dict[str, Any], headers: dict[str, str]) -> LoadResult:
         try:

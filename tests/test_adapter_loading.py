@@ -11,7 +11,8 @@ import pytest
 from support.engine import make_engine
 from support.hub import HubStandIn
 
-from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef
+from lorafleet.adapter_ref import AdapterRef
+from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound
 from lorafleet.server.engine.async_engine import AsyncEngine
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 from lorafleet.server.lora.adapter_format import AdapterError

@@ -117,3 +117,20 @@ def test_preloaded_adapters_are_resident_and_pinned_before_the_first_request(tin
         assert {k: (v["tier"], v["pinned"]) for k, v in listed.items()} == {"a1": ("device", True), "a2": ("device", True)}
         events = httpx.get(server.url + "/metrics").text
         assert 'lorafleet_requests_total{adapter="a1"' not in events  # no request brought them in
+
+
+def test_a_load_names_its_revision_and_an_unload_by_key_leaves_other_versions(server) -> None:
+    """The operator loads the version an Adapter names (``revision`` as its own field: a local path has no '@'),
+    and unloads by the version's key, so the previous revision can leave while the new one serves."""
+    for revision in ("v1", "v2"):
+        loaded = httpx.post(server.url + "/adapters", json={"adapter_id": "a1", "adapter_source": "local", "revision": revision},
+                            headers=ADMIN, timeout=30)
+        assert loaded.status_code == 200 and loaded.json()["key"] == f"local:a1@{revision}", loaded.text
+    keys = {a["key"] for a in httpx.get(server.url + "/adapters").json()}
+    assert {"local:a1@v1", "local:a1@v2"} <= keys
+    assert httpx.delete(server.url + "/adapters/local:a1@v1", headers=ADMIN, timeout=30).status_code == 200
+    keys = {a["key"] for a in httpx.get(server.url + "/adapters").json() if a["tier"] != "disk"}
+    assert "local:a1@v2" in keys and "local:a1@v1" not in keys
+    conflict = httpx.post(server.url + "/adapters", json={"adapter_id": "org/x@v1", "adapter_source": "hub", "revision": "v2"},
+                          headers=ADMIN, timeout=30)
+    assert conflict.status_code == 422 and "give one" in conflict.json()["error"]

@@ -146,6 +146,8 @@ async def test_probes_read_each_replicas_hot_adapters() -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
         await asyncio.gather(*(replicas._probe(client, r) for r in replicas.replicas.values()))
     assert replicas.hot.holders("old") == {"a"} and replicas.hot.holders("org/new@v2") == {"a"}
+    # a hand-off of it asks for exactly that version (it sent "org/new@v2" as a bare id, which a local path cannot carry)
+    assert replicas.hot.ref("org/new@v2").load_body() == {"adapter_id": "org/new", "adapter_source": "hub", "pin": False, "revision": "v2"}
     assert replicas.hot.holders("in-memory") == set() and replicas.hot.warm_holders("in-memory") == {"a"}  # CPU tier: warm, not hot
     assert replicas.hot.holders("guessed") == {"b"} and set(replicas.routable()) == {"a", "b"}
     replicas.hot.used("a", "third")  # two slots: the least recently used report ("old") is evicted

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from support.engine import make_engine
 
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.adapters import manager as manager_module
-from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 from lorafleet.server.errors import Overloaded
 from lorafleet.server.lora import merge as merge_module

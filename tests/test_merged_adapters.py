@@ -16,7 +16,7 @@ from support.metrics import metric_values
 from support.server import RunningServer
 from transformers import AutoModelForCausalLM
 
-from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.lora.merge import MergeSpec
 from lorafleet.testing import make_lora_adapter, reference_greedy

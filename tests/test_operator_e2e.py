@@ -124,3 +124,33 @@ def test_adapters_that_cannot_work_end_failed_with_a_reason(operator_env, monkey
     kubectl("apply", "-f", "-", input=adapter("refused", "refused/adapter"))
     wait_until(lambda: custom(api, "adapters", "refused").get("status", {}).get("phase") == "Failed")
     assert "refused the adapter: not a LoRA for this base" in custom(api, "adapters", "refused")["status"]["message"]
+
+
+def test_a_revision_pinned_adapter_warms_that_revision_where_the_gateway_routes_it_and_moves_when_it_changes(operator_env) -> None:
+    """The gateway routes an Adapter with spec.revision by ``id@revision``: the operator must load that revision (not
+    the bare id) on that key's ring owners, count only that version as resident, and on a revision change warm the
+    new one before unloading the old one where it was."""
+    kubectl, api, replicas, _ = operator_env
+    core = client.CoreV1Api(api)
+    kubectl("apply", "-f", "-", input=BASEMODEL)
+    for pod in replicas:
+        run_pod(core, "smol", pod, replicas[pod])
+    members = sorted(replicas)
+    owner = {key: ring.owners(key, members, 1)[0] for key in ["team/pirate", *(f"team/pirate@v{i}" for i in range(1, 20))]}
+    old = next(f"v{i}" for i in range(1, 20) if owner[f"team/pirate@v{i}"] != owner["team/pirate"])  # the bare id lands elsewhere
+    new = next(f"v{i}" for i in range(1, 20) if owner[f"team/pirate@v{i}"] != owner[f"team/pirate@{old}"])
+    body = yaml.safe_load(adapter("pirate", "team/pirate"))
+    body["spec"]["revision"] = old
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
+    wait_until(lambda: custom(api, "adapters", "pirate").get("status", {}).get("phase") == "Ready")
+    first = owner[f"team/pirate@{old}"]
+    assert custom(api, "adapters", "pirate")["status"]["replicas"] == [first]
+    assert {p: r.loaded for p, r in replicas.items() if r.loaded} == {first: {f"team/pirate@{old}": False}}
+    assert replicas[first].refs[f"team/pirate@{old}"].revision == old  # sent as the load's revision
+    assert {"name": "pirate", "id": "team/pirate", "source": "local", "revision": old} in replicas[first].catalogue
+    kubectl("patch", "adapter", "pirate", "--type", "merge", "-p", f'{{"spec": {{"revision": "{new}"}}}}')
+    second = owner[f"team/pirate@{new}"]
+    wait_until(lambda: custom(api, "adapters", "pirate")["status"]["replicas"] == [second])
+    wait_until(lambda: {p: list(r.loaded) for p, r in replicas.items() if r.loaded} == {second: [f"team/pirate@{new}"]})
+    # the old version left only once the new one was hot: no request for the name found neither
+    assert replicas[second].answered[("load", f"team/pirate@{new}")] < replicas[first].answered[("unload", f"team/pirate@{old}")]

@@ -381,8 +381,8 @@ def test_the_catalogue_takes_its_largest_size_and_reads_it_without_hashing_again
     worst = json.dumps({"name": "n" * MAX_NAME_LENGTH, "id": "i" * MAX_ID_LENGTH, "source": "local", "revision": "r" * MAX_REVISION_LENGTH})
     assert MAX_CATALOGUE * (len(worst) + 2) + 16 <= MAX_CATALOGUE_BODY_BYTES  # the largest admitted catalogue fits its body limit
     encodings = []
-    real_entries = catalogue_module.entries
-    monkeypatch.setattr(catalogue_module, "entries", lambda refs: encodings.append(len(refs)) or real_entries(refs))
+    real_entries = catalogue_module.catalogue_entries
+    monkeypatch.setattr(catalogue_module, "catalogue_entries", lambda refs: encodings.append(len(refs)) or real_entries(refs))
     entries = [{"name": f"team-{i:06d}/adapter", "id": f"org/adapter-{i}", "source": "hub", "revision": "v1"} for i in range(MAX_CATALOGUE)]
     put = httpx.put(server.url + "/adapters/catalogue", json={"adapters": entries}, headers=admin, timeout=120)
     assert put.status_code == 200 and put.json()["adapters"] == MAX_CATALOGUE, put.text[:300]

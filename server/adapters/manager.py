@@ -22,9 +22,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.adapters.cache import CpuCache, DiskCache
 from lorafleet.server.adapters.merged import MergedAdapters
-from lorafleet.server.adapters.sources import SOURCE_NAMES, AdapterNotFound, AdapterRef, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.adapters.sources import SOURCE_NAMES, AdapterNotFound, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.adapters.state import AdapterSettings, AdapterState, retry_delay
 from lorafleet.server.background import lower_this_threads_priority
 from lorafleet.server.errors import Conflict, Overloaded

@@ -11,7 +11,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from lorafleet.server.adapters.sources import AdapterNotFound, AdapterRef
+from lorafleet.adapter_ref import AdapterRef
+from lorafleet.server.adapters.sources import AdapterNotFound
 from lorafleet.server.lora.adapter_format import LoraAdapter
 from lorafleet.server.lora.merge import MergeCancelled, MergeSpec, merge_adapters
 

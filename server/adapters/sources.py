@@ -11,44 +11,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, SourceUnreachable, hub_file, s3_file
-from lorafleet.adapter_rules import MAX_ID_LENGTH
+from lorafleet.adapter_ref import AdapterRef
 
-__all__ = ["ADAPTER_FILES", "SOURCES", "AdapterFetchError", "AdapterNotFound", "AdapterRef", "SourceUnreachable", "fetch_hub", "fetch_s3",
-           "resolve_local"]
+__all__ = ["ADAPTER_FILES", "AdapterFetchError", "AdapterNotFound", "SourceUnreachable", "fetch_hub", "fetch_s3", "resolve_local"]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-SOURCES = ("hub", "local", "s3")
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterRef:
-    source: str
-    id: str
-    revision: str | None = None
-
-    @property
-    def key(self) -> str:
-        """One name per adapter version, used by every tier and by the engine's slots."""
-        return f"{self.source}:{self.id}" + (f"@{self.revision}" if self.revision else "")
-
-    @classmethod
-    def parse(cls, adapter_id: str, source: str) -> AdapterRef:
-        if source not in SOURCES:
-            raise ValueError(f"adapter_source must be one of {', '.join(SOURCES)}, got {source!r}")
-        if not adapter_id or not adapter_id.strip():
-            raise ValueError("adapter_id must not be empty")
-        if len(adapter_id) > MAX_ID_LENGTH:
-            raise ValueError(f"adapter_id is {len(adapter_id)} characters; at most {MAX_ID_LENGTH} are accepted")
-        revision = None
-        if source == "hub" and "@" in adapter_id:
-            adapter_id, revision = adapter_id.rsplit("@", 1)
-        if source == "s3" and not adapter_id.startswith("s3://"):
-            raise ValueError(f"an s3 adapter_id must look like s3://bucket/prefix, got {adapter_id!r}")
-        return cls(source, adapter_id, revision)
 
 
 def resolve_local(adapter_id: str, roots: list[Path]) -> Path:

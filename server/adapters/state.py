@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound, AdapterRef
+from lorafleet.adapter_ref import AdapterRef
+from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound
 
 MAX_BACKOFF_S = 30.0
 NOT_FOUND_RETRY_S = 30.0  # an id its source says does not exist is refused from memory for this long

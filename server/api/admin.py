@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.adapters.state import TIERS
-from lorafleet.server.api.catalogue import MAX_CATALOGUE, MAX_NAME_LENGTH, MAX_REVISION_LENGTH, Catalogue
+from lorafleet.server.api.catalogue import MAX_CATALOGUE, MAX_NAME_LENGTH, Catalogue
 from lorafleet.server.api.http_common import bearer_token, error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
@@ -105,13 +105,10 @@ def admin_router(service: ReplicaService) -> APIRouter:
             for entry in entries:
                 if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not 0 < len(entry["name"]) <= MAX_NAME_LENGTH:
                     raise ValidationError(f"each entry needs a `name` (a string of 1 to {MAX_NAME_LENGTH} characters) and an `id`")
-                ref = parse_adapter(entry.get("id"), entry.get("source", "hub"), service.limits)
+                ref = parse_adapter(entry.get("id"), entry.get("source", "hub"), service.limits, entry.get("revision") or None)
                 if ref is None:
                     raise ValidationError(f"entry {entry['name']!r} needs an `id`")
-                revision = entry.get("revision")
-                if revision is not None and (not isinstance(revision, str) or len(revision) > MAX_REVISION_LENGTH):
-                    raise ValidationError(f"`revision` must be a string of at most {MAX_REVISION_LENGTH} characters")
-                catalogue[entry["name"]] = AdapterRef(ref.source, ref.id, revision or ref.revision)
+                catalogue[entry["name"]] = ref
             snapshot = Catalogue.of(catalogue, service.base_name)  # hashed and encoded once, here
             service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
             service.catalogue = snapshot
@@ -131,7 +128,7 @@ def admin_router(service: ReplicaService) -> APIRouter:
                 return error_response(Overloaded(f"more than {WARM_RATE_PER_S:g} warms a second (burst {WARM_BURST}) asked of this replica; "
                                                  f"retry in {wait:.1f}s"), headers={"retry-after": str(max(1, math.ceil(wait)))})
             body = await read_json_object(request)
-            ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits)
+            ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
             if ref is None:
                 raise ValidationError("`adapter_id` is required")
             return await service.load_adapter(ref, pin=False)
@@ -145,7 +142,7 @@ def admin_router(service: ReplicaService) -> APIRouter:
         try:
             require_admin(service, request)
             body = await read_json_object(request)
-            ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits)
+            ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
             if ref is None:
                 raise ValidationError("`adapter_id` is required")
             pin = body.get("pin", False)

@@ -7,13 +7,11 @@ hashed it again on the event loop). Its limits agree: the largest catalogue admi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
 
+from lorafleet.adapter_ref import AdapterRef, catalogue_entries, catalogue_version
 from lorafleet.adapter_rules import MAX_ID_LENGTH, MAX_REVISION_LENGTH
-from lorafleet.server.adapters.sources import AdapterRef
 
 MAX_CATALOGUE = 100_000
 MAX_NAME_LENGTH = 317  # an Adapter's "namespace/name": 63 + 1 + 253
@@ -21,10 +19,6 @@ MAX_NAME_LENGTH = 317  # an Adapter's "namespace/name": 63 + 1 + 253
 # body limit of PUT /adapters/catalogue admits exactly the largest catalogue the route accepts.
 MAX_ENTRY_BYTES = MAX_NAME_LENGTH + MAX_ID_LENGTH + MAX_REVISION_LENGTH + 80
 MAX_CATALOGUE_BODY_BYTES = MAX_CATALOGUE * MAX_ENTRY_BYTES + 4096
-
-
-def entries(refs: dict[str, AdapterRef]) -> list[dict[str, Any]]:
-    return [{"name": name, "id": ref.id, "source": ref.source, "revision": ref.revision} for name, ref in sorted(refs.items())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +29,6 @@ class Catalogue:
 
     @classmethod
     def of(cls, refs: dict[str, AdapterRef], base: str) -> Catalogue:
-        listed = entries(refs)
-        version = hashlib.blake2b(json.dumps(listed).encode(), digest_size=8).hexdigest()
+        listed = catalogue_entries(refs)
+        version = catalogue_version(listed)
         return cls(refs, version, json.dumps({"version": version, "base": base, "adapters": listed}).encode())

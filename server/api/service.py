@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet import __version__
-from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.adapters.state import TIERS
 from lorafleet.server.api.catalogue import Catalogue
 from lorafleet.server.api.metrics import ServerMetrics

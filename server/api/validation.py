@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafleet.server.adapters.sources import SOURCES, AdapterRef
+from lorafleet.adapter_ref import SOURCES, AdapterRef
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.engine.structured import validate_response_format
 from lorafleet.server.errors import ValidationError
@@ -77,18 +77,18 @@ def _flag(parameters: dict, name: str) -> bool:
     return value
 
 
-def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits) -> AdapterRef | None:
+def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits, revision: Any = None) -> AdapterRef | None:
     if adapter_id is None or adapter_id == "":
         return None
     if not isinstance(adapter_id, str):
         raise ValidationError(f"`adapter_id` must be a string, got {adapter_id!r}")
-    if adapter_source is None and adapter_id in limits.catalogue:
+    if adapter_source is None and revision is None and adapter_id in limits.catalogue:
         return limits.catalogue[adapter_id]  # a registered name needs no source
     source = adapter_source if adapter_source is not None else limits.default_adapter_source
     if source not in SOURCES:
         raise ValidationError(f"`adapter_source` must be one of {', '.join(SOURCES)}. Given: {source!r}")
     try:
-        return AdapterRef.parse(adapter_id, source)
+        return AdapterRef.parse(adapter_id, source, revision)
     except ValueError as exc:
         raise ValidationError(str(exc)) from exc
 

@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from lorafleet.server.adapters.sources import AdapterRef
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.engine.engine import LLMEngine, StepOutput
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence, TokenInfo
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.adapter_rules import PROJECTIONS
-from lorafleet.server.adapters.sources import AdapterRef
 from lorafleet.server.lora.adapter_format import LoraAdapter, content_fingerprint
 
 STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")

@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +16,7 @@ import kopf
 from kopf.testing import KopfRunner
 from kubernetes import client, config
 
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.operator.handlers import register
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,8 +26,10 @@ class StubReplica:
     """Answers /health and /adapters like a replica, remembering what it was asked to load and unload."""
 
     def __init__(self, address: str) -> None:
-        self.loaded: dict[str, bool] = {}
-        self.calls: list[tuple[str, str]] = []
+        self.loaded: dict[str, bool] = {}  # ring key (id, @revision when pinned to one) -> pinned
+        self.refs: dict[str, AdapterRef] = {}  # ring key -> the version loaded, as a replica lists it
+        self.calls: list[tuple[str, str]] = []  # ("load" | "unload", ring key)
+        self.answered: dict[tuple[str, str], float] = {}  # call -> when it was first answered (time.monotonic)
         self.listings = 0  # GET /adapters answered
         self.slow: dict[str, float] = {}  # adapter id → seconds its load takes
         self.catalogue: list[dict] = []  # what the operator registered (PUT /adapters/catalogue)
@@ -46,27 +50,33 @@ class StubReplica:
             def do_GET(self) -> None:
                 if self.path == "/adapters":
                     stub.listings += 1
-                    return self._reply(200, [{"id": a, "tier": "device", "pinned": p} for a, p in stub.loaded.items()])
+                    return self._reply(200, [{**stub.refs[a].entry(a), "key": stub.refs[a].key, "tier": "device", "pinned": p}
+                                             for a, p in list(stub.loaded.items())])
                 self._reply(200, {})
 
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                stub.calls.append(("load", request["adapter_id"]))
+                ref = AdapterRef.parse(request["adapter_id"], request.get("adapter_source") or "hub", request.get("revision"))
+                stub.calls.append(("load", ref.ring_key))
                 time.sleep(stub.slow.get(request["adapter_id"], 0.0))
                 if request["adapter_id"].startswith("refused/"):
                     return self._reply(424, {"error": "not a LoRA for this base", "error_type": "generation"})
-                stub.loaded[request["adapter_id"]] = request.get("pin", False)
-                self._reply(200, {"id": request["adapter_id"], "tier": "device", "pinned": request.get("pin", False)})
+                stub.refs[ref.ring_key] = ref
+                stub.loaded[ref.ring_key] = request.get("pin", False)
+                stub.answered.setdefault(("load", ref.ring_key), time.monotonic())
+                self._reply(200, {"id": ref.id, "key": ref.key, "tier": "device", "pinned": request.get("pin", False)})
 
             def do_PUT(self) -> None:
                 stub.catalogue = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))["adapters"]
                 self._reply(200, {"adapters": len(stub.catalogue)})
 
             def do_DELETE(self) -> None:
-                adapter = self.path.removeprefix("/adapters/")
-                stub.calls.append(("unload", adapter))
-                stub.loaded.pop(adapter, None)
-                self._reply(200, {"unloaded": [adapter]})
+                named = urllib.parse.unquote(self.path.removeprefix("/adapters/"))  # a key or an id, as a replica takes
+                for adapter in [a for a, ref in list(stub.refs.items()) if named in (ref.key, ref.id)] or [named]:
+                    stub.calls.append(("unload", adapter))
+                    stub.loaded.pop(adapter, None)
+                    stub.answered.setdefault(("unload", adapter), time.monotonic())
+                self._reply(200, {"unloaded": [named]})
 
         with socket.socket() as sock:
             sock.bind((address, 0))
