@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 from pathlib import Path
+
+from lorafleet.bearer import offered_one_of
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,4 @@ class ApiKeys:
             self._reload()
         except OSError as exc:  # a file being replaced: keep the keys we had
             log.warning("API key file unreadable (%s); keeping the previous keys", exc)
-        if not authorization or not authorization.lower().startswith("bearer "):
-            return False
-        offered = authorization[7:].strip().encode()
-        return any(hmac.compare_digest(offered, key) for key in self._keys)
+        return offered_one_of(authorization, self._keys)

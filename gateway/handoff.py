@@ -20,6 +20,7 @@ from prometheus_client import Counter
 
 from lorafleet import ring
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.bearer import authorization
 
 log = logging.getLogger(__name__)
 WARM_TIMEOUT_S = 120.0
@@ -29,7 +30,7 @@ class HandOff:
     def __init__(self, replicas: object, client: httpx.AsyncClient, counter: Counter, per_replica: int = 4, warm_token: str | None = None) -> None:
         self.replicas = replicas  # gateway.replicas.ReplicaSet
         self.client, self.counter, self.per_replica = client, counter, per_replica
-        self._headers = {"authorization": f"Bearer {warm_token}"} if warm_token else {}
+        self._headers = authorization(warm_token)
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._running: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task] = set()

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpcore
 
 from lorafleet import ring
+from lorafleet.bearer import bearer_token
 from lorafleet.cache_salt import HOP_TOKEN_HEADER, SALT_HEADER, salt_for_key
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.metrics import GatewayMetrics
@@ -228,7 +229,7 @@ class Gateway:
         if body or scope["method"] in ("POST", "PUT", "PATCH"):
             forward.append((b"content-length", str(len(body)).encode()))
         if self.warm_token and self.keys.path is not None and authorization:  # keys configured: each caller's cache is its own
-            forward += [(SALT_HEADER.encode(), salt_for_key(authorization[7:].strip()).encode()),
+            forward += [(SALT_HEADER.encode(), salt_for_key(bearer_token(authorization) or "").encode()),
                         (HOP_TOKEN_HEADER.encode(), self.warm_token.encode())]
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         timeout = {"connect": 2.0, "read": self.upstream_timeout, "write": self.upstream_timeout, "pool": self.upstream_timeout}

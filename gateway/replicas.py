@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.backoff import Backoff
 from lorafleet.gateway.catalogue import Catalogue
 from lorafleet.gateway.hot_adapters import HotAdapters
 
@@ -110,7 +111,7 @@ class ReplicaSet:
         if replica.consecutive_failures >= self.eject_after and not replica.ejected:
             replica.ejections += 1
             self.on_eject()
-            seconds = min(60.0, self.eject_seconds * 2 ** (replica.ejections - 1))
+            seconds = Backoff(self.eject_seconds, 60.0).delay(replica.ejections)
             replica.ejected_until = time.monotonic() + seconds
             replica.ejected_signal.set()
             replica.ejected_signal = asyncio.Event()  # the next ejection signals whoever waits from now on

@@ -73,12 +73,17 @@ class AdapterRecord:
         return None
 
 
+def unplaced(record: AdapterRecord, phase: str, reason: str, message: str) -> dict[str, Any]:
+    """What the fleet shows of an adapter that is on no replica: Failed, or Pending while its source is down."""
+    return {"phase": phase, "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": [], "hotOn": ""}
+
+
 def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems: list[str], rank: int | None, targets: list[str],
              failure: tuple[str, str] | None = None) -> dict[str, Any]:
     """What the fleet shows of an adapter: ``hot`` are the owners whose own listing holds it resident."""
     if failure is not None:
         reason, message = failure
-        return {"phase": "Failed", "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": [], "hotOn": ""}
+        return unplaced(record, "Failed", reason, message)
     if record.warm == 0:
         phase, reason, message = "Ready", "Lazy", "lazy: loaded on first request"
     elif not owners:

@@ -26,14 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.adapter_ref import catalogue_entries, catalogue_version
+from lorafleet.backoff import Backoff
 from lorafleet.operator import adapter_check
-from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed
+from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed, unplaced
 from lorafleet.operator.fleet_status import placement, ready_pods
 from lorafleet.operator.replica_client import ReplicaCalls
 
 log = logging.getLogger(__name__)
 SETTLE_S = 2.0  # a status is not written while its adapter's work is younger than this (one write, not Warming then Ready)
-RETRY_MIN_S, RETRY_MAX_S = 2.0, 60.0
+RETRY = Backoff(4.0, 60.0)  # a load or a validation fetch that failed for a reason that may pass
+RELIST = Backoff(2.0, 2.0)  # a listing or catalogue call: flat, the replica is usually just starting
 UNLOAD_GRACE_S = 3.0
 COALESCE_S = 0.1  # a pass costs O(adapters); events arrive by the thousand
 
@@ -74,11 +76,11 @@ class Fleet:
     def __init__(self, namespace: str, name: str, io: FleetIO, residency_check_s: float = 300.0, write_concurrency: int = 8) -> None:
         self.namespace, self.name, self.io = namespace, name, io
         self.residency_check_s = residency_check_s
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()  # set on the loop only; other threads go through wake_up
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._writes = asyncio.Semaphore(write_concurrency)
         self._pods_seen: dict[str, tuple[str, int, str]] = {}
         self.residency: dict[str, dict[str, str]] = {}  # pod → {adapter id: tier}, for pods whose listing is known
-        self._listing: set[str] = set()
         self._list_retry: dict[str, float] = {}
         self._next_check = 0.0
         self._tasks: dict[tuple, asyncio.Task] = {}  # running work, by what it is about
@@ -103,6 +105,7 @@ class Fleet:
     async def run(self, records: Callable[[], Iterable[AdapterRecord]], pods: Callable[[], Iterable[PodView]],
                   engine: Callable[[], dict[str, Any]], stopped: Any) -> None:
         """Pass after pass until ``stopped``: after every wake-up, and at the latest when a retry or check is due."""
+        self._loop = asyncio.get_running_loop()
         try:
             while not stopped:
                 self.wake.clear()
@@ -117,6 +120,14 @@ class Fleet:
         finally:
             for task in list(self._tasks.values()):
                 task.cancel()
+
+    def wake_up(self) -> None:
+        """Ask for a pass, from any thread. ``asyncio.Event.set`` from another thread schedules the waiter without
+        waking the loop's selector: an idle operator then re-placed only when other I/O or its next timer woke it
+        (up to ``residency_check_s``). ``call_soon_threadsafe`` wakes it."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.wake.set)
 
     def _next_due(self) -> float:
         dues = [self._next_check, *(t for t, _, _ in self._retry.values()), *(t for t, _, _ in self._check_retry.values()),
@@ -183,7 +194,7 @@ class Fleet:
             self._catalogue_retry.pop(pod, None)
         else:
             self._headers = None  # read the admin token again: it may not have existed, or was rotated
-            self._catalogue_retry[pod] = time.monotonic() + RETRY_MIN_S
+            self._catalogue_retry[pod] = time.monotonic() + RELIST.delay(1)
 
     def _follow_pods(self, pods: list[PodView], now: float) -> dict[str, str]:
         """Ready members; a new, restarted or returning pod has its listing read again."""
@@ -209,7 +220,7 @@ class Fleet:
             listing = await self.io.calls.resident(url)
         except Exception as exc:  # keep what we knew; try again soon
             log.info("fleet %s/%s: listing %s failed: %s", self.namespace, self.name, pod, exc)
-            self._list_retry[pod] = time.monotonic() + RETRY_MIN_S
+            self._list_retry[pod] = time.monotonic() + RELIST.delay(1)
             return
         if self._pods_seen.get(pod, ("", 0, None))[2] == url:
             self.residency[pod] = listing
@@ -275,8 +286,7 @@ class Fleet:
             return self._checked[record.uid][1]
         retry = self._check_retry.get(record.uid)
         if retry is not None:
-            self._publish(record, {"phase": "Pending", "reason": "SourceUnavailable", "message": retry[2], "observedGeneration": record.generation,
-                                   "replicas": [], "hotOn": ""})
+            self._publish(record, unplaced(record, "Pending", "SourceUnavailable", retry[2]))
         if retry is None or retry[0] <= now:
             self._spawn(("check", record.uid), record.uid, self._check(record, engine, what))
         return None
@@ -292,7 +302,7 @@ class Fleet:
             result = ("failed", "Invalid", str(exc))
         except adapter_check.Transient as exc:
             attempts = self._check_retry.get(record.uid, (0.0, 0, ""))[1] + 1
-            self._check_retry[record.uid] = (time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** attempts), attempts, str(exc))
+            self._check_retry[record.uid] = (time.monotonic() + RETRY.delay(attempts), attempts, str(exc))
             return
         self._check_retry.pop(record.uid, None)
         self._checked[record.uid] = (what, result)
@@ -315,10 +325,10 @@ class Fleet:
         elif result.permanent:
             self._failed[record.uid] = (record.generation, "LoadFailed", f"{pod} refused the adapter: {result.message}")
         else:
-            if "401" in result.message:
+            if result.unauthorized:
                 self._headers = None  # the token may have been rotated
             attempts = self._retry.get((pod, key), (0.0, 0, ""))[1] + 1
-            self._retry[(pod, key)] = (time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** attempts), attempts, result.message)
+            self._retry[(pod, key)] = (time.monotonic() + RETRY.delay(attempts), attempts, result.message)
 
     async def _unload(self, record: AdapterRecord, pod: str, url: str, key: str) -> None:
         if await self.io.calls.unload(url, key, await self._admin_headers()):

@@ -19,7 +19,8 @@ from typing import Any
 
 import kopf
 
-from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status
+from lorafleet.bearer import authorization
+from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, unplaced
 from lorafleet.operator.desired import ADMIN_TOKEN_KEY, WARM_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name, with_tracing_default
 from lorafleet.operator.fleet import Fleet, FleetIO, PodView, now_text
 from lorafleet.operator.fleet_status import basemodel_status, keep_transition_times
@@ -34,8 +35,9 @@ REPLICA_LABELS = {"app.kubernetes.io/name": "lorafleet", "app.kubernetes.io/comp
 class Operator:
     """What the handlers share for the operator's lifetime: one API client, one pool, the fleets."""
 
-    def __init__(self, kube_factory: Any, residency_check_s: float, per_replica: int) -> None:
+    def __init__(self, kube_factory: Any, residency_check_s: float, per_replica: int, otlp_endpoint: str | None = None) -> None:
         self.kube_factory, self.residency_check_s, self.per_replica = kube_factory, residency_check_s, per_replica
+        self.otlp_endpoint = otlp_endpoint
         self.fleets: dict[tuple[str, str], Fleet] = {}
         self.kube: Any = None
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -53,9 +55,10 @@ class Operator:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     def wake(self, key: tuple[str, str]) -> None:
+        """Any thread may call it (kopf runs sync handlers in worker threads): see Fleet.wake_up."""
         fleet = self.fleets.get(key)
         if fleet is not None:
-            fleet.wake.set()
+            fleet.wake_up()
 
     def fleet(self, namespace: str, name: str) -> Fleet:
         key = (namespace, name)
@@ -72,104 +75,114 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
 
 def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residency_check_s: float = 300.0, status_interval: float = 5.0,
              per_replica: int = 4, otlp_endpoint: str | None = None) -> kopf.OperatorRegistry:
-    """Attach the handlers to ``registry`` (the global one for ``lorafleet operator``, a fresh one in tests).
+    """Attach the handlers below to ``registry`` (the global one for ``lorafleet operator``, a fresh one in tests).
 
-    ``residency_check_s``: the safety net, how often every replica's listing is re-read; events
-    do the real work, so a test may set it to hours.
+    The handlers are module-level functions, as in kopf's examples; what they share lives in kopf's ``memo``
+    (``memo.operator``), made at startup from these settings. ``residency_check_s``: the safety net, how often every
+    replica's listing is re-read; events do the real work, so a test may set it to hours.
     """
-    state = Operator(kube_factory, residency_check_s, per_replica)
-
-    @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.persistence.finalizer = KOPF_FINALIZER
         settings.watching.server_timeout = 300  # a stalled watch is reopened by the server...
         settings.watching.client_timeout = 330  # ...or, failing that, by the client
         settings.posting.level = 20  # Events for every decision at INFO and above
-        state.start()
+        memo.operator = Operator(kube_factory, residency_check_s, per_replica, otlp_endpoint)
+        memo.operator.start()
 
-    @kopf.on.cleanup(registry=registry)
-    async def close(**_: Any) -> None:
-        await state.stop()
-
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(close)
     kopf.on.login(registry=registry)(login)
-
-    # -- BaseModel ------------------------------------------------------------------------------
-
-    @kopf.on.create(GROUP, VERSION, "basemodels", registry=registry)
-    @kopf.on.update(GROUP, VERSION, "basemodels", field="spec", registry=registry)
-    @kopf.on.resume(GROUP, VERSION, "basemodels", registry=registry)
-    def reconcile_basemodel(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, meta: kopf.Meta, patch: kopf.Patch,
-                            **_: Any) -> None:
-        kube = state.kube
-        changed = []
-        desired = with_tracing_default(dict(spec), otlp_endpoint)  # the operator's --otlp-endpoint unless the BaseModel names one
-        tokens = fleet_tokens(kube, namespace, name)
-        for obj in fleet_objects(name, namespace, desired, tokens.get(ADMIN_TOKEN_KEY) or secrets.token_urlsafe(32),
-                                 tokens.get(WARM_TOKEN_KEY) or secrets.token_urlsafe(32)):
-            kopf.adopt(obj, owner=body)
-            outcome, _ = kube.apply(obj)
-            if outcome != "unchanged":
-                changed.append(f"{obj['kind']}/{obj['metadata']['name']} {outcome}")
-        if changed:
-            kopf.info(body, reason="Reconciled", message="; ".join(changed))
-        observed = keep_transition_times(observe_basemodel(kube, name, namespace, meta.get("generation", 1), dict(spec)), dict(status))
-        if observed != {k: status.get(k) for k in observed}:
-            patch.status.update(observed)
-        state.wake((namespace, name))
-
-    @kopf.timer(GROUP, VERSION, "basemodels", interval=status_interval, registry=registry)
-    def refresh_basemodel(name: str, namespace: str, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
-        observed = keep_transition_times(observe_basemodel(state.kube, name, namespace, meta.get("generation", 1), dict(spec)), dict(status))
-        if observed != {k: status.get(k) for k in observed}:
-            patch.status.update(observed)
-
-    @kopf.index(GROUP, VERSION, "basemodels", id="basemodels", registry=registry)
-    def basemodels(namespace: str, name: str, **_: Any) -> dict:
-        return {(namespace, name): name}
-
-    @kopf.daemon(GROUP, VERSION, "basemodels", cancellation_timeout=2.0, registry=registry)
-    async def place_adapters(name: str, namespace: str, spec: kopf.Spec, stopped: kopf.DaemonStopped, adapters_by_fleet: kopf.Index,
-                             replica_pods: kopf.Index, **_: Any) -> None:
-        """The fleet's placement loop, for as long as the BaseModel exists."""
-        key = (namespace, name)
-        fleet = state.fleet(namespace, name)
-        try:
-            await fleet.run(lambda: adapters_by_fleet.get(key, []), lambda: replica_pods.get(key, []),
-                            lambda: dict(spec.get("engine") or {}), stopped)
-        finally:
-            if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
-                state.fleets.pop(key, None)
-                for record in list(adapters_by_fleet.get(key, [])):
-                    await orphaned(state, record)
-
-    # -- Adapters and replica Pods: indexed from their watch events -----------------------------
-
-    @kopf.index(GROUP, VERSION, "adapters", id="adapters_by_fleet", registry=registry)
-    def adapters_by_fleet(body: kopf.Body, namespace: str, **_: Any) -> dict:
-        record = AdapterRecord.from_body(body)
-        state.wake((namespace, record.base))
-        return {(namespace, record.base): record}
-
-    @kopf.index("", "v1", "pods", labels=REPLICA_LABELS, id="replica_pods", registry=registry)
-    def replica_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict:
-        key = (namespace, labels.get("app.kubernetes.io/instance", ""))
-        state.wake(key)
-        return {key: PodView.from_body(body)}
-
-    @kopf.on.event("", "v1", "pods", labels=REPLICA_LABELS, registry=registry)
-    def replica_pod_event(namespace: str, labels: kopf.Labels, **_: Any) -> None:
-        """Deletions leave the index without calling it: wake the fleet for every event."""
-        state.wake((namespace, labels.get("app.kubernetes.io/instance", "")))
-
-    @kopf.on.event(GROUP, VERSION, "adapters", registry=registry)
-    async def adapter_event(body: kopf.Body, namespace: str, type: str | None, basemodels: kopf.Index, **_: Any) -> None:
-        record = AdapterRecord.from_body(body)
-        if (namespace, record.base) in basemodels:
-            state.wake((namespace, record.base))
-        elif type != "DELETED":
-            await orphaned(state, record)
-
+    for on in (kopf.on.create, kopf.on.resume):
+        on(GROUP, VERSION, "basemodels", registry=registry)(reconcile_basemodel)
+    kopf.on.update(GROUP, VERSION, "basemodels", field="spec", registry=registry)(reconcile_basemodel)
+    kopf.timer(GROUP, VERSION, "basemodels", interval=status_interval, registry=registry)(refresh_basemodel)
+    kopf.index(GROUP, VERSION, "basemodels", id="basemodels", registry=registry)(basemodels)
+    kopf.daemon(GROUP, VERSION, "basemodels", cancellation_timeout=2.0, registry=registry)(place_adapters)
+    kopf.index(GROUP, VERSION, "adapters", id="adapters_by_fleet", registry=registry)(adapters_by_fleet)
+    kopf.index("", "v1", "pods", labels=REPLICA_LABELS, id="replica_pods", registry=registry)(replica_pods)
+    kopf.on.event("", "v1", "pods", labels=REPLICA_LABELS, registry=registry)(replica_pod_event)
+    kopf.on.event(GROUP, VERSION, "adapters", registry=registry)(adapter_event)
     return registry
+
+
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await memo.operator.stop()
+
+
+# -- BaseModel ----------------------------------------------------------------------------------
+
+def reconcile_basemodel(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, meta: kopf.Meta, patch: kopf.Patch,
+                        memo: kopf.Memo, **_: Any) -> None:
+    """Sync, so in one of kopf's worker threads: its API calls block. It wakes the fleet loop through the loop's own
+    thread-safe door (Operator.wake), never by touching the loop's objects from here."""
+    operator: Operator = memo.operator
+    kube = operator.kube
+    changed = []
+    desired = with_tracing_default(dict(spec), operator.otlp_endpoint)  # the operator's --otlp-endpoint unless the BaseModel names one
+    tokens = fleet_tokens(kube, namespace, name)
+    for obj in fleet_objects(name, namespace, desired, tokens.get(ADMIN_TOKEN_KEY) or secrets.token_urlsafe(32),
+                             tokens.get(WARM_TOKEN_KEY) or secrets.token_urlsafe(32)):
+        kopf.adopt(obj, owner=body)
+        outcome, _ = kube.apply(obj)
+        if outcome != "unchanged":
+            changed.append(f"{obj['kind']}/{obj['metadata']['name']} {outcome}")
+    if changed:
+        kopf.info(body, reason="Reconciled", message="; ".join(changed))
+    refresh_basemodel(name, namespace, spec, meta, status, patch, memo)
+    operator.wake((namespace, name))
+
+
+def refresh_basemodel(name: str, namespace: str, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo,
+                      **_: Any) -> None:
+    observed = keep_transition_times(observe_basemodel(memo.operator.kube, name, namespace, meta.get("generation", 1), dict(spec)), dict(status))
+    if observed != {k: status.get(k) for k in observed}:
+        patch.status.update(observed)
+
+
+async def basemodels(namespace: str, name: str, **_: Any) -> dict:
+    return {(namespace, name): name}
+
+
+async def place_adapters(name: str, namespace: str, spec: kopf.Spec, stopped: kopf.DaemonStopped, adapters_by_fleet: kopf.Index,
+                         replica_pods: kopf.Index, memo: kopf.Memo, **_: Any) -> None:
+    """The fleet's placement loop, for as long as the BaseModel exists."""
+    operator: Operator = memo.operator
+    key = (namespace, name)
+    fleet = operator.fleet(namespace, name)
+    try:
+        await fleet.run(lambda: adapters_by_fleet.get(key, []), lambda: replica_pods.get(key, []), lambda: dict(spec.get("engine") or {}), stopped)
+    finally:
+        if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            operator.fleets.pop(key, None)
+            for record in list(adapters_by_fleet.get(key, [])):
+                await orphaned(operator, record)
+
+
+# -- Adapters and replica Pods: indexed from their watch events; async, so on the loop the fleets run on ----------
+
+async def adapters_by_fleet(body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> dict:
+    record = AdapterRecord.from_body(body)
+    memo.operator.wake((namespace, record.base))
+    return {(namespace, record.base): record}
+
+
+async def replica_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> dict:
+    key = (namespace, labels.get("app.kubernetes.io/instance", ""))
+    memo.operator.wake(key)
+    return {key: PodView.from_body(body)}
+
+
+async def replica_pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    """Deletions leave the index without calling it: wake the fleet for every event."""
+    memo.operator.wake((namespace, labels.get("app.kubernetes.io/instance", "")))
+
+
+async def adapter_event(body: kopf.Body, namespace: str, type: str | None, basemodels: kopf.Index, memo: kopf.Memo, **_: Any) -> None:
+    record = AdapterRecord.from_body(body)
+    if (namespace, record.base) in basemodels:
+        memo.operator.wake((namespace, record.base))
+    elif type != "DELETED":
+        await orphaned(memo.operator, record)
 
 
 async def orphaned(state: Operator, record: AdapterRecord) -> None:
@@ -181,8 +194,7 @@ async def orphaned(state: Operator, record: AdapterRecord) -> None:
                                                                                 record.finalizer_patch(False)))
         return
     message = f"BaseModel {record.base!r} does not exist in {record.namespace}"
-    status = next_status(record.status, {"phase": "Failed", "reason": "BaseModelNotFound", "message": message,
-                                         "observedGeneration": record.generation, "replicas": [], "hotOn": ""}, now_text())
+    status = next_status(record.status, unplaced(record, "Failed", "BaseModelNotFound", message), now_text())
     if status is not None:
         await loop.run_in_executor(state.executor, lambda: state.kube.merge_status(f"{GROUP}/{VERSION}", "Adapter", record.namespace, record.name, status))
         if record.status.get("phase") != "Failed":
@@ -203,7 +215,7 @@ def admin_token(kube: Kube, namespace: str, base: str) -> str | None:
 
 def admin_headers(kube: Kube, namespace: str, base: str) -> dict[str, str]:
     token = admin_token(kube, namespace, base)
-    return {"authorization": f"Bearer {token}"} if token else {}
+    return authorization(token)
 
 
 def observe_basemodel(kube: Kube, name: str, namespace: str, generation: int, spec: dict) -> dict:

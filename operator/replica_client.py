@@ -29,6 +29,7 @@ class LoadResult:
     tier: str = ""
     permanent: bool = False
     message: str = ""
+    unauthorized: bool = False  # 401: the admin token was refused (rotated, or read before it existed)
 
 
 class ReplicaCalls:
@@ -66,7 +67,7 @@ class ReplicaCalls:
             return LoadResult(True, tier=str(response.json().get("tier", "device")))
         if response.status_code in PERMANENT_LOAD_STATUSES:
             return LoadResult(False, permanent=True, message=_error_text(response))
-        return LoadResult(False, message=f"HTTP {response.status_code}: {_error_text(response)}")
+        return LoadResult(False, message=f"HTTP {response.status_code}: {_error_text(response)}", unauthorized=response.status_code == 401)
 
     async def put_catalogue(self, url: str, entries: list[dict[str, Any]], headers: dict[str, str]) -> bool:
         try:

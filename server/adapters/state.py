@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.backoff import Backoff
 from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound
 
 MAX_BACKOFF_S = 30.0
@@ -46,11 +47,14 @@ class AdapterSettings:
     max_pinned: int | None = None  # None: no limit (tests); the engine keeps one slot free of pins
 
 
+FETCH_BACKOFF = Backoff(1.0, MAX_BACKOFF_S)
+
+
 def retry_delay(exc: BaseException, failures: int) -> float:
     """How long a failed id is answered from memory: a missing one for a while, an unreachable source
     with a back-off from 1 s, anything else (a bad file, since replaced?) at once the first time."""
     if isinstance(exc, AdapterNotFound):
         return NOT_FOUND_RETRY_S
     if isinstance(exc, AdapterFetchError):
-        return min(MAX_BACKOFF_S, 2.0 ** (failures - 1))
-    return min(MAX_BACKOFF_S, 0.0 if failures == 1 else 2.0 ** (failures - 2))
+        return FETCH_BACKOFF.delay(failures)
+    return 0.0 if failures == 1 else FETCH_BACKOFF.delay(failures - 1)

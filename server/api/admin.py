@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 from typing import Any
@@ -11,21 +10,16 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.bearer import offered_one_of
 from lorafleet.server.adapters.state import TIERS
 from lorafleet.server.api.catalogue import MAX_CATALOGUE, MAX_NAME_LENGTH, Catalogue
-from lorafleet.server.api.http_common import bearer_token, error_response, read_json_object
+from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
 from lorafleet.server.errors import Forbidden, Overloaded, Unauthorized, ValidationError
 
 CLOSED = ("admin routes are off on this replica: start it with --admin-token (LORAFLEET_ADMIN_TOKEN) and send that token, "
           "or with --admin-open on a machine nobody else can reach")
-
-
-def _offered(request: Request, *expected: str | None) -> bool:
-    """The bearer token matches one of ``expected``, compared in constant time."""
-    offered = (bearer_token(request) or "").encode("utf-8", "surrogateescape")
-    return any(hmac.compare_digest(offered, token.encode()) for token in expected if token is not None)
 
 
 def require_admin(service: ReplicaService, request: Request) -> None:
@@ -36,7 +30,7 @@ def require_admin(service: ReplicaService, request: Request) -> None:
         if not config.admin_open:
             raise Forbidden(CLOSED)
         return
-    if not _offered(request, config.admin_token):
+    if not offered_one_of(request.headers.get("authorization"), [config.admin_token]):
         raise Unauthorized("this route needs the replica's admin token (Authorization: Bearer <admin token>)")
 
 
@@ -48,7 +42,7 @@ def require_warm(service: ReplicaService, request: Request) -> None:
         if not config.admin_open:
             raise Forbidden(CLOSED.replace("--admin-token (LORAFLEET_ADMIN_TOKEN)", "--warm-token or --admin-token"))
         return
-    if not _offered(request, config.warm_token, config.admin_token):
+    if not offered_one_of(request.headers.get("authorization"), [config.warm_token, config.admin_token]):
         raise Unauthorized("this route needs the replica's warm token (Authorization: Bearer <warm token>)")
 
 

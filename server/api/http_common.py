@@ -64,11 +64,6 @@ def trusted_cache_salt(request: Request, hop_token: str | None) -> bytes:
     return hashlib.blake2b(salt.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
-def bearer_token(request: Request) -> str | None:
-    value = request.headers.get("authorization", "")
-    return value[7:].strip() or None if value.lower().startswith("bearer ") else None
-
-
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client goes away first (which cancels its generation)."""
     task = asyncio.ensure_future(work)
