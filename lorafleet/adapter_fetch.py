@@ -23,18 +23,20 @@ class SourceUnreachable(AdapterFetchError):
     """The source itself could not be reached: every fetch from it would fail the same way for now."""
 
 
-def hub_file(repo: str, filename: str, revision: str | None, token: str | None) -> Path:
-    """One file of a hub repo, through huggingface_hub and its cache.
+def hub_file(repo: str, filename: str, revision: str | None, token: str | None, local_dir: Path | None = None) -> Path:
+    """One file of a hub repo, through huggingface_hub: into ``local_dir`` when given, else into its cache.
 
-    The environment is read per call (huggingface_hub reads it once at import), so HF_ENDPOINT,
-    HF_HUB_CACHE and HF_TOKEN as they are now always apply.
+    A replica passes ``local_dir`` (its disk tier's staging folder), so the bytes land once, inside the tier's bound;
+    through the cache they were stored twice, and the cache's copy was never evicted. The environment is read per
+    call (huggingface_hub reads it once at import), so HF_ENDPOINT, HF_HUB_CACHE and HF_TOKEN as they are now apply.
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, token=token or os.environ.get("HF_TOKEN") or None,
-                                    endpoint=os.environ.get("HF_ENDPOINT") or None, cache_dir=os.environ.get("HF_HUB_CACHE") or None))
+                                    endpoint=os.environ.get("HF_ENDPOINT") or None, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                    local_dir=local_dir))
     # Order matters: LocalEntryNotFoundError (the hub could not be reached) subclasses
     # EntryNotFoundError (the repo has no such file), and GatedRepoError subclasses RepositoryNotFoundError.
     except LocalEntryNotFoundError as exc:

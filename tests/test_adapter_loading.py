@@ -140,6 +140,27 @@ def test_device_eviction_is_lru_and_skips_running_and_pinned(tiny_models, adapte
     assert manager.counts["device_evictions"] == 2
 
 
+def test_hub_adapters_are_stored_once_inside_the_disk_tiers_bound(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
+    """A pod's volume holds the disk tier and HF_HOME: six hub adapters through a tier that fits two leave the volume
+    within the bound. They were stored twice, and the Hugging Face cache's copy was never evicted."""
+    volume = tmp_path / "volume"
+    size = sum(f.stat().st_size for f in (adapter_root / "a3").iterdir())
+    bound = int(size * 2.5)
+    with HubStandIn() as hub:
+        for i in range(6):
+            hub.repos[f"acme/a{i}"] = adapter_root / "a3"
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(volume / "hf"))
+        engine = dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_cache_dir=volume / "adapters", adapter_disk_cache=bound)
+        for i in range(6):
+            seq = engine.add_request([1, 5, 6], GREEDY, engine.adapters.request(AdapterRef.parse(f"acme/a{i}", "hub")))
+            drive(engine, [seq])
+            assert seq.error is None
+    on_volume = sum(f.stat().st_size for f in volume.rglob("*") if f.is_file())
+    assert on_volume <= bound + 16 * 1024, (on_volume, bound)  # the manifests' few bytes aside
+    assert engine.adapters.disk.evictions > 0  # the tier did hold its bound by evicting
+
+
 def test_hub_source_through_huggingface_hub_and_a_truncated_disk_copy_is_refetched(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
     with HubStandIn() as hub:
         hub.repos["acme/pirate"] = adapter_root / "a3"

@@ -9,6 +9,7 @@ adapter id arrives from the network. An adapter that does not exist is ``Adapter
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -73,12 +74,14 @@ def within_deadline(fetch: Callable[[], None], source: str, adapter_id: str) -> 
 
 
 def fetch_hub(ref: AdapterRef, destination: Path, token: str | None) -> None:
-    """The adapter's files from the Hub, copied into ``destination`` (the disk tier's staging folder, which exists)."""
+    """The adapter's files from the Hub, downloaded straight into ``destination`` (the disk tier's staging folder): one
+    copy, inside the tier's bound. huggingface_hub's bookkeeping for a local_dir (``.cache/``) is dropped with it."""
     def files() -> None:
         for filename in ADAPTER_FILES:
-            data = hub_file(ref.id, filename, ref.revision, token).read_bytes()
-            if destination.is_dir():
-                (destination / filename).write_bytes(data)
+            if not destination.is_dir():
+                return  # the fetch outlived its deadline and the staging folder is gone: write nothing anywhere
+            hub_file(ref.id, filename, ref.revision, token, local_dir=destination)
+        shutil.rmtree(destination / ".cache", ignore_errors=True)
 
     within_deadline(files, "hub", ref.id)
 
