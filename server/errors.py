@@ -3,13 +3,11 @@
 lorax-client and text-generation map ``error_type`` first, then the status: 422 validation, 400/415
 for a body that is not JSON, 429 overloaded, 424 generation (the adapter cannot be fetched or used,
 or generation failed), 404 not_found for an adapter its source does not have (LoRAX says 424; a clear
-404 is better), 503 unhealthy.
+404 is better), 503 unhealthy. A leaf module: every room may raise these; server/api/errors.py maps every
+exception a route meets (these and the adapters', sources' and engine's own) to its status.
 """
 
 from __future__ import annotations
-
-from lorafleet.server.adapters.sources import AdapterFetchError, AdapterNotFound
-from lorafleet.server.lora.adapter_format import AdapterError
 
 
 class RequestError(Exception):
@@ -48,16 +46,3 @@ class Conflict(RequestError):
 
 class Unhealthy(RequestError):
     status, error_type = 503, "unhealthy"
-
-
-def classify(exc: BaseException) -> tuple[int, str, str]:
-    """(status, error_type, message) for any exception that reaches a route."""
-    if isinstance(exc, RequestError):
-        return exc.status, exc.error_type, str(exc)
-    if isinstance(exc, AdapterNotFound):
-        return 404, "not_found", str(exc)
-    if isinstance(exc, (AdapterError, AdapterFetchError)):
-        return 424, "generation", str(exc)
-    if isinstance(exc, ValueError):  # the engine's and the adapter ids' own checks
-        return 422, "validation", str(exc)
-    return 424, "generation", f"generation failed: {exc}"

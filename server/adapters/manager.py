@@ -72,6 +72,7 @@ class AdapterManager:
         self._pending_lock = threading.Lock()
         # Called with (step, seconds) for each tier move: source_to_disk, disk_to_cpu, cpu_to_device.
         self.on_timing: Callable[[str, float], None] = lambda step, seconds: None
+        self.on_settled: Callable[[], None] = lambda: None  # a load ended (either way): the engine loop wakes to look
         self._pinned: set[str] = set()
         self._draining: set[str] = set()
         self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "local_read": 0, "source_fetch": 0, "device_evictions": 0,
@@ -314,6 +315,8 @@ class AdapterManager:
                     if oldest in self.states and self.states[oldest].status == "failed":
                         del self.states[oldest]
             log.warning("adapter %s failed to load (%s: %s)", key, type(exc).__name__, exc)
+        finally:
+            self.on_settled()
 
     def _read(self, state: AdapterState, local_folder: Path | None, token: str | None) -> LoraAdapter:
         """Parse an adapter from its local folder, or from the disk tier (fetched from its source first if

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.bearer import offered_one_of
@@ -75,7 +75,7 @@ def admin_router(service: ReplicaService) -> APIRouter:
     async def list_adapters(tier: list[str] | None = Query(None)) -> Any:
         unknown = sorted(set(tier or ()) - set(TIERS))
         if unknown:
-            return error_response(ValidationError(f"unknown tier {', '.join(unknown)}; tiers are {', '.join(TIERS)}"))
+            raise ValidationError(f"unknown tier {', '.join(unknown)}; tiers are {', '.join(TIERS)}")
         listing = await service.list_adapters()
         return [a for a in listing if a["tier"] in tier] if tier else listing
 
@@ -89,88 +89,58 @@ def admin_router(service: ReplicaService) -> APIRouter:
 
     @router.put("/catalogue", summary="replace the registered adapters (the operator keeps it equal to the Adapter resources)")
     async def put_catalogue(request: Request) -> Any:
-        try:
-            require_admin(service, request)
-            body = await read_json_object(request)
-            entries = body.get("adapters")
-            if not isinstance(entries, list) or len(entries) > MAX_CATALOGUE:
-                raise ValidationError(f"`adapters` must be a list of at most {MAX_CATALOGUE} entries")
-            catalogue: dict[str, AdapterRef] = {}
-            for entry in entries:
-                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not 0 < len(entry["name"]) <= MAX_NAME_LENGTH:
-                    raise ValidationError(f"each entry needs a `name` (a string of 1 to {MAX_NAME_LENGTH} characters) and an `id`")
-                ref = parse_adapter(entry.get("id"), entry.get("source", "hub"), service.limits, entry.get("revision") or None)
-                if ref is None:
-                    raise ValidationError(f"entry {entry['name']!r} needs an `id`")
-                catalogue[entry["name"]] = ref
-            snapshot = Catalogue.of(catalogue, service.base_name)  # hashed and encoded once, here
-            service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
-            service.catalogue = snapshot
-            return {"version": snapshot.version, "adapters": len(catalogue)}
-        except Exception as exc:
-            return error_response(exc)
+        require_admin(service, request)
+        body = await read_json_object(request)
+        entries = body.get("adapters")
+        if not isinstance(entries, list) or len(entries) > MAX_CATALOGUE:
+            raise ValidationError(f"`adapters` must be a list of at most {MAX_CATALOGUE} entries")
+        catalogue: dict[str, AdapterRef] = {}
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not 0 < len(entry["name"]) <= MAX_NAME_LENGTH:
+                raise ValidationError(f"each entry needs a `name` (a string of 1 to {MAX_NAME_LENGTH} characters) and an `id`")
+            ref = parse_adapter(entry.get("id"), entry.get("source", "hub"), service.limits, entry.get("revision") or None)
+            if ref is None:
+                raise ValidationError(f"entry {entry['name']!r} needs an `id`")
+            catalogue[entry["name"]] = ref
+        snapshot = Catalogue.of(catalogue, service.base_name)  # hashed and encoded once, here
+        service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
+        service.catalogue = snapshot
+        return {"version": snapshot.version, "adapters": len(catalogue)}
 
     warm_budget = TokenBucket(WARM_RATE_PER_S, WARM_BURST)
 
     @router.post("/warm", summary="load an adapter onto the device, unpinned (the warm or admin token; rate-limited)")
     async def warm(request: Request) -> Any:
         """The gateway's hand-off: it moves an adapter's traffic to a replica only once this answered."""
-        try:
-            require_warm(service, request)
-            wait = warm_budget.take()
-            if wait > 0:
-                return error_response(Overloaded(f"more than {WARM_RATE_PER_S:g} warms a second (burst {WARM_BURST}) asked of this replica; "
-                                                 f"retry in {wait:.1f}s"), headers={"retry-after": str(max(1, math.ceil(wait)))})
-            body = await read_json_object(request)
-            ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
-            if ref is None:
-                raise ValidationError("`adapter_id` is required")
-            return await service.load_adapter(ref, pin=False)
-        except TimeoutError as exc:
-            return JSONResponse({"error": str(exc), "error_type": "overloaded"}, status_code=503)
-        except Exception as exc:
-            return error_response(exc)
+        require_warm(service, request)
+        wait = warm_budget.take()
+        if wait > 0:
+            return error_response(Overloaded(f"more than {WARM_RATE_PER_S:g} warms a second (burst {WARM_BURST}) asked of this replica; "
+                                             f"retry in {wait:.1f}s"), headers={"retry-after": str(max(1, math.ceil(wait)))})
+        body = await read_json_object(request)
+        ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
+        if ref is None:
+            raise ValidationError("`adapter_id` is required")
+        return await service.load_adapter(ref, pin=False)
 
     @router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
     async def load(request: Request) -> Any:
-        try:
-            require_admin(service, request)
-            body = await read_json_object(request)
-            ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
-            if ref is None:
-                raise ValidationError("`adapter_id` is required")
-            pin = body.get("pin", False)
-            if not isinstance(pin, bool):
-                raise ValidationError("`pin` must be true or false")
-            token = body.get("api_token")
-            if token is not None and not isinstance(token, str):
-                raise ValidationError("`api_token` must be a string")
-            return await service.load_adapter(ref, pin, token)
-        except TimeoutError as exc:
-            return JSONResponse({"error": str(exc), "error_type": "overloaded"}, status_code=503)
-        except Exception as exc:
-            return error_response(exc)
+        require_admin(service, request)
+        body = await read_json_object(request)
+        ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
+        if ref is None:
+            raise ValidationError("`adapter_id` is required")
+        pin = body.get("pin", False)
+        if not isinstance(pin, bool):
+            raise ValidationError("`pin` must be true or false")
+        token = body.get("api_token")
+        if token is not None and not isinstance(token, str):
+            raise ValidationError("`api_token` must be a string")
+        return await service.load_adapter(ref, pin, token)
 
     @router.delete("/{adapter_id:path}", summary="unpin and unload an adapter (by id or key)")
     async def unload(adapter_id: str, request: Request) -> Any:
-        try:
-            require_admin(service, request)
-        except (Unauthorized, Forbidden) as exc:
-            return error_response(exc)
-        manager = service.engine.adapters
-        keys = await service.runner.call(lambda: [k for k, s in manager.states.items() if adapter_id in (k, s.ref.id)])
-        if not keys:
-            return JSONResponse({"error": f"adapter {adapter_id!r} is not loaded", "error_type": "not_found"}, status_code=404)
-        for key in keys:
-
-            def drop(key: str = key) -> bool:  # on the engine thread, which iterates the pins between steps
-                manager.unpin(key)
-                scheduler = service.engine.scheduler
-                return manager.unload(key, {s.adapter for s in [*scheduler.running, *scheduler.waiting] if s.adapter})
-
-            if not await service.runner.call(drop):
-                return JSONResponse({"error": f"adapter {adapter_id!r} is serving requests; unpinned, it will be evicted when idle",
-                                     "error_type": "overloaded"}, status_code=409)
-        return {"unloaded": keys}
+        require_admin(service, request)
+        return {"unloaded": await service.unload_adapter(adapter_id)}
 
     return router

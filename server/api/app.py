@@ -18,6 +18,7 @@ from lorafleet import __version__
 from lorafleet.http_limits import head_too_large
 from lorafleet.server.api.admin import admin_router
 from lorafleet.server.api.catalogue import MAX_CATALOGUE_BODY_BYTES
+from lorafleet.server.api.errors import HANDLED
 from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.openai import openai_router
 from lorafleet.server.api.request_spans import start_request_span
@@ -124,9 +125,12 @@ def create_app(service: ReplicaService) -> FastAPI:
 
     app.add_middleware(RequestMetrics, service=service)
 
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+    async def request_error(_: Request, exc: Exception) -> JSONResponse:
+        """The one place an error becomes a response: routes raise, ``classify`` says the status."""
         return error_response(exc)
+
+    for family in HANDLED:
+        app.add_exception_handler(family, request_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -13,8 +13,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from lorafleet.cache_salt import HOP_TOKEN_HEADER, MAX_SALT_LENGTH, SALT_HEADER
+from lorafleet.server.api.errors import classify
 from lorafleet.server.api.json_guard import MAX_DEPTH, UnusableValue, check_values
-from lorafleet.server.errors import RequestError, classify
+from lorafleet.server.errors import RequestError
 
 T = TypeVar("T")
 

@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.api.http_common import error_response, read_json_object, trusted_cache_salt, until_disconnect
+from lorafleet.adapter_ref import AdapterRef
+from lorafleet.server.api.http_common import read_json_object, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService, independent_copies
 from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
@@ -135,40 +136,38 @@ def openai_router(service: ReplicaService) -> APIRouter:
         for name, ref in sorted(catalogue.items()):
             data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": ref.id, "parent": base})
         registered = set(catalogue.values())
-        for ref in sorted({s.ref for s in list(service.engine.adapters.states.values())} - registered, key=lambda r: r.key):
+        known = {AdapterRef(a["source"], a["id"], a["revision"]) for a in await service.list_adapters()}  # read on the engine thread
+        for ref in sorted(known - registered, key=lambda r: r.key):
             data.append({"id": ref.id, "object": "model", "created": created, "owned_by": "lorafleet", "root": ref.id, "parent": base})
         return {"object": "list", "data": data}
 
     @router.post("/completions", summary="OpenAI completions; `model` is the adapter id")
     async def completions(request: Request) -> Any:
-        try:
-            body = await read_json_object(request)
-            prompts = body.get("prompt")
-            prompts = [prompts] if isinstance(prompts, str) else prompts
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise ValidationError("`prompt` must be a string or a non-empty list of strings")
-            n = _count(body, "n", 1)
-            stream = bool(body.get("stream"))
-            body.setdefault("max_tokens", 16)
-            jobs = [c for p in prompts for c in independent_copies(to_job(service, request, body, p, stream), n)]
-            model = body.get("model") or service.base_name
-            ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-            echo = bool(body.get("echo"))
-            if stream:
-                if len(jobs) != 1:
-                    raise ValidationError("streaming supports one prompt with n = 1")
+        body = await read_json_object(request)
+        prompts = body.get("prompt")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValidationError("`prompt` must be a string or a non-empty list of strings")
+        n = _count(body, "n", 1)
+        stream = bool(body.get("stream"))
+        body.setdefault("max_tokens", 16)
+        jobs = [c for p in prompts for c in independent_copies(to_job(service, request, body, p, stream), n)]
+        model = body.get("model") or service.base_name
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = bool(body.get("echo"))
+        if stream:
+            if len(jobs) != 1:
+                raise ValidationError("streaming supports one prompt with n = 1")
 
-                def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
-                    if start:
-                        return [{"id": ident, "object": "text_completion", "created": created, "model": model,
-                                 "choices": [{"index": 0, "text": prompts[0], "logprobs": None, "finish_reason": None}]}] if echo else []
-                    return {"id": ident, "object": "text_completion", "created": created, "model": model,
-                            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
+                if start:
+                    return [{"id": ident, "object": "text_completion", "created": created, "model": model,
+                             "choices": [{"index": 0, "text": prompts[0], "logprobs": None, "finish_reason": None}]}] if echo else []
+                return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-                return await openai_stream(service, request, jobs[0], chunk)
-            results = await run_all(service, request, jobs)
-        except Exception as exc:
-            return error_response(exc)
+            return await openai_stream(service, request, jobs[0], chunk)
+        results = await run_all(service, request, jobs)
         choices = []
         for index, (job, completion) in enumerate(zip(jobs, results)):
             prefix = job.inputs if echo else ""
@@ -182,31 +181,28 @@ def openai_router(service: ReplicaService) -> APIRouter:
 
     @router.post("/chat/completions", summary="OpenAI chat completions with the tokenizer's chat template")
     async def chat(request: Request) -> Any:
-        try:
-            body = await read_json_object(request)
-            prompt_ids = chat_prompt(service, body.get("messages"))
-            n = _count(body, "n", 1)
-            stream = bool(body.get("stream"))
-            job = to_job(service, request, body, service.tokenizer.decode(prompt_ids), stream)
-            job.prompt_ids = prompt_ids
-            jobs = independent_copies(job, n)
-            model = body.get("model") or service.base_name
-            ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            if stream:
-                if n != 1:
-                    raise ValidationError("streaming supports n = 1")
+        body = await read_json_object(request)
+        prompt_ids = chat_prompt(service, body.get("messages"))
+        n = _count(body, "n", 1)
+        stream = bool(body.get("stream"))
+        job = to_job(service, request, body, service.tokenizer.decode(prompt_ids), stream)
+        job.prompt_ids = prompt_ids
+        jobs = independent_copies(job, n)
+        model = body.get("model") or service.base_name
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if stream:
+            if n != 1:
+                raise ValidationError("streaming supports n = 1")
 
-                def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
-                    base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
-                    if start:
-                        return [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}]
-                    delta = {"content": text} if text else {}
-                    return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
+                base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+                if start:
+                    return [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}]
+                delta = {"content": text} if text else {}
+                return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-                return await openai_stream(service, request, job, chunk)
-            results = await run_all(service, request, jobs)
-        except Exception as exc:
-            return error_response(exc)
+            return await openai_stream(service, request, job, chunk)
+        results = await run_all(service, request, jobs)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": c.seq.text}, "logprobs": None, "finish_reason": finish_reason(c.seq.finish_reason)}
             for i, c in enumerate(results)

@@ -28,7 +28,7 @@ from lorafleet.server.engine.async_engine import AsyncEngine, TokenEvent
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.grammar_worker import CompileTimeout
 from lorafleet.server.engine.sequence import FinishReason, Sequence
-from lorafleet.server.errors import Conflict, Overloaded, Unhealthy, ValidationError
+from lorafleet.server.errors import Conflict, Overloaded, RequestError, Unhealthy, ValidationError
 from lorafleet.server.model.checkpoint import SUPPORTED_ARCHITECTURES
 from lorafleet.server.serve_config import ServeConfig
 from lorafleet.tracing import setup_tracing
@@ -239,26 +239,34 @@ class ReplicaService:
 
     async def load_adapter(self, ref: AdapterRef, pin: bool, token: str | None = None, timeout_s: float = 300.0) -> dict:
         """Load an adapter to the device (and pin it if asked); report where it ended up."""
-        manager = self.engine.adapters
-        key = await self.runner.call(manager.request, ref, token, pin)
+        key = await self.runner.call(self.engine.adapters.request, ref, token, pin)
+        try:
+            await asyncio.wait_for(self.runner.adapter_on_device(key), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"adapter {ref.key} did not reach a device slot within {timeout_s}s (all slots busy?)") from None
+        return await self.describe_adapter(key)
 
-        def to_device() -> None:  # on the engine thread, so the running batch is seen as it is
-            manager.between_steps({s.adapter for s in self.engine.scheduler.running if s.adapter}, [key])
+    async def unload_adapter(self, named: str) -> list[str]:
+        """Unpin and unload every version ``named`` names (a key names one, an id all of its versions), on the engine
+        thread, which iterates the pins between steps. 404 when none is known; 409 for one still serving requests."""
+        manager, scheduler = self.engine.adapters, self.engine.scheduler
 
-        deadline = time.monotonic() + timeout_s
-        while True:
-            state = manager.states.get(key)
-            if state is None:
-                raise Conflict(f"adapter {ref.key} was unloaded while loading")
-            if state.status == "failed" and state.error is not None:
-                raise state.error
-            if state.status == "device":
-                return await self.describe_adapter(key)
-            if state.status == "cpu":
-                await self.runner.call(to_device)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"adapter {ref.key} did not reach a device slot within {timeout_s}s (all slots busy?)")
-            await asyncio.sleep(0.01)
+        def drop() -> tuple[list[str], list[str]]:
+            keys = [k for k, s in manager.states.items() if named in (k, s.ref.id)]
+            in_use = {s.adapter for s in [*scheduler.running, *scheduler.waiting] if s.adapter}
+            busy = []
+            for key in keys:
+                manager.unpin(key)
+                if not manager.unload(key, in_use):
+                    busy.append(key)
+            return keys, busy
+
+        keys, busy = await self.runner.call(drop)
+        if not keys:
+            raise RequestError(f"adapter {named!r} is not loaded", 404, "not_found")
+        if busy:
+            raise RequestError(f"adapter {named!r} is serving requests; unpinned, it will be evicted when idle", 409, "overloaded")
+        return keys
 
     @property
     def base_name(self) -> str:

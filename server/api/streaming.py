@@ -15,8 +15,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+from lorafleet.server.api.errors import classify
 from lorafleet.server.engine.async_engine import TokenEvent
-from lorafleet.server.errors import classify
 
 KEEPALIVE_S = 15.0
 

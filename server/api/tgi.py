@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lorafleet.server.api.http_common import error_response, read_json, trusted_cache_salt, until_disconnect
+from lorafleet.server.api.http_common import read_json, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService
 from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
@@ -97,19 +97,14 @@ def stream_lines(job: GenerateJob, prompt_ids: list[int]) -> Callable[[TokenEven
 
 async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
     """mode: generate (one object), stream (SSE), root (``/``: a list of one object, or SSE with stream)."""
-    try:
-        job, prompt_ids = await prepared(service, request, stream=mode == "stream")
-        service.admit(job.best_of)
-    except Exception as exc:
-        return error_response(exc)
+    job, prompt_ids = await prepared(service, request, stream=mode == "stream")
+    service.admit(job.best_of)
     started = time.perf_counter()
     if job.stream or mode == "stream":
         try:  # a client that leaves while its request waits (for a slot, a load) gives up its place at once
             first, events = await until_disconnect(request, service.stream(job, prompt_ids))
-        except BaseException as exc:
+        except BaseException:
             service.release()
-            if isinstance(exc, Exception):
-                return error_response(exc)
             raise
         headers = {"x-prompt-tokens": str(len(prompt_ids)), "x-adapter-id": job.adapter.id if job.adapter else "",
                    "x-adapter-tier": first.adapter_tier, "cache-control": "no-cache"}
@@ -117,8 +112,6 @@ async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
     try:
         completion = await until_disconnect(request, service.complete(job, prompt_ids))
-    except Exception as exc:
-        return error_response(exc)
     finally:
         service.release(job.best_of)
     body = response_json(completion, job)

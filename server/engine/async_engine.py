@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.engine.engine import LLMEngine, StepOutput
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence, TokenInfo
+from lorafleet.server.errors import Conflict
 
 log = logging.getLogger(__name__)
 # A step that raises fails the requests in it; the replica reports unhealthy (and is restarted by
@@ -57,6 +58,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.consecutive_failures = 0
+        self._settling: list[tuple[str, asyncio.Future]] = []  # (adapter key, future) of admin loads awaiting a device slot
+        engine.adapters.on_settled = lambda: self._commands.put(("wake",))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -103,7 +106,35 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(("cancel", handle))
 
+    async def adapter_on_device(self, key: str) -> None:
+        """Resolves once adapter ``key`` holds a device slot; raises its load error, or Conflict if it was unloaded
+        meanwhile. One awaited future: the engine thread settles it when a load ends (loaders wake it) or a slot frees."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._commands.put(("settle", key, future))
+        await future
+
     # -- the engine thread ----------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Resolve the admin loads whose adapter reached a device slot, failed or was unloaded (engine thread)."""
+        manager, waiting = self.engine.adapters, []
+        running = {s.adapter for s in self.engine.scheduler.running if s.adapter}
+        for key, future in self._settling:
+            if future.cancelled():  # its caller gave up (timed out, went away)
+                continue
+            state = manager.states.get(key)
+            if state is not None and state.status == "cpu":
+                manager.between_steps(running, [key])  # a free slot takes it now, not at the next request's step
+            outcome: BaseException | None = None
+            if state is None:
+                outcome = Conflict(f"adapter {key} was unloaded while loading")
+            elif state.status == "failed" and state.error is not None:
+                outcome = state.error
+            elif state.status != "device":
+                waiting.append((key, future))
+                continue
+            future.get_loop().call_soon_threadsafe(_resolve, future, outcome)
+        self._settling = waiting
 
     def _apply(self, command: tuple) -> None:
         kind = command[0]
@@ -120,6 +151,8 @@ class AsyncEngine:
             self._handles[id(handle.seq)] = handle
         elif kind == "call":
             command[1]()
+        elif kind == "settle":
+            self._settling.append((command[1], command[2]))
         elif kind == "abort":
             self._fail_all(command[1], wrap=False)
         elif kind == "cancel":
@@ -165,6 +198,8 @@ class AsyncEngine:
                 continue  # drain every pending command before the next step
             except queue.Empty:
                 pass
+            if self._settling:
+                self._settle()
             if not self.engine.has_work():
                 continue
             try:
@@ -190,3 +225,13 @@ class AsyncEngine:
             handle.put(RuntimeError(f"generation failed: {exc}") if wrap else exc)
         self._handles.clear()
         self.engine.scheduler.take_cancelled()
+
+
+def _resolve(future: asyncio.Future, outcome: BaseException | None) -> None:
+    """On the future's loop: settle it unless its waiter already gave up."""
+    if future.done():
+        return
+    if outcome is None:
+        future.set_result(None)
+    else:
+        future.set_exception(outcome)
