@@ -85,8 +85,8 @@ def first_token_latency(root: Path, device: torch.device) -> None:
     folder = model_store.resolve_model("smollm2")
     engine = LLMEngine(EngineConfig(model=str(folder), device=device.type, kv_cache_memory=256 << 20, adapter_roots=[root],
                                     adapter_cache_dir=root / "cache", max_lora_rank=64, max_active_adapters=4))
-    config = engine.model_config
-    shapes = engine.model.module_shapes()
+    config = engine.runner.model_config
+    shapes = engine.runner.model.module_shapes()
     for rank in (16, 64):
         write_adapter(root / f"smol-cold-r{rank}", shapes, config.num_layers, rank, torch.bfloat16)
     prompt = engine.tokenizer("What is the capital of France?").input_ids

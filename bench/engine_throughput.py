@@ -91,7 +91,7 @@ def uniform(args: argparse.Namespace, folder: Path, tokenizer) -> None:
             engine = LLMEngine(EngineConfig(model=str(folder), kv_cache_memory=1 << 30, max_active_adapters=32, max_lora_rank=8, **settings), tokenizer=tokenizer)
             for i, adapter in enumerate(folders):
                 engine.load_adapter(f"a{i}", adapter)
-            label = f"{label} ({str(engine.dtype).removeprefix('torch.')})" if label.endswith("auto") else label
+            label = f"{label} ({str(engine.runner.dtype).removeprefix('torch.')})" if label.endswith("auto") else label
             runs = {case: (lambda names=names: run_lorafleet(engine, requests, running, names)) for case, names in cases.items()}
             table[label] = {case: statistics.median(rates) for case, rates in rates_in_turns(runs, args.rounds).items()}
             _print_row(label, table[label])

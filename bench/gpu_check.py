@@ -102,9 +102,9 @@ def check_decode_step(peak: float | None, device: torch.device = torch.device("c
     from transformers import LlamaConfig
 
     from lorafleet.server.engine.decode_graphs import DecodeGraphs, DecodeRow
-    from lorafleet.server.engine.kv_cache import KVCache
     from lorafleet.server.lora.slots import LoraSlots
     from lorafleet.server.model.checkpoint import read_config
+    from lorafleet.server.model.kv import KVCache
     from lorafleet.server.model.model import CausalLM
 
     dtype, block = torch.bfloat16 if device.type == "cuda" else torch.float32, 16

@@ -105,8 +105,8 @@ def main() -> None:
             f"{n} adapters": [f"a{i}" for i in range(n)],
         }
         rates = {}
-        dtype = str(engine.dtype).removeprefix("torch.")
-        print(f"SmolLM2-135M-Instruct, cpu {dtype} (linear {engine.linear_kernel}), {torch.get_num_threads()} threads, {n} concurrent, {args.new_tokens} new tokens, rank {args.rank} on all 7 projections")
+        dtype = str(engine.runner.dtype).removeprefix("torch.")
+        print(f"SmolLM2-135M-Instruct, cpu {dtype} (linear {engine.runner.linear_kernel}), {torch.get_num_threads()} threads, {n} concurrent, {args.new_tokens} new tokens, rank {args.rank} on all 7 projections")
         runs = {label: (lambda adapters=adapters: run_engine(engine, requests, adapters, args.new_tokens)) for label, adapters in cases.items()}
         samples = rates_in_turns(runs, args.rounds)
         for label, rounds in samples.items():

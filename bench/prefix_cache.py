@@ -49,7 +49,7 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], str | None]], concurr
     """Closed loop: ``concurrency`` users; returns TTFTs, tokens/s and the outputs."""
     outputs, rate, ttft = closed_loop(engine, requests, concurrency, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     return {"ttft": ttft, "tokens_per_s": rate, "outputs": outputs,
-            "hit_ratio": engine.allocator.hit_tokens / max(1, engine.allocator.queried_tokens)}
+            "hit_ratio": engine.prefix.hit_tokens / max(1, engine.prefix.queried_tokens)}
 
 
 def main() -> None:
@@ -74,7 +74,7 @@ def main() -> None:
             for i, adapter in enumerate(adapters):
                 engine.load_adapter(f"a{i}", adapter)
             run(engine, requests[:2], 2, 2)  # warm-up (its blocks are not reused: other outputs follow)
-            engine.allocator.queried_tokens = engine.allocator.hit_tokens = 0
+            engine.prefix.queried_tokens = engine.prefix.hit_tokens = 0
             result = results[label] = run(engine, requests, args.concurrency, args.new_tokens)
             q = statistics.quantiles(result["ttft"], n=100)
             print(f"caching {label:<9} TTFT p50 {q[49] * 1e3:7.1f} ms  p90 {q[89] * 1e3:7.1f} ms   {result['tokens_per_s']:6.1f} tokens/s   "

@@ -73,7 +73,7 @@ def main() -> None:
             reference = outputs
         same = sum(o == r for o, r in zip(outputs, reference)) / len(outputs)
         prefix = sum(next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(outputs, reference)) / len(outputs)
-        print(f"{label:<33} {engine.model.nbytes / 1e6:8.1f} {single:9.1f} {batched:10.1f} {same:12.0%} {prefix:20.1f} of {args.new_tokens}", flush=True)
+        print(f"{label:<33} {engine.runner.model.nbytes / 1e6:8.1f} {single:9.1f} {batched:10.1f} {same:12.0%} {prefix:20.1f} of {args.new_tokens}", flush=True)
 
 
 if __name__ == "__main__":

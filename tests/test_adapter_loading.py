@@ -263,7 +263,7 @@ def test_adapter_memory_sets_the_slot_count(tiny_models, adapter_root, tmp_path)
     shapes = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64), "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
     per_slot = 2 * sum(i + o for i, o in shapes.values()) * 16 * 4
     engine = dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_memory=5 * per_slot + per_slot // 2)
-    assert engine.num_slots == 5
+    assert engine.runner.num_slots == 5
     engine.load_adapter("x", adapter_root / "a0")
     assert engine.adapters.slots.num_slots == 5
     with pytest.raises(ValueError, match="holds no adapter slot"):

@@ -27,7 +27,7 @@ def replica(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 
 def hits(replica) -> int:  # noqa: ANN001
-    return replica.service.engine.allocator.hit_tokens
+    return replica.service.engine.prefix.hit_tokens
 
 
 def ask(url: str, headers: dict[str, str]) -> int:

@@ -52,9 +52,9 @@ def test_padded_static_decode_equals_the_eager_engine(tiny_models: dict[str, Pat
         results[graphs] = _run(engine, requests, monkeypatch)
         if graphs == "on":
             # Five rows pad to a bucket of 8: three scratch rows in the same batch as the real ones.
-            assert engine.decode_graphs.replays > 0 and {b for b, _ in engine.decode_graphs._captured} >= {8}
+            assert engine.runner.decode_graphs.replays > 0 and {b for b, _ in engine.runner.decode_graphs._captured} >= {8}
         else:
-            assert engine.decode_graphs is None
+            assert engine.runner.decode_graphs is None
     assert results["on"][0] == results["off"][0]
     for ours, theirs in zip(results["on"][1], results["off"][1]):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
@@ -80,7 +80,7 @@ def test_adapters_loaded_after_a_bucket_was_first_used_are_applied(tiny_models: 
 def test_graphs_refuse_what_cannot_be_captured(tiny_models: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="Triton attention and LoRA kernels"):
         make_engine(tiny_models["llama"], cuda_graphs="on", attention_kernel="torch", lora_kernel="triton")
-    assert make_engine(tiny_models["llama"], **KERNELS).decode_graphs is None  # auto: off on cpu
+    assert make_engine(tiny_models["llama"], **KERNELS).runner.decode_graphs is None  # auto: off on cpu
     with pytest.raises(ValueError, match="cuda_graphs must be"):
         make_engine(tiny_models["llama"], cuda_graphs="yes")
 
@@ -90,13 +90,13 @@ def test_a_failed_capture_falls_back_to_eager_steps(tiny_models: dict[str, Path]
     requests = [([1, 5, 6, 7], None), ([1, 9], None), ([1, 30, 31], None)]
     expected = _run(make_engine(tiny_models["llama"], cuda_graphs="off", **KERNELS), requests, monkeypatch)
     engine = make_engine(tiny_models["llama"], cuda_graphs="on", **KERNELS)
-    engine.decode_graphs.capture = True  # as on cuda
+    engine.runner.decode_graphs.capture = True  # as on cuda
 
     def failing_capture(bucket) -> None:
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(engine.decode_graphs, "_capture", failing_capture)
+    monkeypatch.setattr(engine.runner.decode_graphs, "_capture", failing_capture)
     got = _run(engine, requests, monkeypatch)
     assert got[0] == expected[0]
-    assert engine.decode_graphs.broken == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
-    assert engine.decode_graphs.replays == 1  # only the step whose capture failed went through the static buffers
+    assert engine.runner.decode_graphs.broken == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    assert engine.runner.decode_graphs.replays == 1  # only the step whose capture failed went through the static buffers

@@ -118,7 +118,7 @@ def test_warpers_and_penalties_produce_valid_tokens(tiny_models: dict[str, Path]
     seq = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=10, ignore_eos=True, seed=5, **params))
     engine.run_to_completion()
     assert len(seq.generated_ids) == 10
-    assert all(0 <= t < engine.model_config.vocab_size for t in seq.generated_ids)
+    assert all(0 <= t < engine.runner.model_config.vocab_size for t in seq.generated_ids)
     if params.get("top_k") == 1:  # top-1 sampling is greedy
         greedy = make_engine(tiny_models["llama"])
         g = greedy.add_request(PROMPTS[1], SamplingParams(max_new_tokens=10, ignore_eos=True))
@@ -179,10 +179,10 @@ def test_streamed_token_texts_add_up_to_the_generated_text(tiny_models: dict[str
 def test_eos_ends_generation_unless_ignored(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     engine = make_engine(tiny_models["llama"])
     eos = engine.tokenizer.eos_token_id
-    engine.eos_ids = {eos}
-    import lorafleet.server.engine.engine as engine_module
+    engine.output.eos_ids = {eos}
+    import lorafleet.server.engine.output as output_module
 
-    monkeypatch.setattr(engine_module, "sample", lambda logits, seqs: ([eos] * len(seqs), logits.log_softmax(-1), {}))
+    monkeypatch.setattr(output_module, "sample", lambda logits, seqs: ([eos] * len(seqs), logits.log_softmax(-1), {}))
     stops = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5))
     runs_on = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5, ignore_eos=True))
     engine.run_to_completion()

@@ -68,7 +68,7 @@ async def test_a_failed_step_fails_its_requests_but_not_the_replica(tiny_models:
     runner = AsyncEngine(engine)
     runner.start()
     try:
-        real_forward, failures = engine.model.forward, {"left": 1}
+        real_forward, failures = engine.runner.model.forward, {"left": 1}
 
         def flaky_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             if failures["left"] > 0:
@@ -76,7 +76,7 @@ async def test_a_failed_step_fails_its_requests_but_not_the_replica(tiny_models:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return real_forward(*args, **kwargs)
 
-        monkeypatch.setattr(engine.model, "forward", flaky_forward)
+        monkeypatch.setattr(engine.runner.model, "forward", flaky_forward)
         with pytest.raises(RuntimeError, match="illegal memory access"):
             [e async for e in runner.generate(PROMPT, GOOD)]
         assert runner.healthy and runner.consecutive_failures == 1

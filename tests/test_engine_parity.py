@@ -11,7 +11,7 @@ import torch
 from support.engine import capture_logits, make_engine
 from transformers import AutoModelForCausalLM
 
-from lorafleet.server.engine import engine as engine_module
+from lorafleet.server.engine import runner as runner_module
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.model import linear as linear_module
 from lorafleet.server.model.checkpoint import CheckpointError
@@ -30,7 +30,7 @@ def test_every_step_logits_match_transformers(tiny_models: dict[str, Path], arch
     # max_batch_prefill_tokens=16 forces chunked prefill of the long prompt
     engine = make_engine(tiny_models[arch], max_batch_prefill_tokens=16, linear_kernel=linear_kernel)
     packed = linear_module.OneDnnLinear if linear_kernel == "onednn" else linear_module.DenseLinear
-    assert engine.linear_kernel == linear_kernel and isinstance(engine.model.layers[0].qkv, packed) and isinstance(engine.model.lm_head, packed)
+    assert engine.runner.linear_kernel == linear_kernel and isinstance(engine.runner.model.layers[0].qkv, packed) and isinstance(engine.runner.model.lm_head, packed)
     seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
     engine.run_to_completion()
     reference = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
@@ -51,7 +51,7 @@ def test_bfloat16_logits_are_within_tolerance_of_transformers(tiny_models: dict[
     """
     captured = capture_logits(monkeypatch)
     engine = make_engine(tiny_models[arch], dtype="bfloat16", max_batch_prefill_tokens=16)
-    assert engine.dtype == torch.bfloat16 and engine.kv.keys[0].dtype == torch.bfloat16
+    assert engine.runner.dtype == torch.bfloat16 and engine.runner.kv.keys[0].dtype == torch.bfloat16
     seqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
     engine.run_to_completion()
     reference = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.bfloat16)
@@ -83,15 +83,15 @@ def test_a_sliding_window_that_acts_matches_transformers(tmp_path: Path, monkeyp
 
 def test_dtype_auto_picks_bfloat16_only_where_the_cpu_has_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(engine_module, "cpu_has_bf16_units", lambda: True)
-    assert engine_module.resolve_dtype("auto", cpu, "float32") == torch.bfloat16
-    assert engine_module.resolve_dtype("float32", cpu, None) == torch.float32
-    monkeypatch.setattr(engine_module, "cpu_has_bf16_units", lambda: False)
-    assert engine_module.resolve_dtype("auto", cpu, "bfloat16") == torch.float32
-    assert engine_module.resolve_dtype("auto", cuda, "float16") == torch.float16
-    assert engine_module.resolve_dtype("auto", cuda, None) == torch.bfloat16
+    monkeypatch.setattr(runner_module, "cpu_has_bf16_units", lambda: True)
+    assert runner_module.resolve_dtype("auto", cpu, "float32") == torch.bfloat16
+    assert runner_module.resolve_dtype("float32", cpu, None) == torch.float32
+    monkeypatch.setattr(runner_module, "cpu_has_bf16_units", lambda: False)
+    assert runner_module.resolve_dtype("auto", cpu, "bfloat16") == torch.float32
+    assert runner_module.resolve_dtype("auto", cuda, "float16") == torch.float16
+    assert runner_module.resolve_dtype("auto", cuda, None) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be"):
-        engine_module.resolve_dtype("fp8", cpu, None)
+        runner_module.resolve_dtype("fp8", cpu, None)
 
 
 def test_arrivals_at_different_steps_do_not_change_greedy_tokens(tiny_models: dict[str, Path]) -> None:

@@ -26,7 +26,7 @@ GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 def poison_free_blocks(engine: LLMEngine, value: float) -> None:
     blocks = torch.tensor(engine.allocator.blank_blocks(), dtype=torch.long)
-    for cache in (*engine.kv.keys, *engine.kv.values):
+    for cache in (*engine.runner.kv.keys, *engine.runner.kv.values):
         cache[blocks] = value
 
 

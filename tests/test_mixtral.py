@@ -42,7 +42,7 @@ def test_greedy_and_logits_equal_transformers(mixtral: Path, monkeypatch: pytest
         tokens, logits = greedy(reference, prompt)
         assert seq.generated_ids == tokens
         torch.testing.assert_close(torch.stack(captured[seq.request_id]), logits, atol=1e-4, rtol=0)
-    assert engine.model.is_moe and engine.decode_graphs is None
+    assert engine.runner.model.is_moe and engine.runner.decode_graphs is None
 
 
 def test_a_mixed_batch_of_attention_adapters_equals_peft(mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,7 +88,7 @@ def test_a_bfloat16_mixed_batch_is_within_tolerance_of_peft(tiny_models: dict[st
     engine = make_engine(tiny_models["llama"], dtype="bfloat16", max_active_adapters=8, max_lora_rank=64)
     for name, folder in adapters["llama"].items():
         engine.load_adapter(name, folder)
-    assert engine.dtype == torch.bfloat16 and engine.adapters.slots.a[0]["q_proj"].dtype == torch.float32
+    assert engine.runner.dtype == torch.bfloat16 and engine.adapters.slots.a[0]["q_proj"].dtype == torch.float32
     seqs = [engine.add_request(p, SamplingParams(max_new_tokens=STEPS, ignore_eos=True), adapter=n) for p, n in zip(prompts, rows)]
     engine.run_to_completion()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16), adapters["llama"]["a0"], adapter_name="a0")

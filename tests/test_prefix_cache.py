@@ -8,7 +8,7 @@ import pytest
 import torch
 from support.engine import capture_logits, make_engine
 
-from lorafleet.server.engine.kv_cache import BlockAllocator, block_hash
+from lorafleet.server.engine.blocks import BlockAllocator, block_hash
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.lora.adapter_format import content_fingerprint
 from lorafleet.testing import make_lora_adapter, make_tiny_model
@@ -80,8 +80,8 @@ def test_greedy_tokens_and_logits_equal_with_caching_on_and_off(arch: str, tiny_
     for ours, theirs in zip(on_logits, off_logits):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     # Each of base, a and b computed the shared 9 blocks once; every later request of the same kind found them.
-    assert on.allocator.hit_tokens == 9 * 4 * (len(rows) - 3) and off.allocator.hit_tokens == 0
-    assert on.allocator.queried_tokens == sum(len(SYSTEM + TURNS[i % len(TURNS)]) for i in range(len(rows)))
+    assert on.prefix.hit_tokens == 9 * 4 * (len(rows) - 3) and off.prefix is None
+    assert on.prefix.queried_tokens == sum(len(SYSTEM + TURNS[i % len(TURNS)]) for i in range(len(rows)))
 
 
 def test_forced_preemption_keeps_the_tokens(tiny_models, adapters) -> None:  # noqa: ANN001
@@ -90,7 +90,7 @@ def test_forced_preemption_keeps_the_tokens(tiny_models, adapters) -> None:  # n
     expected = run_conversations(make_engine(tiny_models["llama"], prefix_caching=False, max_active_adapters=4, max_lora_rank=16), adapters["llama"], rows, 1)
     tight = make_engine(tiny_models["llama"], kv_cache_memory=24 * BLOCK_BYTES, max_active_adapters=4, max_lora_rank=16)
     assert run_conversations(tight, adapters["llama"], rows, 1) == expected
-    assert tight.scheduler.num_preemptions > 0 and tight.allocator.hit_tokens > 0
+    assert tight.scheduler.num_preemptions > 0 and tight.prefix.hit_tokens > 0
     assert tight.allocator.num_free == 24  # every reference returned
 
 
@@ -150,7 +150,7 @@ def test_a_sliding_window_that_acts_keeps_the_tokens(tmp_path) -> None:  # noqa:
     for caching in (False, True):
         engine = make_engine(folder, prefix_caching=caching, max_batch_prefill_tokens=8)
         results.append(run_conversations(engine, {}, [None] * 4))
-    assert results[0] == results[1] and engine.allocator.hit_tokens == 9 * 4 * 3
+    assert results[0] == results[1] and engine.prefix.hit_tokens == 9 * 4 * 3
 
 
 def test_smollm2_conversations_equal_with_caching_on_and_off(smollm2_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_smollm2_conversations_equal_with_caching_on_and_off(smollm2_path: Path)
             engine.step()
         engine.run_to_completion()
         outputs.append([s.generated_ids for s in seqs])
-    assert outputs[0] == outputs[1] and engine.allocator.hit_tokens >= 2 * (len(system) // 16) * 16
+    assert outputs[0] == outputs[1] and engine.prefix.hit_tokens >= 2 * (len(system) // 16) * 16
 
 
 def test_the_replica_reports_caching_and_its_hits(tiny_models, tmp_path) -> None:  # noqa: ANN001

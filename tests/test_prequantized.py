@@ -34,7 +34,7 @@ def test_a_packed_checkpoint_with_adapters_matches_the_weights_it_encodes(method
         assert seq.generated_ids == expected_tokens[row], f"row {row}"
         torch.testing.assert_close(torch.stack(captured[seq.request_id]), expected_logits[row], atol=1e-3, rtol=0)
     # The projections shrink 8x; the tiny model is half embedding and head, which stay float32.
-    assert engine.packed_format.method == method and engine.model.nbytes < 0.6 * make_engine(tiny_models["llama"]).model.nbytes
+    assert engine.runner.packed_format.method == method and engine.runner.model.nbytes < 0.6 * make_engine(tiny_models["llama"]).runner.model.nbytes
     # The packing is read, not guessed: the unquantized model gives other logits.
     _, full_logits = reference_rows(tiny_models["llama"], {}, PROMPTS[:1], [None], STEPS)
     assert not torch.allclose(full_logits[0], expected_logits[0], atol=1e-2)

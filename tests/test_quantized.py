@@ -69,8 +69,8 @@ def test_a_mixed_batch_on_a_quantized_base_matches_its_dequantized_reference(met
 
 
 def test_the_base_shrinks_and_info_says_so(tiny_models) -> None:  # noqa: ANN001
-    sizes = {method: make_engine(tiny_models["llama"], quantize=method).model.nbytes for method in (None, "int8", "int4")}
-    full = make_engine(tiny_models["llama"]).model
+    sizes = {method: make_engine(tiny_models["llama"], quantize=method).runner.model.nbytes for method in (None, "int8", "int4")}
+    full = make_engine(tiny_models["llama"]).runner.model
     projections = sum(p.weight.numel() for layer in full.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
     assert sizes[None] - sizes["int8"] == pytest.approx(3 * projections, rel=0.05)  # 4 bytes -> 1 per projection weight (+ scales)
     assert sizes["int4"] < sizes["int8"]
@@ -100,5 +100,5 @@ def test_info_says_what_the_replica_serves(tiny_models, tmp_path) -> None:  # no
         info = httpx.get(server.url + "/info").json()
         answer = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30)
     assert info["quantize"] == "int8" and info["architecture"] == "LlamaForCausalLM" and "MixtralForCausalLM" in info["architectures_served"]
-    assert info["quantizations_served"] == ["int8", "int4"] and 0 < info["model_bytes"] < make_engine(tiny_models["llama"]).model.nbytes
+    assert info["quantizations_served"] == ["int8", "int4"] and 0 < info["model_bytes"] < make_engine(tiny_models["llama"]).runner.model.nbytes
     assert info["kv_cache_bytes"] > 0 and answer.status_code == 200

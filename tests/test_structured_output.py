@@ -44,7 +44,7 @@ def test_json_object_mode_gives_an_object(tiny_models: dict[str, Path]) -> None:
     else:  # a random model may not close it within 30 tokens, but every token must extend a valid JSON prefix
         import xgrammar as xgr
 
-        info = xgr.TokenizerInfo.from_huggingface(engine.tokenizer, vocab_size=engine.model_config.vocab_size)
+        info = xgr.TokenizerInfo.from_huggingface(engine.tokenizer, vocab_size=engine.runner.model_config.vocab_size)
         matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_builtin_json_grammar())
         assert all(matcher.accept_token(t) for t in seq.generated_ids), seq.text
 

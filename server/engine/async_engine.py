@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from lorafleet.adapter_ref import AdapterRef
-from lorafleet.server.engine.engine import LLMEngine, StepOutput
+from lorafleet.server.engine.engine import LLMEngine
+from lorafleet.server.engine.output import StepOutput
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence, TokenInfo
 from lorafleet.server.errors import Conflict
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from lorafleet.server.engine.kv_cache import cache_slot
 from lorafleet.server.lora.ops import LoraBatch
 from lorafleet.server.model.attention import BatchMetadata
+from lorafleet.server.model.kv import cache_slot
 
 log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lorafleet.server.config import EngineConfig
-from lorafleet.server.engine.kv_cache import BlockAllocator
+from lorafleet.server.engine.blocks import BlockAllocator, PrefixCache
 from lorafleet.server.engine.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,11 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: BlockAllocator, adapter_ready: Callable[[str | None], bool] | None = None,
-                 block_hashes: Callable[[Sequence, int], list[bytes]] | None = None) -> None:
+                 prefix: PrefixCache | None = None) -> None:
         self.config = config
         self.allocator = allocator
         self.adapter_ready = adapter_ready or (lambda adapter: adapter is None)
-        self.block_hashes = block_hashes  # (seq, n) -> its first n full blocks' hashes, when prefix caching is on
+        self.prefix = prefix  # when prefix caching is on: admission starts from the cached blocks of a prompt
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -83,24 +83,6 @@ class Scheduler:
         self.allocator.grow(seq.block_table, num_tokens)
         return True
 
-    def _take_cached(self, seq: Sequence) -> int:
-        """Start ``seq`` from the cached blocks of its prefix: tokens found (at most all but the last, which
-        must run to give the next token's logits). Requests for prompt logprobs compute every token."""
-        if self.block_hashes is None or seq.num_computed or seq.params.prefill_logprobs:
-            return 0
-        blocks = self.allocator.take_cached(self.block_hashes(seq, (len(seq.token_ids) - 1) // self.allocator.block_size))
-        seq.block_table[:] = blocks
-        seq.num_computed = len(blocks) * self.allocator.block_size
-        seq.num_registered = len(blocks)
-        if seq.num_cached_tokens == 0 and seq.first_scheduled_at is None:
-            seq.num_cached_tokens = seq.num_computed
-        return seq.num_computed
-
-    def _return_cached(self, seq: Sequence) -> None:
-        """Admission failed after the lookup: give the blocks back (they stay cached) and start over next step."""
-        self.allocator.free(seq.block_table)
-        seq.num_computed = seq.num_registered = 0
-
     def schedule(self) -> list[ScheduledChunk]:
         prefill_budget = self.config.max_batch_prefill_tokens
         chunks: list[ScheduledChunk] = []
@@ -127,15 +109,15 @@ class Scheduler:
                 continue  # its adapter is not on the device yet; it must not hold up the others
             if total_tokens + len(seq.token_ids) > self.config.max_batch_total_tokens:
                 break
-            hits = self._take_cached(seq)
+            hits = self.prefix.take(seq) if self.prefix is not None else 0
             num_tokens = min(seq.num_uncomputed, prefill_budget)
             if not self.allocator.can_grow(seq.block_table, seq.num_computed + num_tokens):
-                self._return_cached(seq)
+                if self.prefix is not None:
+                    self.prefix.give_back(seq)
                 break
             self.allocator.grow(seq.block_table, seq.num_computed + num_tokens)
-            if self.block_hashes is not None:
-                self.allocator.queried_tokens += len(seq.token_ids)
-                self.allocator.hit_tokens += hits
+            if self.prefix is not None:
+                self.prefix.admitted(seq, hits)
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             if seq.first_scheduled_at is None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorafleet.server.engine.kv_cache import KVCache
 from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.checkpoint import CheckpointError, ModelConfig
+from lorafleet.server.model.kv import KVCache
 from lorafleet.server.model.linear import Linear, make_linear, tensor_bytes
 from lorafleet.server.model.moe import Expert, MixtureOfExperts
 from lorafleet.server.model.prequantized import PackedFormat, unpack

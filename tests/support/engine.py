@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorafleet.server.config import EngineConfig
-from lorafleet.server.engine import engine as engine_module
+from lorafleet.server.engine import output as output_module
 from lorafleet.server.engine.engine import LLMEngine
 
 
@@ -24,12 +24,12 @@ def make_engine(folder: Path, **overrides: Any) -> LLMEngine:
 def capture_logits(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[torch.Tensor]]:
     """Record, per request id, the logits row each of its tokens was sampled from."""
     captured: dict[str, list[torch.Tensor]] = {}
-    original = engine_module.sample
+    original = output_module.sample
 
     def recording_sample(logits: torch.Tensor, seqs: list) -> Any:
         for row, seq in enumerate(seqs):
             captured.setdefault(seq.request_id, []).append(logits[row].detach().cpu().clone())
         return original(logits, seqs)
 
-    monkeypatch.setattr(engine_module, "sample", recording_sample)
+    monkeypatch.setattr(output_module, "sample", recording_sample)
     return captured

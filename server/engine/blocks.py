@@ -1,8 +1,8 @@
-"""The paged KV cache: a pool of fixed-size blocks and the allocator that hands them out.
+"""The KV blocks' bookkeeping and the prefix cache, in one home.
 
-Each sequence owns a block table (a list of block ids); token t of the sequence lives in block
-``table[t // block_size]`` at offset ``t % block_size``. Blocks are allocated on admission and as
-a sequence grows, and returned when it finishes, is cancelled or is preempted.
+``BlockAllocator`` hands out and reference-counts blocks. ``PrefixCache`` is everything prefix caching does:
+the hash of a sequence's full blocks (``block_hash``, chained), the lookup at admission (the scheduler asks it),
+registering blocks once computed (the engine tells it after each step) and the hit counts the metrics report.
 """
 
 from __future__ import annotations
@@ -10,15 +10,9 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 
-import torch
-
-from lorafleet.server.model.checkpoint import ModelConfig
-
-
-def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
-    """The flat cache index of a sequence's token at ``position``."""
-    return block_table[position // block_size] * block_size + position % block_size
+from lorafleet.server.engine.sequence import Sequence
 
 
 class OutOfBlocks(RuntimeError):
@@ -45,8 +39,6 @@ class BlockAllocator:
         self._refs = [0] * num_blocks
         self._hash_of: dict[int, bytes] = {}
         self._cached: dict[bytes, int] = {}
-        self.queried_tokens = 0  # prompt tokens looked up, and those found (vllm:prefix_cache_queries / _hits)
-        self.hit_tokens = 0
 
     @property
     def num_free(self) -> int:
@@ -116,16 +108,55 @@ def block_hash(previous: bytes, adapter: bytes, tokens: list[int]) -> bytes:
     return hashlib.blake2b(previous + b"\0" + adapter + b"\0" + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
-class KVCache:
-    """One key and one value tensor per layer: [num_blocks, block_size, kv_heads, head_dim]."""
+class PrefixCache:
+    """A sequence's full blocks by the hash of their contents: found at admission, registered once computed.
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.block_size = block_size
+    ``adapter_identity(key)`` is what an adapter adds to the hash (its key and content fingerprint); it is asked only
+    for adapters on the device, where a sequence is admitted.
+    """
 
-    @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+    def __init__(self, allocator: BlockAllocator, adapter_identity: Callable[[str], bytes]) -> None:
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.adapter_identity = adapter_identity
+        self.queried_tokens = 0  # prompt tokens looked up, and those found (vllm:prefix_cache_queries / _hits)
+        self.hit_tokens = 0
+
+    def hashes(self, seq: Sequence, count: int) -> list[bytes]:
+        """The hashes of ``seq``'s first ``count`` full blocks, extending its chain as far as needed."""
+        bs, hashes = self.block_size, seq.block_hashes
+        if len(hashes) < count:
+            adapter = self.adapter_identity(seq.adapter) if seq.adapter is not None else b""
+            for i in range(len(hashes), count):
+                hashes.append(block_hash(hashes[i - 1] if i else seq.params.cache_salt, adapter, seq.token_ids[i * bs:(i + 1) * bs]))
+        return hashes[:count]
+
+    def take(self, seq: Sequence) -> int:
+        """Start ``seq`` from the cached blocks of its prefix: tokens found (at most all but the last, which must run
+        to give the next token's logits). Requests for prompt logprobs compute every token."""
+        if seq.num_computed or seq.params.prefill_logprobs:
+            return 0
+        blocks = self.allocator.take_cached(self.hashes(seq, (len(seq.token_ids) - 1) // self.block_size))
+        seq.block_table[:] = blocks
+        seq.num_computed = len(blocks) * self.block_size
+        seq.num_registered = len(blocks)
+        if seq.num_cached_tokens == 0 and seq.first_scheduled_at is None:
+            seq.num_cached_tokens = seq.num_computed
+        return seq.num_computed
+
+    def give_back(self, seq: Sequence) -> None:
+        """Admission failed after the lookup: give the blocks back (they stay cached) and start over next step."""
+        self.allocator.free(seq.block_table)
+        seq.num_computed = seq.num_registered = 0
+
+    def admitted(self, seq: Sequence, hits: int) -> None:
+        self.queried_tokens += len(seq.token_ids)
+        self.hit_tokens += hits
+
+    def register(self, seq: Sequence) -> None:
+        """Offer ``seq``'s newly full, computed blocks to the cache."""
+        full = seq.num_computed // self.block_size
+        if full > seq.num_registered:
+            for i, hashed in enumerate(self.hashes(seq, full)[seq.num_registered:], start=seq.num_registered):
+                self.allocator.register(seq.block_table[i], hashed)
+            seq.num_registered = full

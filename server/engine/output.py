@@ -1,0 +1,135 @@
+"""What a step's forward pass means for each request: computed tokens advance, prompt logprobs are recorded, full
+blocks are offered to the prefix cache, the next token is sampled and appended (detokenized, checked against stop
+strings, EOS and the length limit), and a request that ends is finished. A row that fails (no token could be chosen,
+its grammar or detokenizing raised) ends alone with its error; the batch goes on.
+
+nano-vllm's ``Scheduler.postprocess`` and vLLM's output processor have this job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorafleet.server.engine import detokenizer
+from lorafleet.server.engine.blocks import PrefixCache
+from lorafleet.server.engine.sampler import SamplingError, sample
+from lorafleet.server.engine.scheduler import ScheduledChunk, Scheduler
+from lorafleet.server.engine.sequence import FinishReason, Sequence, Status, TokenInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    seq: Sequence
+    token: TokenInfo | None  # None when the sequence ended without a new token (cancelled)
+    finished: bool
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, eos_ids: set[int], scheduler: Scheduler, logits: Callable[[torch.Tensor], torch.Tensor],
+                 prefix: PrefixCache | None) -> None:
+        self.tokenizer, self.eos_ids, self.scheduler, self.logits, self.prefix = tokenizer, eos_ids, scheduler, logits, prefix
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", []))
+
+    def process(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[StepOutput]:
+        sample_rows, sample_seqs, outputs = [], [], []
+        offset = 0
+        for chunk in chunks:
+            seq = chunk.seq
+            end = offset + chunk.num_tokens
+            if seq.params.prefill_logprobs and seq.num_computed < seq.num_prompt and seq.num_preemptions == 0:
+                self._record_prefill_logprobs(seq, hidden[offset:end])
+            seq.num_computed += chunk.num_tokens
+            if self.prefix is not None:
+                self.prefix.register(seq)
+            if seq.num_computed == len(seq.token_ids):
+                sample_rows.append(end - 1)
+                sample_seqs.append(seq)
+            offset = end
+        if not sample_seqs:
+            return outputs
+        tokens, logprobs, failed = sample(self.logits(hidden[sample_rows]), sample_seqs)
+        for row, (seq, token_id) in enumerate(zip(sample_seqs, tokens)):
+            if row not in failed:
+                try:
+                    outputs.append(self._append(seq, token_id, logprobs[row]))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - detokenizing or the grammar: this row's failure alone
+                    failed[row] = exc
+            exc = failed[row]
+            log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
+            outputs.append(self.fail(seq, exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}")))
+        return outputs
+
+    def fail(self, seq: Sequence, exc: BaseException) -> StepOutput:
+        """One request's own failure: it ends with the error, its blocks are freed, the batch goes on."""
+        seq.error = exc
+        self.scheduler.finish(seq)
+        return self.end(seq, FinishReason.ERROR)
+
+    def end(self, seq: Sequence, reason: FinishReason) -> StepOutput:
+        """The last output of a sequence that ends without a new token (cancelled, failed)."""
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        return StepOutput(seq, None, True)
+
+    def _record_prefill_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Log-probability of each prompt token given the ones before it (the first has none)."""
+        logprobs = self.logits(hidden).log_softmax(-1)
+        first = seq.num_computed
+        if first == 0:
+            seq.prefill.append(TokenInfo(seq.prompt_ids[0], self._token_text(seq.prompt_ids[0]), None))
+        elif seq.prefill_carry is not None:
+            token = seq.prompt_ids[first]
+            seq.prefill.append(TokenInfo(token, self._token_text(token), float(seq.prefill_carry[token])))
+        for i in range(logprobs.shape[0] - 1):
+            token = seq.prompt_ids[first + i + 1]
+            seq.prefill.append(TokenInfo(token, self._token_text(token), float(logprobs[i, token])))
+        seq.prefill_carry = logprobs[-1]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _append(self, seq: Sequence, token_id: int, logprobs: torch.Tensor) -> StepOutput:
+        seq.token_ids.append(token_id)
+        if seq.constraint is not None:
+            seq.constraint.accept(token_id)
+        seq.num_computed = len(seq.token_ids) - 1
+        special = token_id in self.special_ids
+        alternatives = []
+        if seq.params.alternatives:
+            top = torch.topk(logprobs, seq.params.alternatives)
+            alternatives = [TokenInfo(int(i), self._token_text(int(i)), float(lp), int(i) in self.special_ids) for lp, i in zip(top.values, top.indices)]
+        text = detokenizer.next_text(self.tokenizer, seq)
+        token = TokenInfo(token_id, text, float(logprobs[token_id]), special, alternatives)
+        seq.tokens.append(token)
+        seq.text += text
+        reason = self._finish_reason(seq, token_id, token, text)
+        if reason is not None:
+            if reason is not FinishReason.STOP:
+                tail = detokenizer.flush_text(self.tokenizer, seq)
+                token.text += tail
+                seq.text += tail
+            self.scheduler.finish(seq)
+            self.end(seq, reason)
+        return StepOutput(seq, token, reason is not None)
+
+    def _finish_reason(self, seq: Sequence, token_id: int, token: TokenInfo, text: str) -> FinishReason | None:
+        if token_id in self.eos_ids and not seq.params.ignore_eos:
+            return FinishReason.EOS
+        if seq.params.stop:
+            cut = detokenizer.find_stop(seq.text, len(text), seq.params.stop)
+            if cut is not None:
+                # The generated text ends with the matched stop sequence, and nothing after it.
+                token.text = text[: len(text) - (len(seq.text) - cut)]
+                seq.text = seq.text[:cut]
+                return FinishReason.STOP
+        if len(seq.generated_ids) >= seq.params.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
