@@ -13,7 +13,7 @@ OLD_STACK_SPEC ?= "transformers>=4.57,<5" "huggingface_hub>=0.34,<1.0"
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lorafleet-installed
 
-.PHONY: setup test up clean lint scan test-old-stack chart-schema
+.PHONY: setup test test-fast up clean lint scan test-old-stack chart-schema
 
 setup: $(STAMP)
 	$(BIN)/lorafleet models fetch smollm2
@@ -28,7 +28,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -P -m pytest -q
+	$(BIN)/python -P -m pytest -q --durations=20
+
+# The inner loop: every test that starts no process and reads no converted model, in under a minute here.
+test-fast: $(STAMP)
+	$(BIN)/python -P -m pytest -q -x -m "not e2e and not slow and not smollm2"
 
 # The parity tests (engine vs transformers, multi-LoRA vs peft, the default model) on transformers 4.x and
 # huggingface_hub 0.x, in a venv of their own; CI runs `make test` on the current majors.

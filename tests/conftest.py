@@ -25,6 +25,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("LORAFLEET_DTYPE", "float32")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reads the converted default model is marked ``smollm2`` (``make test-fast`` leaves them out)."""
+    for item in items:
+        if "smollm2_path" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.smollm2)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny random checkpoint per architecture (plus a tied-embedding Llama), made once per session."""

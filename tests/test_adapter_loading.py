@@ -18,6 +18,8 @@ from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 from lorafleet.server.lora.adapter_format import AdapterError
 from lorafleet.testing import make_lora_adapter
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
 
 

@@ -18,6 +18,8 @@ from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.server.api.metrics import ServerMetrics
 from lorafleet.testing import make_lora_adapter
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 LABELS = 3
 ADAPTERS = [f"m{i}" for i in range(6)]
 

@@ -8,6 +8,8 @@ import torch
 from lorafleet.server.model.attention import BatchMetadata, paged_attention
 from lorafleet.server.model.attention_triton import paged_decode_attention
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 
 @pytest.mark.parametrize("dtype,block_size,head_dim", [(torch.float32, 4, 16), (torch.float16, 4, 16), (torch.bfloat16, 4, 16),
                                                         (torch.float32, 16, 64), (torch.bfloat16, 16, 128)])

@@ -18,6 +18,8 @@ from lorafleet import __version__
 from lorafleet.cli import build_parser
 from lorafleet.operator.desired import IMAGE
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.32.0"
 EXAMPLE = yaml.safe_load((CHART / "examples" / "mistral-7b-one-gpu.yaml").read_text())

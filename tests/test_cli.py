@@ -9,6 +9,8 @@ import pytest
 
 from lorafleet.cli import main
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 SUBCOMMANDS = ["serve", "gateway", "operator", "kube-api", "up", "down", "status", "models"]
 
 

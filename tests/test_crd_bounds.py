@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = "/apis/lorafleet.io/v1alpha1/namespaces/default/adapters"
 

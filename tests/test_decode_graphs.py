@@ -17,6 +17,8 @@ from support.engine import capture_logits, make_engine
 from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.testing import ALL_PROJECTIONS, make_lora_adapter
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
 KERNELS = dict(attention_kernel="triton", lora_kernel="triton", max_active_adapters=2)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from support.engine import make_engine
 
 from lorafleet.local.demo_adapters import STYLES, make_demo_adapters
 from lorafleet.local.demo_datasets import dataset
 from lorafleet.server.engine.sequence import SamplingParams
+
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
 
 
 def test_datasets_have_their_style() -> None:

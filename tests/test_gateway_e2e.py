@@ -22,6 +22,8 @@ from lorafleet import ring
 from lorafleet.gateway.app import create_gateway_app
 from lorafleet.testing import make_lora_adapter
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 

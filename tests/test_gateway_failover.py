@@ -10,6 +10,8 @@ import httpx
 import pytest
 from support.upstream import Gateway, Upstream, key_owned_by
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 
 def generate(url: str, adapter: str, **kwargs) -> httpx.Response:
     return httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"adapter_id": adapter}}, timeout=30, **kwargs)

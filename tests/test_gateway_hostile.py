@@ -16,6 +16,8 @@ import httpx
 import pytest
 from support.upstream import Gateway, Upstream
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 OK_BODY = b'{"inputs": "Hi", "parameters": {"adapter_id": "org/a"}}'
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_check  # noqa: E402
+
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
 
 
 def test_decode_step_check_runs_on_cpu_at_tiny_shapes(capsys) -> None:

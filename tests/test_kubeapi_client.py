@@ -6,6 +6,8 @@ import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 GROUP, VERSION, PLURAL = "demo.lorafleet.io", "v1", "widgets"
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import kopf
+import pytest
 from kopf.testing import KopfRunner
 from kubernetes import client, config
 from support.waiting import wait_until
+
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
 GROUP, VERSION, PLURAL = "demo.lorafleet.io", "v1", "widgets"
 

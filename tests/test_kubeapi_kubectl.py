@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
 WIDGET = """
 apiVersion: demo.lorafleet.io/v1

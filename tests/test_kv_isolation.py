@@ -20,6 +20,8 @@ from support.engine import capture_logits, make_engine
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.sequence import SamplingParams
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], [1] + list(range(30, 53)), [1, 99]]
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 

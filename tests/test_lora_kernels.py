@@ -12,6 +12,8 @@ import torch
 from lorafleet.server.lora import ops as lora_ops
 from lorafleet.server.lora.ops import LoraBatch, SlotBuffers, lora_reference
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 
 def stacked(a: torch.Tensor, b: torch.Tensor, kernel: str) -> SlotBuffers:
     """One layer and one module ("m") of stacked buffers, each slot's rank read from its nonzero columns."""

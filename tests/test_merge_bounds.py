@@ -18,6 +18,8 @@ from lorafleet.server.lora import merge as merge_module
 from lorafleet.server.lora.merge import MergeCancelled, MergeError, MergeSpec
 from lorafleet.testing import make_lora_adapter
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 PROMPT = [1, 5, 6, 7]
 NAMES = ("m0", "m1", "m2")
 

@@ -21,6 +21,8 @@ from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.lora.merge import MergeSpec
 from lorafleet.testing import make_lora_adapter, reference_greedy
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 STEPS = 5
 PROMPT = [1] + [(7 * j) % 290 + 9 for j in range(11)]
 MEMBERS = {  # one rank, different modules, alphas and scalings: what the merge must undo and redo

@@ -92,7 +92,7 @@ def test_a_quantized_mixtral_matches_its_dequantized_reference(mixtral: Path, me
     reference = AutoModelForCausalLM.from_pretrained(dequantized_copy(mixtral, tmp_path / "reference", method, 32), dtype=torch.float32).eval()
     captured = capture_logits(monkeypatch)
     full, quantized = make_engine(mixtral), make_engine(mixtral, quantize=method, quantize_group_size=32)
-    assert quantized.model.nbytes < full.model.nbytes / (2 if method == "int8" else 2.5)  # embeddings and the head stay float32
+    assert quantized.runner.model.nbytes < full.runner.model.nbytes / (2 if method == "int8" else 2.5)  # embeddings and the head stay float32
     seq = quantized.add_request(PROMPTS[1], SamplingParams(max_new_tokens=STEPS, ignore_eos=True))
     quantized.run_to_completion()
     tokens, logits = greedy(reference, PROMPTS[1])

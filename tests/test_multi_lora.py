@@ -15,6 +15,8 @@ from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.lora.adapter_format import AdapterError
 from lorafleet.testing import ALL_PROJECTIONS, make_lora_adapter, make_tiny_model
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 ADAPTERS = {
     "a0": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "a1": dict(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS, use_rslora=True),

@@ -13,6 +13,8 @@ from support.waiting import wait_until
 
 from lorafleet import ring
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 ROOT = Path(__file__).resolve().parents[1]
 BASEMODEL = """
 apiVersion: lorafleet.io/v1alpha1

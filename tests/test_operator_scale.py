@@ -18,6 +18,8 @@ from support.waiting import wait_until
 
 from lorafleet import ring
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 BASEMODEL = {"apiVersion": "lorafleet.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": "smol"},
              "spec": {"model": {"id": "smollm2", "source": "local"}, "replicas": 2, "engine": {"maxLoraRank": 16}}}
 

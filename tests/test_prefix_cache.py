@@ -13,6 +13,8 @@ from lorafleet.server.engine.sequence import SamplingParams
 from lorafleet.server.lora.adapter_format import content_fingerprint
 from lorafleet.testing import make_lora_adapter, make_tiny_model
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 SYSTEM = [1] + [(13 * j) % 280 + 11 for j in range(37)]  # a shared 38-token "system prompt": 9 full blocks of 4, and 2 more
 TURNS = [[(5 * i + j) % 290 + 7 for j in range(3 + i % 5 * 2)] for i in range(8)]  # distinct from their first token on

@@ -22,6 +22,8 @@ from support.server import RunningServer
 
 from lorafleet.testing import make_lora_adapter
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 NAMES = [f"s{i}" for i in range(5)]
 
 

@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from support.metrics import metric
 from support.server import free_port
 from support.waiting import wait_until
+
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
 
 def start_serve(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:

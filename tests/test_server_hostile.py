@@ -17,6 +17,8 @@ from support.server import RunningServer, running_server
 
 from lorafleet.testing import make_lora_adapter
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 OK = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
 
 

@@ -12,6 +12,8 @@ from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.sequence import SamplingParams
 
+pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
+
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",

@@ -15,6 +15,8 @@ from lorafleet.gateway.config import GatewayConfig
 from lorafleet.testing import make_lora_adapter
 from lorafleet.tracing import otlp_traces_url
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 
 def traceparent() -> tuple[str, str, str]:
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)

@@ -22,6 +22,8 @@ from support.waiting import wait_until as poll
 from lorafleet import ring
 from lorafleet.testing import make_lora_adapter
 
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 wait_until = partial(poll, timeout=60.0, interval=0.2)  # predicates here run kubectl: poll gently
 
 

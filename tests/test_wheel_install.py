@@ -15,6 +15,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
+
 REPO = Path(__file__).resolve().parents[1]
 
 
