@@ -87,9 +87,7 @@ class GatewayApp:
             if message["type"] == "lifespan.startup":
                 pool = httpcore.AsyncConnectionPool(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0)
                 config = self.config
-                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config.load_factor, config.max_body_bytes, config.upstream_timeout,
-                                       config.policy, config.min_bound, setup_tracing("lorafleet-gateway", config.otlp_endpoint), config.prefix_chars,
-                                       config.warm_token)
+                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config, setup_tracing("lorafleet-gateway", config.otlp_endpoint))
                 self._probe_client = httpx.AsyncClient(timeout=2.0)
                 if config.handoff:
                     self.replicas.handoff = HandOff(self.replicas, self._probe_client, self.metrics.handoffs, warm_token=config.warm_token)

@@ -1,31 +1,16 @@
-"""The gateway's settings: one dataclass whose defaults the flags, the app and the proxy all read."""
+"""The gateway's settings: one dataclass, each field its flag and LORAFLEET_ variable (lorafleet/settings.py), whose
+defaults the flags, the app and the proxy all read."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet import ring
 from lorafleet.http_limits import MAX_BODY_BYTES
-
-
-@dataclass(slots=True)
-class GatewayConfig:
-    load_factor: float = ring.DEFAULT_LOAD_FACTOR  # the bounded-load factor c; the operator's CRD default must match
-    api_key_file: Path | None = None
-    max_body_bytes: int = MAX_BODY_BYTES
-    upstream_timeout: float = 300.0  # seconds to wait for a replica's response to start
-    probe_interval: float = 1.0  # seconds between /health probes of each replica
-    policy: str = "lorafleet"  # one of POLICIES
-    min_bound: int = 4  # a replica is never "full" under this many in flight (ring.load_bound's floor)
-    handoff: bool = True  # warm adapters where their traffic is about to go (gateway/handoff.py)
-    served_model_name: str | None = None  # the base model's name in /v1/models (the operator passes the BaseModel's)
-    metrics_adapter_labels: int = 32  # adapters with series of their own in /metrics; the rest are "other"
-    prefix_chars: int = 0  # route by adapter + the prompt's first N characters (prefix caching affinity); 0: off
-    warm_token: str | None = None  # the replicas' warm token (LORAFLEET_WARM_TOKEN): hand-offs send it, and nothing else
-    otlp_endpoint: str | None = None  # traces go here (OTLP over HTTP); None: tracing off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
-
+from lorafleet.settings import optional, positive, setting, size
 
 POLICIES = ("lorafleet", "round-robin", "least-loaded")
 
@@ -36,3 +21,42 @@ def load_factor(text: str) -> float:
     if not value > 1.0:
         raise argparse.ArgumentTypeError(f"must be > 1.0, got {text}")
     return value
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def at_least_zero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    load_factor: float = setting(ring.DEFAULT_LOAD_FACTOR, parse=load_factor, help="bounded-load factor c, > 1 (the BaseModel CRD's default must match)")
+    api_key_file: Path | None = setting(None, parse=Path, help="file of bearer keys, one per line, re-read on change")
+    max_body_bytes: int = setting(MAX_BODY_BYTES, parse=size, help="largest request body")
+    upstream_timeout: float = setting(300.0, parse=positive(float), help="seconds to wait for a replica's response to start")
+    probe_interval: float = setting(1.0, parse=positive(float), help="seconds between /health probes of each replica")
+    policy: str = setting("lorafleet", parse=one_of(POLICIES),
+                          help="routing: lorafleet (adapter-aware ring with bounded loads), or round-robin / least-loaded to compare")
+    min_bound: int = setting(4, parse=positive(int), help="a replica is never over the load bound below this many requests in flight")
+    handoff: bool = setting(True, parse=None, help="warm adapters on a joining replica and on a leaving one's next owners (gateway/handoff.py); "
+                            "--no-handoff measures what it buys")
+    served_model_name: str | None = setting(None, parse=optional, help="the base model's name in /v1/models (default: the replicas')")
+    metrics_adapter_labels: int = setting(32, parse=positive(int), help="adapters with series of their own in /metrics (the busiest; the rest are `other`)")
+    prefix_chars: int = setting(0, parse=at_least_zero, help="route by the adapter and the prompt's first N characters, so requests sharing a "
+                                "prefix meet the replica that has its KV blocks cached (0: by adapter only)")
+    warm_token: str | None = setting(None, parse=optional, secret=True, help="bearer token the replicas take for POST /adapters/warm "
+                                     "(hand-offs); best set through LORAFLEET_WARM_TOKEN from a Secret (the operator does)")
+    otlp_endpoint: str | None = setting(None, parse=optional, help="send traces here over OTLP/HTTP, e.g. http://otel-collector:4318 "
+                                        "(default: OTEL_EXPORTER_OTLP_ENDPOINT; unset: off)")

@@ -25,6 +25,7 @@ from lorafleet import ring
 from lorafleet.bearer import bearer_token
 from lorafleet.cache_salt import HOP_TOKEN_HEADER, SALT_HEADER, salt_for_key
 from lorafleet.gateway.auth import ApiKeys
+from lorafleet.gateway.config import GatewayConfig
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
 from lorafleet.tracing import TRACE_HEADERS, Tracing
@@ -155,14 +156,8 @@ class Gateway:
     pool: httpcore.AsyncConnectionPool
     metrics: GatewayMetrics
     keys: ApiKeys
-    load_factor: float  # these from GatewayConfig
-    max_body_bytes: int
-    upstream_timeout: float
-    policy: str = "lorafleet"
-    min_bound: int = 1
+    config: GatewayConfig
     tracing: Tracing | None = None
-    prefix_chars: int = 0  # route by adapter + the prompt's first characters (--prefix-chars); 0: by adapter only
-    warm_token: str | None = None  # the replicas' warm token: also vouches for the cache salt the gateway sets
     _turn: int = 0
 
     def _plain_order(self, loads: dict[str, int]) -> list[str]:
@@ -171,13 +166,13 @@ class Gateway:
         self._turn += 1
         start = self._turn % len(names)
         rotated = names[start:] + names[:start]
-        if self.policy == "round-robin":
+        if self.config.policy == "round-robin":
             return rotated
         return sorted(rotated, key=lambda m: loads[m])  # least-loaded; ties take turns
 
     async def read_body(self, scope: dict, receive: Receive) -> bytes | None:
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
             return None
         chunks, size = [], 0
         while True:
@@ -186,7 +181,7 @@ class Gateway:
                 raise ClientGone()
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > self.config.max_body_bytes:
                 return None
             chunks.append(chunk)
             if not message.get("more_body"):
@@ -205,7 +200,7 @@ class Gateway:
         except ClientGone:
             return
         if body is None:
-            return await respond_error(send, 413, f"the request body is larger than {self.max_body_bytes} bytes", "validation")
+            return await respond_error(send, 413, f"the request body is larger than {self.config.max_body_bytes} bytes", "validation")
         routable = self.replicas.routable()
         if not routable:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
@@ -213,14 +208,14 @@ class Gateway:
         payload = request_payload(path, body)
         key = self.replicas.catalogue.key_for(routing_key(path, payload, self.replicas.base_model_ids()))
         ring_key = key
-        if self.prefix_chars and (start := prompt_start(path, payload, self.prefix_chars)) is not None:
+        if self.config.prefix_chars and (start := prompt_start(path, payload, self.config.prefix_chars)) is not None:
             ring_key = f"{key or ''}\0{start}"  # one tenant's shared prefix meets its own cached blocks
         loads = {name: r.in_flight for name, r in routable.items()}
         by_adapter = ring_key is not None and ring_key == key  # where the adapter is hot matters only when routing by it
         hot = set(self.replicas.hot.holders(key)) if by_adapter else set()
         ranked = ring.owners(ring_key, loads) if ring_key is not None else []
         warm = self.replicas.hot.warm_holders(key) if by_adapter else set()
-        order = (ring.routing_order(ring_key, loads, self.load_factor, hot, ranked, self.min_bound, warm) if self.policy == "lorafleet"
+        order = (ring.routing_order(ring_key, loads, self.config.load_factor, hot, ranked, self.config.min_bound, warm) if self.config.policy == "lorafleet"
                  else self._plain_order(loads))
         top_owner = ranked[0] if ranked else None
         # Header values as h11 accepts them (no surrounding whitespace), and never the client's
@@ -228,11 +223,11 @@ class Gateway:
         forward = [(k, v.strip()) for k, v in headers if k.decode("latin-1").lower() not in NOT_FORWARDED]
         if body or scope["method"] in ("POST", "PUT", "PATCH"):
             forward.append((b"content-length", str(len(body)).encode()))
-        if self.warm_token and self.keys.path is not None and authorization:  # keys configured: each caller's cache is its own
+        if self.config.warm_token and self.keys.path is not None and authorization:  # keys configured: each caller's cache is its own
             forward += [(SALT_HEADER.encode(), salt_for_key(bearer_token(authorization) or "").encode()),
-                        (HOP_TOKEN_HEADER.encode(), self.warm_token.encode())]
+                        (HOP_TOKEN_HEADER.encode(), self.config.warm_token.encode())]
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
-        timeout = {"connect": 2.0, "read": self.upstream_timeout, "write": self.upstream_timeout, "pool": self.upstream_timeout}
+        timeout = {"connect": 2.0, "read": self.config.upstream_timeout, "write": self.config.upstream_timeout, "pool": self.config.upstream_timeout}
         span = None
         if self.tracing is not None:  # the gateway's span becomes the replica's parent
             span = self.tracing.tracer.start_span(f"gateway {scope['method']} {path}", context=self.tracing.extract(headers), kind=_server_kind(),
@@ -362,7 +357,7 @@ class Gateway:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "load_factor": self.load_factor,
+            "load_factor": self.config.load_factor,
             "replicas": [
                 {"name": r.name, "url": r.url, "in_flight": r.in_flight, "hot_adapters": self.replicas.hot.count(r.name), "ejected": r.ejected,
                  "consecutive_failures": r.consecutive_failures, "ejections": r.ejections, "model_id": r.model_id}

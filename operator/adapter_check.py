@@ -15,6 +15,7 @@ from typing import Any
 
 from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, hub_file, s3_file
 from lorafleet.adapter_rules import MAX_ID_LENGTH, MAX_REVISION_LENGTH, AdapterRuleError, check_config
+from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
 
 
 class Permanent(Exception):
@@ -66,6 +67,6 @@ def fetch_config(source: str, adapter_id: str, revision: str | None, token: str 
 def check_fits(config: dict[str, Any], engine: dict[str, Any]) -> tuple[int, list[str]]:
     """(rank, target modules) when the adapter fits the BaseModel's engine; Permanent with the reason when not."""
     try:
-        return check_config(config, engine.get("maxLoraRank", 64), "the BaseModel's engine.maxLoraRank")
+        return check_config(config, engine.get("maxLoraRank", DEFAULT_MAX_LORA_RANK), "the BaseModel's engine.maxLoraRank")
     except AdapterRuleError as exc:
         raise Permanent(str(exc)) from None

@@ -17,6 +17,7 @@ from typing import Any
 
 from lorafleet import __version__
 from lorafleet.ring import DEFAULT_LOAD_FACTOR
+from lorafleet.settings import flag_for_property
 
 IMAGE = f"ghcr.io/lorafleet/lorafleet:{__version__}"  # the CRD's default and manifests/operator.yaml must match (tested)
 REPLICA_PORT = 8080
@@ -91,15 +92,16 @@ def serve_args(spec: dict[str, Any], name: str | None = None) -> list[str]:
     if model.get("revision"):
         args += ["--revision", model["revision"]]
     args += tracing_args(spec)
-    flags = {"maxActiveAdapters": "--max-active-adapters", "adapterMemory": "--adapter-memory", "maxLoraRank": "--max-lora-rank",
-             "maxBatchTotalTokens": "--max-batch-total-tokens", "maxBatchPrefillTokens": "--max-batch-prefill-tokens",
-             "maxInputLength": "--max-input-length", "maxTotalTokens": "--max-total-tokens", "maxConcurrentRequests": "--max-concurrent-requests",
-             "quantize": "--quantize", "quantizeGroupSize": "--quantize-group-size"}
-    for field, flag in flags.items():
-        if engine.get(field) is not None:
-            args += [flag, str(engine[field])]
-    if engine.get("prefixCaching") is False:
-        args.append("--no-prefix-caching")
+    # Every other spec.engine property is a `lorafleet serve` setting by the naming rule of lorafleet/settings.py (the CRD's
+    # properties are generated from those settings), so a new setting needs no line here.
+    for field, value in engine.items():
+        if field == "device" or value is None:
+            continue
+        flag = flag_for_property(field)
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag.removeprefix("--"))
+        else:
+            args += [flag, str(value)]
     return args
 
 

@@ -29,6 +29,7 @@ from lorafleet.adapter_ref import catalogue_entries, catalogue_version
 from lorafleet.backoff import Backoff
 from lorafleet.operator import adapter_check
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed, unplaced
+from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
 from lorafleet.operator.fleet_status import placement, ready_pods
 from lorafleet.operator.replica_client import ReplicaCalls
 
@@ -73,7 +74,7 @@ class FleetIO:
 
 
 class Fleet:
-    def __init__(self, namespace: str, name: str, io: FleetIO, residency_check_s: float = 300.0, write_concurrency: int = 8) -> None:
+    def __init__(self, namespace: str, name: str, io: FleetIO, residency_check_s: float, write_concurrency: int = 8) -> None:
         self.namespace, self.name, self.io = namespace, name, io
         self.residency_check_s = residency_check_s
         self.wake = asyncio.Event()  # set on the loop only; other threads go through wake_up
@@ -271,7 +272,7 @@ class Fleet:
 
     def _validation(self, record: AdapterRecord, engine: dict[str, Any], now: float) -> tuple | None:
         """("ok", rank, targets) or ("failed", reason, message); None while it is being checked."""
-        what = (record.generation, record.id, record.source, record.revision, engine.get("maxLoraRank", 64))
+        what = (record.generation, record.id, record.source, record.revision, engine.get("maxLoraRank", DEFAULT_MAX_LORA_RANK))
         done = self._checked.get(record.uid)
         if done is not None and done[0] == what:
             return done[1]

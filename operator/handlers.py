@@ -21,6 +21,7 @@ import kopf
 
 from lorafleet.bearer import authorization
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, unplaced
+from lorafleet.operator.config import OperatorConfig
 from lorafleet.operator.desired import ADMIN_TOKEN_KEY, WARM_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name, with_tracing_default
 from lorafleet.operator.fleet import Fleet, FleetIO, PodView, now_text
 from lorafleet.operator.fleet_status import basemodel_status, keep_transition_times
@@ -35,9 +36,8 @@ REPLICA_LABELS = {"app.kubernetes.io/name": "lorafleet", "app.kubernetes.io/comp
 class Operator:
     """What the handlers share for the operator's lifetime: one API client, one pool, the fleets."""
 
-    def __init__(self, kube_factory: Any, residency_check_s: float, per_replica: int, otlp_endpoint: str | None = None) -> None:
-        self.kube_factory, self.residency_check_s, self.per_replica = kube_factory, residency_check_s, per_replica
-        self.otlp_endpoint = otlp_endpoint
+    def __init__(self, config: OperatorConfig, kube_factory: Any = Kube) -> None:
+        self.config, self.kube_factory = config, kube_factory
         self.fleets: dict[tuple[str, str], Fleet] = {}
         self.kube: Any = None
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -46,7 +46,7 @@ class Operator:
     def start(self) -> None:
         self.kube = self.kube_factory()
         self.executor = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="lorafleet-operator")
-        self.calls = ReplicaCalls(self.per_replica)
+        self.calls = ReplicaCalls(self.config.replica_concurrency)
 
     async def stop(self) -> None:
         if self.calls is not None:
@@ -65,7 +65,7 @@ class Operator:
         if key not in self.fleets:
             io = FleetIO(kube=self.kube, executor=self.executor, calls=self.calls, event=post_event,
                          admin_headers=lambda: admin_headers(self.kube, namespace, name))
-            self.fleets[key] = Fleet(namespace, name, io, self.residency_check_s)
+            self.fleets[key] = Fleet(namespace, name, io, self.config.residency_check_s)
         return self.fleets[key]
 
 
@@ -73,20 +73,21 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
     kopf.event(obj, type=kind, reason=reason, message=message)
 
 
-def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residency_check_s: float = 300.0, status_interval: float = 5.0,
-             per_replica: int = 4, otlp_endpoint: str | None = None) -> kopf.OperatorRegistry:
+def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = None, kube_factory: Any = Kube) -> kopf.OperatorRegistry:
     """Attach the handlers below to ``registry`` (the global one for ``lorafleet operator``, a fresh one in tests).
 
     The handlers are module-level functions, as in kopf's examples; what they share lives in kopf's ``memo``
-    (``memo.operator``), made at startup from these settings. ``residency_check_s``: the safety net, how often every
-    replica's listing is re-read; events do the real work, so a test may set it to hours.
+    (``memo.operator``), made at startup from ``config`` (operator/config.py). Its ``residency_check_s`` is the safety
+    net, how often every replica's listing is re-read; events do the real work, so a test may set it to hours.
     """
+    config = config or OperatorConfig()
+
     def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.persistence.finalizer = KOPF_FINALIZER
         settings.watching.server_timeout = 300  # a stalled watch is reopened by the server...
         settings.watching.client_timeout = 330  # ...or, failing that, by the client
         settings.posting.level = 20  # Events for every decision at INFO and above
-        memo.operator = Operator(kube_factory, residency_check_s, per_replica, otlp_endpoint)
+        memo.operator = Operator(config, kube_factory)
         memo.operator.start()
 
     kopf.on.startup(registry=registry)(configure)
@@ -95,7 +96,7 @@ def register(registry: kopf.OperatorRegistry, kube_factory: Any = Kube, residenc
     for on in (kopf.on.create, kopf.on.resume):
         on(GROUP, VERSION, "basemodels", registry=registry)(reconcile_basemodel)
     kopf.on.update(GROUP, VERSION, "basemodels", field="spec", registry=registry)(reconcile_basemodel)
-    kopf.timer(GROUP, VERSION, "basemodels", interval=status_interval, registry=registry)(refresh_basemodel)
+    kopf.timer(GROUP, VERSION, "basemodels", interval=config.status_interval, registry=registry)(refresh_basemodel)
     kopf.index(GROUP, VERSION, "basemodels", id="basemodels", registry=registry)(basemodels)
     kopf.daemon(GROUP, VERSION, "basemodels", cancellation_timeout=2.0, registry=registry)(place_adapters)
     kopf.index(GROUP, VERSION, "adapters", id="adapters_by_fleet", registry=registry)(adapters_by_fleet)
@@ -118,7 +119,7 @@ def reconcile_basemodel(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, n
     operator: Operator = memo.operator
     kube = operator.kube
     changed = []
-    desired = with_tracing_default(dict(spec), operator.otlp_endpoint)  # the operator's --otlp-endpoint unless the BaseModel names one
+    desired = with_tracing_default(dict(spec), operator.config.otlp_endpoint)  # the operator's --otlp-endpoint unless the BaseModel names one
     tokens = fleet_tokens(kube, namespace, name)
     for obj in fleet_objects(name, namespace, desired, tokens.get(ADMIN_TOKEN_KEY) or secrets.token_urlsafe(32),
                              tokens.get(WARM_TOKEN_KEY) or secrets.token_urlsafe(32)):

@@ -35,7 +35,7 @@ class LoadResult:
 class ReplicaCalls:
     """HTTP calls to a fleet's replicas, at most ``per_replica`` at a time to each."""
 
-    def __init__(self, per_replica: int = 4) -> None:
+    def __init__(self, per_replica: int) -> None:
         self.per_replica = per_replica
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(LOAD_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),

@@ -1,46 +1,62 @@
 """The engine's settings: one dataclass, parsed once at the edge (CLI or test) and passed down.
 
-Every default lives here and only here, so ``--help``, ``/info`` and the engine cannot drift apart.
+Every default, help text and bound lives here and only here, so ``--help``, the environment, ``/info``, the CRD and the
+engine cannot drift apart.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from lorafleet.settings import optional, positive, setting, size
 
 QUANTIZATIONS = ("int8", "int4")  # --quantize: weight-only, of the base's projections (server/model/quantized.py)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # --quantize-group-size: what the int4 kernels take
+SIZE_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMGT]?i?B?$"  # what settings.size parses, as the CRD admits it
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str
-    dtype: str = "auto"  # auto: bfloat16 on a cpu with bf16 units (AVX512-BF16, AMX), else float32; the checkpoint's dtype on cuda
-    device: str = "cpu"
-    allow_pickle: bool = False
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None: 1 GiB on cpu, kv_cache_fraction of free memory on cuda
-    kv_cache_fraction: float = 0.85
-    max_input_length: int = 1024
-    max_total_tokens: int = 2048
-    max_batch_prefill_tokens: int = 4096
-    max_batch_total_tokens: int = 65536
-    max_running_requests: int = 256
-    max_lora_rank: int = 64
-    max_active_adapters: int = 8
-    adapter_memory: int | None = None  # bytes for device slots; when set, the slot count follows from it
-    lora_kernel: str = "auto"  # auto: triton on cuda, torch elsewhere; or "torch" / "triton"
-    attention_kernel: str = "auto"  # the same choice for decode attention over the paged cache
-    cuda_graphs: str = "auto"  # auto: decode steps replayed from CUDA graphs on cuda (Triton kernels, length-free RoPE); "on" / "off"
-    linear_kernel: str = "auto"  # auto: oneDNN-packed weights on cpu where torch has them, F.linear elsewhere; or "torch" / "onednn"
-    adapter_roots: list[Path] = field(default_factory=list)
-    adapter_cache_dir: Path = Path("/data/adapters")
-    adapter_disk_cache: int = 20 << 30
-    adapter_cpu_memory: int = 4 << 30
-    adapter_cycle_time_s: float = 2.0
-    quantize: str | None = None  # weight-only quantization of the base's projections at load: int8 or int4 (None: as loaded)
-    quantize_group_size: int = 32  # int4: inputs per (scale, min) group (GGUF Q4 uses 32 too)
-    prefix_caching: bool = True  # reuse full KV blocks of a prefix already computed (per adapter, never across adapters)
+    """Each field made with ``setting`` is also a ``lorafleet serve`` flag, a LORAFLEET_ variable and a line of /info;
+    those with ``crd=`` are BaseModel ``spec.engine`` properties too (lorafleet/settings.py)."""
+
+    model: str  # the folder --model resolved to (ServeConfig.model_id is what was named)
+    dtype: str = setting("auto", help="auto (cpu: bfloat16 where it has bf16 units, else float32; cuda: the checkpoint's), float32, bfloat16, float16")
+    device: str = setting("cpu", help="cpu or cuda", crd={"type": "string", "enum": ["cpu", "cuda"], "default": "cuda"})
+    allow_pickle: bool = setting(False, parse=None, help="allow pickle (.bin) checkpoints and adapters")
+    block_size: int = setting(16, parse=positive(int), help="tokens per KV cache block")
+    kv_cache_memory: int | None = setting(None, parse=size, help="bytes for the KV cache (default: 1G on cpu, a fraction of free memory on cuda)")
+    kv_cache_fraction: float = setting(0.85, parse=positive(float), help="cuda without --kv-cache-memory: the share of free device memory the KV cache takes")
+    max_input_length: int = setting(1024, parse=positive(int), help="longest input in tokens", crd={"type": "integer", "minimum": 1, "default": 1024})
+    max_total_tokens: int = setting(2048, parse=positive(int), help="longest input + output in tokens", crd={"type": "integer", "minimum": 2, "default": 2048})
+    max_batch_prefill_tokens: int = setting(4096, parse=positive(int), help="prompt tokens prefilled in one step", crd={"type": "integer", "minimum": 1})
+    max_batch_total_tokens: int = setting(65536, parse=positive(int), help="tokens of all running sequences together", crd={"type": "integer", "minimum": 2})
+    max_running_requests: int = setting(256, parse=positive(int), help="sequences decoded in one step at most")
+    max_lora_rank: int = setting(64, parse=positive(int), help="largest adapter rank a slot holds",
+                                 crd={"type": "integer", "minimum": 1, "maximum": 512, "default": 64})
+    max_active_adapters: int = setting(8, parse=positive(int), help="device slots for adapters",
+                                       crd={"type": "integer", "minimum": 1, "maximum": 4096, "default": 8})
+    adapter_memory: int | None = setting(None, parse=size, help="bytes for device slots instead of a count (the count follows from --max-lora-rank; "
+                                         "CPU slots are float32 whatever --dtype)", crd={"type": "string", "pattern": SIZE_PATTERN})
+    lora_kernel: str = setting("auto", help="auto (triton on cuda, torch elsewhere), torch or triton: the batched LoRA kernels")
+    attention_kernel: str = setting("auto", help="auto (triton on cuda, torch elsewhere), torch or triton: decode attention over the paged cache")
+    cuda_graphs: str = setting("auto", help="auto (decode steps replayed from CUDA graphs on cuda, with the Triton kernels and a length-free RoPE), on or off")
+    linear_kernel: str = setting("auto", help="auto (oneDNN-packed weights on cpu where torch has them, F.linear elsewhere), torch or onednn")
+    adapter_roots: list[Path] = setting(parse=Path, flag="--adapter-root", multiple=True, default_factory=list,
+                                        help="a folder local adapters may be loaded from (repeatable)")
+    adapter_cache_dir: Path = setting(Path("/data/adapters"), parse=Path, help="the disk tier of the adapter cache")
+    adapter_disk_cache: int = setting(20 << 30, parse=size, help="bytes the disk tier may hold (suffixes K, M, G)")
+    adapter_cpu_memory: int = setting(4 << 30, parse=size, help="bytes of CPU memory for parsed adapters")
+    adapter_cycle_time_s: float = setting(2.0, parse=float, help="how long an adapter keeps a slot while others wait for one")
+    quantize: str | None = setting(None, parse=optional, help="weight-only quantization of the base's projections at load: int8 (per channel) "
+                                   "or int4 (grouped); adapters stay in the activation dtype",
+                                   crd={"type": "string", "enum": list(QUANTIZATIONS),
+                                        "description": "weight-only quantization of the base's projections at load (adapters stay in the activation dtype)"})
+    quantize_group_size: int = setting(32, parse=positive(int), help="int4: inputs per scale group (32, 64, 128 or 256; GGUF Q4 uses 32 too)",
+                                       crd={"type": "integer", "enum": list(INT4_GROUP_SIZES), "default": 32, "description": "int4: inputs per scale group"})
+    prefix_caching: bool = setting(True, parse=None, help="reuse the KV blocks of prompt prefixes already computed, per adapter",
+                                   crd={"type": "boolean", "default": True, "description": "reuse KV blocks of prompt prefixes already computed, per adapter"})
 
     def validate(self) -> None:
         problems = []

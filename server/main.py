@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        folder = resolve_model_folder(args.model, args.model_source, args.revision)
+        folder = resolve_model_folder(args.model_id, args.model_source, args.revision)
         config = serve_config_from_args(args, folder)
         config.engine.validate()
     except (FileNotFoundError, ValueError) as exc:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("--admin-open without --admin-token: anyone who can reach this replica may load, pin, unload and warm adapters")
     elif config.admin_token is None:
         log.info("no --admin-token (LORAFLEET_ADMIN_TOKEN): admin routes (load, pin, unload) are refused")
-    log.info("loading %s from %s", args.model, folder)
+    log.info("loading %s from %s", args.model_id, folder)
     service = ReplicaService(config)
     app = create_app(service)
 

@@ -7,6 +7,7 @@ adapters nobody pinned.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -134,3 +135,35 @@ def test_a_load_names_its_revision_and_an_unload_by_key_leaves_other_versions(se
     conflict = httpx.post(server.url + "/adapters", json={"adapter_id": "org/x@v1", "adapter_source": "hub", "revision": "v2"},
                           headers=ADMIN, timeout=30)
     assert conflict.status_code == 422 and "give one" in conflict.json()["error"]
+
+
+def test_info_reports_every_setting_but_never_a_token(server) -> None:
+    """/info is made from the settings' declarations; the admin and warm tokens are declared secret."""
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    assert "op-secret" not in json.dumps(info) and "admin_token" not in info and "warm_token" not in info
+    assert info["admin_auth"] is True and info["max_lora_rank"] == 16 and info["block_size"] == 4 and info["prefix_caching"] is True
+
+
+def test_a_load_completes_while_listings_keep_the_engine_busy(server) -> None:
+    """An admin load is one future the engine thread settles; a steady stream of other commands (a gateway probing
+    every 0.2 s, an operator listing) must not keep it from settling (it did: the warm hung until the client gave up)."""
+    import threading
+
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            while not stop.is_set():
+                client.get("/adapters")
+
+    probes = [threading.Thread(target=probe) for _ in range(3)]
+    for thread in probes:
+        thread.start()
+    try:
+        httpx.delete(server.url + "/adapters/a1", headers=ADMIN, timeout=30)
+        loaded = httpx.post(server.url + "/adapters", json={"adapter_id": "a1", "adapter_source": "local"}, headers=ADMIN, timeout=15)
+        assert loaded.status_code == 200 and loaded.json()["tier"] == "device"
+    finally:
+        stop.set()
+        for thread in probes:
+            thread.join(10)

@@ -34,10 +34,16 @@ RULES = {
     f"(has(self.maxBatchTotalTokens) ? self.maxBatchTotalTokens : {BATCH_DEFAULT}) >= self.maxTotalTokens":
         lambda e: e.get("maxBatchTotalTokens", BATCH_DEFAULT) >= e["maxTotalTokens"],
 }
-FLAG_OF = {"maxActiveAdapters": "max_active_adapters", "maxLoraRank": "max_lora_rank", "maxBatchTotalTokens": "max_batch_total_tokens",
-           "maxBatchPrefillTokens": "max_batch_prefill_tokens", "maxInputLength": "max_input_length", "maxTotalTokens": "max_total_tokens",
-           "maxConcurrentRequests": "max_concurrent_requests", "device": "device", "adapterMemory": "adapter_memory", "quantize": "quantize",
-           "quantizeGroupSize": "quantize_group_size", "prefixCaching": "prefix_caching"}
+
+
+def setting_of(name: str) -> str:
+    """``maxLoraRank`` -> ``max_lora_rank``: the field a CRD property is generated from (lorafleet/settings.py)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def parsed_value(config: ServeConfig, name: str) -> object:
+    field = setting_of(name)
+    return getattr(config.engine, field) if hasattr(config.engine, field) else getattr(config, field)
 
 
 def samples(schema: dict) -> list:
@@ -79,7 +85,7 @@ def test_engine_fields_become_flags_the_replica_accepts(field: str, value: objec
     args = build_parser().parse_args(serve_args({"model": {"id": "org/base"}, "engine": engine}))
     config = serve_config_from_args(args, Path("/models/base"))
     config.engine.validate()
-    parsed = getattr(config, FLAG_OF[field]) if field == "maxConcurrentRequests" else getattr(config.engine, FLAG_OF[field])
+    parsed = parsed_value(config, field)
     if field == "adapterMemory":
         assert parsed > 0
     else:
@@ -97,7 +103,7 @@ def test_the_crds_defaults_are_the_programs_defaults() -> None:
     serve = build_parser().parse_args(["serve"])
     for name, schema in ENGINE["properties"].items():
         if "default" in schema and name != "device":  # the CRD runs on GPUs by default, `lorafleet serve` on a laptop
-            parsed = getattr(serve, FLAG_OF[name])
+            parsed = getattr(serve, setting_of(name))
             assert parsed == schema["default"], name
     assert ROUTING["properties"]["loadFactor"]["default"] == GatewayConfig().load_factor
     assert SPEC_SCHEMA["image"]["default"] == IMAGE == f"ghcr.io/lorafleet/lorafleet:{__version__}"
@@ -105,3 +111,17 @@ def test_the_crds_defaults_are_the_programs_defaults() -> None:
     images = [c["image"] for doc in operator if doc and doc.get("kind") == "Deployment" for c in doc["spec"]["template"]["spec"]["containers"]]
     assert images == [IMAGE]
     assert ServeConfig.__dataclass_fields__["max_concurrent_requests"].default == ENGINE["properties"]["maxConcurrentRequests"]["default"]
+
+
+def test_the_crds_engine_block_is_generated_from_the_settings() -> None:
+    """One declaration per setting: every CRD engine property is a declared field with that schema, and every field
+    declared with a CRD schema is a property (crds/basemodels.yaml's block is written by `make chart-schema`)."""
+    from lorafleet.settings import crd_properties
+
+    assert ENGINE["properties"] == crd_properties(EngineConfig, ServeConfig)
+
+
+def test_the_operators_rank_fallback_is_the_replicas_default() -> None:
+    from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
+
+    assert DEFAULT_MAX_LORA_RANK == EngineConfig.__dataclass_fields__["max_lora_rank"].default == ENGINE["properties"]["maxLoraRank"]["default"]

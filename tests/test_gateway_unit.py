@@ -155,12 +155,13 @@ async def test_probes_read_each_replicas_hot_adapters() -> None:
 
 
 def test_the_adapter_blind_policies_rotate_and_balance() -> None:
+    from lorafleet.gateway.config import GatewayConfig
     from lorafleet.gateway.proxy import Gateway
 
-    rr = Gateway(ReplicaSet(), None, None, None, 1.25, 1 << 20, 30.0, policy="round-robin")
+    rr = Gateway(ReplicaSet(), None, None, None, GatewayConfig(policy="round-robin"))
     loads = {"a": 5, "b": 0, "c": 2}
     assert [rr._plain_order(loads)[0] for _ in range(6)] == ["b", "c", "a", "b", "c", "a"]  # whatever the loads
-    ll = Gateway(ReplicaSet(), None, None, None, 1.25, 1 << 20, 30.0, policy="least-loaded")
+    ll = Gateway(ReplicaSet(), None, None, None, GatewayConfig(policy="least-loaded"))
     assert ll._plain_order(loads) == ["b", "c", "a"]
     assert {ll._plain_order({"a": 0, "b": 0, "c": 0})[0] for _ in range(3)} == {"a", "b", "c"}  # ties take turns
 

@@ -8,6 +8,7 @@ import time
 
 from support.waiting import wait_until
 
+from lorafleet.operator.config import OperatorConfig
 from lorafleet.operator.fleet import Fleet
 from lorafleet.operator.handlers import Operator
 
@@ -31,7 +32,7 @@ def test_an_idle_fleet_loop_re_places_within_2s_of_a_wake_from_a_worker_thread()
 
     fleet.reconcile = reconcile
     fleet._next_due = lambda: time.monotonic() + 3600.0
-    operator = Operator(kube_factory=None, residency_check_s=3600.0, per_replica=1)
+    operator = Operator(OperatorConfig(residency_check_s=3600.0), kube_factory=None)
     operator.fleets[("default", "m")] = fleet
     stopped = Stopped()
     loop = asyncio.new_event_loop()

@@ -31,6 +31,7 @@ from lorafleet.server.engine.sequence import FinishReason, Sequence
 from lorafleet.server.errors import Conflict, Overloaded, RequestError, Unhealthy, ValidationError
 from lorafleet.server.model.checkpoint import SUPPORTED_ARCHITECTURES
 from lorafleet.server.serve_config import ServeConfig
+from lorafleet.settings import public
 from lorafleet.tracing import setup_tracing
 
 MAX_DISK_RESIDENCY = 256  # disk-tier adapters listed in lorafleet_adapter_loaded: the disk may hold thousands
@@ -341,48 +342,29 @@ class ReplicaService:
                 "residency": residency}
 
     def info(self) -> dict[str, Any]:
-        c, e = self.config, self.config.engine
+        """TGI's fields (clients read them), every declared setting as parsed (lorafleet/settings.py: secrets left
+        out), then what the replica found at start (dtype, slots, kernels, sizes), which wins where both speak."""
+        c, e, runner = self.config, self.config.engine, self.engine.runner
+        packed = runner.packed_format
         return {
-            "model_id": c.model_id,
+            "model_id": c.model_id, "model_sha": None, "model_pipeline_tag": "text-generation", "waiting_served_ratio": None,
+            "max_waiting_tokens": None, "validation_workers": 1, "version": __version__, "sha": None, "docker_label": None,
+            "request_logger_url": None, "eager_prefill": None,
+            **public(c), **public(e),
             "served_model_name": self.base_name,
-            "model_sha": None,
-            "model_dtype": str(self.engine.runner.dtype).removeprefix("torch."),
-            "model_device_type": self.engine.runner.device.type,
-            "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": c.max_concurrent_requests,
-            "max_best_of": c.max_best_of,
-            "max_stop_sequences": c.max_stop_sequences,
-            "max_input_length": e.max_input_length,
-            "max_total_tokens": e.max_total_tokens,
-            "max_batch_total_tokens": e.max_batch_total_tokens,
-            "max_batch_prefill_tokens": e.max_batch_prefill_tokens,
-            "waiting_served_ratio": None,
-            "max_waiting_tokens": None,
-            "validation_workers": 1,
-            "version": __version__,
-            "sha": None,
-            "docker_label": None,
-            "request_logger_url": None,
-            "eager_prefill": None,
-            "adapter_source": c.adapter_source,
-            "max_active_adapters": self.engine.runner.num_slots,
-            "adapter_memory": e.adapter_memory,
-            "max_lora_rank": e.max_lora_rank,
-            "adapter_cycle_time_s": e.adapter_cycle_time_s,
-            "adapter_cpu_memory": e.adapter_cpu_memory,
-            "adapter_disk_cache": e.adapter_disk_cache,
-            "adapter_roots": [str(p) for p in e.adapter_roots],
-            "prefix_caching": self.engine.allocator.caching,
-            "architecture": self.engine.runner.model_config.architecture,
+            "model_dtype": str(runner.dtype).removeprefix("torch."),
+            "model_device_type": runner.device.type,
+            "max_active_adapters": runner.num_slots,
+            "architecture": runner.model_config.architecture,
             "architectures_served": sorted(SUPPORTED_ARCHITECTURES),
             "quantizations_served": list(QUANTIZATIONS),
-            "quantize": e.quantize or (f"{self.engine.runner.packed_format.method} int4" if self.engine.runner.packed_format else None),
-            "quantize_group_size": (self.engine.runner.packed_format.group_size if self.engine.runner.packed_format
-                                    else e.quantize_group_size if e.quantize == "int4" else None),
-            "model_bytes": self.engine.runner.model.nbytes,
-            "kv_cache_bytes": self.engine.runner.kv_cache_bytes,
-            "lora_kernel": self.engine.runner.lora_kernel,
-            "linear_kernel": self.engine.runner.linear_kernel,
+            "quantize": e.quantize or (f"{packed.method} int4" if packed else None),
+            "quantize_group_size": packed.group_size if packed else e.quantize_group_size if e.quantize == "int4" else None,
+            "model_bytes": runner.model.nbytes,
+            "kv_cache_bytes": runner.kv_cache_bytes,
+            "lora_kernel": runner.lora_kernel,
+            "attention_kernel": runner.attention_kernel,
+            "linear_kernel": runner.linear_kernel,
             "admin_auth": c.admin_token is not None,
             "max_pinned_adapters": self.engine.adapters.settings.max_pinned,
         }

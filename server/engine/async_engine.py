@@ -196,6 +196,8 @@ class AsyncEngine:
                 idle = not self.engine.has_work()
                 command = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
                 self._apply(command)
+                if self._settling:  # here too: a steady stream of commands (probes, listings) never lets the queue run dry
+                    self._settle()
                 continue  # drain every pending command before the next step
             except queue.Empty:
                 pass

@@ -17,6 +17,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client, config
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.operator.config import OperatorConfig
 from lorafleet.operator.handlers import register
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,6 +123,6 @@ def operator_running(kube_api, kubectl, monkeypatch, residency_check_s: float = 
     api = config.new_client_from_config(str(kube_api.kubeconfig))
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
-    registry = register(kopf.OperatorRegistry(), residency_check_s=residency_check_s, status_interval=0.5, otlp_endpoint=otlp_endpoint)
+    registry = register(kopf.OperatorRegistry(), OperatorConfig(residency_check_s=residency_check_s, status_interval=0.5, otlp_endpoint=otlp_endpoint))
     with KopfRunner(["run", "--standalone", "--namespace", "default"], registry=registry, settings=settings):
         yield api
