@@ -271,7 +271,7 @@ def test_adapter_memory_sets_the_slot_count(tiny_models, adapter_root, tmp_path)
     with pytest.raises(ValueError, match="holds no adapter slot"):
         dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_memory=per_slot - 1)
     # Under a bf16 model the CPU slots are still float32: the same budget holds the same five, not ten.
-    assert dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_memory=5 * per_slot + per_slot // 2, dtype="bfloat16").num_slots == 5
+    assert dynamic_engine(tiny_models, adapter_root, tmp_path, adapter_memory=5 * per_slot + per_slot // 2, dtype="bfloat16").runner.num_slots == 5
 
 
 def test_adapters_brought_in_for_waiting_requests_are_not_swapped_out_before_they_run(tiny_models, adapter_root, tmp_path) -> None:

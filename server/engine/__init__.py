@@ -1,2 +1,6 @@
-"""The engine: requests as sequences, the paged KV cache, continuous batching, one step at a time,
-sampling and detokenizing, and the thread that runs it for the HTTP layer."""
+"""The engine, split by job as nano-vllm's and vLLM's: ``engine.py`` steps (schedule → run → process output),
+``scheduler.py`` chooses what runs, ``runner.py`` runs the model (dtype, kernels, KV and slot sizing, batch tensors,
+CUDA graphs), ``output.py`` turns logits into tokens and finished requests, ``blocks.py`` owns the KV blocks and the
+prefix cache. ``async_engine.py`` runs it on one thread and is the only door to engine and adapter state: other
+threads send it commands (awaitable) and get answers back on their own loop. Imports model, lora and adapters;
+nothing below imports it (tests/test_layers.py)."""
