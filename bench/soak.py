@@ -36,6 +36,8 @@ from pathlib import Path
 
 import httpx
 
+from lorafleet.net import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ADAPTERS, SLOTS = 12, 4
@@ -49,14 +51,6 @@ ATTACKS = ("poison-merge", "abandoned-merge", "slow-schema", "warm-flood", "cata
 def slow_schema(width: int) -> dict:
     """Each width a new schema; xgrammar compiles these for seconds (tiny vocabulary) to minutes (SmolLM2's)."""
     return {"type": "string", "pattern": "^((.{1," + str(width) + "}){1,20}){1,20}$"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_stats(pid: int) -> tuple[float, int]:

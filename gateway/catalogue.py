@@ -37,9 +37,11 @@ class Catalogue:
             if response.status_code != 200:
                 return
             body = response.json()
+            if not isinstance(body, dict) or not isinstance(body.get("adapters"), list):
+                return
             entries = [e for e in body["adapters"] if isinstance(e, dict) and isinstance(e.get("name"), str)]
             keys = {e["name"]: AdapterRef.from_entry(e).ring_key for e in entries}  # the key the operator placed it by
-        except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+        except (httpx.HTTPError, ValueError, TypeError, KeyError):
             return
         self.entries, self.keys = entries, keys
         self.base, self.version = body.get("base") or self.base, body.get("version")

@@ -131,11 +131,13 @@ class ReplicaSet:
             healthy = (await client.get(replica.url + "/health", timeout=2.0)).status_code == 200
             if healthy and not replica.info_read:
                 info = (await client.get(replica.url + "/info", timeout=2.0)).json()
+                if not isinstance(info, dict):
+                    raise ValueError(f"/info answered {type(info).__name__}, not an object")
                 replica.model_id = info.get("model_id")
                 if isinstance(info.get("max_active_adapters"), int):
                     self.hot.set_slots(replica.name, info["max_active_adapters"])
                 replica.info_read = True
-        except (httpx.HTTPError, ValueError, AttributeError):
+        except (httpx.HTTPError, ValueError):  # a bug here (AttributeError, ...) is not a replica being unhealthy: it raises
             healthy = False
         # Transitions of the probe's own answer, not of the ejection (which expires on a timer: a replica
         # answering for the first time just after its ejection ran out would otherwise never count as back).
@@ -165,11 +167,14 @@ class ReplicaSet:
             response = await client.get(replica.url + "/adapters", params=[("tier", "device"), ("tier", "loading"), ("tier", "cpu")], timeout=2.0)
             if response.status_code != 200:
                 return
-            everything = sorted(response.json(), key=lambda a: -float(a.get("last_used_s_ago") or 0.0))
+            rows = response.json()
+            if not isinstance(rows, list) or not all(isinstance(a, dict) for a in rows):
+                return
+            everything = sorted(rows, key=lambda a: -float(a.get("last_used_s_ago") or 0.0))
             listing = [a for a in everything if a.get("tier") != "cpu"]
             refs = [AdapterRef.from_entry(a) for a in listing]
             warm = [AdapterRef.from_entry(a).ring_key for a in everything if a.get("tier") == "cpu"]
-        except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+        except (httpx.HTTPError, ValueError, TypeError, KeyError):
             return
         self.hot.replace(replica.name, [ref.ring_key for ref in refs])
         self.hot.replace_warm(replica.name, warm)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +31,7 @@ from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_sta
 from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
 from lorafleet.operator.fleet_status import placement, ready_pods
 from lorafleet.operator.replica_client import ReplicaCalls
+from lorafleet.timestamps import now_text
 
 log = logging.getLogger(__name__)
 SETTLE_S = 2.0  # a status is not written while its adapter's work is younger than this (one write, not Warming then Ready)
@@ -39,10 +39,6 @@ RETRY = Backoff(4.0, 60.0)  # a load or a validation fetch that failed for a rea
 RELIST = Backoff(2.0, 2.0)  # a listing or catalogue call: flat, the replica is usually just starting
 UNLOAD_GRACE_S = 3.0
 COALESCE_S = 0.1  # a pass costs O(adapters); events arrive by the thousand
-
-
-def now_text() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

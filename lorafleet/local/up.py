@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.local.replica_stats import read_metrics, replica_stats
+from lorafleet.net import free_port
 from lorafleet.operator.desired import REPLICA_PORT
 
 STATE = "up.json"
@@ -32,12 +32,6 @@ STATE = "up.json"
 def packaged_crds() -> Path:
     """The CRDs shipped as package data: found the same way from a checkout, a wheel or the image."""
     return Path(str(resources.files("lorafleet.crds")))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def basemodel(name: str, model: str, replicas: int) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 import time
@@ -13,6 +12,7 @@ import httpx
 import uvicorn
 
 from lorafleet.http_limits import server_config
+from lorafleet.net import free_port
 from lorafleet.server.api.app import create_app
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.config import EngineConfig
@@ -27,12 +27,6 @@ async def read_body(receive) -> bytes:  # noqa: ANN001 - an ASGI receive
         body += message.get("body", b"")
         if not message.get("more_body"):
             return body
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ThreadedApp:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime
 import random
 import re
 import string
@@ -26,6 +25,7 @@ import jsonpatch
 
 from lorafleet.local.kubeapi.resources import ResourceDef, apply_defaults
 from lorafleet.local.kubeapi.schema_check import schema_error
+from lorafleet.timestamps import now_text
 
 HISTORY = 20_000
 SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -41,10 +41,6 @@ class ApiError(Exception):
     def status_object(self) -> dict[str, Any]:
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
                 "reason": self.reason, "details": self.details, "code": self.status}
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -146,7 +142,7 @@ class Store:
             raise ApiError(409, "AlreadyExists", f'{resource.plural} "{meta["name"]}" already exists',
                            {"name": meta["name"], "group": resource.group, "kind": resource.plural})
         obj["apiVersion"], obj["kind"] = resource.api_version, resource.kind
-        meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), resourceVersion=self._next_version(), generation=1)
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_text(), resourceVersion=self._next_version(), generation=1)
         meta.pop("deletionTimestamp", None)
         if resource.schema:
             apply_defaults(obj, resource.schema)
@@ -242,7 +238,7 @@ class Store:
             if meta.get("deletionTimestamp"):
                 return current
             new = copy.deepcopy(current)
-            new["metadata"]["deletionTimestamp"] = now()
+            new["metadata"]["deletionTimestamp"] = now_text()
             new["metadata"]["resourceVersion"] = self._next_version()
             self._bucket(resource)[(meta.get("namespace"), meta["name"])] = new
             self._emit(resource, "MODIFIED", new)
