@@ -13,6 +13,7 @@ from lorafleet.adapter_ref import AdapterRef
 from lorafleet.bearer import offered_one_of
 from lorafleet.server.adapters.state import TIERS
 from lorafleet.server.api.catalogue import MAX_CATALOGUE, MAX_NAME_LENGTH, Catalogue
+from lorafleet.server.api.deps import Service
 from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
@@ -68,79 +69,88 @@ class TokenBucket:
         return (1 - self._tokens) / self.rate
 
 
-def admin_router(service: ReplicaService) -> APIRouter:
-    router = APIRouter(prefix="/adapters")
+router = APIRouter(prefix="/adapters")
 
-    @router.get("", summary="adapters this replica knows, with their tier (?tier=device&tier=loading to filter)")
-    async def list_adapters(tier: list[str] | None = Query(None)) -> Any:
-        unknown = sorted(set(tier or ()) - set(TIERS))
-        if unknown:
-            raise ValidationError(f"unknown tier {', '.join(unknown)}; tiers are {', '.join(TIERS)}")
-        listing = await service.list_adapters()
-        return [a for a in listing if a["tier"] in tier] if tier else listing
 
-    @router.get("/catalogue", summary="the registered adapters: name -> id, source, revision (the fleet's Adapter resources)")
-    async def get_catalogue(request: Request) -> Any:
-        catalogue = service.catalogue
-        etag = f'"{catalogue.version}"'
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers={"etag": etag})
-        return Response(catalogue.body, media_type="application/json", headers={"etag": etag})
+@router.get("", summary="adapters this replica knows, with their tier (?tier=device&tier=loading to filter)")
+async def list_adapters(service: Service, tier: list[str] | None = Query(None)) -> Any:
+    unknown = sorted(set(tier or ()) - set(TIERS))
+    if unknown:
+        raise ValidationError(f"unknown tier {', '.join(unknown)}; tiers are {', '.join(TIERS)}")
+    listing = await service.list_adapters()
+    return [a for a in listing if a["tier"] in tier] if tier else listing
 
-    @router.put("/catalogue", summary="replace the registered adapters (the operator keeps it equal to the Adapter resources)")
-    async def put_catalogue(request: Request) -> Any:
-        require_admin(service, request)
-        body = await read_json_object(request)
-        entries = body.get("adapters")
-        if not isinstance(entries, list) or len(entries) > MAX_CATALOGUE:
-            raise ValidationError(f"`adapters` must be a list of at most {MAX_CATALOGUE} entries")
-        catalogue: dict[str, AdapterRef] = {}
-        for entry in entries:
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not 0 < len(entry["name"]) <= MAX_NAME_LENGTH:
-                raise ValidationError(f"each entry needs a `name` (a string of 1 to {MAX_NAME_LENGTH} characters) and an `id`")
-            ref = parse_adapter(entry.get("id"), entry.get("source", "hub"), service.limits, entry.get("revision") or None)
-            if ref is None:
-                raise ValidationError(f"entry {entry['name']!r} needs an `id`")
-            catalogue[entry["name"]] = ref
-        snapshot = Catalogue.of(catalogue, service.base_name)  # hashed and encoded once, here
-        service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
-        service.catalogue = snapshot
-        return {"version": snapshot.version, "adapters": len(catalogue)}
 
-    warm_budget = TokenBucket(WARM_RATE_PER_S, WARM_BURST)
+@router.get("/catalogue", summary="the registered adapters: name -> id, source, revision (the fleet's Adapter resources)")
+async def get_catalogue(service: Service, request: Request) -> Any:
+    catalogue = service.catalogue
+    etag = f'"{catalogue.version}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"etag": etag})
+    return Response(catalogue.body, media_type="application/json", headers={"etag": etag})
 
-    @router.post("/warm", summary="load an adapter onto the device, unpinned (the warm or admin token; rate-limited)")
-    async def warm(request: Request) -> Any:
-        """The gateway's hand-off: it moves an adapter's traffic to a replica only once this answered."""
-        require_warm(service, request)
-        wait = warm_budget.take()
-        if wait > 0:
-            return error_response(Overloaded(f"more than {WARM_RATE_PER_S:g} warms a second (burst {WARM_BURST}) asked of this replica; "
-                                             f"retry in {wait:.1f}s"), headers={"retry-after": str(max(1, math.ceil(wait)))})
-        body = await read_json_object(request)
-        ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
+
+@router.put("/catalogue", summary="replace the registered adapters (the operator keeps it equal to the Adapter resources)")
+async def put_catalogue(service: Service, request: Request) -> Any:
+    require_admin(service, request)
+    body = await read_json_object(request)
+    entries = body.get("adapters")
+    if not isinstance(entries, list) or len(entries) > MAX_CATALOGUE:
+        raise ValidationError(f"`adapters` must be a list of at most {MAX_CATALOGUE} entries")
+    catalogue: dict[str, AdapterRef] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not 0 < len(entry["name"]) <= MAX_NAME_LENGTH:
+            raise ValidationError(f"each entry needs a `name` (a string of 1 to {MAX_NAME_LENGTH} characters) and an `id`")
+        ref = parse_adapter(entry.get("id"), entry.get("source", "hub"), service.limits, entry.get("revision") or None)
         if ref is None:
-            raise ValidationError("`adapter_id` is required")
-        return await service.load_adapter(ref, pin=False)
+            raise ValidationError(f"entry {entry['name']!r} needs an `id`")
+        catalogue[entry["name"]] = ref
+    snapshot = Catalogue.of(catalogue, service.base_name)  # hashed and encoded once, here
+    service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
+    service.catalogue = snapshot
+    return {"version": snapshot.version, "adapters": len(catalogue)}
 
-    @router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
-    async def load(request: Request) -> Any:
-        require_admin(service, request)
-        body = await read_json_object(request)
-        ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
-        if ref is None:
-            raise ValidationError("`adapter_id` is required")
-        pin = body.get("pin", False)
-        if not isinstance(pin, bool):
-            raise ValidationError("`pin` must be true or false")
-        token = body.get("api_token")
-        if token is not None and not isinstance(token, str):
-            raise ValidationError("`api_token` must be a string")
-        return await service.load_adapter(ref, pin, token)
 
-    @router.delete("/{adapter_id:path}", summary="unpin and unload an adapter (by id or key)")
-    async def unload(adapter_id: str, request: Request) -> Any:
-        require_admin(service, request)
-        return {"unloaded": await service.unload_adapter(adapter_id)}
+def warm_budget(request: Request) -> TokenBucket:
+    """One bucket per app (a process may run several, as the tests do), made on the first warm."""
+    state = request.app.state
+    if getattr(state, "warm_budget", None) is None:
+        state.warm_budget = TokenBucket(WARM_RATE_PER_S, WARM_BURST)
+    return state.warm_budget
 
-    return router
+
+@router.post("/warm", summary="load an adapter onto the device, unpinned (the warm or admin token; rate-limited)")
+async def warm(service: Service, request: Request) -> Any:
+    """The gateway's hand-off: it moves an adapter's traffic to a replica only once this answered."""
+    require_warm(service, request)
+    wait = warm_budget(request).take()
+    if wait > 0:
+        return error_response(Overloaded(f"more than {WARM_RATE_PER_S:g} warms a second (burst {WARM_BURST}) asked of this replica; "
+                                         f"retry in {wait:.1f}s"), headers={"retry-after": str(max(1, math.ceil(wait)))})
+    body = await read_json_object(request)
+    ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
+    if ref is None:
+        raise ValidationError("`adapter_id` is required")
+    return await service.load_adapter(ref, pin=False)
+
+
+@router.post("", summary="load an adapter onto the device (pre-warm), optionally pinned")
+async def load(service: Service, request: Request) -> Any:
+    require_admin(service, request)
+    body = await read_json_object(request)
+    ref = parse_adapter(body.get("adapter_id"), body.get("adapter_source"), service.limits, body.get("revision"))
+    if ref is None:
+        raise ValidationError("`adapter_id` is required")
+    pin = body.get("pin", False)
+    if not isinstance(pin, bool):
+        raise ValidationError("`pin` must be true or false")
+    token = body.get("api_token")
+    if token is not None and not isinstance(token, str):
+        raise ValidationError("`api_token` must be a string")
+    return await service.load_adapter(ref, pin, token)
+
+
+@router.delete("/{adapter_id:path}", summary="unpin and unload an adapter (by id or key)")
+async def unload(service: Service, adapter_id: str, request: Request) -> Any:
+    require_admin(service, request)
+    return {"unloaded": await service.unload_adapter(adapter_id)}

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,14 +16,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorafleet import __version__
 from lorafleet.http_limits import head_too_large
-from lorafleet.server.api.admin import admin_router
+from lorafleet.server.api import admin, openai, tgi
 from lorafleet.server.api.catalogue import MAX_CATALOGUE_BODY_BYTES
+from lorafleet.server.api.deps import Service
 from lorafleet.server.api.errors import HANDLED
 from lorafleet.server.api.http_common import error_response, read_json_object
-from lorafleet.server.api.openai import openai_router
 from lorafleet.server.api.request_spans import start_request_span
 from lorafleet.server.api.service import ReplicaService
-from lorafleet.server.api.tgi import tgi_router
 from lorafleet.server.errors import RequestError
 
 METRICS_WAIT_S = 10.0  # a scrape waits at most this for the engine thread (one step, normally milliseconds)
@@ -110,6 +109,59 @@ class RequestMetrics:
             metrics.duration.labels(route).observe(time.perf_counter() - started)
 
 
+async def request_error(_: Request, exc: Exception) -> JSONResponse:
+    """The one place an error becomes a response: routes raise, ``classify`` says the status."""
+    return error_response(exc)
+
+
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in the API's error shape too (clients parse one shape)."""
+    kind = {404: "not_found", 405: "validation"}.get(exc.status_code, "validation")
+    return JSONResponse({"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def schema_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": str(exc.errors()), "error_type": "validation"}, status_code=422)
+
+
+router = APIRouter()
+
+
+@router.get("/health", summary="200 when the engine can serve, 503 otherwise")
+async def health(service: Service) -> Response:
+    if service.healthy:
+        return Response(status_code=200)
+    reason = "shutting down" if service.draining else (service.runner.last_error or "not ready")
+    return JSONResponse({"error": reason, "error_type": "unhealthy"}, status_code=503)
+
+
+@router.get("/info", summary="model and limits")
+async def info(service: Service) -> dict:
+    return service.info()
+
+
+@router.get("/metrics", summary="Prometheus text")
+async def metrics(service: Service) -> Response:
+    try:  # the engine thread reads its own state between steps (slots and states change under any other reader)
+        snapshot = await asyncio.wait_for(service.runner.call(service.snapshot), METRICS_WAIT_S)
+    except TimeoutError:
+        return JSONResponse({"error": f"the engine did not answer within {METRICS_WAIT_S:g}s", "error_type": "unhealthy"}, status_code=503)
+    return Response(service.metrics.render(snapshot), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/tokenize", summary="tokens of an input, with character offsets")
+async def tokenize(service: Service, request: Request) -> Any:
+    body = await read_json_object(request)
+    if not isinstance(body.get("inputs"), str):
+        raise RequestError("`inputs` must be a string")
+    special = body.get("add_special_tokens", True)
+    if not isinstance(special, bool):
+        raise RequestError("`add_special_tokens` must be true or false")
+    encoded = service.tokenizer(body["inputs"], add_special_tokens=special, return_offsets_mapping=True)
+    text = body["inputs"]
+    return [{"id": token, "text": text[start:stop], "start": start, "stop": stop} for token, (start, stop) in zip(encoded.input_ids, encoded.offset_mapping)]
+
+
 def create_app(service: ReplicaService) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,61 +174,12 @@ def create_app(service: ReplicaService) -> FastAPI:
     app = FastAPI(title="lorafleet replica", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=service.config.max_body_bytes,
                        route_limits={("PUT", "/adapters/catalogue"): max(MAX_CATALOGUE_BODY_BYTES, service.config.max_body_bytes)})
-
     app.add_middleware(RequestMetrics, service=service)
-
-    async def request_error(_: Request, exc: Exception) -> JSONResponse:
-        """The one place an error becomes a response: routes raise, ``classify`` says the status."""
-        return error_response(exc)
-
     for family in HANDLED:
         app.add_exception_handler(family, request_error)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """Unknown routes and methods answer in the API's error shape too (clients parse one shape)."""
-        kind = {404: "not_found", 405: "validation"}.get(exc.status_code, "validation")
-        return JSONResponse({"error": str(exc.detail), "error_type": kind}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def schema_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": str(exc.errors()), "error_type": "validation"}, status_code=422)
-
-    @app.get("/health", summary="200 when the engine can serve, 503 otherwise")
-    async def health() -> Response:
-        if service.healthy:
-            return Response(status_code=200)
-        reason = "shutting down" if service.draining else (service.runner.last_error or "not ready")
-        return JSONResponse({"error": reason, "error_type": "unhealthy"}, status_code=503)
-
-    @app.get("/info", summary="model and limits")
-    async def info() -> dict:
-        return service.info()
-
-    @app.get("/metrics", summary="Prometheus text")
-    async def metrics() -> Response:
-        try:  # the engine thread reads its own state between steps (slots and states change under any other reader)
-            snapshot = await asyncio.wait_for(service.runner.call(service.snapshot), METRICS_WAIT_S)
-        except TimeoutError:
-            return JSONResponse({"error": f"the engine did not answer within {METRICS_WAIT_S:g}s", "error_type": "unhealthy"}, status_code=503)
-        return Response(service.metrics.render(snapshot), media_type="text/plain; version=0.0.4")
-
-    @app.post("/tokenize", summary="tokens of an input, with character offsets")
-    async def tokenize(request: Request) -> Any:
-        body = await read_json_object(request)
-        if not isinstance(body.get("inputs"), str):
-            raise RequestError("`inputs` must be a string")
-        special = body.get("add_special_tokens", True)
-        if not isinstance(special, bool):
-            raise RequestError("`add_special_tokens` must be true or false")
-        encoded = service.tokenizer(body["inputs"], add_special_tokens=special, return_offsets_mapping=True)
-        text = body["inputs"]
-        return [
-            {"id": token, "text": text[start:stop], "start": start, "stop": stop}
-            for token, (start, stop) in zip(encoded.input_ids, encoded.offset_mapping)
-        ]
-
-    app.include_router(tgi_router(service))
-    app.include_router(openai_router(service))
-    app.include_router(admin_router(service))
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, schema_error)
+    app.state.service = service  # the routers' dependency (server/api/deps.py)
+    for routes in (router, tgi.router, openai.router, admin.router):
+        app.include_router(routes)
     return app

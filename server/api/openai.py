@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.server.api.deps import Service
 from lorafleet.server.api.http_common import read_json_object, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService, independent_copies
 from lorafleet.server.api.streaming import sse, sse_events
@@ -125,92 +126,92 @@ def adapter_headers(job: GenerateJob, tier: str) -> dict[str, str]:
     return {"x-adapter-id": job.adapter.id if job.adapter else "", "x-adapter-tier": tier}
 
 
-def openai_router(service: ReplicaService) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1")
 
-    @router.get("/models", summary="the base model, the registered adapters, and the others this replica holds")
-    async def models() -> dict:
-        created, base = int(time.time()), service.base_name
-        data = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet", "root": service.config.model_id, "parent": None}]
-        catalogue = service.limits.catalogue
-        for name, ref in sorted(catalogue.items()):
-            data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": ref.id, "parent": base})
-        registered = set(catalogue.values())
-        known = {AdapterRef(a["source"], a["id"], a["revision"]) for a in await service.list_adapters()}  # read on the engine thread
-        for ref in sorted(known - registered, key=lambda r: r.key):
-            data.append({"id": ref.id, "object": "model", "created": created, "owned_by": "lorafleet", "root": ref.id, "parent": base})
-        return {"object": "list", "data": data}
 
-    @router.post("/completions", summary="OpenAI completions; `model` is the adapter id")
-    async def completions(request: Request) -> Any:
-        body = await read_json_object(request)
-        prompts = body.get("prompt")
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValidationError("`prompt` must be a string or a non-empty list of strings")
-        n = _count(body, "n", 1)
-        stream = bool(body.get("stream"))
-        body.setdefault("max_tokens", 16)
-        jobs = [c for p in prompts for c in independent_copies(to_job(service, request, body, p, stream), n)]
-        model = body.get("model") or service.base_name
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = bool(body.get("echo"))
-        if stream:
-            if len(jobs) != 1:
-                raise ValidationError("streaming supports one prompt with n = 1")
+@router.get("/models", summary="the base model, the registered adapters, and the others this replica holds")
+async def models(service: Service) -> dict:
+    created, base = int(time.time()), service.base_name
+    data = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet", "root": service.config.model_id, "parent": None}]
+    catalogue = service.limits.catalogue
+    for name, ref in sorted(catalogue.items()):
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": ref.id, "parent": base})
+    registered = set(catalogue.values())
+    known = {AdapterRef(a["source"], a["id"], a["revision"]) for a in await service.list_adapters()}  # read on the engine thread
+    for ref in sorted(known - registered, key=lambda r: r.key):
+        data.append({"id": ref.id, "object": "model", "created": created, "owned_by": "lorafleet", "root": ref.id, "parent": base})
+    return {"object": "list", "data": data}
 
-            def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
-                if start:
-                    return [{"id": ident, "object": "text_completion", "created": created, "model": model,
-                             "choices": [{"index": 0, "text": prompts[0], "logprobs": None, "finish_reason": None}]}] if echo else []
-                return {"id": ident, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-            return await openai_stream(service, request, jobs[0], chunk)
-        results = await run_all(service, request, jobs)
-        choices = []
-        for index, (job, completion) in enumerate(zip(jobs, results)):
-            prefix = job.inputs if echo else ""
-            choices.append({
-                "index": index, "text": prefix + completion.seq.text,
-                "logprobs": logprobs_json(completion, len(prefix)) if job.params.alternatives or body.get("logprobs") == 0 else None,
-                "finish_reason": finish_reason(completion.seq.finish_reason),
-            })
-        return JSONResponse({"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)},
-                            headers=adapter_headers(jobs[0], results[0].seq.adapter_tier))
+@router.post("/completions", summary="OpenAI completions; `model` is the adapter id")
+async def completions(service: Service, request: Request) -> Any:
+    body = await read_json_object(request)
+    prompts = body.get("prompt")
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValidationError("`prompt` must be a string or a non-empty list of strings")
+    n = _count(body, "n", 1)
+    stream = bool(body.get("stream"))
+    body.setdefault("max_tokens", 16)
+    jobs = [c for p in prompts for c in independent_copies(to_job(service, request, body, p, stream), n)]
+    model = body.get("model") or service.base_name
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    echo = bool(body.get("echo"))
+    if stream:
+        if len(jobs) != 1:
+            raise ValidationError("streaming supports one prompt with n = 1")
 
-    @router.post("/chat/completions", summary="OpenAI chat completions with the tokenizer's chat template")
-    async def chat(request: Request) -> Any:
-        body = await read_json_object(request)
-        prompt_ids = chat_prompt(service, body.get("messages"))
-        n = _count(body, "n", 1)
-        stream = bool(body.get("stream"))
-        job = to_job(service, request, body, service.tokenizer.decode(prompt_ids), stream)
-        job.prompt_ids = prompt_ids
-        jobs = independent_copies(job, n)
-        model = body.get("model") or service.base_name
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if stream:
-            if n != 1:
-                raise ValidationError("streaming supports n = 1")
+        def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
+            if start:
+                return [{"id": ident, "object": "text_completion", "created": created, "model": model,
+                         "choices": [{"index": 0, "text": prompts[0], "logprobs": None, "finish_reason": None}]}] if echo else []
+            return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-            def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
-                base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
-                if start:
-                    return [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}]
-                delta = {"content": text} if text else {}
-                return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return await openai_stream(service, request, jobs[0], chunk)
+    results = await run_all(service, request, jobs)
+    choices = []
+    for index, (job, completion) in enumerate(zip(jobs, results)):
+        prefix = job.inputs if echo else ""
+        choices.append({
+            "index": index, "text": prefix + completion.seq.text,
+            "logprobs": logprobs_json(completion, len(prefix)) if job.params.alternatives or body.get("logprobs") == 0 else None,
+            "finish_reason": finish_reason(completion.seq.finish_reason),
+        })
+    return JSONResponse({"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)},
+                        headers=adapter_headers(jobs[0], results[0].seq.adapter_tier))
 
-            return await openai_stream(service, request, job, chunk)
-        results = await run_all(service, request, jobs)
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": c.seq.text}, "logprobs": None, "finish_reason": finish_reason(c.seq.finish_reason)}
-            for i, c in enumerate(results)
-        ]
-        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)},
-                            headers=adapter_headers(jobs[0], results[0].seq.adapter_tier))
 
-    return router
+@router.post("/chat/completions", summary="OpenAI chat completions with the tokenizer's chat template")
+async def chat(service: Service, request: Request) -> Any:
+    body = await read_json_object(request)
+    prompt_ids = chat_prompt(service, body.get("messages"))
+    n = _count(body, "n", 1)
+    stream = bool(body.get("stream"))
+    job = to_job(service, request, body, service.tokenizer.decode(prompt_ids), stream)
+    job.prompt_ids = prompt_ids
+    jobs = independent_copies(job, n)
+    model = body.get("model") or service.base_name
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if stream:
+        if n != 1:
+            raise ValidationError("streaming supports n = 1")
+
+        def chunk(text: str | None, finish: str | None, start: bool = False) -> Any:
+            base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+            if start:
+                return [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}]
+            delta = {"content": text} if text else {}
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        return await openai_stream(service, request, job, chunk)
+    results = await run_all(service, request, jobs)
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": c.seq.text}, "logprobs": None, "finish_reason": finish_reason(c.seq.finish_reason)}
+        for i, c in enumerate(results)
+    ]
+    return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage(results, n)},
+                        headers=adapter_headers(jobs[0], results[0].seq.adapter_tier))
 
 
 def chat_prompt(service: ReplicaService, messages: Any) -> list[int]:

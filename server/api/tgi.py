@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lorafleet.server.api.deps import Service
 from lorafleet.server.api.http_common import read_json, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService
 from lorafleet.server.api.streaming import sse, sse_events
@@ -118,19 +119,19 @@ async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
     return JSONResponse([body] if mode == "root" else body, headers=completion_headers(completion, job))
 
 
-def tgi_router(service: ReplicaService) -> APIRouter:
-    router = APIRouter()
+router = APIRouter()
 
-    @router.post("/", summary="Generate (LoRAX compatible: a list of one response, or SSE when stream is true)")
-    async def root(request: Request) -> Any:
-        return await generate(service, request, "root")
 
-    @router.post("/generate", summary="Generate one response")
-    async def generate_route(request: Request) -> Any:
-        return await generate(service, request, "generate")
+@router.post("/", summary="Generate (LoRAX compatible: a list of one response, or SSE when stream is true)")
+async def root(request: Request, service: Service) -> Any:
+    return await generate(service, request, "root")
 
-    @router.post("/generate_stream", summary="Generate, streaming tokens as Server-Sent Events")
-    async def generate_stream(request: Request) -> Any:
-        return await generate(service, request, "stream")
 
-    return router
+@router.post("/generate", summary="Generate one response")
+async def generate_route(request: Request, service: Service) -> Any:
+    return await generate(service, request, "generate")
+
+
+@router.post("/generate_stream", summary="Generate, streaming tokens as Server-Sent Events")
+async def generate_stream(request: Request, service: Service) -> Any:
+    return await generate(service, request, "stream")

@@ -94,6 +94,7 @@ def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits, revision
 
 
 def validate_generate(body: Any, limits: Limits, stream: bool = False) -> GenerateJob:
+    """A TGI/LoRAX generate body as a job, with TGI's own messages for what it refuses (clients match on them)."""
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object")
     inputs = body.get("inputs")
@@ -101,94 +102,21 @@ def validate_generate(body: Any, limits: Limits, stream: bool = False) -> Genera
         raise ValidationError("`inputs` must be a string")
     if not inputs:
         raise ValidationError("`inputs` cannot be empty")
-    parameters = body.get("parameters") or {}
-    if not isinstance(parameters, dict):
+    p = body.get("parameters") or {}
+    if not isinstance(p, dict):
         raise ValidationError("`parameters` must be a JSON object")
     if "stream" in body and body["stream"] is not None:
         if not isinstance(body["stream"], bool):
             raise ValidationError("`stream` must be true or false")
         stream = stream or body["stream"]
-    p = parameters
-
-    temperature = _number(p, "temperature", float)
-    if temperature is not None and temperature < 0:
-        raise ValidationError("`temperature` must be >= 0.0")
-    low, high = TEMPERATURE_RANGE
-    if temperature and not low <= temperature <= high:
-        raise ValidationError(f"`temperature` must be 0 (greedy) or between {low} and {high}. Given: {temperature!r}")
-    repetition_penalty = _number(p, "repetition_penalty", float)
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise ValidationError("`repetition_penalty` must be strictly positive")
-    low, high = REPETITION_PENALTY_RANGE
-    if repetition_penalty is not None and not low <= repetition_penalty <= high:
-        raise ValidationError(f"`repetition_penalty` must be between {low} and {high}. Given: {repetition_penalty!r}")
-    penalties = {}
-    for name in ("frequency_penalty", "presence_penalty"):
-        penalties[name] = _number(p, name, float, 0.0)
-        if not -2.0 <= penalties[name] <= 2.0:
-            raise ValidationError(f"`{name}` must be >= -2.0 and <= 2.0")
-    top_k = _number(p, "top_k", int)
-    if top_k is not None and top_k <= 0:
-        raise ValidationError("`top_k` must be strictly positive")
-    top_p = _number(p, "top_p", float)
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValidationError("`top_p` must be > 0.0 and <= 1.0")
-    typical_p = _number(p, "typical_p", float)
-    if typical_p is not None and not 0.0 < typical_p < 1.0:
-        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
-    max_new_tokens = _number(p, "max_new_tokens", int)
-    if max_new_tokens is not None and max_new_tokens <= 0:
-        raise ValidationError("`max_new_tokens` must be strictly positive")
-    if max_new_tokens is not None and max_new_tokens >= limits.max_total_tokens:
-        raise ValidationError(f"`max_new_tokens` must be < {limits.max_total_tokens}. Given: {max_new_tokens}")
-    seed = _number(p, "seed", int)
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ValidationError(f"`seed` must be an unsigned 64-bit integer. Given: {seed}")
+    params, max_new_tokens = _sampling(p, limits)
     truncate = _number(p, "truncate", int)
     if truncate is not None and not 0 < truncate <= limits.max_input_length:
         raise ValidationError(f"`truncate` must be strictly positive and less than {limits.max_input_length}. Given: {truncate}")
-    stop = p.get("stop") or []
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise ValidationError("`stop` must be a list of strings")
-    if len(stop) > limits.max_stop_sequences:
-        raise ValidationError(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
-    alternatives = _number(p, "return_k_alternatives", int, 0)
-    if not 0 <= alternatives <= limits.max_alternatives:
-        raise ValidationError(f"`return_k_alternatives` must be >= 0 and <= {limits.max_alternatives}. Given: {alternatives}")
     best_of = _number(p, "best_of", int, 1)
-    do_sample = _flag(p, "do_sample")
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens or 1,
-        temperature=temperature,
-        do_sample=do_sample,
-        top_k=top_k,
-        top_p=top_p,
-        typical_p=typical_p,
-        repetition_penalty=repetition_penalty,
-        frequency_penalty=penalties["frequency_penalty"],
-        presence_penalty=penalties["presence_penalty"],
-        seed=seed,
-        stop=list(stop),
-        ignore_eos=_flag(p, "ignore_eos_token"),
-        alternatives=alternatives,
-        prefill_logprobs=_flag(p, "decoder_input_details"),
-    )
-    if not 0 < best_of <= limits.max_best_of:
-        raise ValidationError(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
-    if best_of > 1:
-        if not params.sampling:
-            raise ValidationError("you must use sampling when `best_of` is > 1")
-        if seed is not None:
-            raise ValidationError("`seed` must not be set when `best_of` > 1")
-        if stream:
-            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-    if params.prefill_logprobs and stream:
-        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
-
+    _check_streaming_and_best_of(params, best_of, stream, limits)
     adapter = parse_adapter(p.get("adapter_id"), p.get("adapter_source"), limits)
-    merge = None
-    if p.get("merged_adapters") is not None:
-        merge = _validate_merged(p["merged_adapters"], adapter, p.get("adapter_source"), limits)
+    merge = _validate_merged(p["merged_adapters"], adapter, p.get("adapter_source"), limits) if p.get("merged_adapters") is not None else None
     api_token = p.get("api_token")
     if api_token is not None and not isinstance(api_token, str):
         raise ValidationError("`api_token` must be a string")
@@ -201,6 +129,72 @@ def validate_generate(body: Any, limits: Limits, stream: bool = False) -> Genera
         truncate=truncate, details=_flag(p, "details"), decoder_input_details=params.prefill_logprobs,
         return_full_text=_flag(p, "return_full_text"), best_of=best_of, stream=stream, merge=merge,
     )
+
+
+def _sampling(p: dict, limits: Limits) -> tuple[SamplingParams, int | None]:
+    """The sampling parameters, each checked against its range; (params, max_new_tokens as given)."""
+    temperature = _number(p, "temperature", float)
+    if temperature is not None and temperature < 0:
+        raise ValidationError("`temperature` must be >= 0.0")
+    low, high = TEMPERATURE_RANGE
+    if temperature and not low <= temperature <= high:
+        raise ValidationError(f"`temperature` must be 0 (greedy) or between {low} and {high}. Given: {temperature!r}")
+    repetition_penalty = _number(p, "repetition_penalty", float)
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    low, high = REPETITION_PENALTY_RANGE
+    if repetition_penalty is not None and not low <= repetition_penalty <= high:
+        raise ValidationError(f"`repetition_penalty` must be between {low} and {high}. Given: {repetition_penalty!r}")
+    penalties = {name: _number(p, name, float, 0.0) for name in ("frequency_penalty", "presence_penalty")}
+    for name, value in penalties.items():
+        if not -2.0 <= value <= 2.0:
+            raise ValidationError(f"`{name}` must be >= -2.0 and <= 2.0")
+    top_k = _within(p, "top_k", int, lambda v: v > 0, "`top_k` must be strictly positive")
+    top_p = _within(p, "top_p", float, lambda v: 0.0 < v <= 1.0, "`top_p` must be > 0.0 and <= 1.0")
+    typical_p = _within(p, "typical_p", float, lambda v: 0.0 < v < 1.0, "`typical_p` must be > 0.0 and < 1.0")
+    max_new_tokens = _within(p, "max_new_tokens", int, lambda v: v > 0, "`max_new_tokens` must be strictly positive")
+    if max_new_tokens is not None and max_new_tokens >= limits.max_total_tokens:
+        raise ValidationError(f"`max_new_tokens` must be < {limits.max_total_tokens}. Given: {max_new_tokens}")
+    seed = _number(p, "seed", int)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValidationError(f"`seed` must be an unsigned 64-bit integer. Given: {seed}")
+    stop = p.get("stop") or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ValidationError("`stop` must be a list of strings")
+    if len(stop) > limits.max_stop_sequences:
+        raise ValidationError(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(stop)}")
+    alternatives = _number(p, "return_k_alternatives", int, 0)
+    if not 0 <= alternatives <= limits.max_alternatives:
+        raise ValidationError(f"`return_k_alternatives` must be >= 0 and <= {limits.max_alternatives}. Given: {alternatives}")
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens or 1, temperature=temperature, do_sample=_flag(p, "do_sample"), top_k=top_k, top_p=top_p,
+        typical_p=typical_p, repetition_penalty=repetition_penalty, frequency_penalty=penalties["frequency_penalty"],
+        presence_penalty=penalties["presence_penalty"], seed=seed, stop=list(stop), ignore_eos=_flag(p, "ignore_eos_token"),
+        alternatives=alternatives, prefill_logprobs=_flag(p, "decoder_input_details"),
+    )
+    return params, max_new_tokens
+
+
+def _within(p: dict, name: str, kind: type, ok: Any, message: str) -> Any:
+    """An optional number that, when given, must pass ``ok``."""
+    value = _number(p, name, kind)
+    if value is not None and not ok(value):
+        raise ValidationError(message)
+    return value
+
+
+def _check_streaming_and_best_of(params: SamplingParams, best_of: int, stream: bool, limits: Limits) -> None:
+    if not 0 < best_of <= limits.max_best_of:
+        raise ValidationError(f"`best_of` must be > 0 and <= {limits.max_best_of}. Given: {best_of}")
+    if best_of > 1:
+        if not params.sampling:
+            raise ValidationError("you must use sampling when `best_of` is > 1")
+        if params.seed is not None:
+            raise ValidationError("`seed` must not be set when `best_of` > 1")
+        if stream:
+            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+    if params.prefill_logprobs and stream:
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
 
 
 def _validate_merged(merged: Any, adapter: AdapterRef | None, adapter_source: Any, limits: Limits) -> MergeSpec:
