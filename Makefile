@@ -39,14 +39,14 @@ test-fast: $(STAMP)
 test-old-stack:
 	$(MAKE) $(STAMP:$(VENV)/%=.venv-old/%) VENV=.venv-old
 	.venv-old/bin/python -P -m pip install --quiet $(OLD_STACK_SPEC)
-	.venv-old/bin/python -P -m pytest -q tests/test_engine_parity.py tests/test_multi_lora.py tests/test_smollm2_engine.py tests/test_model_store.py
+	.venv-old/bin/python -P -m pytest -q tests/engine/test_engine_parity.py tests/engine/test_multi_lora.py tests/engine/test_smollm2_engine.py tests/packaging/test_model_store.py
 
 # Lint (rules in pyproject.toml). Formatting is not enforced: the code's compact style (one-line
 # literals, lines up to 160) is kept by hand, and ruff format would rewrite it file by file.
 lint: $(STAMP)
 	$(BIN)/ruff check server gateway lorafleet operator tests bench charts
 
-# The chart's values.schema.json takes baseModel.spec and adapters[].spec from crds/ (tests/test_chart.py checks it).
+# The chart's values.schema.json takes baseModel.spec and adapters[].spec from crds/ (tests/packaging/test_chart.py checks it).
 chart-schema: $(STAMP)
 	$(BIN)/python -P charts/values_schema.py
 

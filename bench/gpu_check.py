@@ -94,7 +94,7 @@ def check_decode_step(peak: float | None, device: torch.device = torch.device("c
     8 rank-16 adapters over all projections), eager vs replayed from a CUDA graph, against the step's memory roofline
     (every weight and cached key/value read once). The two must produce the same hidden states.
 
-    On CPU (tests/test_gpu_check.py, at tiny shapes, Triton interpreted) both runs are eager: what that
+    On CPU (tests/packaging/test_gpu_check.py, at tiny shapes, Triton interpreted) both runs are eager: what that
     keeps working is everything around the capture, so a GPU session measures instead of repairing."""
     import tempfile
     from pathlib import Path

@@ -51,14 +51,14 @@ if [ "$MODE" = cuda ]; then
     export TRITON_INTERPRET=0  # real kernels: the tests' conftest only sets it where unset
     step gpu_check 200 $PYTHON -P bench/gpu_check.py
     step parity 240 env LORAFLEET_TEST_DEVICE=cuda $PYTHON -P -m pytest -q -p no:cacheprovider --timeout 120 \
-        tests/test_engine_parity.py tests/test_multi_lora.py tests/test_decode_graphs.py tests/test_quantized.py tests/test_prefix_cache.py \
-        tests/test_mixtral.py tests/test_prequantized.py -k "not smollm2"  # the GPU machine has no converted SmolLM2
+        tests/engine/test_engine_parity.py tests/engine/test_multi_lora.py tests/engine/test_decode_graphs.py tests/engine/test_quantized.py tests/engine/test_prefix_cache.py \
+        tests/engine/test_mixtral.py tests/engine/test_prequantized.py -k "not smollm2"  # the GPU machine has no converted SmolLM2
     step throughput 180 $PYTHON -P bench/gpu_throughput.py --device cuda
 else
     say "[install] uses this checkout's .venv (--cpu)"
     needs_cuda gpu_check
-    step gpu_check_cpu 120 $PYTHON -P -m pytest -q -p no:cacheprovider tests/test_gpu_check.py
-    step parity 300 $PYTHON -P -m pytest -q -p no:cacheprovider tests/test_engine_parity.py tests/test_multi_lora.py tests/test_decode_graphs.py
+    step gpu_check_cpu 120 $PYTHON -P -m pytest -q -p no:cacheprovider tests/packaging/test_gpu_check.py
+    step parity 300 $PYTHON -P -m pytest -q -p no:cacheprovider tests/engine/test_engine_parity.py tests/engine/test_multi_lora.py tests/engine/test_decode_graphs.py
     step throughput 300 $PYTHON -P bench/gpu_throughput.py --device cpu --concurrency 1 4 --new-tokens 8
     needs_cuda "throughput cuda_graphs on"
 fi

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from lorafleet.settings import optional, positive, setting
 
 # A BaseModel that sets no engine.maxLoraRank gets the replica's default (`lorafleet serve --max-lora-rank`; the CRD's
-# default says the same, tests/test_crd_flags.py keeps them equal): what the operator checks adapters against.
+# default says the same, tests/operator/test_crd_flags.py keeps them equal): what the operator checks adapters against.
 DEFAULT_MAX_LORA_RANK = 64
 
 

@@ -13,7 +13,7 @@ All members must have one rank (these strategies combine A and B element by elem
 that rank and scale 1 (sqrt(r) when the first member uses rsLoRA), as peft sets lora_alpha = r. DARE's
 random masks come from a generator seeded by the whole spec, so a spec always merges to the same adapter.
 The work follows peft's order (layers, then q/k/v/o/gate/up/down, A before B), so with the same seed in
-torch's default generator peft draws the same masks (tests/test_merged_adapters.py compares the two).
+torch's default generator peft draws the same masks (tests/adapters/test_merged_adapters.py compares the two).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ norms, embeddings and the head stay in the activation dtype; only the projection
   size is not a multiple of 16) keeps two nibbles per byte and widens per call.
 
 ``dequantize`` gives back exactly the weights the kernels compute with, so a reference model built from it
-(tests/test_quantized.py) isolates the kernels and the packing from the quantization error itself.
+(tests/engine/test_quantized.py) isolates the kernels and the packing from the quantization error itself.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from lorafleet import ring
 
 pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASEMODEL = """
 apiVersion: lorafleet.io/v1alpha1
 kind: BaseModel

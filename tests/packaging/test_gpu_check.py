@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import gpu_check  # noqa: E402
 
 pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`

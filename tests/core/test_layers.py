@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"server": "lorafleet.server", "gateway": "lorafleet.gateway", "operator": "lorafleet.operator", "lorafleet": "lorafleet"}
 # Lowest first. A room may import only rooms above it in this list (and itself). "core" is lorafleet/*.py: torch-free,
 # shared by all three processes.

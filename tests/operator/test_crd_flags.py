@@ -23,7 +23,7 @@ from lorafleet.operator.desired import IMAGE, gateway_deployment, serve_args
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.serve_config import ServeConfig, serve_config_from_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "basemodels.yaml").read_text())
 SPEC_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
 ENGINE, ROUTING = SPEC_SCHEMA["engine"], SPEC_SCHEMA["routing"]

@@ -16,7 +16,7 @@ from lorafleet.operator import adapter_check
 from lorafleet.operator.desired import fleet_objects, gateway_deployment, replica_deployment, serve_args
 from lorafleet.operator.fleet_status import basemodel_status, placement, ready_pods
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = {"model": {"id": "org/base", "source": "hub", "dtype": "bfloat16"}, "replicas": 3}
 
 

@@ -166,7 +166,7 @@ def test_the_inference_pool_sample_selects_the_replicas_the_operator_makes() -> 
 
     from lorafleet.operator.desired import REPLICA_PORT, fleet_objects
 
-    pool, route = yaml.safe_load_all((Path(__file__).resolve().parents[1] / "manifests" / "samples" / "inferencepool.yaml").read_text())
+    pool, route = yaml.safe_load_all((Path(__file__).resolve().parents[2] / "manifests" / "samples" / "inferencepool.yaml").read_text())
     objects = fleet_objects("smollm2", "default", {"model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, "token", "warm")
     replica_pods = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "smollm2-replicas")["spec"]["template"]["metadata"]["labels"]
     gateway_pods = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "smollm2")["spec"]["template"]["metadata"]["labels"]

@@ -93,7 +93,7 @@ CASES = [
     ("tokenize without inputs", "/tokenize", {"text": "x"}, {}, 422, "validation", "`inputs` must be a string"),
     # Values that once poisoned the engine (a NaN temperature failed every stream of its batch and
     # turned /health red for good), refused with the field's name; the engine's own isolation is
-    # tests/test_engine_isolation.py.
+    # tests/engine/test_engine_isolation.py.
     ("temperature NaN", "/generate", raw('"temperature": NaN'), {}, 422, "validation", "`parameters.temperature` must be a finite number, got nan"),
     ("temperature Infinity", "/generate", raw('"temperature": Infinity'), {}, 422, "validation", "`parameters.temperature` must be a finite number, got inf"),
     ("temperature 1e999", "/generate", raw('"temperature": 1e999'), {}, 422, "validation", "`parameters.temperature` must be a finite number, got inf"),

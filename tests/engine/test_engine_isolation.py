@@ -1,6 +1,6 @@
 """One request's failure stays its own: the rest of its batch goes on and the replica stays healthy.
 
-Validation refuses the values that once poisoned a replica (tests/test_server_hostile.py); these
+Validation refuses the values that once poisoned a replica (tests/api/test_server_hostile.py); these
 tests hand the engine such values directly, past validation, to show it survives whatever gets
 through: a request whose row cannot be sampled ends with an error, the others in the same step
 produce exactly the tokens they produce alone.

@@ -16,7 +16,7 @@ import yaml
 from lorafleet.cli import build_parser
 from lorafleet.operator.desired import gateway_deployment, replica_deployment
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
 

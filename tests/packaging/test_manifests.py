@@ -13,7 +13,7 @@ from lorafleet.operator.desired import fleet_objects
 
 pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.32.0"
 
 

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = "/apis/lorafleet.io/v1alpha1/namespaces/default/adapters"
 
 

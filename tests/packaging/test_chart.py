@@ -20,7 +20,7 @@ from lorafleet.operator.desired import IMAGE
 
 pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.32.0"
 EXAMPLE = yaml.safe_load((CHART / "examples" / "mistral-7b-one-gpu.yaml").read_text())
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"

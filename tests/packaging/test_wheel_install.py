@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_wheel_runs_kube_api_and_up_from_anywhere(tmp_path: Path) -> None:
