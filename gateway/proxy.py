@@ -205,27 +205,8 @@ class Gateway:
         if not routable:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         path = scope["path"]
-        payload = request_payload(path, body)
-        key = self.replicas.catalogue.key_for(routing_key(path, payload, self.replicas.base_model_ids()))
-        ring_key = key
-        if self.config.prefix_chars and (start := prompt_start(path, payload, self.config.prefix_chars)) is not None:
-            ring_key = f"{key or ''}\0{start}"  # one tenant's shared prefix meets its own cached blocks
-        loads = {name: r.in_flight for name, r in routable.items()}
-        by_adapter = ring_key is not None and ring_key == key  # where the adapter is hot matters only when routing by it
-        hot = set(self.replicas.hot.holders(key)) if by_adapter else set()
-        ranked = ring.owners(ring_key, loads) if ring_key is not None else []
-        warm = self.replicas.hot.warm_holders(key) if by_adapter else set()
-        order = (ring.routing_order(ring_key, loads, self.config.load_factor, hot, ranked, self.config.min_bound, warm) if self.config.policy == "lorafleet"
-                 else self._plain_order(loads))
-        top_owner = ranked[0] if ranked else None
-        # Header values as h11 accepts them (no surrounding whitespace), and never the client's
-        # credential: the gateway consumed it, and nothing behind the gateway may see it.
-        forward = [(k, v.strip()) for k, v in headers if k.decode("latin-1").lower() not in NOT_FORWARDED]
-        if body or scope["method"] in ("POST", "PUT", "PATCH"):
-            forward.append((b"content-length", str(len(body)).encode()))
-        if self.config.warm_token and self.keys.path is not None and authorization:  # keys configured: each caller's cache is its own
-            forward += [(SALT_HEADER.encode(), salt_for_key(bearer_token(authorization) or "").encode()),
-                        (HOP_TOKEN_HEADER.encode(), self.config.warm_token.encode())]
+        key, order, top_owner, hot = self._route(path, request_payload(path, body), routable)
+        forward = self._forward_headers(headers, scope["method"], body, authorization)
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         timeout = {"connect": 2.0, "read": self.config.upstream_timeout, "write": self.config.upstream_timeout, "pool": self.config.upstream_timeout}
         span = None
@@ -252,6 +233,32 @@ class Gateway:
         finally:
             if span is not None:
                 span.end()
+
+    def _route(self, path: str, payload: Any, routable: dict[str, Replica]) -> tuple[str | None, list[str], str | None, set[str]]:
+        """(the adapter's ring key, the replicas to try in order, the key's top owner, the replicas holding it hot)."""
+        key = self.replicas.catalogue.key_for(routing_key(path, payload, self.replicas.base_model_ids()))
+        ring_key = key
+        if self.config.prefix_chars and (start := prompt_start(path, payload, self.config.prefix_chars)) is not None:
+            ring_key = f"{key or ''}\0{start}"  # one tenant's shared prefix meets its own cached blocks
+        loads = {name: r.in_flight for name, r in routable.items()}
+        by_adapter = ring_key is not None and ring_key == key  # where the adapter is hot matters only when routing by it
+        hot = set(self.replicas.hot.holders(key)) if by_adapter else set()
+        ranked = ring.owners(ring_key, loads) if ring_key is not None else []
+        warm = self.replicas.hot.warm_holders(key) if by_adapter else set()
+        order = (ring.routing_order(ring_key, loads, self.config.load_factor, hot, ranked, self.config.min_bound, warm) if self.config.policy == "lorafleet"
+                 else self._plain_order(loads))
+        return key, order, ranked[0] if ranked else None, hot
+
+    def _forward_headers(self, headers: list[tuple[bytes, bytes]], method: str, body: bytes, authorization: str | None) -> list[tuple[bytes, bytes]]:
+        """Header values as h11 accepts them (no surrounding whitespace), and never the client's credential: the gateway
+        consumed it, and nothing behind the gateway may see it. With keys, each caller's prefix cache is its own."""
+        forward = [(k, v.strip()) for k, v in headers if k.decode("latin-1").lower() not in NOT_FORWARDED]
+        if body or method in ("POST", "PUT", "PATCH"):
+            forward.append((b"content-length", str(len(body)).encode()))
+        if self.config.warm_token and self.keys.path is not None and authorization:
+            forward += [(SALT_HEADER.encode(), salt_for_key(bearer_token(authorization) or "").encode()),
+                        (HOP_TOKEN_HEADER.encode(), self.config.warm_token.encode())]
+        return forward
 
     async def _attempt(self, upstream: httpcore.Request, replica: Replica, last: bool, scope: dict, receive: Receive, send: Send,
                        key: str | None, placement: str, span: Any = None) -> bool:

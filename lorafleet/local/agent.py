@@ -230,17 +230,11 @@ def template_hash(deployment: dict) -> str:
 
 
 def local_args(args: list[str], address: str, port: int, pod_dir: Path, adapter_root: Path | None) -> list[str]:
-    """The container's arguments, bound to this pod's loopback address and to folders on this machine."""
-    out, skip = [], False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        if arg in ("--host", "--port", "--adapter-cache-dir", "--device") and i + 1 < len(args):
-            skip = True
-            continue
-        out.append(arg)
-    out += ["--host", address, "--port", str(port)]
+    """The container's arguments, bound to this pod's loopback address and to folders on this machine.
+
+    Appended, never edited: argparse takes the last value of a flag, so these win whatever spelling the operator
+    used (``--port=8080`` included), and the operator's list needs no parsing here (it was cut by flag name)."""
+    out = [*args, "--host", address, "--port", str(port)]
     if out and out[0] == "serve":
         out += ["--adapter-cache-dir", str(pod_dir / "adapters"), "--device", "cpu"]
         if adapter_root is not None:

@@ -232,8 +232,7 @@ class ReplicaService:
         adapter = job.adapter.id if job.adapter else ""
         self.metrics.observe_generation(adapter, seq.adapter_tier, len(seq.tokens), first_token_s, rest_s)
         if self.tracing is not None:
-            state = self.engine.adapters.states.get(seq.adapter) if seq.adapter else None
-            load_seconds, source = (dict(state.load_seconds), state.tier_hit) if state is not None else ({}, "")
+            load_seconds, source = seq.adapter_load or ({}, "")
             record_generation(self.tracing, seq, adapter, load_seconds, source, first_token_s, rest_s)
 
     # -- adapters (admin) -----------------------------------------------------------------------

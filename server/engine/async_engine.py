@@ -165,6 +165,10 @@ class AsyncEngine:
         handle = self._handles.get(id(output.seq))
         if handle is None:
             return
+        if output.finished and output.seq.adapter is not None:
+            state = self.engine.adapters.states.get(output.seq.adapter)
+            if state is not None:
+                output.seq.adapter_load = (dict(state.load_seconds), state.tier_hit)
         reason = output.seq.finish_reason if output.finished else None
         if reason is FinishReason.ERROR and output.seq.error is not None:
             handle.put(output.seq.error)

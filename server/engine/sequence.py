@@ -99,6 +99,9 @@ class Sequence:
     seed_used: int | None = None
     constraint: Any = None  # a structured.Constraint when the output must follow a grammar
     adapter_tier: str = ""  # the adapter's tier when the request arrived (device = hot), for headers and benchmarks
+    # the adapter's load as it went (seconds per step, and where it was found), copied on the engine thread when the
+    # request ends, so the HTTP layer's trace never reads the adapter state another thread writes
+    adapter_load: tuple[dict[str, float], str] | None = None
     prefill_carry: torch.Tensor | None = None  # last prefill chunk's final log-softmax, for the next chunk's first token
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order (prefix caching); tokens only grow
     num_registered: int = 0  # leading blocks of its table already offered to the prefix cache

@@ -51,6 +51,11 @@ def fleet(tiny_models: dict[str, Path], tmp_path: Path):
             process.wait(60)
 
 
+def last_value(args: list[str], flag: str) -> str:
+    """The value a flag ends with (the agent appends the pod's own after the operator's; argparse takes the last)."""
+    return args[len(args) - 1 - args[::-1].index(flag) + 1]
+
+
 def processes() -> list[tuple[int, list[str]]]:
     """(pid, argv) of every lorafleet process on the machine, from /proc."""
     found = []
@@ -129,7 +134,7 @@ def test_the_whole_fleet_on_one_machine(fleet) -> None:
     # shouty's owner (so step 5 always checks a re-warm), killed once it is seen running shouty's requests.
     victim = adapter_status(kubectl, "shouty")["replicas"][0]
     victim_ip = pods(kubectl)[victim]["status"]["podIP"]
-    victim_pid = next(pid for pid, args in processes() if "serve" in args and args[args.index("--host") + 1] == victim_ip)
+    victim_pid = next(pid for pid, args in processes() if "serve" in args and last_value(args, "--host") == victim_ip)
 
     async def burst() -> tuple[list[int], float]:
         async with httpx.AsyncClient(timeout=120) as client:
