@@ -28,6 +28,7 @@ from lorafleet.adapter_ref import catalogue_entries, catalogue_version
 from lorafleet.backoff import Backoff
 from lorafleet.operator import adapter_check
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed, unplaced
+from lorafleet.operator.book import AdapterBook, Retry
 from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
 from lorafleet.operator.fleet_status import placement, ready_pods
 from lorafleet.operator.replica_client import ReplicaCalls
@@ -81,21 +82,11 @@ class Fleet:
         self._list_retry: dict[str, float] = {}
         self._next_check = 0.0
         self._tasks: dict[tuple, asyncio.Task] = {}  # running work, by what it is about
-        self._work_since: dict[str, float] = {}  # adapter uid → when its oldest running work started
-        self._work_count: dict[str, int] = {}
-        self._retry: dict[tuple[str, str], tuple[float, int, str]] = {}  # (pod, id) → (not before, attempts, problem)
-        self._checked: dict[str, tuple[tuple, Any]] = {}  # uid → (what was checked, (rank, targets) or (reason, message))
-        self._check_retry: dict[str, tuple[float, int, str]] = {}
-        self._failed: dict[str, tuple[int, str, str]] = {}  # uid → (generation, reason, message) from a replica's refusal
-        # uid → (pod, adapter key) we loaded and have not unloaded: the key too, so that when an Adapter's revision
-        # changes the old version is unloaded where it was, once the new one is hot on every owner
-        self._placed: dict[str, set[tuple[str, str]]] = {}
-        self._written: dict[str, dict[str, Any]] = {}  # uid → the status we last wrote
+        self._books: dict[str, AdapterBook] = {}  # Adapter uid → what the fleet remembers of it (operator/book.py)
+        self._retry: dict[tuple[str, str], Retry] = {}  # (pod, adapter key) → a load that failed there
         self._headers: dict[str, str] | None = None
-        self._finalized: set[str] = set()
         self._catalogue_sent: dict[str, tuple] = {}  # pod -> (its identity, the catalogue version it holds)
         self._catalogue_retry: dict[str, float] = {}
-        self._unload_at: dict[str, float] = {}  # uid -> when a moved adapter leaves its old holders
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -127,9 +118,12 @@ class Fleet:
             loop.call_soon_threadsafe(self.wake.set)
 
     def _next_due(self) -> float:
-        dues = [self._next_check, *(t for t, _, _ in self._retry.values()), *(t for t, _, _ in self._check_retry.values()),
-                *self._list_retry.values(), *self._catalogue_retry.values(), *self._unload_at.values(), *(t + SETTLE_S for t in self._work_since.values())]
+        dues = [self._next_check, *(r.not_before for r in self._retry.values()), *self._list_retry.values(), *self._catalogue_retry.values(),
+                *(due for book in self._books.values() for due in book.dues(SETTLE_S))]
         return min(dues)
+
+    def _book(self, uid: str) -> AdapterBook:
+        return self._books.setdefault(uid, AdapterBook())
 
     def _spawn(self, key: tuple, uid: str | None, work: Any) -> None:
         """Run ``work`` once at a time per ``key``; ``uid`` names the adapter whose status waits for it to settle."""
@@ -137,8 +131,9 @@ class Fleet:
             work.close()
             return
         if uid is not None:
-            self._work_since.setdefault(uid, time.monotonic())
-            self._work_count[uid] = self._work_count.get(uid, 0) + 1
+            book = self._book(uid)
+            book.work_since = book.work_since or time.monotonic()
+            book.work_count += 1
 
         async def wrapped() -> None:
             try:
@@ -147,10 +142,11 @@ class Fleet:
                 log.exception("fleet %s/%s: %s failed", self.namespace, self.name, key)
             finally:
                 del self._tasks[key]
-                if uid is not None:
-                    self._work_count[uid] -= 1
-                    if not self._work_count[uid]:
-                        del self._work_count[uid], self._work_since[uid]
+                book = self._books.get(uid) if uid is not None else None
+                if book is not None:
+                    book.work_count -= 1
+                    if not book.work_count:
+                        book.work_since = None
                 self.wake.set()
 
         self._tasks[key] = asyncio.create_task(wrapped())
@@ -167,14 +163,12 @@ class Fleet:
             if record.deleting:
                 self._spawn(("delete", record.uid), record.uid, self._delete(record, members))
                 continue
-            if FINALIZER not in record.finalizers and record.uid not in self._finalized:
+            if FINALIZER not in record.finalizers and not self._book(record.uid).finalized:
                 self._spawn(("finalizer", record.uid), record.uid, self._add_finalizer(record))
             self._place(record, members, known, engine, now)
         self._share_catalogue([r for r in records if not r.deleting], members, now)
-        for store in (self._checked, self._check_retry, self._failed, self._placed, self._written, self._unload_at):
-            for uid in [u for u in store if u not in present]:
-                del store[uid]
-        self._finalized &= present
+        for uid in [u for u, book in self._books.items() if u not in present and not book.work_count]:
+            del self._books[uid]
 
     def _share_catalogue(self, records: list[AdapterRecord], members: dict[str, str], now: float) -> None:
         """Every replica learns the fleet's Adapters (name -> id, source, revision), so a name alone is a request."""
@@ -230,13 +224,16 @@ class Fleet:
             self._publish(record, observed(record, [], [], [], None, [], failure=checked[1:]))
             return
         _, rank, targets = checked
-        if record.warm > 0 and record.uid in self._failed and self._failed[record.uid][0] == record.generation:
-            _, reason, message = self._failed[record.uid]
+        book = self._book(record.uid)
+        if record.warm > 0 and book.refused is not None and book.refused[0] == record.generation:
+            _, reason, message = book.refused
             self._publish(record, observed(record, [], [], [], rank, targets, failure=(reason, message)))
             return
         key = record.ref.key  # the version exactly: an older revision resident there is not this one
         owners = placement(record.ref.ring_key, known, record.warm)  # the owners the gateways route this version to
-        placed = self._placed.setdefault(record.uid, {(pod, key) for pod in record.status.get("replicas") or []})
+        if book.placed is None:
+            book.placed = {(pod, key) for pod in record.status.get("replicas") or []}
+        placed = book.placed
         hot, problems = [], []
         for pod in owners:
             if key in self.residency.get(pod, {}):
@@ -245,16 +242,17 @@ class Fleet:
                 continue
             retry = self._retry.get((pod, key))
             if retry is not None:
-                problems.append(f"{pod}: {retry[2]}")
-            if pod in self.residency and (retry is None or retry[0] <= now):
+                problems.append(f"{pod}: {retry.problem}")
+            if pod in self.residency and (retry is None or retry.not_before <= now):
                 self._spawn(("load", pod, record.uid), record.uid, self._load(record, pod, members[pod]))
         leftovers = {(pod, held) for pod, held in placed if pod not in owners or held != key}
         if len(hot) == len(owners) and leftovers:
             # Unloaded where it was only after the gateways have read (probe: 1 s) that the new owner holds
             # it: until then they may still send its traffic to the old holder.
-            due = self._unload_at.setdefault(record.uid, now + UNLOAD_GRACE_S)
-            if now >= due:
-                del self._unload_at[record.uid]
+            if book.unload_at is None:
+                book.unload_at = now + UNLOAD_GRACE_S
+            if now >= book.unload_at:
+                book.unload_at = None
                 for pod, held in sorted(leftovers):
                     if pod in members:
                         self._spawn(("unload", pod, held, record.uid), record.uid, self._unload(record, pod, members[pod], held))
@@ -269,22 +267,23 @@ class Fleet:
     def _validation(self, record: AdapterRecord, engine: dict[str, Any], now: float) -> tuple | None:
         """("ok", rank, targets) or ("failed", reason, message); None while it is being checked."""
         what = (record.generation, record.id, record.source, record.revision, engine.get("maxLoraRank", DEFAULT_MAX_LORA_RANK))
-        done = self._checked.get(record.uid)
+        book = self._book(record.uid)
+        done = book.checked
         if done is not None and done[0] == what:
             return done[1]
         status = record.status
         if status.get("observedGeneration") == record.generation and status.get("phase") == "Failed" and status.get("reason") in ("Invalid", "LoadFailed"):
             result: tuple = ("failed", status["reason"], status.get("message", ""))
-            self._checked[record.uid] = (what, result)
+            book.checked = (what, result)
             return result
         previous = record.already_validated()
         if previous is not None and done is None:  # an operator restart: the status says this generation passed
-            self._checked[record.uid] = (what, ("ok", *previous))
-            return self._checked[record.uid][1]
-        retry = self._check_retry.get(record.uid)
+            book.checked = (what, ("ok", *previous))
+            return book.checked[1]
+        retry = book.check_retry
         if retry is not None:
-            self._publish(record, unplaced(record, "Pending", "SourceUnavailable", retry[2]))
-        if retry is None or retry[0] <= now:
+            self._publish(record, unplaced(record, "Pending", "SourceUnavailable", retry.problem))
+        if retry is None or retry.not_before <= now:
             self._spawn(("check", record.uid), record.uid, self._check(record, engine, what))
         return None
 
@@ -298,11 +297,12 @@ class Fleet:
         except adapter_check.Permanent as exc:
             result = ("failed", "Invalid", str(exc))
         except adapter_check.Transient as exc:
-            attempts = self._check_retry.get(record.uid, (0.0, 0, ""))[1] + 1
-            self._check_retry[record.uid] = (time.monotonic() + RETRY.delay(attempts), attempts, str(exc))
+            book = self._book(record.uid)
+            attempts = (book.check_retry.attempts if book.check_retry else 0) + 1
+            book.check_retry = Retry(time.monotonic() + RETRY.delay(attempts), attempts, str(exc))
             return
-        self._check_retry.pop(record.uid, None)
-        self._checked[record.uid] = (what, result)
+        book = self._book(record.uid)
+        book.check_retry, book.checked = None, (what, result)
 
     # -- replica work ---------------------------------------------------------------------------
 
@@ -318,24 +318,27 @@ class Fleet:
         if result.ok:
             self._retry.pop((pod, key), None)
             self.residency.setdefault(pod, {})[key] = result.tier
-            self._placed.setdefault(record.uid, set()).add((pod, key))
+            book = self._book(record.uid)
+            book.placed = (book.placed or set()) | {(pod, key)}
         elif result.permanent:
-            self._failed[record.uid] = (record.generation, "LoadFailed", f"{pod} refused the adapter: {result.message}")
+            self._book(record.uid).refused = (record.generation, "LoadFailed", f"{pod} refused the adapter: {result.message}")
         else:
             if result.unauthorized:
                 self._headers = None  # the token may have been rotated
-            attempts = self._retry.get((pod, key), (0.0, 0, ""))[1] + 1
-            self._retry[(pod, key)] = (time.monotonic() + RETRY.delay(attempts), attempts, result.message)
+            attempts = (self._retry[(pod, key)].attempts if (pod, key) in self._retry else 0) + 1
+            self._retry[(pod, key)] = Retry(time.monotonic() + RETRY.delay(attempts), attempts, result.message)
 
     async def _unload(self, record: AdapterRecord, pod: str, url: str, key: str) -> None:
         if await self.io.calls.unload(url, key, await self._admin_headers()):
             self.residency.get(pod, {}).pop(key, None)
-            self._placed.get(record.uid, set()).discard((pod, key))
+            placed = self._book(record.uid).placed
+            if placed is not None:
+                placed.discard((pod, key))
 
     async def _delete(self, record: AdapterRecord, members: dict[str, str]) -> None:
         """Unload it wherever it was placed, then let the object go."""
         key = record.ref.key
-        holders = self._placed.get(record.uid, set()) | {(p, key) for p in record.status.get("replicas") or []} | {
+        holders = (self._book(record.uid).placed or set()) | {(p, key) for p in record.status.get("replicas") or []} | {
             (p, key) for p, held in self.residency.items() if key in held and record.pinned}
         for pod, held in sorted(holders):
             if pod in members:
@@ -347,16 +350,16 @@ class Fleet:
     async def _add_finalizer(self, record: AdapterRecord) -> None:
         if await self._write(lambda: self.io.kube.merge("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name,
                                                         record.finalizer_patch(True))):
-            self._finalized.add(record.uid)  # until its watch event shows it
+            self._book(record.uid).finalized = True  # until its watch event shows it
 
     # -- status ---------------------------------------------------------------------------------
 
     def _publish(self, record: AdapterRecord, seen: dict[str, Any]) -> None:
         """Write the status when its content changed and the adapter's work has settled (or is slow)."""
-        since = self._work_since.get(record.uid)
-        if since is not None and time.monotonic() - since < SETTLE_S and seen["phase"] != "Failed":
+        book = self._book(record.uid)
+        if book.work_since is not None and time.monotonic() - book.work_since < SETTLE_S and seen["phase"] != "Failed":
             return
-        previous = self._written.get(record.uid, record.status)
+        previous = book.written if book.written is not None else record.status
         status = next_status(previous, seen, now_text())
         if status is None or ("status", record.uid) in self._tasks:
             return
@@ -366,7 +369,7 @@ class Fleet:
         ok = await self._write(lambda: self.io.kube.merge_status("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name, status))
         if not ok:
             return
-        self._written[record.uid] = {k: v for k, v in status.items() if v is not None}
+        self._book(record.uid).written = {k: v for k, v in status.items() if v is not None}
         if status["phase"] != previous.get("phase"):
             kind = "Warning" if status["phase"] == "Failed" else "Normal"
             self.io.event(record.reference, kind, status.get("reason") or status["phase"], status["message"])

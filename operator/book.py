@@ -1,0 +1,43 @@
+"""What a fleet remembers of one Adapter between passes, in one place per Adapter (by uid), forgotten with it.
+
+The fleet loop once kept this in eight dicts keyed by uid, each pruned, read and retried its own way; a reader had
+to join them by hand to know where an Adapter stood.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class Retry:
+    """A failed attempt: not again before ``not_before`` (monotonic), after ``attempts`` failures; ``problem`` says why."""
+
+    not_before: float
+    attempts: int
+    problem: str
+
+
+@dataclass(slots=True)
+class AdapterBook:
+    checked: tuple[tuple, Any] | None = None  # (what was checked, ("ok", rank, targets) or ("failed", reason, message))
+    check_retry: Retry | None = None  # the validation fetch failed for a reason that may pass
+    refused: tuple[int, str, str] | None = None  # (generation, reason, message): a replica refused the adapter
+    # (pod, adapter key) loaded and not unloaded: the key too, so that when an Adapter's revision changes the old
+    # version is unloaded where it was, once the new one is hot on every owner
+    placed: set[tuple[str, str]] | None = None
+    written: dict[str, Any] | None = None  # the status last written
+    unload_at: float | None = None  # when a moved adapter leaves its old holders
+    finalized: bool = False  # our finalizer was added (until its watch event shows it)
+    work_since: float | None = None  # when its oldest running work started (its status waits for the work to settle)
+    work_count: int = 0
+
+    def dues(self, settle_s: float) -> list[float]:
+        """When this Adapter next needs a pass, if ever."""
+        found = [self.check_retry.not_before] if self.check_retry is not None else []
+        if self.unload_at is not None:
+            found.append(self.unload_at)
+        if self.work_since is not None:
+            found.append(self.work_since + settle_s)
+        return found
