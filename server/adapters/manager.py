@@ -1,7 +1,8 @@
 """Which adapters are where, and moving them between tiers without ever stalling the engine loop.
 
 A request names an adapter; ``request`` registers it and, if no tier holds it, starts a fetch and
-parse in a worker thread. Between steps the engine thread calls ``between_steps``, which copies
+parse in a worker thread, which hands the outcome back on a queue: only the engine thread changes the adapter
+states (``settle``, at the start of every step and whenever a loader wakes it). Between steps the engine thread calls ``between_steps``, which copies
 adapters that are ready in CPU memory into free device slots, evicting the least recently used
 adapter that no running request uses and that is not pinned. When every slot is busy and other
 adapters have been waiting, the adapter that has held its slot longest past ``cycle_time_s``
@@ -16,6 +17,7 @@ the scheduler admits neither (seen: 35 swaps a second for minutes, nothing serve
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +58,9 @@ class AdapterManager:
         self.slots: LoraSlots | None = None
         self.states: dict[str, AdapterState] = {}
         self._failed: list[tuple[str, BaseException]] = []
+        # Loader threads hand each load's outcome (the parsed adapter, or why it failed) back here; the engine thread
+        # applies them (settle), so it alone changes the adapter states.
+        self._outcomes: queue.SimpleQueue[tuple[AdapterState, LoraAdapter | BaseException]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._local_pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter-local")
         self._remote_pool = ThreadPoolExecutor(settings.remote_load_threads, thread_name_prefix="lorafleet-adapter-remote")
@@ -148,6 +153,7 @@ class AdapterManager:
 
     def request(self, ref: AdapterRef, token: str | None = None, pin: bool = False, caller: bytes = b"") -> str:
         """Register a use of ``ref``; start loading it if no tier holds it. Raises at once for a bad id or a recent failure."""
+        self.settle()
         folder = None
         known = self.states.get(ref.key)
         if known is None or known.status == "failed":  # the filesystem only on a miss, never per request on this thread
@@ -216,6 +222,7 @@ class AdapterManager:
     def take_failed(self) -> list[tuple[str, BaseException]]:
         """Loads that failed since the last call, for the engine to fail their waiting requests; a failure that a newer
         attempt at the same adapter has replaced is left out (it must not fail the newer attempt's requests)."""
+        self.settle()
         with self._lock:
             failed, self._failed = self._failed, []
             return [(key, exc) for key, exc in failed if key not in self.states or self.states[key].error is exc]
@@ -287,36 +294,47 @@ class AdapterManager:
                 self.cpu.put(key, adapter, protect=set(self._pinned))
             else:
                 adapter = self._read(state, local_folder, token)
-            with self._lock:
-                state.rank, state.size_bytes = adapter.rank, adapter.size_bytes
-                state.status = "cpu"
-                state.failures = 0
             state.load_seconds["total_to_cpu"] = time.perf_counter() - started
             if state.tier_hit == "source":
                 self._source_down.pop(state.ref.source, None)  # it answered: it is up
+            self._outcomes.put((state, adapter))
         except MergeCancelled as exc:  # nobody waits: no failure to count or back off from; a later request merges again
-            with self._lock:
-                state.status, state.error, state.retry_at = "failed", exc, 0.0
-                self._failed.append((key, exc))
             log.info("%s", exc)
+            self._outcomes.put((state, exc))
         except BaseException as exc:  # every failure reaches the waiting requests
-            with self._lock:
-                if isinstance(exc, SourceUnreachable):
-                    self._source_down[state.ref.source] = (time.monotonic() + SOURCE_DOWN_S, exc)
-                state.status = "failed"
-                state.error = exc
+            if isinstance(exc, SourceUnreachable):  # at once: the other loader threads' queued fetches read it
+                self._source_down[state.ref.source] = (time.monotonic() + SOURCE_DOWN_S, exc)
+            log.warning("adapter %s failed to load (%s: %s)", key, type(exc).__name__, exc)
+            self._outcomes.put((state, exc))
+        finally:
+            self.on_settled()
+
+    def settle(self) -> None:
+        """Apply what the loader threads handed back (engine thread): the one place a load's outcome becomes the
+        adapter's state, so nothing else writes the states another thread iterates."""
+        while True:
+            try:
+                state, outcome = self._outcomes.get_nowait()
+            except queue.Empty:
+                return
+            key = state.ref.key
+            if isinstance(outcome, MergeCancelled):
+                state.status, state.error, state.retry_at = "failed", outcome, 0.0
+                self._failed.append((key, outcome))
+            elif isinstance(outcome, BaseException):
+                state.status, state.error = "failed", outcome
                 state.failures += 1
-                state.retry_at = time.monotonic() + retry_delay(exc, state.failures)
-                self._failed.append((key, exc))
+                state.retry_at = time.monotonic() + retry_delay(outcome, state.failures)
+                self._failed.append((key, outcome))
                 self._failed_keys[key] = None
                 while len(self._failed_keys) > MAX_FAILED_REMEMBERED:
                     oldest = next(iter(self._failed_keys))
                     del self._failed_keys[oldest]
                     if oldest in self.states and self.states[oldest].status == "failed":
                         del self.states[oldest]
-            log.warning("adapter %s failed to load (%s: %s)", key, type(exc).__name__, exc)
-        finally:
-            self.on_settled()
+            else:
+                state.rank, state.size_bytes = outcome.rank, outcome.size_bytes
+                state.status, state.failures = "cpu", 0
 
     def _read(self, state: AdapterState, local_folder: Path | None, token: str | None) -> LoraAdapter:
         """Parse an adapter from its local folder, or from the disk tier (fetched from its source first if
@@ -359,6 +377,7 @@ class AdapterManager:
 
     def between_steps(self, running: set[str], waiting: list[str]) -> None:
         """Move adapters wanted by waiting requests (oldest first) and pinned ones into device slots."""
+        self.settle()
         self._wanted, self._wanted_generation = frozenset(waiting), self._wanted_generation + 1
         if len(self._merged_keys) > MAX_MERGED_STATES:
             self._forget_merged(running, set(waiting))
@@ -467,6 +486,7 @@ class AdapterManager:
 
     def describe(self, in_flight: dict[str, int]) -> list[dict]:
         """Every known adapter; on the engine thread (GET /adapters reaches it through AsyncEngine.call)."""
+        self.settle()
         now = time.monotonic()
         return [
             {

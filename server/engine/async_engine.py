@@ -119,6 +119,7 @@ class AsyncEngine:
     def _settle(self) -> None:
         """Resolve the admin loads whose adapter reached a device slot, failed or was unloaded (engine thread)."""
         manager, waiting = self.engine.adapters, []
+        manager.settle()
         running = {s.adapter for s in self.engine.scheduler.running if s.adapter}
         for key, future in self._settling:
             if future.cancelled():  # its caller gave up (timed out, went away)
@@ -154,6 +155,8 @@ class AsyncEngine:
             command[1]()
         elif kind == "settle":
             self._settling.append((command[1], command[2]))
+        elif kind == "wake" and not self._stop.is_set():  # a loader finished: apply its outcome now, idle or not
+            self.engine.adapters.settle()
         elif kind == "abort":
             self._fail_all(command[1], wrap=False)
         elif kind == "cancel":

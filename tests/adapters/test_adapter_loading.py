@@ -290,6 +290,7 @@ def test_adapters_brought_in_for_waiting_requests_are_not_swapped_out_before_the
     while any(manager.states[s.adapter].status != "cpu" for s in seqs if manager.states[s.adapter].status != "device"):
         assert time.monotonic() < deadline, "adapters did not reach CPU memory"
         time.sleep(0.01)
+        manager.settle()  # the loaders' outcomes, as the engine thread applies them between steps
     for _ in range(20):
         engine.step()
     assert not base.finished
@@ -403,6 +404,7 @@ def test_a_drained_adapter_serves_again_when_nobody_needs_its_slot(tiny_models, 
     while manager.states["local:a3"].status != "cpu":
         assert time.monotonic() < deadline, "a3 loaded into CPU memory"
         time.sleep(0.01)
+        manager.settle()
     time.sleep(0.1)  # both past the cycle time
     waiting_b = submit("a3", 2)
     until(lambda: manager.states["local:a1"].draining, "a1 drained for a3")  # a1 is the older resident
