@@ -79,8 +79,9 @@ def unplaced(record: AdapterRecord, phase: str, reason: str, message: str) -> di
 
 
 def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems: list[str], rank: int | None, targets: list[str],
-             failure: tuple[str, str] | None = None) -> dict[str, Any]:
-    """What the fleet shows of an adapter: ``hot`` are the owners whose own listing holds it resident."""
+             digests: list[str] | None = None, failure: tuple[str, str] | None = None) -> dict[str, Any]:
+    """What the fleet shows of an adapter: ``hot`` are the owners whose own listing holds it resident; ``digests`` the
+    content digests they serve it with (one, unless replicas read different files under one version)."""
     if failure is not None:
         reason, message = failure
         return unplaced(record, "Failed", reason, message)
@@ -94,7 +95,7 @@ def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems:
         waiting = "; ".join(problems) or f"loading on {', '.join(p for p in owners if p not in hot)}"
         phase, reason, message = ("Degraded", "PartlyResident", waiting) if hot else ("Warming", "Loading", waiting)
     return {"phase": phase, "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": list(hot),
-            "hotOn": ",".join(hot), "rank": rank, "targetModules": list(targets)}
+            "hotOn": ",".join(hot), "rank": rank, "targetModules": list(targets), "digest": ",".join(digests or []) or None}
 
 
 def next_status(previous: dict[str, Any], now_observed: dict[str, Any], now: str) -> dict[str, Any] | None:

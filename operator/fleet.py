@@ -78,7 +78,8 @@ class Fleet:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writes = asyncio.Semaphore(write_concurrency)
         self._pods_seen: dict[str, tuple[str, int, str]] = {}
-        self.residency: dict[str, dict[str, str]] = {}  # pod → {adapter id: tier}, for pods whose listing is known
+        # pod → {adapter key: the content digest it serves}, for pods whose listing is known
+        self.residency: dict[str, dict[str, str | None]] = {}
         self._list_retry: dict[str, float] = {}
         self._next_check = 0.0
         self._tasks: dict[tuple, asyncio.Task] = {}  # running work, by what it is about
@@ -260,7 +261,8 @@ class Fleet:
                         placed.discard((pod, held))
         if any(("list", pod) in self._tasks for pod in owners):
             return  # an owner's listing is being read: publish what it shows, not a Warming in between
-        self._publish(record, observed(record, owners, hot, problems, rank, targets))
+        digests = sorted({d for pod in hot if (d := self.residency.get(pod, {}).get(key))})
+        self._publish(record, observed(record, owners, hot, problems, rank, targets, digests))
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -317,7 +319,7 @@ class Fleet:
         key = record.ref.key
         if result.ok:
             self._retry.pop((pod, key), None)
-            self.residency.setdefault(pod, {})[key] = result.tier
+            self.residency.setdefault(pod, {})[key] = result.digest
             book = self._book(record.uid)
             book.placed = (book.placed or set()) | {(pod, key)}
         elif result.permanent:

@@ -27,6 +27,7 @@ PERMANENT_LOAD_STATUSES = (400, 404, 422, 424)  # the adapter itself is wrong: r
 class LoadResult:
     ok: bool
     tier: str = ""
+    digest: str | None = None  # of the weights the replica loaded
     permanent: bool = False
     message: str = ""
     unauthorized: bool = False  # 401: the admin token was refused (rotated, or read before it existed)
@@ -48,14 +49,14 @@ class ReplicaCalls:
         return self._limits.setdefault(url, asyncio.Semaphore(self.per_replica))
 
     async def resident(self, url: str) -> dict[str, str]:
-        """``{adapter key: tier}`` of what the replica holds on its device or in CPU memory, from its own listing.
+        """``{adapter key: content digest}`` of what the replica holds on its device or in CPU memory, from its own listing.
 
         Keyed by the whole version (``AdapterRef.key``): an older revision of the same id is not the one asked for."""
         async with self._slot(url):
             response = await self._client.get(f"{url}/adapters", timeout=LIST_TIMEOUT_S)
         response.raise_for_status()
         listing: list[dict[str, Any]] = response.json()
-        return {AdapterRef.from_entry(a).key: a["tier"] for a in listing if a.get("tier") in ("device", "cpu")}
+        return {AdapterRef.from_entry(a).key: a.get("digest") for a in listing if a.get("tier") in ("device", "cpu")}
 
     async def load(self, url: str, request: dict[str, Any], headers: dict[str, str]) -> LoadResult:
         try:
@@ -64,7 +65,8 @@ class ReplicaCalls:
         except httpx.HTTPError as exc:
             return LoadResult(False, message=f"{type(exc).__name__}: {exc}".rstrip(": "))
         if response.status_code == 200:
-            return LoadResult(True, tier=str(response.json().get("tier", "device")))
+            body = response.json()
+            return LoadResult(True, tier=str(body.get("tier", "device")), digest=body.get("digest"))
         if response.status_code in PERMANENT_LOAD_STATUSES:
             return LoadResult(False, permanent=True, message=_error_text(response))
         return LoadResult(False, message=f"HTTP {response.status_code}: {_error_text(response)}", unauthorized=response.status_code == 401)

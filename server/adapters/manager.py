@@ -28,7 +28,7 @@ from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.adapters.cache import CpuCache, DiskCache
 from lorafleet.server.adapters.merged import MergedAdapters
 from lorafleet.server.adapters.sources import SOURCE_NAMES, AdapterNotFound, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
-from lorafleet.server.adapters.state import AdapterSettings, AdapterState, retry_delay
+from lorafleet.server.adapters.state import AdapterSettings, AdapterState, digest_of, retry_delay
 from lorafleet.server.background import lower_this_threads_priority
 from lorafleet.server.errors import Conflict, Overloaded
 from lorafleet.server.lora.adapter_format import LoraAdapter
@@ -241,7 +241,8 @@ class AdapterManager:
     def load_now(self, name: str, folder: Path, pin: bool = True) -> LoraAdapter:
         """Parse a folder and put it straight into a slot (tests, benchmarks, and start-up preloads)."""
         adapter = self._parse(name, folder)
-        state = AdapterState(AdapterRef("local", name), status="cpu", pinned=pin, rank=adapter.rank, size_bytes=adapter.size_bytes)
+        state = AdapterState(AdapterRef("local", name), status="cpu", pinned=pin, rank=adapter.rank, size_bytes=adapter.size_bytes,
+                             digest=digest_of(adapter.fingerprint))
         self.states[name] = state
         if pin:
             self._pinned.add(name)
@@ -333,7 +334,7 @@ class AdapterManager:
                     if oldest in self.states and self.states[oldest].status == "failed":
                         del self.states[oldest]
             else:
-                state.rank, state.size_bytes = outcome.rank, outcome.size_bytes
+                state.rank, state.size_bytes, state.digest = outcome.rank, outcome.size_bytes, digest_of(outcome.fingerprint)
                 state.status, state.failures = "cpu", 0
 
     def _read(self, state: AdapterState, local_folder: Path | None, token: str | None) -> LoraAdapter:
@@ -491,7 +492,7 @@ class AdapterManager:
         return [
             {
                 "id": s.ref.id, "source": s.ref.source, "revision": s.ref.revision, "key": k,
-                "tier": s.status, "pinned": s.pinned, "rank": s.rank, "size_bytes": s.size_bytes,
+                "tier": s.status, "pinned": s.pinned, "rank": s.rank, "size_bytes": s.size_bytes, "digest": s.digest,
                 "in_flight": in_flight.get(k, 0), "last_used_s_ago": round(now - s.last_used, 3),
                 "load_seconds": {n: round(v, 4) for n, v in s.load_seconds.items()},
                 "error": str(s.error) if s.error else None,

@@ -31,6 +31,13 @@ class AdapterState:
     size_bytes: int = 0
     tier_hit: str = ""  # where the last load found it: cpu | local | disk | source | merge
     load_seconds: dict[str, float] = field(default_factory=dict)
+    digest: str | None = None  # of the weights as loaded (digest_of): what this version's name serves right now
+
+
+def digest_of(fingerprint: bytes) -> str:
+    """An adapter's content digest as the listing and the Adapter status show it: its weights' fingerprint (the key its
+    cached KV blocks carry), so two replicas serving one version show one digest, and changed files a new one."""
+    return "blake2b:" + fingerprint.hex()
 
 
 @dataclass(slots=True)

@@ -127,8 +127,12 @@ def test_a_load_names_its_revision_and_an_unload_by_key_leaves_other_versions(se
         loaded = httpx.post(server.url + "/adapters", json={"adapter_id": "a1", "adapter_source": "local", "revision": revision},
                             headers=ADMIN, timeout=30)
         assert loaded.status_code == 200 and loaded.json()["key"] == f"local:a1@{revision}", loaded.text
-    keys = {a["key"] for a in httpx.get(server.url + "/adapters").json()}
-    assert {"local:a1@v1", "local:a1@v2"} <= keys
+    listing = {a["key"]: a for a in httpx.get(server.url + "/adapters").json()}
+    assert {"local:a1@v1", "local:a1@v2"} <= set(listing)
+    # the content digest: one folder read under two revisions is one content; another adapter is another
+    assert listing["local:a1@v1"]["digest"] == listing["local:a1@v2"]["digest"] and listing["local:a1@v1"]["digest"].startswith("blake2b:")
+    other = httpx.post(server.url + "/adapters", json={"adapter_id": "a2", "adapter_source": "local"}, headers=ADMIN, timeout=30).json()
+    assert other["digest"] != listing["local:a1@v1"]["digest"]
     assert httpx.delete(server.url + "/adapters/local:a1@v1", headers=ADMIN, timeout=30).status_code == 200
     keys = {a["key"] for a in httpx.get(server.url + "/adapters").json() if a["tier"] != "disk"}
     assert "local:a1@v2" in keys and "local:a1@v1" not in keys

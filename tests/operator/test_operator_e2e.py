@@ -8,7 +8,7 @@ import pytest
 import yaml
 from kubernetes import client
 from support.hub import HubStandIn
-from support.operator import StubReplica, operator_running, run_pod, set_pod_ready
+from support.operator import StubReplica, digest, operator_running, run_pod, set_pod_ready
 from support.waiting import wait_until
 
 from lorafleet import ring
@@ -150,9 +150,11 @@ def test_a_revision_pinned_adapter_warms_that_revision_where_the_gateway_routes_
     assert {p: r.loaded for p, r in replicas.items() if r.loaded} == {first: {f"team/pirate@{old}": False}}
     assert replicas[first].refs[f"team/pirate@{old}"].revision == old  # sent as the load's revision
     assert {"name": "pirate", "id": "team/pirate", "source": "local", "revision": old} in replicas[first].catalogue
+    assert custom(api, "adapters", "pirate")["status"]["digest"] == digest(f"team/pirate@{old}")  # what the replica serves
     kubectl("patch", "adapter", "pirate", "--type", "merge", "-p", f'{{"spec": {{"revision": "{new}"}}}}')
     second = owner[f"team/pirate@{new}"]
     wait_until(lambda: custom(api, "adapters", "pirate")["status"]["replicas"] == [second])
     wait_until(lambda: {p: list(r.loaded) for p, r in replicas.items() if r.loaded} == {second: [f"team/pirate@{new}"]})
+    wait_until(lambda: custom(api, "adapters", "pirate")["status"].get("digest") == digest(f"team/pirate@{new}"), what="the new digest in status")
     # the old version left only once the new one was hot: no request for the name found neither
     assert replicas[second].answered[("load", f"team/pirate@{new}")] < replicas[first].answered[("unload", f"team/pirate@{old}")]

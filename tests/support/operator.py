@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import threading
@@ -21,6 +22,11 @@ from lorafleet.operator.config import OperatorConfig
 from lorafleet.operator.handlers import register
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def digest(ring_key: str) -> str:
+    """The content digest a stub replica reports for a version (a real one hashes the weights it loaded)."""
+    return "blake2b:" + hashlib.blake2b(ring_key.encode(), digest_size=16).hexdigest()
 
 
 class StubReplica:
@@ -51,7 +57,7 @@ class StubReplica:
             def do_GET(self) -> None:
                 if self.path == "/adapters":
                     stub.listings += 1
-                    return self._reply(200, [{**stub.refs[a].entry(a), "key": stub.refs[a].key, "tier": "device", "pinned": p}
+                    return self._reply(200, [{**stub.refs[a].entry(a), "key": stub.refs[a].key, "tier": "device", "pinned": p, "digest": digest(a)}
                                              for a, p in list(stub.loaded.items())])
                 self._reply(200, {})
 
@@ -65,7 +71,7 @@ class StubReplica:
                 stub.refs[ref.ring_key] = ref
                 stub.loaded[ref.ring_key] = request.get("pin", False)
                 stub.answered.setdefault(("load", ref.ring_key), time.monotonic())
-                self._reply(200, {"id": ref.id, "key": ref.key, "tier": "device", "pinned": request.get("pin", False)})
+                self._reply(200, {"id": ref.id, "key": ref.key, "tier": "device", "pinned": request.get("pin", False), "digest": digest(ref.ring_key)})
 
             def do_PUT(self) -> None:
                 stub.catalogue = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))["adapters"]
