@@ -68,7 +68,7 @@ class AdapterRecord:
     def already_validated(self) -> tuple[int | None, list[str]] | None:
         """(rank, targets) when the status says this generation passed validation (an operator restart need not fetch again)."""
         status = self.status
-        if status.get("observedGeneration") == self.generation and status.get("phase") in ("Ready", "Warming", "Degraded"):
+        if status.get("observedGeneration") == self.generation and status.get("phase") in ("Ready", "Warming", "Degraded", "Rolling"):
             return status.get("rank"), list(status.get("targetModules") or [])
         return None
 
@@ -79,12 +79,15 @@ def unplaced(record: AdapterRecord, phase: str, reason: str, message: str) -> di
 
 
 def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems: list[str], rank: int | None, targets: list[str],
-             digests: list[str] | None = None, failure: tuple[str, str] | None = None) -> dict[str, Any]:
+             digests: list[str] | None = None, failure: tuple[str, str] | None = None, serving: AdapterRef | None = None) -> dict[str, Any]:
     """What the fleet shows of an adapter: ``hot`` are the owners whose own listing holds it resident; ``digests`` the
-    content digests they serve it with (one, unless replicas read different files under one version)."""
+    content digests they serve it with (one, unless replicas read different files under one version); ``serving``
+    the version its name is sent to while the spec's is not yet hot everywhere (an update rolling out)."""
+    rolling = serving is not None and serving != record.ref
     if failure is not None:
         reason, message = failure
-        return unplaced(record, "Failed", reason, message)
+        status = unplaced(record, "Failed", reason, message + (f"; {serving.ring_key} still serves" if rolling else ""))
+        return {**status, "serving": serving_entry(serving)} if rolling else status
     if record.warm == 0:
         phase, reason, message = "Ready", "Lazy", "lazy: loaded on first request"
     elif not owners:
@@ -94,8 +97,24 @@ def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems:
     else:
         waiting = "; ".join(problems) or f"loading on {', '.join(p for p in owners if p not in hot)}"
         phase, reason, message = ("Degraded", "PartlyResident", waiting) if hot else ("Warming", "Loading", waiting)
+    if rolling:
+        phase, reason = "Rolling", "Rolling"
+        message = f"warming {record.ref.ring_key} ({len(hot)}/{len(owners)} owners hot); {serving.ring_key} serves until then"
     return {"phase": phase, "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": list(hot),
-            "hotOn": ",".join(hot), "rank": rank, "targetModules": list(targets), "digest": ",".join(digests or []) or None}
+            "hotOn": ",".join(hot), "rank": rank, "targetModules": list(targets), "digest": ",".join(digests or []) or None,
+            "serving": serving_entry(serving or record.ref)}
+
+
+def serving_entry(ref: AdapterRef) -> dict[str, Any]:
+    """The served version in status: read back after an operator restart, so a rollout under way goes on."""
+    return {"source": ref.source, "id": ref.id, "revision": ref.revision}
+
+
+def serving_from_status(status: dict[str, Any]) -> AdapterRef | None:
+    entry = status.get("serving")
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+        return None
+    return AdapterRef(str(entry.get("source") or "hub"), entry["id"], entry.get("revision") or None)
 
 
 def next_status(previous: dict[str, Any], now_observed: dict[str, Any], now: str) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lorafleet.adapter_ref import AdapterRef
+
 
 @dataclass(slots=True)
 class Retry:
@@ -30,6 +32,9 @@ class AdapterBook:
     written: dict[str, Any] | None = None  # the status last written
     unload_at: float | None = None  # when a moved adapter leaves its old holders
     finalized: bool = False  # our finalizer was added (until its watch event shows it)
+    # The version the catalogue sends the Adapter's name to. It moves to the spec's version only once that one is hot on
+    # every owner, so an update never sends traffic to a replica that must load it cold (nor a broken version anywhere).
+    serving: AdapterRef | None = None
     work_since: float | None = None  # when its oldest running work started (its status waits for the work to settle)
     work_count: int = 0
 

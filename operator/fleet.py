@@ -24,10 +24,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.adapter_ref import catalogue_entries, catalogue_version
+from lorafleet.adapter_ref import AdapterRef, catalogue_entries, catalogue_version
 from lorafleet.backoff import Backoff
 from lorafleet.operator import adapter_check
-from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed, unplaced
+from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed, serving_from_status, unplaced
 from lorafleet.operator.book import AdapterBook, Retry
 from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
 from lorafleet.operator.fleet_status import placement, ready_pods
@@ -171,9 +171,14 @@ class Fleet:
         for uid in [u for u, book in self._books.items() if u not in present and not book.work_count]:
             del self._books[uid]
 
+    def _serving(self, record: AdapterRecord) -> AdapterRef:
+        """The version the Adapter's name goes to: the spec's once it is hot on every owner, until then the one before."""
+        book = self._books.get(record.uid)
+        return book.serving if book is not None and book.serving is not None else record.ref
+
     def _share_catalogue(self, records: list[AdapterRecord], members: dict[str, str], now: float) -> None:
         """Every replica learns the fleet's Adapters (name -> id, source, revision), so a name alone is a request."""
-        entries = catalogue_entries({r.name: r.ref for r in records})
+        entries = catalogue_entries({r.name: self._serving(r) for r in records})
         version = catalogue_version(entries)
         for pod, url in members.items():
             sent = (self._pods_seen.get(pod), version)
@@ -218,17 +223,19 @@ class Fleet:
             self.residency[pod] = listing
 
     def _place(self, record: AdapterRecord, members: dict[str, str], known: list[str], engine: dict[str, Any], now: float) -> None:
+        book = self._book(record.uid)
+        if book.serving is None:  # first sight, or an operator restart in the middle of a rollout
+            book.serving = serving_from_status(record.status) or record.ref
         checked = self._validation(record, engine, now)
         if checked is None:
             return
-        if checked[0] == "failed":
-            self._publish(record, observed(record, [], [], [], None, [], failure=checked[1:]))
+        if checked[0] == "failed":  # a broken new version: the one serving goes on serving
+            self._publish(record, observed(record, [], [], [], None, [], failure=checked[1:], serving=book.serving))
             return
         _, rank, targets = checked
-        book = self._book(record.uid)
         if record.warm > 0 and book.refused is not None and book.refused[0] == record.generation:
             _, reason, message = book.refused
-            self._publish(record, observed(record, [], [], [], rank, targets, failure=(reason, message)))
+            self._publish(record, observed(record, [], [], [], rank, targets, failure=(reason, message), serving=book.serving))
             return
         key = record.ref.key  # the version exactly: an older revision resident there is not this one
         owners = placement(record.ref.ring_key, known, record.warm)  # the owners the gateways route this version to
@@ -246,6 +253,8 @@ class Fleet:
                 problems.append(f"{pod}: {retry.problem}")
             if pod in self.residency and (retry is None or retry.not_before <= now):
                 self._spawn(("load", pod, record.uid), record.uid, self._load(record, pod, members[pod]))
+        if len(hot) == len(owners):
+            book.serving = record.ref  # hot on every owner: its name may go to it now (the catalogue follows this pass)
         leftovers = {(pod, held) for pod, held in placed if pod not in owners or held != key}
         if len(hot) == len(owners) and leftovers:
             # Unloaded where it was only after the gateways have read (probe: 1 s) that the new owner holds
@@ -262,7 +271,7 @@ class Fleet:
         if any(("list", pod) in self._tasks for pod in owners):
             return  # an owner's listing is being read: publish what it shows, not a Warming in between
         digests = sorted({d for pod in hot if (d := self.residency.get(pod, {}).get(key))})
-        self._publish(record, observed(record, owners, hot, problems, rank, targets, digests))
+        self._publish(record, observed(record, owners, hot, problems, rank, targets, digests, serving=book.serving))
 
     # -- validation -----------------------------------------------------------------------------
 

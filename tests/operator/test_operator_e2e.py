@@ -158,3 +158,38 @@ def test_a_revision_pinned_adapter_warms_that_revision_where_the_gateway_routes_
     wait_until(lambda: custom(api, "adapters", "pirate")["status"].get("digest") == digest(f"team/pirate@{new}"), what="the new digest in status")
     # the old version left only once the new one was hot: no request for the name found neither
     assert replicas[second].answered[("load", f"team/pirate@{new}")] < replicas[first].answered[("unload", f"team/pirate@{old}")]
+
+
+def test_an_update_moves_the_name_only_once_the_new_version_is_hot_and_a_broken_one_never_takes_it(operator_env) -> None:
+    """The catalogue (what the gateways and replicas resolve the name by) keeps the old version while the new one
+    warms: no request for the name meets a replica that must load the new version cold. A new version a replica
+    refuses never takes the name; status says Rolling, then Failed with the version that still serves."""
+    kubectl, api, replicas, _ = operator_env
+    core = client.CoreV1Api(api)
+    kubectl("apply", "-f", "-", input=BASEMODEL)
+    for pod in replicas:
+        run_pod(core, "smol", pod, replicas[pod])
+    body = yaml.safe_load(adapter("pirate", "team/pirate"))
+    body["spec"]["revision"] = "v1"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
+    wait_until(lambda: custom(api, "adapters", "pirate").get("status", {}).get("phase") == "Ready")
+
+    def catalogued() -> set:
+        return {e["revision"] for r in replicas.values() for e in r.catalogue if e["name"] == "pirate"}
+
+    assert catalogued() == {"v1"}
+    for replica in replicas.values():
+        replica.slow["team/pirate@v2"] = 3.0
+    kubectl("patch", "adapter", "pirate", "--type", "merge", "-p", '{"spec": {"revision": "v2"}}')
+    wait_until(lambda: custom(api, "adapters", "pirate")["status"]["phase"] == "Rolling", what="Rolling")
+    status = custom(api, "adapters", "pirate")["status"]
+    assert "v1 serves until then" in status["message"] and status["serving"]["revision"] == "v1"
+    assert catalogued() == {"v1"}  # the new version is loading: the name still goes to v1
+    wait_until(lambda: catalogued() == {"v2"}, timeout=15, what="the name moved to v2")
+    assert any("team/pirate@v2" in r.loaded for r in replicas.values())  # ...which was hot first
+    wait_until(lambda: custom(api, "adapters", "pirate")["status"]["phase"] == "Ready")
+
+    kubectl("patch", "adapter", "pirate", "--type", "merge", "-p", '{"spec": {"id": "refused/pirate", "revision": "v3"}}')
+    wait_until(lambda: custom(api, "adapters", "pirate")["status"]["phase"] == "Failed", what="the broken version Failed")
+    status = custom(api, "adapters", "pirate")["status"]
+    assert "team/pirate@v2 still serves" in status["message"] and catalogued() == {"v2"}

@@ -38,7 +38,7 @@ class StubReplica:
         self.calls: list[tuple[str, str]] = []  # ("load" | "unload", ring key)
         self.answered: dict[tuple[str, str], float] = {}  # call -> when it was first answered (time.monotonic)
         self.listings = 0  # GET /adapters answered
-        self.slow: dict[str, float] = {}  # adapter id → seconds its load takes
+        self.slow: dict[str, float] = {}  # adapter id (or id@revision) → seconds its load takes
         self.catalogue: list[dict] = []  # what the operator registered (PUT /adapters/catalogue)
         stub = self
 
@@ -65,7 +65,7 @@ class StubReplica:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 ref = AdapterRef.parse(request["adapter_id"], request.get("adapter_source") or "hub", request.get("revision"))
                 stub.calls.append(("load", ref.ring_key))
-                time.sleep(stub.slow.get(request["adapter_id"], 0.0))
+                time.sleep(stub.slow.get(ref.ring_key, stub.slow.get(request["adapter_id"], 0.0)))
                 if request["adapter_id"].startswith("refused/"):
                     return self._reply(424, {"error": "not a LoRA for this base", "error_type": "generation"})
                 stub.refs[ref.ring_key] = ref
