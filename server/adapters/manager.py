@@ -25,25 +25,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.server.adapters.admission import LoadAdmission
 from lorafleet.server.adapters.cache import CpuCache, DiskCache
 from lorafleet.server.adapters.merged import MergedAdapters
-from lorafleet.server.adapters.sources import SOURCE_NAMES, AdapterNotFound, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
+from lorafleet.server.adapters.sources import AdapterNotFound, SourceUnreachable, fetch_hub, fetch_s3, resolve_local
 from lorafleet.server.adapters.state import AdapterSettings, AdapterState, digest_of, retry_delay
 from lorafleet.server.background import lower_this_threads_priority
-from lorafleet.server.errors import Conflict, Overloaded
+from lorafleet.server.errors import Conflict
 from lorafleet.server.lora.adapter_format import LoraAdapter
 from lorafleet.server.lora.merge import MergeCancelled
 from lorafleet.server.lora.slots import LoraSlots
 
 log = logging.getLogger(__name__)
 MAX_FAILED_REMEMBERED = 256  # failed ids kept for their error and back-off; older ones are forgotten
-SOURCE_DOWN_S = 15.0  # after a fetch finds its source unreachable, new fetches from it fail at once this long
-MAX_PENDING_FETCHES = 64  # hub/S3 loads queued or running; beyond it a new id is refused (429)
 # Merges run on a pool of their own (a merge is seconds of CPU; fetches are network waits): a flood of merge specs
 # never holds up other clients' hub adapters. Each is cancelled once no request waits for it.
 MERGE_THREADS = 1
-MAX_PENDING_MERGES = 4
-MAX_PENDING_MERGES_PER_CALLER = 2  # a caller the gateway identified (its cache salt) holds at most half the merge queue
 MAX_MERGED_STATES = 64  # merged adapters remembered (tier, errors); older ones nobody uses are forgotten (recomputable)
 MERGED_CPU_SHARE = 0.25  # of the CPU tier: merged adapters never evict more than this of everyone's real adapters
 
@@ -65,16 +62,12 @@ class AdapterManager:
         self._local_pool = ThreadPoolExecutor(settings.load_threads, thread_name_prefix="lorafleet-adapter-local")
         self._remote_pool = ThreadPoolExecutor(settings.remote_load_threads, thread_name_prefix="lorafleet-adapter-remote")
         self._merge_pool = ThreadPoolExecutor(MERGE_THREADS, thread_name_prefix="lorafleet-adapter-merge", initializer=lower_this_threads_priority)
-        self._pending_merges = 0
-        self._merges_by_caller: dict[bytes, int] = {}  # pending merges per identified caller (under _pending_lock)
+        self.admission = LoadAdmission()  # bounded fetch and merge queues, sources known down (admission.py)
         self._merged_keys: dict[str, None] = {}  # merged adapters with a state, oldest first (engine thread)
         # What waits for an adapter, published by the engine thread each step: a merge nobody waits for stops.
         self._wanted: frozenset[str] = frozenset()
         self._wanted_generation = 0
         self._failed_keys: dict[str, None] = {}  # insertion-ordered: the oldest failure first
-        self._source_down: dict[str, tuple[float, BaseException]] = {}  # source -> (until, why)
-        self._pending_fetches = 0
-        self._pending_lock = threading.Lock()
         # Called with (step, seconds) for each tier move: source_to_disk, disk_to_cpu, cpu_to_device.
         self.on_timing: Callable[[str, float], None] = lambda step, seconds: None
         self.on_settled: Callable[[], None] = lambda: None  # a load ended (either way): the engine loop wakes to look
@@ -99,22 +92,17 @@ class AdapterManager:
             self._local_pool.submit(self._load, state, local_folder, token)
             return
         if state.ref.source == "merged":
-            with self._pending_lock:
-                self._pending_merges += 1
-                if caller:
-                    self._merges_by_caller[caller] = self._merges_by_caller.get(caller, 0) + 1
+            self.admission.merge_started(caller)
             self._merge_pool.submit(self._merge, state, token, self._wanted_generation, caller)
             return
-        with self._pending_lock:
-            self._pending_fetches += 1
+        self.admission.fetch_started()
         self._remote_pool.submit(self._fetch, state, token)
 
     def _fetch(self, state: AdapterState, token: str | None) -> None:
         try:
             self._load(state, None, token, recheck_source=True)
         finally:
-            with self._pending_lock:
-                self._pending_fetches -= 1
+            self.admission.fetch_ended()
 
     def _merge(self, state: AdapterState, token: str | None, generation: int, caller: bytes) -> None:
         key = state.ref.key
@@ -125,29 +113,7 @@ class AdapterManager:
         try:
             self._load(state, None, token, wanted=wanted)
         finally:
-            with self._pending_lock:
-                self._pending_merges -= 1
-                if caller:
-                    left = self._merges_by_caller.pop(caller) - 1
-                    if left:
-                        self._merges_by_caller[caller] = left
-
-    def _check_source(self, source: str, now: float, adapter_id: str) -> None:
-        """Fail a new remote load at once while its source is known to be down or its queue is full:
-        a dead hub costs one fetch's deadline, not one per junk id, and queued fetches stay bounded.
-        The error names this request's adapter only: why the source went down is another client's fetch."""
-        down = self._source_down_error(source, now, adapter_id)
-        if down is not None:
-            raise down
-        if self._pending_fetches >= MAX_PENDING_FETCHES:
-            raise Overloaded(f"{self._pending_fetches} adapter fetches are already pending; try again shortly")
-
-    def _source_down_error(self, source: str, now: float, adapter_id: str) -> SourceUnreachable | None:
-        until, _ = self._source_down.get(source, (0.0, None))
-        if now >= until:
-            return None
-        return SourceUnreachable(f"{source} adapter {adapter_id!r}: {SOURCE_NAMES.get(source, source)} is unreachable "
-                                 f"(a fetch from it failed; not tried again for {until - now:.0f}s)")
+            self.admission.merge_ended(caller)
 
     # -- requests (engine thread) ---------------------------------------------------------------
 
@@ -170,14 +136,10 @@ class AdapterManager:
                 self._check_pin_room(key)
             if state is None or state.status == "failed":
                 if ref.source == "merged":
-                    if self._pending_merges >= MAX_PENDING_MERGES:
-                        raise Overloaded(f"{self._pending_merges} adapter merges are already running or queued; try again shortly")
-                    if caller and self._merges_by_caller.get(caller, 0) >= MAX_PENDING_MERGES_PER_CALLER:
-                        raise Overloaded(f"this caller has {MAX_PENDING_MERGES_PER_CALLER} adapter merges running or queued already; "
-                                         "try again when one is done")
+                    self.admission.admit_merge(caller)
                     self._merged_keys[key] = None
                 elif ref.source != "local":
-                    self._check_source(ref.source, now, ref.id)
+                    self.admission.admit_fetch(ref.source, ref.id)
                 state = self.states[key] = AdapterState(ref, failures=state.failures if state else 0)
                 self._failed_keys.pop(key, None)
                 self._submit(state, folder, token, caller)
@@ -279,7 +241,7 @@ class AdapterManager:
         started = time.perf_counter()
         try:
             if recheck_source:  # queued behind fetches that found the source down: fail now rather than wait a deadline too
-                down = self._source_down_error(state.ref.source, time.monotonic(), state.ref.id)
+                down = self.admission.source_down(state.ref.source, state.ref.id)
                 if down is not None and self.cpu.get(key) is None and self.disk.get(key) is None:
                     raise down
             adapter = self.cpu.get(key)
@@ -297,14 +259,14 @@ class AdapterManager:
                 adapter = self._read(state, local_folder, token)
             state.load_seconds["total_to_cpu"] = time.perf_counter() - started
             if state.tier_hit == "source":
-                self._source_down.pop(state.ref.source, None)  # it answered: it is up
+                self.admission.mark_up(state.ref.source)  # it answered: it is up
             self._outcomes.put((state, adapter))
         except MergeCancelled as exc:  # nobody waits: no failure to count or back off from; a later request merges again
             log.info("%s", exc)
             self._outcomes.put((state, exc))
         except BaseException as exc:  # every failure reaches the waiting requests
             if isinstance(exc, SourceUnreachable):  # at once: the other loader threads' queued fetches read it
-                self._source_down[state.ref.source] = (time.monotonic() + SOURCE_DOWN_S, exc)
+                self.admission.mark_down(state.ref.source, exc)
             log.warning("adapter %s failed to load (%s: %s)", key, type(exc).__name__, exc)
             self._outcomes.put((state, exc))
         finally:

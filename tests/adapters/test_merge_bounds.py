@@ -11,6 +11,7 @@ import pytest
 from support.engine import make_engine
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.server.adapters import admission as admission_module
 from lorafleet.server.adapters import manager as manager_module
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams
 from lorafleet.server.errors import Overloaded
@@ -71,7 +72,7 @@ def test_merges_queue_on_their_own_pool_with_a_bound(tiny_models, members, tmp_p
     real_member = manager._member
     monkeypatch.setattr(manager, "_member", lambda ref, token: (time.sleep(0.3), real_member(ref, token))[1])
     waiting = []
-    for i in range(manager_module.MAX_PENDING_MERGES):
+    for i in range(admission_module.MAX_PENDING_MERGES):
         key = manager.request(manager.merges.define(spec(0.1 * (i + 1))))
         waiting.append(engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), key))
     with pytest.raises(Overloaded, match="adapter merges are already running or queued"):
@@ -131,7 +132,7 @@ def test_one_identified_caller_holds_at_most_half_the_merge_queue(tiny_models, m
     manager = engine.adapters
     real_member = manager._member
     monkeypatch.setattr(manager, "_member", lambda ref, token: (time.sleep(0.3), real_member(ref, token))[1])
-    share = manager_module.MAX_PENDING_MERGES_PER_CALLER
+    share = admission_module.MAX_PENDING_MERGES_PER_CALLER
     waiting = []
     for i in range(share):
         key = manager.request(manager.merges.define(spec(0.1 * (i + 1))), caller=b"tenant-a")
