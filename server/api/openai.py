@@ -123,7 +123,7 @@ async def openai_stream(service: ReplicaService, request: Request, job: Generate
 def adapter_headers(job: GenerateJob, tier: str) -> dict[str, str]:
     """Which adapter served the request and where it found it (as the TGI routes say): the replica's per-adapter
     request metric and the gateway's read them, so OpenAI traffic is counted under its adapter too."""
-    return {"x-adapter-id": job.adapter.id if job.adapter else "", "x-adapter-tier": tier}
+    return {"x-adapter-id": job.adapter.ring_key if job.adapter else "", "x-adapter-tier": tier}
 
 
 router = APIRouter(prefix="/v1")

@@ -229,7 +229,7 @@ class ReplicaService:
         return best
 
     def observe(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
-        adapter = job.adapter.id if job.adapter else ""
+        adapter = job.adapter.ring_key if job.adapter else ""  # the version: id, and @revision when pinned to one
         self.metrics.observe_generation(adapter, seq.adapter_tier, len(seq.tokens), first_token_s, rest_s)
         if self.tracing is not None:
             load_seconds, source = seq.adapter_load or ({}, "")

@@ -65,7 +65,7 @@ def completion_headers(completion: Completion, job: GenerateJob) -> dict[str, st
         "x-queue-time": f"{completion.queue_s * 1000:.0f}",
         "x-inference-time": f"{completion.inference_s * 1000:.0f}",
         "x-time-per-token": f"{completion.inference_s * 1000 / generated:.0f}",
-        "x-adapter-id": job.adapter.id if job.adapter else "",
+        "x-adapter-id": job.adapter.ring_key if job.adapter else "",
         "x-adapter-tier": completion.seq.adapter_tier,
     }
 
@@ -107,7 +107,7 @@ async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
         except BaseException:
             service.release()
             raise
-        headers = {"x-prompt-tokens": str(len(prompt_ids)), "x-adapter-id": job.adapter.id if job.adapter else "",
+        headers = {"x-prompt-tokens": str(len(prompt_ids)), "x-adapter-id": job.adapter.ring_key if job.adapter else "",
                    "x-adapter-tier": first.adapter_tier, "cache-control": "no-cache"}
         body = sse_events(service, job, first, events, started, stream_lines(job, prompt_ids))
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)

@@ -190,3 +190,20 @@ def test_openai_traffic_is_counted_under_its_adapter(fleet) -> None:
     completion = httpx.post(replica.url + "/v1/completions", json={"model": ADAPTERS[0], "prompt": "hi", "max_tokens": 2}, timeout=60)
     assert completion.headers["x-adapter-id"] == ADAPTERS[0]
     assert metric_values(httpx.get(replica.url + "/metrics").text)[label] == before + 2
+
+
+def test_a_pinned_revision_is_counted_as_its_own_version(tiny_models, tmp_path) -> None:
+    """x-adapter-id and the adapter label carry the version (id@revision), so two revisions of one adapter in a
+    rollout have series of their own; a name registered in the catalogue is answered and counted as its version."""
+    make_lora_adapter(tiny_models["llama"], tmp_path / "adapters" / "m0", r=4, seed=3)
+    with RunningServer(tiny_models["llama"], tmp_path / "adapters", tmp_path / "cache") as replica:
+        entries = [{"name": "bot", "id": "m0", "source": "local", "revision": "v2"}]
+        assert httpx.put(replica.url + "/adapters/catalogue", json={"adapters": entries}, timeout=30).status_code == 200
+        for _ in range(2):
+            response = httpx.post(replica.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "bot", "max_new_tokens": 2}}, timeout=60)
+            assert response.status_code == 200 and response.headers["x-adapter-id"] == "m0@v2"
+        plain = httpx.post(replica.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "m0", "max_new_tokens": 2}}, timeout=60)
+        assert plain.headers["x-adapter-id"] == "m0"
+        values = metric_values(httpx.get(replica.url + "/metrics").text)
+    assert values['lorafleet_requests_total{adapter="m0@v2",route="/generate",status="200"}'] == 2
+    assert values['lorafleet_requests_total{adapter="m0",route="/generate",status="200"}'] == 1
