@@ -253,7 +253,8 @@ class ReplicaService:
 
         def drop() -> tuple[list[str], list[str]]:
             keys = [k for k, s in manager.states.items() if named in (k, s.ref.id)]
-            in_use = {s.adapter for s in [*scheduler.running, *scheduler.waiting] if s.adapter}
+            running, waiting = scheduler.adapters_in_use()
+            in_use = running | set(waiting)
             busy = []
             for key in keys:
                 manager.unpin(key)

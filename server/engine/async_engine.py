@@ -120,13 +120,13 @@ class AsyncEngine:
         """Resolve the admin loads whose adapter reached a device slot, failed or was unloaded (engine thread)."""
         manager, waiting = self.engine.adapters, []
         manager.settle()
-        running = {s.adapter for s in self.engine.scheduler.running if s.adapter}
+        self._settling = [(key, future) for key, future in self._settling if not future.cancelled()]  # callers that left
+        ready = [key for key, _ in self._settling if (state := manager.states.get(key)) is not None and state.status == "cpu"]
+        if ready:  # a free slot takes them now, not at the next request's step; what waiting requests want still goes first
+            running, wanted = self.engine.scheduler.adapters_in_use()
+            manager.between_steps(running, list(dict.fromkeys([*wanted, *ready])))
         for key, future in self._settling:
-            if future.cancelled():  # its caller gave up (timed out, went away)
-                continue
             state = manager.states.get(key)
-            if state is not None and state.status == "cpu":
-                manager.between_steps(running, [key])  # a free slot takes it now, not at the next request's step
             outcome: BaseException | None = None
             if state is None:
                 outcome = Conflict(f"adapter {key} was unloaded while loading")

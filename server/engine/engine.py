@@ -115,8 +115,7 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         outputs = [self.output.end(seq, FinishReason.CANCELLED) for seq in self.scheduler.take_cancelled()]
         outputs += self._fail_adapter_waiters()
-        running = {s.adapter for s in self.scheduler.running if s.adapter is not None}
-        waiting = list(dict.fromkeys(s.adapter for s in self.scheduler.waiting if s.adapter is not None))
+        running, waiting = self.scheduler.adapters_in_use()
         if running or waiting or self.adapters.states:
             self.adapters.between_steps(running, waiting)
         chunks = self.scheduler.schedule()

@@ -46,6 +46,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def adapters_in_use(self) -> tuple[set[str], list[str]]:
+        """(the adapters of running sequences, those waiting sequences want, oldest first): what the adapter manager
+        must keep in its slots, and what it should bring into them next."""
+        running = {s.adapter for s in self.running if s.adapter is not None}
+        return running, list(dict.fromkeys(s.adapter for s in self.waiting if s.adapter is not None))
+
     def finish(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
         if seq in self.running:
