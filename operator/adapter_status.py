@@ -87,7 +87,7 @@ def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems:
     if failure is not None:
         reason, message = failure
         status = unplaced(record, "Failed", reason, message + (f"; {serving.ring_key} still serves" if rolling else ""))
-        return {**status, "serving": serving_entry(serving)} if rolling else status
+        return {**status, "serving": serving.entry(record.name)} if rolling else status
     if record.warm == 0:
         phase, reason, message = "Ready", "Lazy", "lazy: loaded on first request"
     elif not owners:
@@ -102,19 +102,17 @@ def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems:
         message = f"warming {record.ref.ring_key} ({len(hot)}/{len(owners)} owners hot); {serving.ring_key} serves until then"
     return {"phase": phase, "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": list(hot),
             "hotOn": ",".join(hot), "rank": rank, "targetModules": list(targets), "digest": ",".join(digests or []) or None,
-            "serving": serving_entry(serving or record.ref)}
-
-
-def serving_entry(ref: AdapterRef) -> dict[str, Any]:
-    """The served version in status: read back after an operator restart, so a rollout under way goes on."""
-    return {"source": ref.source, "id": ref.id, "revision": ref.revision}
+            "serving": (serving or record.ref).entry(record.name)}
 
 
 def serving_from_status(status: dict[str, Any]) -> AdapterRef | None:
+    """The served version as status wrote it (its catalogue entry), read back after an operator restart so a rollout
+    under way goes on; None when there is none that names a version."""
     entry = status.get("serving")
-    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+    try:
+        return AdapterRef.from_entry(entry) if isinstance(entry, dict) else None
+    except ValueError:
         return None
-    return AdapterRef(str(entry.get("source") or "hub"), entry["id"], entry.get("revision") or None)
 
 
 def next_status(previous: dict[str, Any], now_observed: dict[str, Any], now: str) -> dict[str, Any] | None:

@@ -6,10 +6,12 @@ to join them by hand to know where an Adapter stood.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.backoff import Backoff
 
 
 @dataclass(slots=True)
@@ -19,6 +21,12 @@ class Retry:
     not_before: float
     attempts: int
     problem: str
+
+    @classmethod
+    def after(cls, previous: Retry | None, problem: str, backoff: Backoff) -> Retry:
+        """The next attempt's wait after one more failure, backing off from ``previous``."""
+        attempts = (previous.attempts if previous is not None else 0) + 1
+        return cls(time.monotonic() + backoff.delay(attempts), attempts, problem)
 
 
 @dataclass(slots=True)

@@ -309,8 +309,7 @@ class Fleet:
             result = ("failed", "Invalid", str(exc))
         except adapter_check.Transient as exc:
             book = self._book(record.uid)
-            attempts = (book.check_retry.attempts if book.check_retry else 0) + 1
-            book.check_retry = Retry(time.monotonic() + RETRY.delay(attempts), attempts, str(exc))
+            book.check_retry = Retry.after(book.check_retry, str(exc), RETRY)
             return
         book = self._book(record.uid)
         book.check_retry, book.checked = None, (what, result)
@@ -336,8 +335,7 @@ class Fleet:
         else:
             if result.unauthorized:
                 self._headers = None  # the token may have been rotated
-            attempts = (self._retry[(pod, key)].attempts if (pod, key) in self._retry else 0) + 1
-            self._retry[(pod, key)] = Retry(time.monotonic() + RETRY.delay(attempts), attempts, result.message)
+            self._retry[(pod, key)] = Retry.after(self._retry.get((pod, key)), result.message, RETRY)
 
     async def _unload(self, record: AdapterRecord, pod: str, url: str, key: str) -> None:
         if await self.io.calls.unload(url, key, await self._admin_headers()):
