@@ -4,13 +4,12 @@ defaults the flags, the app and the proxy all read."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet import ring
 from lorafleet.http_limits import MAX_BODY_BYTES
-from lorafleet.settings import optional, positive, setting, size
+from lorafleet.settings import non_negative, one_of, optional, positive, setting, size
 
 POLICIES = ("lorafleet", "round-robin", "least-loaded")
 
@@ -20,23 +19,6 @@ def load_factor(text: str) -> float:
     value = float(text)
     if not value > 1.0:
         raise argparse.ArgumentTypeError(f"must be > 1.0, got {text}")
-    return value
-
-
-def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in choices:
-            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
-        return text
-
-    parse.__name__ = "choice"
-    return parse
-
-
-def at_least_zero(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -54,7 +36,7 @@ class GatewayConfig:
                             "--no-handoff measures what it buys")
     served_model_name: str | None = setting(None, parse=optional, help="the base model's name in /v1/models (default: the replicas')")
     metrics_adapter_labels: int = setting(32, parse=positive(int), help="adapters with series of their own in /metrics (the busiest; the rest are `other`)")
-    prefix_chars: int = setting(0, parse=at_least_zero, help="route by the adapter and the prompt's first N characters, so requests sharing a "
+    prefix_chars: int = setting(0, parse=non_negative, help="route by the adapter and the prompt's first N characters, so requests sharing a "
                                 "prefix meet the replica that has its KV blocks cached (0: by adapter only)")
     warm_token: str | None = setting(None, parse=optional, secret=True, help="bearer token the replicas take for POST /adapters/warm "
                                      "(hand-offs); best set through LORAFLEET_WARM_TOKEN from a Secret (the operator does)")
