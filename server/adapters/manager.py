@@ -1,10 +1,10 @@
 """Which adapters are where, and moving them between tiers without ever stalling the engine loop.
 
 A request names an adapter; ``request`` registers it and, if no tier holds it, starts a fetch and
-parse in a worker thread, which hands the outcome back on a queue: only the engine thread changes the adapter
-states (``settle``, at the start of every step and whenever a loader wakes it). Between steps the engine thread calls ``between_steps``, which copies
-adapters that are ready in CPU memory into free device slots, evicting the least recently used
-adapter that no running request uses and that is not pinned. When every slot is busy and other
+parse in a worker thread, which hands the outcome back on a queue: only the engine thread changes the
+adapter states (``settle``, at the start of every step and whenever a loader wakes it). Between steps
+the engine thread calls ``between_steps``, which copies adapters that are ready in CPU memory into free
+device slots, evicting the least recently used adapter that no running request uses and that is not pinned. When every slot is busy and other
 adapters have been waiting, the adapter that has held its slot longest past ``cycle_time_s``
 drains: its running requests finish, new ones wait, and its slot goes to the next in line — so
 no adapter starves (LoRAX's rotation, with the same default of 2 s).
