@@ -5,16 +5,21 @@ The operator keeps every replica's catalogue equal to the BaseModel's Adapter re
 ``If-None-Match``, so an unchanged catalogue of a thousand adapters costs a 304. A request naming
 a registered adapter is routed by the adapter's id — the key the operator placed it by — and the
 replica resolves the name itself; unregistered ids route by themselves, as before.
+
+A name being rolled out has a canary (lorafleet/traffic_split.py): ``choose`` draws each request's side, by the
+caller's sticky identity when the rollout asks for one, and the request is routed by the chosen version's key.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.traffic_split import Split
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +27,21 @@ log = logging.getLogger(__name__)
 class Catalogue:
     def __init__(self) -> None:
         self.keys: dict[str, str] = {}  # registered name -> ring key
+        self.splits: dict[str, Split] = {}  # registered name -> its canary and the canary's share, during a rollout
         self.entries: list[dict[str, Any]] = []
         self.base: str | None = None  # the base model's name, as the replicas serve it
         self.version: str | None = None
 
     def key_for(self, requested: str | None) -> str | None:
         return self.keys.get(requested, requested) if requested is not None else None
+
+    def choose(self, requested: str | None, identity: Callable[[Split], str | None]) -> tuple[str | None, bool]:
+        """(the ring key to route by, whether it is the name's canary); ``identity`` gives the caller's sticky identity
+        for a split (its API key, or a header's value), None when it has none."""
+        split = self.splits.get(requested) if requested is not None else None
+        if split is not None and split.takes(requested, identity(split)):
+            return split.canary.ring_key, True
+        return self.key_for(requested), False
 
     async def refresh(self, client: httpx.AsyncClient, url: str) -> None:
         """Read the catalogue from the replica at ``url`` if it changed; a replica without one leaves ours as it is."""
@@ -41,9 +55,10 @@ class Catalogue:
                 return
             entries = [e for e in body["adapters"] if isinstance(e, dict) and isinstance(e.get("name"), str)]
             keys = {e["name"]: AdapterRef.from_entry(e).ring_key for e in entries}  # the key the operator placed it by
+            splits = {e["name"]: split for e in entries if (split := Split.from_entry(e.get("canary"))) is not None}
         except (httpx.HTTPError, ValueError, TypeError, KeyError):
             return
-        self.entries, self.keys = entries, keys
+        self.entries, self.keys, self.splits = entries, keys, splits
         self.base, self.version = body.get("base") or self.base, body.get("version")
         log.info("catalogue %s: %d registered adapters", self.version, len(entries))
 

@@ -29,6 +29,7 @@ from lorafleet.gateway.config import GatewayConfig
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
 from lorafleet.tracing import TRACE_HEADERS, Tracing
+from lorafleet.traffic_split import VARIANT_HEADER, Split
 
 log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[dict]]
@@ -37,7 +38,7 @@ T = TypeVar("T")
 TGI_ROUTES = {"/", "/generate", "/generate_stream"}
 HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 # The client's credential, and the headers only the gateway may set (a client's copy would pick its cache partition).
-NOT_FORWARDED = HOP_BY_HOP | {"authorization", "proxy-authorization", "cookie", SALT_HEADER, HOP_TOKEN_HEADER}
+NOT_FORWARDED = HOP_BY_HOP | {"authorization", "proxy-authorization", "cookie", SALT_HEADER, HOP_TOKEN_HEADER, VARIANT_HEADER}
 ADMIN_PREFIX = "/adapters"  # load, pin, unload: the operator calls each replica with the admin token, never through here
 BUFFER_LIMIT = 1 << 20  # sized responses up to this are read whole rather than relayed
 # Before a response starts, any transport failure is retryable: a refused or reset connection
@@ -205,8 +206,10 @@ class Gateway:
         if not routable:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         path = scope["path"]
-        key, order, top_owner, hot = self._route(path, request_payload(path, body), routable)
+        key, canary, order, top_owner, hot = self._route(path, request_payload(path, body), routable, headers, authorization)
         forward = self._forward_headers(headers, scope["method"], body, authorization)
+        if canary:  # the replica resolves the name to its canary (a client's own copy of this header was dropped)
+            forward.append((VARIANT_HEADER.encode(), b"canary"))
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         timeout = {"connect": 2.0, "read": self.config.upstream_timeout, "write": self.config.upstream_timeout, "pool": self.config.upstream_timeout}
         span = None
@@ -234,9 +237,18 @@ class Gateway:
             if span is not None:
                 span.end()
 
-    def _route(self, path: str, payload: Any, routable: dict[str, Replica]) -> tuple[str | None, list[str], str | None, set[str]]:
-        """(the adapter's ring key, the replicas to try in order, the key's top owner, the replicas holding it hot)."""
-        key = self.replicas.catalogue.key_for(routing_key(path, payload, self.replicas.base_model_ids()))
+    def _route(self, path: str, payload: Any, routable: dict[str, Replica], headers: list[tuple[bytes, bytes]],
+               authorization: str | None) -> tuple[str | None, bool, list[str], str | None, set[str]]:
+        """(the adapter's ring key, whether it is a canary, the replicas to try in order, the key's top owner, the
+        replicas holding it hot)."""
+
+        def identity(split: Split) -> str | None:
+            if split.stickiness == "apiKey":
+                return bearer_token(authorization) if authorization else None
+            wanted = split.header.encode("latin-1")
+            return next((v.decode("latin-1") for k, v in headers if k.lower() == wanted), None) if split.stickiness == "header" else None
+
+        key, canary = self.replicas.catalogue.choose(routing_key(path, payload, self.replicas.base_model_ids()), identity)
         ring_key = key
         if self.config.prefix_chars and (start := prompt_start(path, payload, self.config.prefix_chars)) is not None:
             ring_key = f"{key or ''}\0{start}"  # one tenant's shared prefix meets its own cached blocks
@@ -247,7 +259,7 @@ class Gateway:
         warm = self.replicas.hot.warm_holders(key) if by_adapter else set()
         order = (ring.routing_order(ring_key, loads, self.config.load_factor, hot, ranked, self.config.min_bound, warm) if self.config.policy == "lorafleet"
                  else self._plain_order(loads))
-        return key, order, ranked[0] if ranked else None, hot
+        return key, canary, order, ranked[0] if ranked else None, hot
 
     def _forward_headers(self, headers: list[tuple[bytes, bytes]], method: str, body: bytes, authorization: str | None) -> list[tuple[bytes, bytes]]:
         """Header values as h11 accepts them (no surrounding whitespace), and never the client's credential: the gateway

@@ -81,9 +81,11 @@ class AdapterRef:
         return body
 
 
-def catalogue_entries(named: Mapping[str, AdapterRef]) -> list[dict[str, Any]]:
-    """The catalogue's wire shape, ordered by name so equal catalogues have equal digests."""
-    return [ref.entry(name) for name, ref in sorted(named.items())]
+def catalogue_entries(named: Mapping[str, AdapterRef], canaries: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The catalogue's wire shape, ordered by name so equal catalogues have equal digests; a name being rolled out
+    carries its canary (``traffic_split.Split.entry``) beside its stable version."""
+    canaries = canaries or {}
+    return [ref.entry(name) | ({"canary": canaries[name]} if name in canaries else {}) for name, ref in sorted(named.items())]
 
 
 def catalogue_version(entries: list[dict[str, Any]]) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.operator.rollout import ACTION_ANNOTATION
 
 # Unload from the replicas before an Adapter goes. Not kopf's own finalizer name: kopf removes its
 # finalizer from objects none of its handlers needs it on (that also frees Adapters made by versions
@@ -36,6 +37,8 @@ class AdapterRecord:
     status: dict[str, Any] = field(default_factory=dict, compare=False)
     finalizers: tuple[str, ...] = ()
     deleting: bool = False
+    rollout: dict[str, Any] = field(default_factory=dict, compare=False)  # spec.rollout (operator/rollout.py)
+    action: str | None = None  # the lorafleet.io/rollout-action annotation: promote or abort the rollout under way
 
     @classmethod
     def from_body(cls, body: Any) -> AdapterRecord:
@@ -45,6 +48,7 @@ class AdapterRecord:
             base=spec.get("baseModel", ""), id=spec.get("id", ""), source=spec.get("source", "hub"), revision=spec.get("revision"),
             warm=spec.get("warmReplicas", 1), pinned=bool(spec.get("pinned")), status=dict(body.get("status") or {}),
             finalizers=tuple(meta.get("finalizers") or ()), deleting=bool(meta.get("deletionTimestamp")),
+            rollout=dict(spec.get("rollout") or {}), action=(meta.get("annotations") or {}).get(ACTION_ANNOTATION),
         )
 
     @property
@@ -60,6 +64,10 @@ class AdapterRecord:
     def load_request(self) -> dict[str, Any]:
         return self.ref.load_body(self.pinned)
 
+    def action_done_patch(self) -> dict[str, Any]:
+        """The merge patch that removes the rollout action annotation once it was acted on."""
+        return {"metadata": {"annotations": {ACTION_ANNOTATION: None}}}
+
     def finalizer_patch(self, present: bool) -> dict[str, Any]:
         """The merge patch that adds (``present``) or removes lorafleet's finalizer, keeping everyone else's."""
         others = [f for f in self.finalizers if f != FINALIZER]
@@ -68,7 +76,7 @@ class AdapterRecord:
     def already_validated(self) -> tuple[int | None, list[str]] | None:
         """(rank, targets) when the status says this generation passed validation (an operator restart need not fetch again)."""
         status = self.status
-        if status.get("observedGeneration") == self.generation and status.get("phase") in ("Ready", "Warming", "Degraded", "Rolling"):
+        if status.get("observedGeneration") == self.generation and status.get("phase") in ("Ready", "Warming", "Degraded", "Rolling", "Canary", "RolledBack"):
             return status.get("rank"), list(status.get("targetModules") or [])
         return None
 
@@ -79,10 +87,12 @@ def unplaced(record: AdapterRecord, phase: str, reason: str, message: str) -> di
 
 
 def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems: list[str], rank: int | None, targets: list[str],
-             digests: list[str] | None = None, failure: tuple[str, str] | None = None, serving: AdapterRef | None = None) -> dict[str, Any]:
+             digests: list[str] | None = None, failure: tuple[str, str] | None = None, serving: AdapterRef | None = None,
+             rollout: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the fleet shows of an adapter: ``hot`` are the owners whose own listing holds it resident; ``digests`` the
     content digests they serve it with (one, unless replicas read different files under one version); ``serving``
-    the version its name is sent to while the spec's is not yet hot everywhere (an update rolling out)."""
+    the version its name is sent to while the spec's is not yet hot everywhere (an update rolling out); ``rollout``
+    a canary's state (``Rollout.status``): its phase becomes the Adapter's while it takes traffic or was rolled back."""
     rolling = serving is not None and serving != record.ref
     if failure is not None:
         reason, message = failure
@@ -100,9 +110,14 @@ def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems:
     if rolling:
         phase, reason = "Rolling", "Rolling"
         message = f"warming {record.ref.ring_key} ({len(hot)}/{len(owners)} owners hot); {serving.ring_key} serves until then"
+    if rollout is not None and rollout["phase"] in ("Progressing", "Paused"):
+        phase, reason = "Canary", rollout["reason"]
+        message = f"{rollout['canary']} takes {rollout['weight']:g}% ({rollout['message']}); {rollout['stable']} the rest"
+    elif rollout is not None and rollout["phase"] in ("RolledBack", "Aborted"):
+        phase, reason, message = "RolledBack", rollout["reason"], rollout["message"]
     return {"phase": phase, "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": list(hot),
             "hotOn": ",".join(hot), "rank": rank, "targetModules": list(targets), "digest": ",".join(digests or []) or None,
-            "serving": (serving or record.ref).entry(record.name)}
+            "serving": (serving or record.ref).entry(record.name), "rollout": rollout}
 
 
 def serving_from_status(status: dict[str, Any]) -> AdapterRef | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.backoff import Backoff
+from lorafleet.operator.rollout import Rollout
 
 
 @dataclass(slots=True)
@@ -43,6 +44,7 @@ class AdapterBook:
     # The version the catalogue sends the Adapter's name to. It moves to the spec's version only once that one is hot on
     # every owner, so an update never sends traffic to a replica that must load it cold (nor a broken version anywhere).
     serving: AdapterRef | None = None
+    rollout: Rollout | None = None  # the spec's version as a canary, when spec.rollout has steps (operator/rollout.py)
     work_since: float | None = None  # when its oldest running work started (its status waits for the work to settle)
     work_count: int = 0
 

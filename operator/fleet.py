@@ -20,8 +20,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.adapter_ref import AdapterRef, catalogue_entries, catalogue_version
@@ -29,9 +27,10 @@ from lorafleet.backoff import Backoff
 from lorafleet.operator import adapter_check
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed, serving_from_status, unplaced
 from lorafleet.operator.book import AdapterBook, Retry
+from lorafleet.operator.canaries import Canaries
 from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
-from lorafleet.operator.fleet_status import placement, ready_pods
-from lorafleet.operator.replica_client import ReplicaCalls
+from lorafleet.operator.fleet_io import FleetIO, PodView
+from lorafleet.operator.fleet_status import placement
 from lorafleet.timestamps import now_text
 
 log = logging.getLogger(__name__)
@@ -40,34 +39,6 @@ RETRY = Backoff(4.0, 60.0)  # a load or a validation fetch that failed for a rea
 RELIST = Backoff(2.0, 2.0)  # a listing or catalogue call: flat, the replica is usually just starting
 UNLOAD_GRACE_S = 3.0
 COALESCE_S = 0.1  # a pass costs O(adapters); events arrive by the thousand
-
-
-@dataclass(frozen=True)
-class PodView:
-    """A replica pod as the fleet needs it: where to call it, and what tells that it restarted."""
-
-    name: str
-    url: str | None  # None while it is not Ready
-    uid: str
-    restarts: int
-
-    @classmethod
-    def from_body(cls, body: Any) -> PodView:
-        raw = {"metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
-        url = ready_pods([raw]).get(raw["metadata"]["name"])
-        restarts = sum(c.get("restartCount", 0) for c in raw["status"].get("containerStatuses") or [])
-        return cls(raw["metadata"]["name"], url, raw["metadata"].get("uid", ""), restarts)
-
-
-@dataclass
-class FleetIO:
-    """What a fleet does outside itself; the handlers give real ones, a test may give stand-ins."""
-
-    kube: Any  # lorafleet.operator.kube.Kube (blocking: called on ``executor``)
-    executor: Executor  # API writes and validation fetches
-    calls: ReplicaCalls
-    event: Callable[[dict[str, Any], str, str, str], None]  # (object, type, reason, message)
-    admin_headers: Callable[[], dict[str, str]]  # blocking
 
 
 class Fleet:
@@ -88,6 +59,7 @@ class Fleet:
         self._headers: dict[str, str] | None = None
         self._catalogue_sent: dict[str, tuple] = {}  # pod -> (its identity, the catalogue version it holds)
         self._catalogue_retry: dict[str, float] = {}
+        self._canaries = Canaries()  # rollouts whose canary takes part of a name's traffic (operator/canaries.py)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -120,7 +92,7 @@ class Fleet:
 
     def _next_due(self) -> float:
         dues = [self._next_check, *(r.not_before for r in self._retry.values()), *self._list_retry.values(), *self._catalogue_retry.values(),
-                *(due for book in self._books.values() for due in book.dues(SETTLE_S))]
+                *(due for book in self._books.values() for due in book.dues(SETTLE_S)), *self._canaries.dues()]
         return min(dues)
 
     def _book(self, uid: str) -> AdapterBook:
@@ -168,8 +140,10 @@ class Fleet:
                 self._spawn(("finalizer", record.uid), record.uid, self._add_finalizer(record))
             self._place(record, members, known, engine, now)
         self._share_catalogue([r for r in records if not r.deleting], members, now)
+        self._read_counters(members, now)
         for uid in [u for u, book in self._books.items() if u not in present and not book.work_count]:
             del self._books[uid]
+            self._canaries.forget(uid)
 
     def _serving(self, record: AdapterRecord) -> AdapterRef:
         """The version the Adapter's name goes to: the spec's once it is hot on every owner, until then the one before."""
@@ -178,7 +152,7 @@ class Fleet:
 
     def _share_catalogue(self, records: list[AdapterRecord], members: dict[str, str], now: float) -> None:
         """Every replica learns the fleet's Adapters (name -> id, source, revision), so a name alone is a request."""
-        entries = catalogue_entries({r.name: self._serving(r) for r in records})
+        entries = catalogue_entries({r.name: self._serving(r) for r in records}, self._canaries.catalogue_canaries(records))
         version = catalogue_version(entries)
         for pod, url in members.items():
             sent = (self._pods_seen.get(pod), version)
@@ -192,6 +166,20 @@ class Fleet:
         else:
             self._headers = None  # read the admin token again: it may not have existed, or was rotated
             self._catalogue_retry[pod] = time.monotonic() + RELIST.delay(1)
+
+    def _read_counters(self, members: dict[str, str], now: float) -> None:
+        """While a canary takes traffic, every replica's counters of the versions under analysis, each interval."""
+        self._canaries.keep_pods(members)
+        versions = self._canaries.versions(self._books)
+        if versions and self._canaries.reading_due(now):
+            for pod, url in members.items():
+                self._spawn(("counters", pod), None, self._read_pod_counters(pod, url, versions))
+
+    async def _read_pod_counters(self, pod: str, url: str, versions: list[str]) -> None:
+        try:
+            self._canaries.counts[pod] = await self.io.calls.version_stats(url, versions, await self._admin_headers())
+        except Exception as exc:  # the analysis waits for the next read; a step cannot pass on counts it lacks
+            log.info("fleet %s/%s: counters of %s failed: %s", self.namespace, self.name, pod, exc)
 
     def _follow_pods(self, pods: list[PodView], now: float) -> dict[str, str]:
         """Ready members; a new, restarted or returning pod has its listing read again."""
@@ -237,26 +225,28 @@ class Fleet:
             _, reason, message = book.refused
             self._publish(record, observed(record, [], [], [], rank, targets, failure=(reason, message), serving=book.serving))
             return
-        key = record.ref.key  # the version exactly: an older revision resident there is not this one
-        owners = placement(record.ref.ring_key, known, record.warm)  # the owners the gateways route this version to
         if book.placed is None:
-            book.placed = {(pod, key) for pod in record.status.get("replicas") or []}
+            book.placed = {(pod, record.ref.key) for pod in record.status.get("replicas") or []}
         placed = book.placed
-        hot, problems = [], []
-        for pod in owners:
-            if key in self.residency.get(pod, {}):
-                hot.append(pod)
-                placed.add((pod, key))
-                continue
-            retry = self._retry.get((pod, key))
-            if retry is not None:
-                problems.append(f"{pod}: {retry.problem}")
-            if pod in self.residency and (retry is None or retry.not_before <= now):
-                self._spawn(("load", pod, record.uid), record.uid, self._load(record, pod, members[pod]))
-        if len(hot) == len(owners):
+        rollout = self._canaries.current(record, book, now)
+        stable_only = rollout is not None and rollout.phase in ("RolledBack", "Aborted")  # the spec's version serves nowhere
+        ref = book.serving if stable_only else record.ref  # the version the status reports on
+        owners, hot, problems = self._warm(record, ref, members, known, now)
+        wanted = {(pod, ref.key) for pod in owners}
+        if rollout is not None and not stable_only and book.serving != record.ref:  # stable keeps serving its share meanwhile
+            stable_owners, _, _ = self._warm(record, book.serving, members, known, now)
+            wanted |= {(pod, book.serving.key) for pod in stable_owners}
+        all_hot = len(hot) == len(owners)
+        if rollout is not None:
+            if self._canaries.step(record, rollout, all_hot, now):
+                self._spawn(("action", record.uid), None, self._write(lambda: self.io.kube.merge(
+                    "lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name, record.action_done_patch())))
+            if rollout.phase == "Promoted":
+                book.serving = record.ref
+        elif all_hot:
             book.serving = record.ref  # hot on every owner: its name may go to it now (the catalogue follows this pass)
-        leftovers = {(pod, held) for pod, held in placed if pod not in owners or held != key}
-        if len(hot) == len(owners) and leftovers:
+        leftovers = placed - wanted
+        if all_hot and leftovers:
             # Unloaded where it was only after the gateways have read (probe: 1 s) that the new owner holds
             # it: until then they may still send its traffic to the old holder.
             if book.unload_at is None:
@@ -270,14 +260,33 @@ class Fleet:
                         placed.discard((pod, held))
         if any(("list", pod) in self._tasks for pod in owners):
             return  # an owner's listing is being read: publish what it shows, not a Warming in between
-        digests = sorted({d for pod in hot if (d := self.residency.get(pod, {}).get(key))})
-        self._publish(record, observed(record, owners, hot, problems, rank, targets, digests, serving=book.serving))
+        digests = sorted({d for pod in hot if (d := self.residency.get(pod, {}).get(ref.key))})
+        self._publish(record, observed(record, owners, hot, problems, rank, targets, digests, serving=book.serving,
+                                       rollout=self._canaries.status(record, rollout)))
+
+    def _warm(self, record: AdapterRecord, ref: AdapterRef, members: dict[str, str], known: list[str], now: float) -> tuple[list[str], list[str], list[str]]:
+        """(owners, the owners holding ``ref``, problems): loads ``ref`` on the owners the gateways route it to that lack it."""
+        key = ref.key  # the version exactly: an older revision resident there is not this one
+        owners = placement(ref.ring_key, known, record.warm)
+        hot, problems = [], []
+        for pod in owners:
+            if key in self.residency.get(pod, {}):
+                hot.append(pod)
+                self._book(record.uid).placed.add((pod, key))
+                continue
+            retry = self._retry.get((pod, key))
+            if retry is not None:
+                problems.append(f"{pod}: {retry.problem}")
+            if pod in self.residency and (retry is None or retry.not_before <= now):
+                self._spawn(("load", pod, record.uid, key), record.uid, self._load(record, ref, pod, members[pod]))
+        return owners, hot, problems
 
     # -- validation -----------------------------------------------------------------------------
 
     def _validation(self, record: AdapterRecord, engine: dict[str, Any], now: float) -> tuple | None:
         """("ok", rank, targets) or ("failed", reason, message); None while it is being checked."""
-        what = (record.generation, record.id, record.source, record.revision, engine.get("maxLoraRank", DEFAULT_MAX_LORA_RANK))
+        # the version and the engine's limit decide the check, not the generation (pausing a rollout fetches nothing)
+        what = (record.id, record.source, record.revision, engine.get("maxLoraRank", DEFAULT_MAX_LORA_RANK))
         book = self._book(record.uid)
         done = book.checked
         if done is not None and done[0] == what:
@@ -322,9 +331,9 @@ class Fleet:
             self._headers = await asyncio.get_running_loop().run_in_executor(self.io.executor, self.io.admin_headers)
         return self._headers
 
-    async def _load(self, record: AdapterRecord, pod: str, url: str) -> None:
-        result = await self.io.calls.load(url, record.load_request(), await self._admin_headers())
-        key = record.ref.key
+    async def _load(self, record: AdapterRecord, ref: AdapterRef, pod: str, url: str) -> None:
+        result = await self.io.calls.load(url, ref.load_body(record.pinned), await self._admin_headers())
+        key = ref.key
         if result.ok:
             self._retry.pop((pod, key), None)
             self.residency.setdefault(pod, {})[key] = result.digest
@@ -380,7 +389,7 @@ class Fleet:
             return
         self._book(record.uid).written = {k: v for k, v in status.items() if v is not None}
         if status["phase"] != previous.get("phase"):
-            kind = "Warning" if status["phase"] == "Failed" else "Normal"
+            kind = "Warning" if status["phase"] in ("Failed", "RolledBack") else "Normal"
             self.io.event(record.reference, kind, status.get("reason") or status["phase"], status["message"])
 
     async def _write(self, call: Callable[[], Any]) -> bool:

@@ -23,7 +23,8 @@ from lorafleet.bearer import authorization
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, unplaced
 from lorafleet.operator.config import OperatorConfig
 from lorafleet.operator.desired import ADMIN_TOKEN_KEY, WARM_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name, with_tracing_default
-from lorafleet.operator.fleet import Fleet, FleetIO, PodView
+from lorafleet.operator.fleet import Fleet
+from lorafleet.operator.fleet_io import FleetIO, PodView
 from lorafleet.operator.fleet_status import basemodel_status, keep_transition_times
 from lorafleet.operator.kube import Kube, login
 from lorafleet.operator.replica_client import ReplicaCalls

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from lorafleet.adapter_ref import AdapterRef
+from lorafleet.traffic_split import VersionCounts
 
 LIST_TIMEOUT_S = 10.0
 LOAD_TIMEOUT_S = 300.0  # the replica's own wait for a device slot is 300 s
@@ -78,6 +79,17 @@ class ReplicaCalls:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+    async def version_stats(self, url: str, versions: list[str], headers: dict[str, str]) -> dict[str, VersionCounts]:
+        """The replica's counters for these versions (ring keys), as far as it has any (GET /adapters/stats)."""
+        found: dict[str, VersionCounts] = {}
+        for start in range(0, len(versions), 64):  # the route's limit per read
+            async with self._slot(url):
+                response = await self._client.get(f"{url}/adapters/stats", params=[("version", v) for v in versions[start:start + 64]],
+                                                   headers=headers, timeout=LIST_TIMEOUT_S)
+            response.raise_for_status()
+            found.update({v: VersionCounts.from_wire(c) for v, c in (response.json().get("versions") or {}).items()})
+        return found
 
     async def unload(self, url: str, adapter_id: str, headers: dict[str, str]) -> bool:
         """True once the replica no longer holds it (404 counts); False when it could not say."""

@@ -18,6 +18,7 @@ from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
 from lorafleet.server.errors import Forbidden, Overloaded, Unauthorized, ValidationError
+from lorafleet.traffic_split import Split
 
 CLOSED = ("admin routes are off on this replica: start it with --admin-token (LORAFLEET_ADMIN_TOKEN) and send that token, "
           "or with --admin-open on a machine nobody else can reach")
@@ -90,6 +91,18 @@ async def get_catalogue(service: Service, request: Request) -> Any:
     return Response(catalogue.body, media_type="application/json", headers={"etag": etag})
 
 
+MAX_STATS_VERSIONS = 64
+
+
+@router.get("/stats", summary="requests, errors and time-to-first-token buckets per adapter version (?version=id@rev, repeated)")
+async def version_stats(service: Service, request: Request, version: list[str] = Query(default=[])) -> Any:
+    """What the operator's canary analysis reads. Admin-only: per-version traffic of other tenants is not a caller's."""
+    require_admin(service, request)
+    if len(version) > MAX_STATS_VERSIONS:
+        raise ValidationError(f"at most {MAX_STATS_VERSIONS} versions per read, got {len(version)}")
+    return {"versions": service.metrics.versions.read(version)}
+
+
 @router.put("/catalogue", summary="replace the registered adapters (the operator keeps it equal to the Adapter resources)")
 async def put_catalogue(service: Service, request: Request) -> Any:
     require_admin(service, request)
@@ -98,6 +111,7 @@ async def put_catalogue(service: Service, request: Request) -> Any:
     if not isinstance(entries, list) or len(entries) > MAX_CATALOGUE:
         raise ValidationError(f"`adapters` must be a list of at most {MAX_CATALOGUE} entries")
     catalogue: dict[str, AdapterRef] = {}
+    splits: dict[str, Split] = {}
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not 0 < len(entry["name"]) <= MAX_NAME_LENGTH:
             raise ValidationError(f"each entry needs a `name` (a string of 1 to {MAX_NAME_LENGTH} characters) and an `id`")
@@ -105,8 +119,15 @@ async def put_catalogue(service: Service, request: Request) -> Any:
         if ref is None:
             raise ValidationError(f"entry {entry['name']!r} needs an `id`")
         catalogue[entry["name"]] = ref
-    snapshot = Catalogue.of(catalogue, service.base_name)  # hashed and encoded once, here
-    service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
+        try:
+            split = Split.from_entry(entry.get("canary"))
+        except ValueError as exc:
+            raise ValidationError(f"entry {entry['name']!r}: {exc}") from exc
+        if split is not None:
+            splits[entry["name"]] = split
+    snapshot = Catalogue.of(catalogue, service.base_name, splits)  # hashed and encoded once, here
+    # no await between the two: a request (on this event loop too) sees the old pair or the new, never half
+    service.limits.catalogue, service.limits.canaries = catalogue, {name: split.canary for name, split in splits.items()}
     service.catalogue = snapshot
     return {"version": snapshot.version, "adapters": len(catalogue)}
 

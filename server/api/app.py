@@ -87,6 +87,7 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         seen: dict[str, str] = {}
+        state = scope.setdefault("state", {})  # the routes note the version a request named there (request.state)
         tracing = self.service.tracing
         span = start_request_span(tracing, scope) if tracing is not None and scope["path"] in GENERATE_ROUTES else None
 
@@ -106,6 +107,10 @@ class RequestMetrics:
             metrics = self.service.metrics
             # x-adapter-id is set only on an answer that used the adapter: the label is never an arbitrary request string.
             metrics.requests.labels(route, seen.get("status", "499"), metrics.adapters.label(seen.get("adapter", ""))).inc()
+            job = state.get("job")  # the validated request, when it got that far
+            named = job.adapter.ring_key if job is not None and job.adapter is not None else ""
+            late = job is not None and job.failed_late  # a stream that began 200 and ended in an error event
+            metrics.versions.answered(seen.get("adapter") or named, 500 if late else int(seen.get("status", "499")))
             metrics.duration.labels(route).observe(time.perf_counter() - started)
 
 

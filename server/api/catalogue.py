@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from lorafleet.adapter_ref import AdapterRef, catalogue_entries, catalogue_version
 from lorafleet.adapter_rules import MAX_ID_LENGTH, MAX_REVISION_LENGTH
+from lorafleet.traffic_split import Split
 
 MAX_CATALOGUE = 100_000
 MAX_NAME_LENGTH = 317  # an Adapter's "namespace/name": 63 + 1 + 253
@@ -28,7 +29,7 @@ class Catalogue:
     body: bytes  # the GET answer, made once
 
     @classmethod
-    def of(cls, refs: dict[str, AdapterRef], base: str) -> Catalogue:
-        listed = catalogue_entries(refs)
+    def of(cls, refs: dict[str, AdapterRef], base: str, splits: dict[str, Split] | None = None) -> Catalogue:
+        listed = catalogue_entries(refs, {name: split.entry() for name, split in (splits or {}).items()})
         version = catalogue_version(listed)
         return cls(refs, version, json.dumps({"version": version, "base": base, "adapters": listed}).encode())

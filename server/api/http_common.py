@@ -16,6 +16,7 @@ from lorafleet.cache_salt import HOP_TOKEN_HEADER, MAX_SALT_LENGTH, SALT_HEADER
 from lorafleet.server.api.errors import classify
 from lorafleet.server.api.json_guard import MAX_DEPTH, UnusableValue, check_values
 from lorafleet.server.errors import RequestError
+from lorafleet.traffic_split import VARIANT_HEADER
 
 T = TypeVar("T")
 
@@ -52,6 +53,12 @@ async def read_json_object(request: Request) -> dict:
 def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
     status, error_type, message = classify(exc)
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def wants_canary(request: Request) -> bool:
+    """The gateway sent this request to the canary of the name it asks for. Untrusted on purpose: a caller who reaches
+    the replica directly can name the canary's id itself, and the gateway never forwards a client's copy."""
+    return request.headers.get(VARIANT_HEADER) == "canary"
 
 
 def trusted_cache_salt(request: Request, hop_token: str | None) -> bytes:

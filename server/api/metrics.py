@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lorafleet.adapter_labels import TopAdapters, remove_adapter_series
+from lorafleet.server.api.version_counts import VersionTally
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -100,12 +101,14 @@ class ServerMetrics:
         per_adapter = (self.requests, self.generated_tokens, self.time_to_first_token, self.time_per_output_token, self.e2e_latency)
         # An adapter that loses its label to busier ones loses its series (their counts continue under `other`).
         self.adapters = TopAdapters(adapter_labels, on_drop=lambda adapter: remove_adapter_series(per_adapter, adapter))
+        self.versions = VersionTally()  # exact per-version counts for canary analysis (unbounded by labels)
         self._collector = _EngineCollector(snapshot)
         r.register(self._collector)
 
     def observe_generation(self, adapter: str, tier: str, tokens: int, first_token_s: float, rest_s: float) -> None:
         """One finished generation: tokens and latencies under its adapter's label, hot or cold."""
         label, cache = self.adapters.label(adapter), "hot" if tier in ("", "device") else "cold"
+        self.versions.first_token(adapter, first_token_s)
         self.generated_tokens.labels(label).inc(tokens)
         self.time_to_first_token.labels(label, cache).observe(first_token_s)
         self.e2e_latency.labels(label, cache).observe(first_token_s + rest_s)

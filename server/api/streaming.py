@@ -54,6 +54,7 @@ async def sse_events(service: Any, job: Any, first: TokenEvent, events: AsyncIte
             yield line
     except Exception as exc:  # once streaming, an error is the last event, never a broken connection
         _, error_type, message = classify(exc)
+        job.failed_late = True
         yield sse({"error": message, "error_type": error_type})
     finally:
         service.release()
