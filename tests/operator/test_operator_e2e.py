@@ -8,7 +8,7 @@ import pytest
 import yaml
 from kubernetes import client
 from support.hub import HubStandIn
-from support.operator import StubReplica, digest, operator_running, run_pod, set_pod_ready
+from support.operator import BASEMODEL, adapter, custom, digest, run_pod, set_pod_ready
 from support.waiting import wait_until
 
 from lorafleet import ring
@@ -16,37 +16,6 @@ from lorafleet import ring
 pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
 ROOT = Path(__file__).resolve().parents[2]
-BASEMODEL = """
-apiVersion: lorafleet.io/v1alpha1
-kind: BaseModel
-metadata: {name: smol}
-spec:
-  model: {id: smollm2, source: local}
-  replicas: 2
-  engine: {maxLoraRank: 16}
-"""
-
-
-def adapter(name: str, adapter_id: str, base: str = "smol", source: str = "local", warm: int = 1) -> str:
-    return yaml.safe_dump({"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": name},
-                           "spec": {"baseModel": base, "id": adapter_id, "source": source, "warmReplicas": warm}})
-
-
-@pytest.fixture
-def operator_env(kube_api, kubectl, monkeypatch):
-    replicas = {f"smol-replicas-{i}": StubReplica(f"127.0.0.{10 + i}") for i in range(3)}
-    try:
-        with operator_running(kube_api, kubectl, monkeypatch) as api:
-            yield kubectl, api, replicas, None
-    finally:
-        for replica in replicas.values():
-            replica.close()
-
-
-def custom(api, plural: str, name: str) -> dict:
-    return client.CustomObjectsApi(api).get_namespaced_custom_object("lorafleet.io", "v1alpha1", "default", plural, name)
-
-
 def test_basemodel_becomes_a_fleet_with_owner_references(operator_env) -> None:
     kubectl, api, _, runner = operator_env
     kubectl("apply", "-f", "-", input=BASEMODEL)

@@ -14,14 +14,34 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import kopf
+import yaml
 from kopf.testing import KopfRunner
 from kubernetes import client, config
 
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.operator.config import OperatorConfig
 from lorafleet.operator.handlers import register
+from lorafleet.traffic_split import VersionCounts
 
 ROOT = Path(__file__).resolve().parents[2]
+BASEMODEL = """
+apiVersion: lorafleet.io/v1alpha1
+kind: BaseModel
+metadata: {name: smol}
+spec:
+  model: {id: smollm2, source: local}
+  replicas: 2
+  engine: {maxLoraRank: 16}
+"""
+
+
+def adapter(name: str, adapter_id: str, base: str = "smol", source: str = "local", warm: int = 1) -> str:
+    return yaml.safe_dump({"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": name},
+                           "spec": {"baseModel": base, "id": adapter_id, "source": source, "warmReplicas": warm}})
+
+
+def custom(api, plural: str, name: str) -> dict:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object("lorafleet.io", "v1alpha1", "default", plural, name)
 
 
 def digest(ring_key: str) -> str:
@@ -40,6 +60,7 @@ class StubReplica:
         self.listings = 0  # GET /adapters answered
         self.slow: dict[str, float] = {}  # adapter id (or id@revision) → seconds its load takes
         self.catalogue: list[dict] = []  # what the operator registered (PUT /adapters/catalogue)
+        self.counts: dict[str, VersionCounts] = {}  # ring key -> the outcomes GET /adapters/stats reports (the test's traffic)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,6 +76,9 @@ class StubReplica:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
+                if self.path.startswith("/adapters/stats"):
+                    asked = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("version", [])
+                    return self._reply(200, {"versions": {v: stub.counts[v].wire() for v in asked if v in stub.counts}})
                 if self.path == "/adapters":
                     stub.listings += 1
                     return self._reply(200, [{**stub.refs[a].entry(a), "key": stub.refs[a].key, "tier": "device", "pinned": p, "digest": digest(a)}
