@@ -35,13 +35,13 @@ class Catalogue:
     def key_for(self, requested: str | None) -> str | None:
         return self.keys.get(requested, requested) if requested is not None else None
 
-    def choose(self, requested: str | None, identity: Callable[[Split], str | None]) -> tuple[str | None, bool]:
-        """(the ring key to route by, whether it is the name's canary); ``identity`` gives the caller's sticky identity
-        for a split (its API key, or a header's value), None when it has none."""
+    def choose(self, requested: str | None, identity: Callable[[Split], str | None]) -> tuple[str | None, Split | None]:
+        """(the ring key to route by, the name's split when the request goes to its canary); ``identity`` gives the
+        caller's sticky identity for a split (its API key, or a header's value), None when it has none."""
         split = self.splits.get(requested) if requested is not None else None
         if split is not None and split.takes(requested, identity(split)):
-            return split.canary.ring_key, True
-        return self.key_for(requested), False
+            return split.canary.ring_key, split
+        return self.key_for(requested), None
 
     async def refresh(self, client: httpx.AsyncClient, url: str) -> None:
         """Read the catalogue from the replica at ``url`` if it changed; a replica without one leaves ours as it is."""

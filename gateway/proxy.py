@@ -208,8 +208,8 @@ class Gateway:
         path = scope["path"]
         key, canary, order, top_owner, hot = self._route(path, request_payload(path, body), routable, headers, authorization)
         forward = self._forward_headers(headers, scope["method"], body, authorization)
-        if canary:  # the replica resolves the name to its canary (a client's own copy of this header was dropped)
-            forward.append((VARIANT_HEADER.encode(), b"canary"))
+        if canary is not None:  # the version routed by, named to the replica (a client's own copy of this header was dropped)
+            forward.append((VARIANT_HEADER.encode(), canary.version_header()))
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         timeout = {"connect": 2.0, "read": self.config.upstream_timeout, "write": self.config.upstream_timeout, "pool": self.config.upstream_timeout}
         span = None
@@ -238,9 +238,9 @@ class Gateway:
                 span.end()
 
     def _route(self, path: str, payload: Any, routable: dict[str, Replica], headers: list[tuple[bytes, bytes]],
-               authorization: str | None) -> tuple[str | None, bool, list[str], str | None, set[str]]:
-        """(the adapter's ring key, whether it is a canary, the replicas to try in order, the key's top owner, the
-        replicas holding it hot)."""
+               authorization: str | None) -> tuple[str | None, Split | None, list[str], str | None, set[str]]:
+        """(the adapter's ring key, the name's split when it goes to the canary, the replicas to try in order, the key's
+        top owner, the replicas holding it hot)."""
 
         def identity(split: Split) -> str | None:
             if split.stickiness == "apiKey":

@@ -126,8 +126,7 @@ async def put_catalogue(service: Service, request: Request) -> Any:
         if split is not None:
             splits[entry["name"]] = split
     snapshot = Catalogue.of(catalogue, service.base_name, splits)  # hashed and encoded once, here
-    # no await between the two: a request (on this event loop too) sees the old pair or the new, never half
-    service.limits.catalogue, service.limits.canaries = catalogue, {name: split.canary for name, split in splits.items()}
+    service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
     service.catalogue = snapshot
     return {"version": snapshot.version, "adapters": len(catalogue)}
 

@@ -55,10 +55,19 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None) ->
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
 
 
-def wants_canary(request: Request) -> bool:
-    """The gateway sent this request to the canary of the name it asks for. Untrusted on purpose: a caller who reaches
-    the replica directly can name the canary's id itself, and the gateway never forwards a client's copy."""
-    return request.headers.get(VARIANT_HEADER) == "canary"
+def chosen_version(request: Request) -> dict[str, Any] | None:
+    """The version of a registered name the gateway routed this request by (its canary), or None. Not a credential:
+    a caller who reaches the replica directly can name that version by its id, and gateways drop a client's copy."""
+    value = request.headers.get(VARIANT_HEADER)
+    if value is None:
+        return None
+    try:
+        chosen = json.loads(value)
+    except ValueError:
+        chosen = None
+    if not isinstance(chosen, dict):
+        raise RequestError(f"{VARIANT_HEADER} must be a JSON object naming an adapter version (id, source, revision)", 400, "validation")
+    return chosen
 
 
 def trusted_cache_salt(request: Request, hop_token: str | None) -> bytes:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.api.deps import Service
-from lorafleet.server.api.http_common import read_json_object, trusted_cache_salt, until_disconnect, wants_canary
+from lorafleet.server.api.http_common import chosen_version, read_json_object, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService, independent_copies
 from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
@@ -54,7 +54,7 @@ def to_job(service: ReplicaService, request: Request, body: dict, inputs: str, s
         adapter_id=None if service.is_base(model) else model,
         response_format=body.get("response_format"),
     )
-    job = validate_generate({"inputs": inputs, "parameters": parameters}, service.limits, stream=stream, canary=wants_canary(request))
+    job = validate_generate({"inputs": inputs, "parameters": parameters}, service.limits, stream=stream, chosen=chosen_version(request))
     request.state.job = job  # the metrics middleware counts its outcome under its version
     job.params.cache_salt = trusted_cache_salt(request, service.config.warm_token)
     return job

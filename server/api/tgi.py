@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.server.api.deps import Service
-from lorafleet.server.api.http_common import read_json, trusted_cache_salt, until_disconnect, wants_canary
+from lorafleet.server.api.http_common import chosen_version, read_json, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService
 from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
@@ -71,7 +71,7 @@ def completion_headers(completion: Completion, job: GenerateJob) -> dict[str, st
 
 
 async def prepared(service: ReplicaService, request: Request, stream: bool) -> tuple[GenerateJob, list[int]]:
-    job = validate_generate(await read_json(request), service.limits, stream=stream, canary=wants_canary(request))
+    job = validate_generate(await read_json(request), service.limits, stream=stream, chosen=chosen_version(request))
     request.state.job = job  # the metrics middleware counts its outcome under its version
     job.params.cache_salt = trusted_cache_salt(request, service.config.warm_token)
     return job, service.prompt_ids(job)

@@ -35,8 +35,6 @@ class Limits:
     default_adapter_source: str = "hub"
     # Registered adapters (the fleet's Adapter resources, pushed by the operator): name -> where it comes from.
     catalogue: dict[str, AdapterRef] = field(default_factory=dict)
-    # Names being rolled out: name -> the canary version, served when the gateway chose it (traffic_split.VARIANT_HEADER).
-    canaries: dict[str, AdapterRef] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -80,15 +78,19 @@ def _flag(parameters: dict, name: str) -> bool:
     return value
 
 
-def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits, revision: Any = None, canary: bool = False) -> AdapterRef | None:
-    """The version a request names; ``canary``: the gateway sent this request to the name's canary (when it has one)."""
+def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits, revision: Any = None, chosen: dict | None = None) -> AdapterRef | None:
+    """The version a request names; ``chosen``: the version of a registered name the gateway routed it by (a canary)."""
     if adapter_id is None or adapter_id == "":
         return None
     if not isinstance(adapter_id, str):
         raise ValidationError(f"`adapter_id` must be a string, got {adapter_id!r}")
     if adapter_source is None and revision is None and adapter_id in limits.catalogue:
-        # a registered name needs no source; during a rollout it names two versions and the gateway picked one
-        return limits.canaries.get(adapter_id, limits.catalogue[adapter_id]) if canary else limits.catalogue[adapter_id]
+        if chosen is None:
+            return limits.catalogue[adapter_id]  # a registered name needs no source
+        try:  # during a rollout a name stands for two versions and the gateway picked one: checked as if named directly
+            return AdapterRef.parse(chosen.get("id"), chosen.get("source") or "hub", chosen.get("revision") or None)
+        except ValueError as exc:
+            raise ValidationError(f"the version chosen for {adapter_id!r}: {exc}") from exc
     source = adapter_source if adapter_source is not None else limits.default_adapter_source
     if source not in SOURCES:
         raise ValidationError(f"`adapter_source` must be one of {', '.join(SOURCES)}. Given: {source!r}")
@@ -98,7 +100,7 @@ def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits, revision
         raise ValidationError(str(exc)) from exc
 
 
-def validate_generate(body: Any, limits: Limits, stream: bool = False, canary: bool = False) -> GenerateJob:
+def validate_generate(body: Any, limits: Limits, stream: bool = False, chosen: dict | None = None) -> GenerateJob:
     """A TGI/LoRAX generate body as a job, with TGI's own messages for what it refuses (clients match on them)."""
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object")
@@ -120,7 +122,7 @@ def validate_generate(body: Any, limits: Limits, stream: bool = False, canary: b
         raise ValidationError(f"`truncate` must be strictly positive and less than {limits.max_input_length}. Given: {truncate}")
     best_of = _number(p, "best_of", int, 1)
     _check_streaming_and_best_of(params, best_of, stream, limits)
-    adapter = parse_adapter(p.get("adapter_id"), p.get("adapter_source"), limits, canary=canary)
+    adapter = parse_adapter(p.get("adapter_id"), p.get("adapter_source"), limits, chosen=chosen)
     merge = _validate_merged(p["merged_adapters"], adapter, p.get("adapter_source"), limits) if p.get("merged_adapters") is not None else None
     api_token = p.get("api_token")
     if api_token is not None and not isinstance(api_token, str):

@@ -1,6 +1,8 @@
-"""A replica serves a name's canary when the gateway chose it, and counts each version's outcomes for the analysis."""
+"""A replica serves the version of a name the gateway chose, and counts each version's outcomes for the analysis."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import pytest
@@ -17,7 +19,11 @@ def generate(url: str, adapter: str, headers: dict | None = None) -> httpx.Respo
     return httpx.post(url + "/generate", json=body, headers=headers or {}, timeout=120)
 
 
-def test_the_variant_header_picks_the_names_canary_and_each_version_is_counted(tiny_models, tmp_path) -> None:
+def chosen(adapter_id: str) -> dict:
+    return {VARIANT_HEADER: json.dumps({"id": adapter_id, "source": "local", "revision": None})}
+
+
+def test_the_version_header_picks_the_names_canary_and_each_version_is_counted(tiny_models, tmp_path) -> None:
     adapters = tmp_path / "adapters"
     make_lora_adapter(tiny_models["llama"], adapters / "fr-v1", r=4, seed=1, scale=2.0)
     make_lora_adapter(tiny_models["llama"], adapters / "fr-v2", r=4, seed=2, scale=2.0)
@@ -30,14 +36,18 @@ def test_the_variant_header_picks_the_names_canary_and_each_version_is_counted(t
         assert catalogue["adapters"][1]["canary"]["id"] == "fr-v2" and catalogue["adapters"][1]["canary"]["weight"] == 10
 
         stable = generate(replica.url, "fr")
-        canary = generate(replica.url, "fr", {VARIANT_HEADER: "canary"})
+        canary = generate(replica.url, "fr", chosen("fr-v2"))
         direct = generate(replica.url, "fr-v2")
         assert (stable.headers["x-adapter-id"], canary.headers["x-adapter-id"]) == ("fr-v1", "fr-v2")
         assert canary.json() == direct.json() != stable.json()  # the canary's own tokens, not stable's
-        other = generate(replica.url, "fr-v1", {VARIANT_HEADER: "canary"})  # not a name with a canary: served as named
+        other = generate(replica.url, "fr-v1", chosen("fr-v2"))  # an id, not a registered name: served as named
         assert other.headers["x-adapter-id"] == "fr-v1"
+        garbage = generate(replica.url, "fr", {VARIANT_HEADER: "canary"})
+        assert garbage.status_code == 400 and VARIANT_HEADER in garbage.json()["error"]
+        escape = generate(replica.url, "fr", chosen("../outside"))
+        assert escape.status_code in (400, 404, 422), escape.text  # checked as if the caller had named it
 
-        broken = generate(replica.url, "bad", {VARIANT_HEADER: "canary"})
+        broken = generate(replica.url, "bad", chosen("fr-broken"))
         assert broken.status_code == 424, broken.text
         refused = httpx.post(replica.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "fr", "max_new_tokens": -1}}, timeout=30)
         assert refused.status_code == 422  # the caller's mistake: not counted against the version
