@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from lorafleet.adapter_ref import AdapterRef
-from lorafleet.traffic_split import Split
+from lorafleet.traffic_split import Split, version_header
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Catalogue:
     def __init__(self) -> None:
         self.keys: dict[str, str] = {}  # registered name -> ring key
         self.splits: dict[str, Split] = {}  # registered name -> its canary and the canary's share, during a rollout
+        self.headers: dict[str, tuple[bytes, bytes | None]] = {}  # name -> VARIANT_HEADER values (stable, canary), made once
         self.entries: list[dict[str, Any]] = []
         self.base: str | None = None  # the base model's name, as the replicas serve it
         self.version: str | None = None
@@ -35,13 +36,16 @@ class Catalogue:
     def key_for(self, requested: str | None) -> str | None:
         return self.keys.get(requested, requested) if requested is not None else None
 
-    def choose(self, requested: str | None, identity: Callable[[Split], str | None]) -> tuple[str | None, Split | None]:
-        """(the ring key to route by, the name's split when the request goes to its canary); ``identity`` gives the
-        caller's sticky identity for a split (its API key, or a header's value), None when it has none."""
-        split = self.splits.get(requested) if requested is not None else None
+    def choose(self, requested: str | None, identity: Callable[[Split], str | None]) -> tuple[str | None, bytes | None]:
+        """(the ring key to route by, the ``VARIANT_HEADER`` value naming that version when ``requested`` is a registered
+        name); ``identity`` gives the caller's sticky identity for a split (its API key or a header's value), or None."""
+        headers = self.headers.get(requested) if requested is not None else None
+        if headers is None:
+            return self.key_for(requested), None
+        split = self.splits.get(requested)
         if split is not None and split.takes(requested, identity(split)):
-            return split.canary.ring_key, split
-        return self.key_for(requested), None
+            return split.canary.ring_key, headers[1]
+        return self.keys[requested], headers[0]
 
     async def refresh(self, client: httpx.AsyncClient, url: str) -> None:
         """Read the catalogue from the replica at ``url`` if it changed; a replica without one leaves ours as it is."""
@@ -56,9 +60,11 @@ class Catalogue:
             entries = [e for e in body["adapters"] if isinstance(e, dict) and isinstance(e.get("name"), str)]
             keys = {e["name"]: AdapterRef.from_entry(e).ring_key for e in entries}  # the key the operator placed it by
             splits = {e["name"]: split for e in entries if (split := Split.from_entry(e.get("canary"))) is not None}
+            headers = {e["name"]: (version_header(AdapterRef.from_entry(e)), version_header(splits[e["name"]].canary) if e["name"] in splits else None)
+                       for e in entries}
         except (httpx.HTTPError, ValueError, TypeError, KeyError):
             return
-        self.entries, self.keys, self.splits = entries, keys, splits
+        self.entries, self.keys, self.splits, self.headers = entries, keys, splits, headers
         self.base, self.version = body.get("base") or self.base, body.get("version")
         log.info("catalogue %s: %d registered adapters", self.version, len(entries))
 

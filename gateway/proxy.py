@@ -206,10 +206,10 @@ class Gateway:
         if not routable:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         path = scope["path"]
-        key, canary, order, top_owner, hot = self._route(path, request_payload(path, body), routable, headers, authorization)
+        key, version, order, top_owner, hot = self._route(path, request_payload(path, body), routable, headers, authorization)
         forward = self._forward_headers(headers, scope["method"], body, authorization)
-        if canary is not None:  # the version routed by, named to the replica (a client's own copy of this header was dropped)
-            forward.append((VARIANT_HEADER.encode(), canary.version_header()))
+        if version is not None:  # the version routed by, named to the replica (a client's own copy of this header was dropped)
+            forward.append((VARIANT_HEADER.encode(), version))
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         timeout = {"connect": 2.0, "read": self.config.upstream_timeout, "write": self.config.upstream_timeout, "pool": self.config.upstream_timeout}
         span = None
@@ -238,9 +238,9 @@ class Gateway:
                 span.end()
 
     def _route(self, path: str, payload: Any, routable: dict[str, Replica], headers: list[tuple[bytes, bytes]],
-               authorization: str | None) -> tuple[str | None, Split | None, list[str], str | None, set[str]]:
-        """(the adapter's ring key, the name's split when it goes to the canary, the replicas to try in order, the key's
-        top owner, the replicas holding it hot)."""
+               authorization: str | None) -> tuple[str | None, bytes | None, list[str], str | None, set[str]]:
+        """(the adapter's ring key, the header naming that version when a registered name was asked for, the replicas
+        to try in order, the key's top owner, the replicas holding it hot)."""
 
         def identity(split: Split) -> str | None:
             if split.stickiness == "apiKey":
@@ -248,7 +248,7 @@ class Gateway:
             wanted = split.header.encode("latin-1")
             return next((v.decode("latin-1") for k, v in headers if k.lower() == wanted), None) if split.stickiness == "header" else None
 
-        key, canary = self.replicas.catalogue.choose(routing_key(path, payload, self.replicas.base_model_ids()), identity)
+        key, version = self.replicas.catalogue.choose(routing_key(path, payload, self.replicas.base_model_ids()), identity)
         ring_key = key
         if self.config.prefix_chars and (start := prompt_start(path, payload, self.config.prefix_chars)) is not None:
             ring_key = f"{key or ''}\0{start}"  # one tenant's shared prefix meets its own cached blocks
@@ -259,7 +259,7 @@ class Gateway:
         warm = self.replicas.hot.warm_holders(key) if by_adapter else set()
         order = (ring.routing_order(ring_key, loads, self.config.load_factor, hot, ranked, self.config.min_bound, warm) if self.config.policy == "lorafleet"
                  else self._plain_order(loads))
-        return key, canary, order, ranked[0] if ranked else None, hot
+        return key, version, order, ranked[0] if ranked else None, hot
 
     def _forward_headers(self, headers: list[tuple[bytes, bytes]], method: str, body: bytes, authorization: str | None) -> list[tuple[bytes, bytes]]:
         """Header values as h11 accepts them (no surrounding whitespace), and never the client's credential: the gateway

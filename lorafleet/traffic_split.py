@@ -2,10 +2,12 @@
 
 The operator decides the split (operator/rollout.py), writes it into the catalogue entry of the Adapter's name, and
 every gateway applies it per request: the name's stable version or its canary, the chosen version's ring key routes
-the request, and ``VARIANT_HEADER`` names the canary version to the replica, whole (a replica resolves names from
-its own copy of the catalogue, which may reach it a moment after the gateway's: the request carries the version the
-gateway routed it by, so it is served by the version whose owner it was sent to). The gateway strips a client's copy
-of that header; a caller reaching a replica directly gains nothing by it, as it may name any version by its id.
+the request, and ``VARIANT_HEADER`` names that version to the replica, whole. Every request for a registered name
+carries it, stable side too: a replica resolves names from its own copy of the catalogue, which may reach it a
+moment before or after the gateway's, and without the header a request routed by the old version's key to the old
+version's owner was served the new version there, cold, in the second the two copies differed (seen on `lorafleet
+up` at a promotion). The gateway strips a client's copy of the header; a caller reaching a replica directly gains
+nothing by it, as it may name any version by its id.
 
 Stickiness: a caller identified by its API key or by a header always lands on the same side for a given canary, and
 a step that raises the weight only moves callers from stable to canary, never back (the caller's point on [0, 1) is
@@ -27,11 +29,16 @@ from typing import Any
 
 from lorafleet.adapter_ref import AdapterRef
 
-VARIANT_HEADER = "x-lorafleet-version"  # the canary version chosen for a registered name: {"id", "source", "revision"}
+VARIANT_HEADER = "x-lorafleet-version"  # the version a gateway routed a registered name by: {"id", "source", "revision"}
 STICKINESS = ("none", "apiKey", "header")
 DEFAULT_STICKY_HEADER = "x-session-id"
 # Time-to-first-token bucket bounds in seconds: 1 ms growing by 25 % to about 10 minutes (60 buckets + overflow).
 TTFT_BOUNDS: tuple[float, ...] = tuple(0.001 * 1.25 ** i for i in range(60))
+
+
+def version_header(ref: AdapterRef) -> bytes:
+    """``VARIANT_HEADER``'s value for a version: compact ASCII JSON (non-ASCII ids escaped)."""
+    return json.dumps({"id": ref.id, "source": ref.source, "revision": ref.revision}, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +72,6 @@ class Split:
         if not isinstance(header, str) or not header.isascii() or len(header) > 128:
             raise ValueError("`canary.header` must be a header name")
         return cls(AdapterRef.from_entry(entry), float(weight), stickiness, header.lower())
-
-    def version_header(self) -> bytes:
-        """``VARIANT_HEADER``'s value: the canary version as compact ASCII JSON (non-ASCII ids escaped)."""
-        return json.dumps({"id": self.canary.id, "source": self.canary.source, "revision": self.canary.revision}, separators=(",", ":")).encode()
 
     def takes(self, name: str, caller: str | None) -> bool:
         """Whether this request for ``name`` goes to the canary; ``caller`` is the sticky identity, if there is one."""

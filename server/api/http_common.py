@@ -56,7 +56,7 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None) ->
 
 
 def chosen_version(request: Request) -> dict[str, Any] | None:
-    """The version of a registered name the gateway routed this request by (its canary), or None. Not a credential:
+    """The version of a registered name the gateway routed this request by, or None. Not a credential:
     a caller who reaches the replica directly can name that version by its id, and gateways drop a client's copy."""
     value = request.headers.get(VARIANT_HEADER)
     if value is None:

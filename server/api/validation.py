@@ -79,7 +79,7 @@ def _flag(parameters: dict, name: str) -> bool:
 
 
 def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits, revision: Any = None, chosen: dict | None = None) -> AdapterRef | None:
-    """The version a request names; ``chosen``: the version of a registered name the gateway routed it by (a canary)."""
+    """The version a request names; ``chosen``: the version of a registered name the gateway routed it by."""
     if adapter_id is None or adapter_id == "":
         return None
     if not isinstance(adapter_id, str):
@@ -87,7 +87,7 @@ def parse_adapter(adapter_id: Any, adapter_source: Any, limits: Limits, revision
     if adapter_source is None and revision is None and adapter_id in limits.catalogue:
         if chosen is None:
             return limits.catalogue[adapter_id]  # a registered name needs no source
-        try:  # during a rollout a name stands for two versions and the gateway picked one: checked as if named directly
+        try:  # the gateway's copy of the catalogue may differ from ours for a moment: it decides; checked as if named directly
             return AdapterRef.parse(chosen.get("id"), chosen.get("source") or "hub", chosen.get("revision") or None)
         except ValueError as exc:
             raise ValidationError(f"the version chosen for {adapter_id!r}: {exc}") from exc

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.kube import kubectl_for
+from support.kube import adapter_status, pods
 from support.metrics import metric_values
-from support.server import free_port
 from support.waiting import wait_until as poll
 
 from lorafleet import ring
@@ -25,30 +24,6 @@ from lorafleet.testing import make_lora_adapter
 pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
 wait_until = partial(poll, timeout=60.0, interval=0.2)  # predicates here run kubectl: poll gently
-
-
-@pytest.fixture
-def fleet(tiny_models: dict[str, Path], tmp_path: Path):
-    adapters = tmp_path / "adapters"
-    make_lora_adapter(tiny_models["llama"], adapters / "pirate", r=4, seed=1)
-    make_lora_adapter(tiny_models["llama"], adapters / "Support_Bot.v2", r=4, seed=3)  # not a valid object name as it is
-    port, workdir = free_port(), tmp_path / "state"
-    process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "up", "--model", str(tiny_models["llama"]), "--adapters", str(adapters),
-                                "--replicas", "2", "--port", str(port), "--workdir", str(workdir), "--timeout", "120"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if "lorafleet is up" in line or "not ready after" in line:
-                break
-        assert any("lorafleet is up" in line for line in lines), "".join(lines)
-        kubectl = kubectl_for(workdir / "kubeconfig", tmp_path / "kubecache")
-        yield process, kubectl, f"http://127.0.0.1:{port}", workdir, adapters, tiny_models["llama"], "".join(lines)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
 
 
 def last_value(args: list[str], flag: str) -> str:
@@ -68,15 +43,6 @@ def processes() -> list[tuple[int, list[str]]]:
             if "lorafleet" in argv and "--host" in argv:
                 found.append((int(entry.name), argv))
     return found
-
-
-def pods(kubectl) -> dict[str, dict]:
-    items = json.loads(kubectl("get", "pods", "-l", "app.kubernetes.io/component=replica", "-o", "json").stdout)["items"]
-    return {p["metadata"]["name"]: p for p in items}
-
-
-def adapter_status(kubectl, name: str) -> dict:
-    return json.loads(kubectl("get", "adapter", name, "-o", "json").stdout).get("status") or {}
 
 
 def generate(url: str, adapter: str | None) -> httpx.Response:

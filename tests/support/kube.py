@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -60,3 +61,12 @@ class Kubectl:
 
 def kubectl_for(kubeconfig: Path, cache: Path) -> Kubectl:
     return Kubectl({**os.environ, "KUBECONFIG": str(kubeconfig), "KUBECACHEDIR": str(cache)})
+
+
+def pods(kubectl) -> dict[str, dict]:
+    items = json.loads(kubectl("get", "pods", "-l", "app.kubernetes.io/component=replica", "-o", "json").stdout)["items"]
+    return {p["metadata"]["name"]: p for p in items}
+
+
+def adapter_status(kubectl, name: str) -> dict:
+    return json.loads(kubectl("get", "adapter", name, "-o", "json").stdout).get("status") or {}
