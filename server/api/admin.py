@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.bearer import offered_one_of
 from lorafleet.server.adapters.state import TIERS
-from lorafleet.server.api.catalogue import MAX_CATALOGUE, MAX_NAME_LENGTH, Catalogue
+from lorafleet.server.api.catalogue import MAX_CANARIES, MAX_CATALOGUE, MAX_NAME_LENGTH, Catalogue
 from lorafleet.server.api.deps import Service
 from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
@@ -125,6 +125,8 @@ async def put_catalogue(service: Service, request: Request) -> Any:
             raise ValidationError(f"entry {entry['name']!r}: {exc}") from exc
         if split is not None:
             splits[entry["name"]] = split
+            if len(splits) > MAX_CANARIES:
+                raise ValidationError(f"at most {MAX_CANARIES} entries may carry a `canary` (rollouts under way at once)")
     snapshot = Catalogue.of(catalogue, service.base_name, splits)  # hashed and encoded once, here
     service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
     service.catalogue = snapshot

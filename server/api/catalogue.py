@@ -19,7 +19,10 @@ MAX_NAME_LENGTH = 317  # an Adapter's "namespace/name": 63 + 1 + 253
 # Every admitted entry serialises to at most this much JSON (the longest name, id and revision, keys and quotes), so the
 # body limit of PUT /adapters/catalogue admits exactly the largest catalogue the route accepts.
 MAX_ENTRY_BYTES = MAX_NAME_LENGTH + MAX_ID_LENGTH + MAX_REVISION_LENGTH + 80
-MAX_CATALOGUE_BODY_BYTES = MAX_CATALOGUE * MAX_ENTRY_BYTES + 4096
+# Names with a canary at once (rollouts under way); each canary adds its version, weight, stickiness and header.
+MAX_CANARIES = 1000
+MAX_CANARY_BYTES = MAX_ID_LENGTH + MAX_REVISION_LENGTH + 128 + 160
+MAX_CATALOGUE_BODY_BYTES = MAX_CATALOGUE * MAX_ENTRY_BYTES + MAX_CANARIES * MAX_CANARY_BYTES + 4096
 
 
 @dataclass(frozen=True, slots=True)

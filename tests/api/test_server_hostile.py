@@ -377,14 +377,21 @@ def test_the_catalogue_takes_its_largest_size_and_reads_it_without_hashing_again
     """100,000 entries are admitted and fit the route's body limit (a 2 MiB limit refused ~20,000 with 413); one more
     is a 422; reads, 304s included, never hash or encode it again (that held generation up on the event loop)."""
     from lorafleet.server.api import catalogue as catalogue_module
-    from lorafleet.server.api.catalogue import MAX_CATALOGUE, MAX_CATALOGUE_BODY_BYTES, MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_REVISION_LENGTH
+    from lorafleet.server.api.catalogue import (MAX_CANARIES, MAX_CATALOGUE, MAX_CATALOGUE_BODY_BYTES, MAX_ID_LENGTH, MAX_NAME_LENGTH,
+                                                MAX_REVISION_LENGTH)
 
     admin = {"authorization": "Bearer admin"}
     worst = json.dumps({"name": "n" * MAX_NAME_LENGTH, "id": "i" * MAX_ID_LENGTH, "source": "local", "revision": "r" * MAX_REVISION_LENGTH})
-    assert MAX_CATALOGUE * (len(worst) + 2) + 16 <= MAX_CATALOGUE_BODY_BYTES  # the largest admitted catalogue fits its body limit
+    canary = json.dumps({"canary": {"id": "i" * MAX_ID_LENGTH, "source": "local", "revision": "r" * MAX_REVISION_LENGTH,
+                                    "weight": 33.333333333333336, "stickiness": "header", "header": "h" * 128}})
+    # the largest admitted catalogue fits its body limit, with as many canaries as it admits
+    assert MAX_CATALOGUE * (len(worst) + 2) + MAX_CANARIES * (len(canary) + 2) + 16 <= MAX_CATALOGUE_BODY_BYTES
+    rollouts = [{"name": f"n{i}", "id": f"a{i}", "canary": {"id": f"b{i}", "weight": 5}} for i in range(MAX_CANARIES + 1)]
+    too_many = httpx.put(server.url + "/adapters/catalogue", json={"adapters": rollouts}, headers=admin, timeout=120)
+    assert too_many.status_code == 422 and f"at most {MAX_CANARIES} entries may carry a `canary`" in too_many.json()["error"]
     encodings = []
     real_entries = catalogue_module.catalogue_entries
-    monkeypatch.setattr(catalogue_module, "catalogue_entries", lambda refs: encodings.append(len(refs)) or real_entries(refs))
+    monkeypatch.setattr(catalogue_module, "catalogue_entries", lambda refs, canaries: encodings.append(len(refs)) or real_entries(refs, canaries))
     entries = [{"name": f"team-{i:06d}/adapter", "id": f"org/adapter-{i}", "source": "hub", "revision": "v1"} for i in range(MAX_CATALOGUE)]
     put = httpx.put(server.url + "/adapters/catalogue", json={"adapters": entries}, headers=admin, timeout=120)
     assert put.status_code == 200 and put.json()["adapters"] == MAX_CATALOGUE, put.text[:300]
