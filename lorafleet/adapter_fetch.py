@@ -7,7 +7,9 @@ refused (``AdapterFetchError``: try again later). No torch here: the operator im
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -31,12 +33,33 @@ def hub_file(repo: str, filename: str, revision: str | None, token: str | None, 
     call (huggingface_hub reads it once at import), so HF_ENDPOINT, HF_HUB_CACHE and HF_TOKEN as they are now apply.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    try:
+    with _hub_errors(repo, filename):
         return Path(hf_hub_download(repo, filename, revision=revision, token=token or os.environ.get("HF_TOKEN") or None,
                                     endpoint=os.environ.get("HF_ENDPOINT") or None, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                                     local_dir=local_dir))
+
+
+def hub_commit(repo: str, filename: str, revision: str | None, token: str | None) -> str:
+    """The commit a revision (a branch or a tag) of a hub repo stands for now, read from ``filename``'s metadata."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    with _hub_errors(repo, filename):
+        commit = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision, endpoint=endpoint),
+                                      token=token or os.environ.get("HF_TOKEN") or None, endpoint=endpoint).commit_hash
+    if not commit:
+        raise AdapterFetchError(f"hub adapter {repo!r}: the hub named no commit for revision {revision!r}")
+    return commit
+
+
+@contextlib.contextmanager
+def _hub_errors(repo: str, filename: str) -> Iterator[None]:
+    """huggingface_hub's errors as the two failures callers tell apart."""
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        yield
     # Order matters: LocalEntryNotFoundError (the hub could not be reached) subclasses
     # EntryNotFoundError (the repo has no such file), and GatedRepoError subclasses RepositoryNotFoundError.
     except LocalEntryNotFoundError as exc:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, hub_file, s3_file
+from lorafleet.adapter_fetch import AdapterFetchError, AdapterNotFound, hub_commit, hub_file, s3_file
 from lorafleet.adapter_rules import MAX_ID_LENGTH, MAX_REVISION_LENGTH, AdapterRuleError, check_config
 from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
 
@@ -27,6 +27,7 @@ class Transient(Exception):
 
 
 REVISION = re.compile(r"[A-Za-z0-9._/-]+")  # a branch, a tag or a commit: what the hub and git accept
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def check_reference(source: str, adapter_id: str, revision: str | None) -> None:
@@ -58,6 +59,36 @@ def fetch_config(source: str, adapter_id: str, revision: str | None, token: str 
         with tempfile.TemporaryDirectory() as tmp:
             s3_file(adapter_id, "adapter_config.json", Path(tmp) / "adapter_config.json")
             return json.loads((Path(tmp) / "adapter_config.json").read_text())
+    except AdapterNotFound as exc:
+        raise Permanent(str(exc)) from exc
+    except AdapterFetchError as exc:
+        raise Transient(str(exc)) from exc
+
+
+def validate(source: str, adapter_id: str, revision: str | None, engine: dict[str, Any]) -> tuple:
+    """("ok", rank, targets, the commit a moving hub revision stands for) for an Adapter that may be warmed (rank and
+    targets None and [] for a local one: only the replicas see its folder); Permanent or Transient otherwise."""
+    config = fetch_config(source, adapter_id, revision, None)
+    fits = check_fits(config, engine) if config is not None else (None, [])
+    return ("ok", *fits, resolve_revision(source, adapter_id, revision, None))
+
+
+def moving(source: str, revision: str | None) -> bool:
+    """A hub revision that names a branch or a tag (not a commit): what it stands for can change."""
+    return source == "hub" and revision is not None and not COMMIT.fullmatch(revision)
+
+
+def resolve_revision(source: str, adapter_id: str, revision: str | None, token: str | None) -> str | None:
+    """The commit a hub Adapter's ``spec.revision`` names now, when it names a branch or a tag (None otherwise).
+
+    A branch moves: replicas loading ``main`` at different times would serve different weights under one version.
+    The operator resolves it once per version change and has every replica load that commit. Without a
+    ``spec.revision`` an Adapter follows the repo's default branch as each replica loads it (requests by bare id
+    route by it, so it is not rewritten): name a revision to pin it."""
+    if not moving(source, revision):
+        return None
+    try:
+        return hub_commit(adapter_id, "adapter_config.json", revision, token)
     except AdapterNotFound as exc:
         raise Permanent(str(exc)) from exc
     except AdapterFetchError as exc:

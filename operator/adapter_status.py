@@ -73,11 +73,15 @@ class AdapterRecord:
         others = [f for f in self.finalizers if f != FINALIZER]
         return {"metadata": {"finalizers": [*others, FINALIZER] if present else others}}
 
-    def already_validated(self) -> tuple[int | None, list[str]] | None:
-        """(rank, targets) when the status says this generation passed validation (an operator restart need not fetch again)."""
+    def already_validated(self, moving: bool) -> tuple[int | None, list[str], str | None] | None:
+        """(rank, targets, resolved commit) when the status says this generation passed validation (an operator restart
+        need not fetch again); ``moving``: the revision is a branch or tag, so the status must also say its commit."""
         status = self.status
         if status.get("observedGeneration") == self.generation and status.get("phase") in ("Ready", "Warming", "Degraded", "Rolling", "Canary", "RolledBack"):
-            return status.get("rank"), list(status.get("targetModules") or [])
+            resolved = status.get("resolvedRevision")
+            if moving and not isinstance(resolved, str):
+                return None
+            return status.get("rank"), list(status.get("targetModules") or []), resolved if moving else None
         return None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -212,15 +213,17 @@ class Fleet:
 
     def _place(self, record: AdapterRecord, members: dict[str, str], known: list[str], engine: dict[str, Any], now: float) -> None:
         book = self._book(record.uid)
-        if book.serving is None:  # first sight, or an operator restart in the middle of a rollout
-            book.serving = serving_from_status(record.status) or record.ref
         checked = self._validation(record, engine, now)
         if checked is None:
             return
         if checked[0] == "failed":  # a broken new version: the one serving goes on serving
             self._publish(record, observed(record, [], [], [], None, [], failure=checked[1:], serving=book.serving))
             return
-        _, rank, targets = checked
+        _, rank, targets, commit = checked
+        if commit:  # spec.revision is a branch or a tag: every replica loads the one commit it stood for when checked
+            record = dataclasses.replace(record, revision=commit)
+        if book.serving is None:  # first sight, or an operator restart in the middle of a rollout
+            book.serving = serving_from_status(record.status) or record.ref
         if record.warm > 0 and book.refused is not None and book.refused[0] == record.generation:
             _, reason, message = book.refused
             self._publish(record, observed(record, [], [], [], rank, targets, failure=(reason, message), serving=book.serving))
@@ -261,8 +264,8 @@ class Fleet:
         if any(("list", pod) in self._tasks for pod in owners):
             return  # an owner's listing is being read: publish what it shows, not a Warming in between
         digests = sorted({d for pod in hot if (d := self.residency.get(pod, {}).get(ref.key))})
-        self._publish(record, observed(record, owners, hot, problems, rank, targets, digests, serving=book.serving,
-                                       rollout=self._canaries.status(record, rollout)))
+        seen = observed(record, owners, hot, problems, rank, targets, digests, serving=book.serving, rollout=self._canaries.status(record, rollout))
+        self._publish(record, {**seen, "resolvedRevision": commit})
 
     def _warm(self, record: AdapterRecord, ref: AdapterRef, members: dict[str, str], known: list[str], now: float) -> tuple[list[str], list[str], list[str]]:
         """(owners, the owners holding ``ref``, problems): loads ``ref`` on the owners the gateways route it to that lack it."""
@@ -296,7 +299,7 @@ class Fleet:
             result: tuple = ("failed", status["reason"], status.get("message", ""))
             book.checked = (what, result)
             return result
-        previous = record.already_validated()
+        previous = record.already_validated(adapter_check.moving(record.source, record.revision))
         if previous is not None and done is None:  # an operator restart: the status says this generation passed
             book.checked = (what, ("ok", *previous))
             return book.checked[1]
@@ -308,12 +311,9 @@ class Fleet:
         return None
 
     async def _check(self, record: AdapterRecord, engine: dict[str, Any], what: tuple) -> None:
-        def check() -> tuple:
-            config = adapter_check.fetch_config(record.source, record.id, record.revision, None)
-            return ("ok", *adapter_check.check_fits(config, engine)) if config is not None else ("ok", None, [])
-
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self.io.executor, check)
+            result = await asyncio.get_running_loop().run_in_executor(self.io.executor, adapter_check.validate, record.source, record.id,
+                                                                      record.revision, engine)
         except adapter_check.Permanent as exc:
             result = ("failed", "Invalid", str(exc))
         except adapter_check.Transient as exc:

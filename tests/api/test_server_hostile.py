@@ -377,8 +377,7 @@ def test_the_catalogue_takes_its_largest_size_and_reads_it_without_hashing_again
     """100,000 entries are admitted and fit the route's body limit (a 2 MiB limit refused ~20,000 with 413); one more
     is a 422; reads, 304s included, never hash or encode it again (that held generation up on the event loop)."""
     from lorafleet.server.api import catalogue as catalogue_module
-    from lorafleet.server.api.catalogue import (MAX_CANARIES, MAX_CATALOGUE, MAX_CATALOGUE_BODY_BYTES, MAX_ID_LENGTH, MAX_NAME_LENGTH,
-                                                MAX_REVISION_LENGTH)
+    from lorafleet.server.api.catalogue import MAX_CANARIES, MAX_CATALOGUE, MAX_CATALOGUE_BODY_BYTES, MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_REVISION_LENGTH
 
     admin = {"authorization": "Bearer admin"}
     worst = json.dumps({"name": "n" * MAX_NAME_LENGTH, "id": "i" * MAX_ID_LENGTH, "source": "local", "revision": "r" * MAX_REVISION_LENGTH})

@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 from kubernetes import client
+from support.hub import HubStandIn
 from support.operator import BASEMODEL, adapter, custom, run_pod
 from support.waiting import wait_until
 
@@ -140,3 +141,33 @@ def test_kubectl_promotes_or_aborts_a_rollout_by_annotation(operator_env) -> Non
     wait_until(lambda: entry(replicas, "es") == {"name": "es", "id": "team/es", "source": "local", "revision": "v2"}, what="v2 alone in the catalogue")
     table = kubectl("get", "adapters", "-o", "wide").stdout
     assert "CANARY" in table and "team/es@v3" in table
+
+
+def test_a_moving_hub_revision_is_resolved_to_one_commit_that_every_replica_loads(operator_env, tmp_path, monkeypatch) -> None:
+    """``revision: main`` names a branch: the operator resolves it once and every owner loads that commit, so two
+    replicas never serve two contents under one version; the branch moving on changes nothing until the spec does."""
+    kubectl, api, replicas, _ = operator_env
+    first, moved, tagged = "a" * 40, "b" * 40, "c" * 40
+    with HubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+        hub.add_config("team/it", tmp_path / "it", {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]})
+        hub.commits.update({("team/it", "main"): first, ("team/it", "v2"): tagged})
+        start_fleet(kubectl, api, replicas)
+        body = yaml.safe_load(adapter("it", "team/it", source="hub", warm=2))
+        body["spec"]["revision"] = "main"
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
+        wait_until(lambda: phase(api, "it") == "Ready", what="Ready on main's commit")
+        status = custom(api, "adapters", "it")["status"]
+        assert status["resolvedRevision"] == first and status["serving"]["revision"] == first
+        loaded = {ref.revision for r in replicas.values() for ref in r.refs.values() if ref.id == "team/it"}
+        assert loaded == {first} and sum("team/it@" + first in r.loaded for r in replicas.values()) == 2
+        assert entry(replicas, "it")["revision"] == first  # the name resolves to the commit everywhere
+        hub.commits[("team/it", "main")] = moved  # someone pushes to main: the version being served does not change
+        kubectl("patch", "adapter", "it", "--type", "merge", "-p", '{"spec": {"warmReplicas": 1}}')
+        wait_until(lambda: custom(api, "adapters", "it")["status"].get("observedGeneration") == 2, what="the new generation observed")
+        assert custom(api, "adapters", "it")["status"]["resolvedRevision"] == first
+        kubectl("patch", "adapter", "it", "--type", "merge", "-p", '{"spec": {"revision": "v2"}}')
+        wait_until(lambda: (entry(replicas, "it") or {}).get("revision") == tagged, timeout=15, what="the tag's commit serving")
+        wait_until(lambda: custom(api, "adapters", "it")["status"].get("resolvedRevision") == tagged and phase(api, "it") == "Ready")
+    assert not any(ref.revision in ("main", "v2") for r in replicas.values() for ref in r.refs.values())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 from kubernetes import client
@@ -15,7 +13,6 @@ from lorafleet import ring
 
 pytestmark = pytest.mark.e2e  # starts processes, servers or external binaries
 
-ROOT = Path(__file__).resolve().parents[2]
 def test_basemodel_becomes_a_fleet_with_owner_references(operator_env) -> None:
     kubectl, api, _, runner = operator_env
     kubectl("apply", "-f", "-", input=BASEMODEL)

@@ -2,7 +2,8 @@
 
 ``HEAD/GET /{org}/{name}/resolve/{revision}/{filename}`` answer with the headers hf_hub_download
 reads (X-Repo-Commit, ETag, Content-Length) or a 404 carrying X-Error-Code, as the real Hub does.
-A repo listed in ``private`` answers 401 unless the request carries its token.
+A repo listed in ``private`` answers 401 unless the request carries its token. ``commits`` says which commit a
+(repo, revision) stands for (X-Repo-Commit; a branch can be moved by changing it); others answer forty zeros.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class HubStandIn:
         self.authorizations: list[str | None] = []  # every request's Authorization header, to show what reached the hub
         self.delay_s = 0.0  # a slow or unreachable hub: each request waits this long before answering
         self.repo_delay_s: dict[str, float] = {}  # one slow repo among quick ones
+        self.commits: dict[tuple[str, str], str] = {}  # (repo, branch or tag) -> the commit it stands for now
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,7 +38,7 @@ class HubStandIn:
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if len(parts) < 5 or parts[2] != "resolve":
                     return self._error(404, "RepoNotFound")
-                repo, filename = f"{parts[0]}/{parts[1]}", "/".join(parts[4:])
+                repo, revision, filename = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
                 if standin.repo_delay_s.get(repo):
                     time.sleep(standin.repo_delay_s[repo])
                 if repo not in standin.repos:
@@ -49,7 +51,7 @@ class HubStandIn:
                     return self._error(404, "EntryNotFound")
                 body = path.read_bytes()
                 self.send_response(200)
-                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("X-Repo-Commit", standin.commits.get((repo, revision), "0" * 40))
                 self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
