@@ -94,7 +94,8 @@ class RequestMetrics:
         async def watching(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = str(message["status"])
-                seen["adapter"] = dict(message.get("headers", [])).get(b"x-adapter-id", b"").decode()
+                headers = dict(message.get("headers", []))
+                seen["adapter"], seen["name"] = headers.get(b"x-adapter-id", b"").decode(), headers.get(b"x-adapter-name", b"").decode()
             await send(message)
 
         try:
@@ -106,7 +107,7 @@ class RequestMetrics:
             route = scope["path"] if scope["path"] in GENERATE_ROUTES else "other"
             metrics = self.service.metrics
             # x-adapter-id is set only on an answer that used the adapter: the label is never an arbitrary request string.
-            metrics.requests.labels(route, seen.get("status", "499"), metrics.adapters.label(seen.get("adapter", ""))).inc()
+            metrics.requests.labels(route, seen.get("status", "499"), *metrics.labels(seen.get("name") or None, seen.get("adapter", ""))).inc()
             job = state.get("job")  # the validated request, when it got that far
             named = job.adapter.ring_key if job is not None and job.adapter is not None else ""
             late = job is not None and job.failed_late  # a stream that began 200 and ended in an error event

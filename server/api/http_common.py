@@ -55,6 +55,15 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None) ->
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
 
 
+def adapter_headers(job: Any, tier: str) -> dict[str, str]:
+    """Which adapter version served the request, under which registered name, and where it was found on arrival:
+    the replica's per-adapter metrics and the gateway's read them (OpenAI and TGI routes alike)."""
+    headers = {"x-adapter-id": job.adapter.ring_key if job.adapter else "", "x-adapter-tier": tier}
+    if job.name is not None:
+        headers["x-adapter-name"] = job.name
+    return headers
+
+
 def chosen_version(request: Request) -> dict[str, Any] | None:
     """The version of a registered name the gateway routed this request by, or None. Not a credential:
     a caller who reaches the replica directly can name that version by its id, and gateways drop a client's copy."""

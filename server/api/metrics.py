@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from lorafleet.adapter_labels import TopAdapters, remove_adapter_series
+from lorafleet.adapter_labels import OTHER, TopAdapters, remove_adapter_series
 from lorafleet.server.api.version_counts import VersionTally
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -80,16 +80,19 @@ class _EngineCollector:
 
 class ServerMetrics:
     """The replica's series. Per-adapter ones take their ``adapter`` label from ``self.adapters`` (the busiest
-    ``adapter_labels`` adapters by name, the rest ``other``, "" for the base model), so their count is bounded;
-    ``cache`` is hot when the adapter was on the device when the request arrived, cold when it had to be loaded."""
+    ``adapter_labels`` adapters, the rest ``other``, "" for the base model), so their count is bounded: an adapter is
+    labelled by the registered name a request used (the Adapter resource's), else by its id (and @revision). The
+    ``version`` label beside it is the version served (id@revision), so a name's two versions during a rollout have
+    series of their own; it is ``other`` (or "") with the adapter label. ``cache`` is hot when the adapter was on the
+    device when the request arrived, cold when it had to be loaded."""
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]], adapter_labels: int = DEFAULT_ADAPTER_LABELS) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lorafleet_requests", "requests by route, status and adapter", ["route", "status", "adapter"], registry=r)
+        self.requests = Counter("lorafleet_requests", "requests by route, status and adapter", ["route", "status", "adapter", "version"], registry=r)
         self.duration = Histogram("lorafleet_request_duration_seconds", "request duration", ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.generated_tokens = Counter("lorafleet_generated_tokens", "tokens generated", ["adapter"], registry=r)
-        by_adapter = ["adapter", "cache"]
+        self.generated_tokens = Counter("lorafleet_generated_tokens", "tokens generated", ["adapter", "version"], registry=r)
+        by_adapter = ["adapter", "version", "cache"]
         self.time_to_first_token = Histogram("lorafleet_time_to_first_token_seconds", "time to first token, by adapter and hot/cold",
                                              by_adapter, buckets=LATENCY_BUCKETS, registry=r)
         self.time_per_output_token = Histogram("lorafleet_time_per_output_token_seconds", "time per output token after the first, by adapter and hot/cold",
@@ -105,15 +108,20 @@ class ServerMetrics:
         self._collector = _EngineCollector(snapshot)
         r.register(self._collector)
 
-    def observe_generation(self, adapter: str, tier: str, tokens: int, first_token_s: float, rest_s: float) -> None:
-        """One finished generation: tokens and latencies under its adapter's label, hot or cold."""
-        label, cache = self.adapters.label(adapter), "hot" if tier in ("", "device") else "cold"
-        self.versions.first_token(adapter, first_token_s)
-        self.generated_tokens.labels(label).inc(tokens)
-        self.time_to_first_token.labels(label, cache).observe(first_token_s)
-        self.e2e_latency.labels(label, cache).observe(first_token_s + rest_s)
+    def labels(self, name: str | None, version: str) -> tuple[str, str]:
+        """(adapter, version) label values for one more request of ``version`` asked for by ``name`` (or by id)."""
+        adapter = self.adapters.label(name or version)
+        return adapter, version if adapter not in ("", OTHER) else adapter
+
+    def observe_generation(self, name: str | None, version: str, tier: str, tokens: int, first_token_s: float, rest_s: float) -> None:
+        """One finished generation: tokens and latencies under its adapter's labels, hot or cold."""
+        labels, cache = self.labels(name, version), "hot" if tier in ("", "device") else "cold"
+        self.versions.first_token(version, first_token_s)
+        self.generated_tokens.labels(*labels).inc(tokens)
+        self.time_to_first_token.labels(*labels, cache).observe(first_token_s)
+        self.e2e_latency.labels(*labels, cache).observe(first_token_s + rest_s)
         if tokens > 1:
-            self.time_per_output_token.labels(label, cache).observe(rest_s / (tokens - 1))
+            self.time_per_output_token.labels(*labels, cache).observe(rest_s / (tokens - 1))
 
     def render(self, snapshot: dict[str, Any] | None = None) -> bytes:
         """The exposition; ``snapshot`` is the engine's state as its own thread read it (the scrape's normal path:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.api.deps import Service
-from lorafleet.server.api.http_common import chosen_version, read_json_object, trusted_cache_salt, until_disconnect
+from lorafleet.server.api.http_common import adapter_headers, chosen_version, read_json_object, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService, independent_copies
 from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
@@ -119,12 +119,6 @@ async def openai_stream(service: ReplicaService, request: Request, job: Generate
     prelude = [sse(c) for c in chunk(None, None, start=True)]
     body = sse_events(service, job, first, events, started, render, prelude, epilogue=["data: [DONE]\n\n"])
     return StreamingResponse(body, media_type="text/event-stream", headers={"cache-control": "no-cache", **adapter_headers(job, first.adapter_tier)})
-
-
-def adapter_headers(job: GenerateJob, tier: str) -> dict[str, str]:
-    """Which adapter served the request and where it found it (as the TGI routes say): the replica's per-adapter
-    request metric and the gateway's read them, so OpenAI traffic is counted under its adapter too."""
-    return {"x-adapter-id": job.adapter.ring_key if job.adapter else "", "x-adapter-tier": tier}
 
 
 router = APIRouter(prefix="/v1")

@@ -230,7 +230,7 @@ class ReplicaService:
 
     def observe(self, job: GenerateJob, seq: Sequence, first_token_s: float, rest_s: float) -> None:
         adapter = job.adapter.ring_key if job.adapter else ""  # the version: id, and @revision when pinned to one
-        self.metrics.observe_generation(adapter, seq.adapter_tier, len(seq.tokens), first_token_s, rest_s)
+        self.metrics.observe_generation(job.name, adapter, seq.adapter_tier, len(seq.tokens), first_token_s, rest_s)
         if self.tracing is not None:
             load_seconds, source = seq.adapter_load or ({}, "")
             record_generation(self.tracing, seq, adapter, load_seconds, source, first_token_s, rest_s)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lorafleet.server.api.deps import Service
-from lorafleet.server.api.http_common import chosen_version, read_json, trusted_cache_salt, until_disconnect
+from lorafleet.server.api.http_common import adapter_headers, chosen_version, read_json, trusted_cache_salt, until_disconnect
 from lorafleet.server.api.service import Completion, ReplicaService
 from lorafleet.server.api.streaming import sse, sse_events
 from lorafleet.server.api.validation import GenerateJob, validate_generate
@@ -65,8 +65,7 @@ def completion_headers(completion: Completion, job: GenerateJob) -> dict[str, st
         "x-queue-time": f"{completion.queue_s * 1000:.0f}",
         "x-inference-time": f"{completion.inference_s * 1000:.0f}",
         "x-time-per-token": f"{completion.inference_s * 1000 / generated:.0f}",
-        "x-adapter-id": job.adapter.ring_key if job.adapter else "",
-        "x-adapter-tier": completion.seq.adapter_tier,
+        **adapter_headers(job, completion.seq.adapter_tier),
     }
 
 
@@ -108,8 +107,7 @@ async def generate(service: ReplicaService, request: Request, mode: str) -> Any:
         except BaseException:
             service.release()
             raise
-        headers = {"x-prompt-tokens": str(len(prompt_ids)), "x-adapter-id": job.adapter.ring_key if job.adapter else "",
-                   "x-adapter-tier": first.adapter_tier, "cache-control": "no-cache"}
+        headers = {"x-prompt-tokens": str(len(prompt_ids)), **adapter_headers(job, first.adapter_tier), "cache-control": "no-cache"}
         body = sse_events(service, job, first, events, started, stream_lines(job, prompt_ids))
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
     try:

@@ -54,6 +54,7 @@ class GenerateJob:
     prompt_ids: list[int] | None = None  # already tokenized (chat templates), else inputs is tokenized
     merge: MergeSpec | None = None  # merged_adapters; the service names it and sets `adapter` to its name
     failed_late: bool = False  # a stream that had started ended in an error event (counted against its version)
+    name: str | None = None  # the registered name (an Adapter resource) the request asked for, when it named one
 
 
 def _number(parameters: dict, name: str, kind: type, default: Any = None) -> Any:
@@ -135,6 +136,7 @@ def validate_generate(body: Any, limits: Limits, stream: bool = False, chosen: d
         inputs=inputs, params=params, max_new_tokens=max_new_tokens, adapter=adapter, api_token=api_token,
         truncate=truncate, details=_flag(p, "details"), decoder_input_details=params.prefill_logprobs,
         return_full_text=_flag(p, "return_full_text"), best_of=best_of, stream=stream, merge=merge,
+        name=p["adapter_id"] if adapter is not None and p.get("adapter_source") is None and p["adapter_id"] in limits.catalogue else None,
     )
 
 

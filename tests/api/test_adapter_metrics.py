@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lorafleet.gateway.config import GatewayConfig
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.server.api.metrics import ServerMetrics
 from lorafleet.testing import make_lora_adapter
+from lorafleet.traffic_split import VARIANT_HEADER
 
 pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
 
@@ -60,8 +62,8 @@ def test_ten_thousand_adapters_do_not_grow_the_replica_or_gateway_metrics() -> N
 
     def traffic(ids: list[str]) -> None:
         for i, adapter in enumerate(ids):
-            server.requests.labels("/generate", "200", server.adapters.label(adapter)).inc()
-            server.observe_generation(adapter, "device" if i % 2 else "cpu", 5, 0.01, 0.04)
+            server.requests.labels("/generate", "200", *server.labels(None, adapter)).inc()
+            server.observe_generation(None, adapter, "device" if i % 2 else "cpu", 5, 0.01, 0.04)
             gateway.adapter_requests.labels(gateway.adapters.label(adapter), "owner").inc()
 
     traffic([f"org/a{i}" for i in range(100)])
@@ -70,8 +72,8 @@ def test_ten_thousand_adapters_do_not_grow_the_replica_or_gateway_metrics() -> N
     assert (len(server.render().splitlines()), len(generate(gateway))) == sizes
     assert adapter_labels(server.render().decode()) == {"org/a0", "org/a1", "org/a2", OTHER}
     counted = metric_values(server.render().decode())
-    assert counted['lorafleet_generated_tokens_total{adapter="other"}'] == 5 * (10_100 - 3)  # nothing is lost, only pooled
-    assert counted['lorafleet_time_to_first_token_seconds_count{adapter="other",cache="cold"}'] == 48 + 5_000  # every other one was cold; a0 and a2 have their own
+    assert counted['lorafleet_generated_tokens_total{adapter="other",version="other"}'] == 5 * (10_100 - 3)  # nothing is lost, only pooled
+    assert counted['lorafleet_time_to_first_token_seconds_count{adapter="other",cache="cold",version="other"}'] == 48 + 5_000  # every other one was cold; a0 and a2 have their own
 
 
 def generate(gateway: GatewayMetrics) -> list[str]:
@@ -180,7 +182,7 @@ def test_openai_traffic_is_counted_under_its_adapter(fleet) -> None:
     """The OpenAI routes say which adapter served them (x-adapter-id, x-adapter-tier) as the TGI routes do, so
     the replica's per-adapter request counter sees them."""
     replica, _ = fleet
-    label = f'lorafleet_requests_total{{adapter="{ADAPTERS[0]}",route="/v1/chat/completions",status="200"}}'
+    label = f'lorafleet_requests_total{{adapter="{ADAPTERS[0]}",route="/v1/chat/completions",status="200",version="{ADAPTERS[0]}"}}'
     before = metric_values(httpx.get(replica.url + "/metrics").text).get(label, 0.0)
     for stream in (False, True):
         body = {"model": ADAPTERS[0], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream}
@@ -192,18 +194,24 @@ def test_openai_traffic_is_counted_under_its_adapter(fleet) -> None:
     assert metric_values(httpx.get(replica.url + "/metrics").text)[label] == before + 2
 
 
-def test_a_pinned_revision_is_counted_as_its_own_version(tiny_models, tmp_path) -> None:
-    """x-adapter-id and the adapter label carry the version (id@revision), so two revisions of one adapter in a
-    rollout have series of their own; a name registered in the catalogue is answered and counted as its version."""
+def test_a_registered_name_is_counted_under_its_name_and_each_version_apart(tiny_models, tmp_path) -> None:
+    """A request by an Adapter's name is labelled by that name (not by the folder or id it points at), with the
+    version served beside it (id@revision): two revisions of one adapter in a rollout have series of their own."""
     make_lora_adapter(tiny_models["llama"], tmp_path / "adapters" / "m0", r=4, seed=3)
     with RunningServer(tiny_models["llama"], tmp_path / "adapters", tmp_path / "cache") as replica:
         entries = [{"name": "bot", "id": "m0", "source": "local", "revision": "v2"}]
         assert httpx.put(replica.url + "/adapters/catalogue", json={"adapters": entries}, timeout=30).status_code == 200
         for _ in range(2):
             response = httpx.post(replica.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "bot", "max_new_tokens": 2}}, timeout=60)
-            assert response.status_code == 200 and response.headers["x-adapter-id"] == "m0@v2"
+            assert response.status_code == 200 and (response.headers["x-adapter-id"], response.headers["x-adapter-name"]) == ("m0@v2", "bot")
         plain = httpx.post(replica.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "m0", "max_new_tokens": 2}}, timeout=60)
-        assert plain.headers["x-adapter-id"] == "m0"
+        assert plain.headers["x-adapter-id"] == "m0" and "x-adapter-name" not in plain.headers
+        chosen = {VARIANT_HEADER: json.dumps({"id": "m0", "source": "local", "revision": "v3"})}  # the canary, as a gateway names it
+        canary = httpx.post(replica.url + "/generate", json={"inputs": "hi", "parameters": {"adapter_id": "bot", "max_new_tokens": 2}},
+                            headers=chosen, timeout=60)
+        assert (canary.headers["x-adapter-id"], canary.headers["x-adapter-name"]) == ("m0@v3", "bot")
         values = metric_values(httpx.get(replica.url + "/metrics").text)
-    assert values['lorafleet_requests_total{adapter="m0@v2",route="/generate",status="200"}'] == 2
-    assert values['lorafleet_requests_total{adapter="m0",route="/generate",status="200"}'] == 1
+    assert values['lorafleet_requests_total{adapter="bot",route="/generate",status="200",version="m0@v2"}'] == 2
+    assert values['lorafleet_requests_total{adapter="bot",route="/generate",status="200",version="m0@v3"}'] == 1
+    assert values['lorafleet_requests_total{adapter="m0",route="/generate",status="200",version="m0"}'] == 1
+    assert sum(values.get(f'lorafleet_time_to_first_token_seconds_count{{adapter="bot",cache="{c}",version="m0@v3"}}', 0) for c in ("hot", "cold")) == 1

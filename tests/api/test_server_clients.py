@@ -151,7 +151,7 @@ def test_info_health_metrics_and_tokenize(server) -> None:
     info = httpx.get(server.url + "/info").json()
     assert info["model_id"] == "tiny-llama" and info["max_total_tokens"] == 256 and info["max_stop_sequences"] == 4
     assert httpx.get(server.url + "/health").status_code == 200
-    served = 'lorafleet_requests_total{adapter="",route="/generate",status="200"}'
+    served = 'lorafleet_requests_total{adapter="",route="/generate",status="200",version=""}'
     before = metric_values(httpx.get(server.url + "/metrics").text).get(served, 0.0)
     httpx.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}})
     metrics = httpx.get(server.url + "/metrics").text
@@ -195,7 +195,7 @@ def test_generate_options_best_of_full_text_truncate_and_prefill_details(server)
 def test_every_stream_is_in_the_latency_metrics(server, path, body) -> None:
     """Both APIs stream through one loop: each finished stream is one time-to-first-token observation."""
     def observed() -> float:
-        line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith("lorafleet_time_to_first_token_seconds_count{adapter=\"\",cache=\"hot\"}"))
+        line = next(x for x in httpx.get(server.url + "/metrics").text.splitlines() if x.startswith("lorafleet_time_to_first_token_seconds_count{adapter=\"\",cache=\"hot\",version=\"\"}"))
         return float(line.split()[-1])
 
     before = observed()
