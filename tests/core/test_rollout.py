@@ -63,8 +63,9 @@ def test_the_analysis_fails_a_canary_on_errors_or_latency_and_says_the_numbers()
     assert "0.200 (8/40)" in message and "0.006 (2/360)" in message
     assert judge(counts(40, errors=2), counts(360, errors=18), analysis)[0] == "pass"  # 5 % vs 5 %: the fleet's, not the canary's
     verdict, reason, message = judge(counts(40, ttft_s=0.5), counts(360, ttft_s=0.05), analysis)
-    assert (verdict, reason) == ("fail", "TtftP95") and "maxTtftP95Ratio 2.0" in message
+    assert (verdict, reason) == ("fail", "TtftP95") and "maxTtftP95Ratio 2.0, ttftSlack 0.05s" in message
     assert judge(counts(40, ttft_s=0.06), counts(360, ttft_s=0.05), analysis)[0] == "pass"
+    assert judge(counts(40, ttft_s=0.056), counts(360, ttft_s=0.015), analysis)[0] == "pass"  # 3.8x of almost nothing: within the slack
 
 
 def test_the_steps_run_in_order_and_the_last_one_promotes():

@@ -80,3 +80,20 @@ def test_a_retrained_adapter_rolls_out_as_a_canary_with_no_failed_or_cold_reques
         return held
 
     wait_until(lambda: not old_version_held(), timeout=30, what="the old version unloaded")
+
+    # A retrained version that loads but answers errors (its logits overflow) is rolled back by the analysis alone.
+    make_lora_adapter(model, adapters / "pirate-broken", r=4, seed=12, scale=1e30)
+    rollout = {"steps": [{"weight": 30, "pause": "1h"}], "analysis": {"minRequests": 5, "interval": "500ms"}}
+    with Client(url, "pirate") as client:
+        kubectl("patch", "adapter", "pirate", "--type", "merge", "-p", json.dumps({"spec": {"id": "pirate-broken", "rollout": rollout}}))
+        try:
+            wait_until(lambda: adapter_status(kubectl, "pirate").get("phase") == "RolledBack", what="the broken canary rolled back")
+        except AssertionError:
+            raise AssertionError(f"{adapter_status(kubectl, 'pirate')} {client.answers[-20:]}") from None
+        rolled_back = len(client.answers)
+        wait_until(lambda: len(client.answers) > rolled_back + 10 and {a[:1] + a[2:] for a in client.answers[-10:]} == {(200, "pirate-v2")},
+                   timeout=10, interval=0.1, what="every answer from the stable version again")
+    status = adapter_status(kubectl, "pirate")
+    assert status["reason"] == "ErrorRatio" and status["serving"]["id"] == "pirate-v2", status["message"]
+    failed = [a for a in client.answers if a[0] != 200]
+    assert failed and {version for _, _, version in failed} <= {"pirate-broken", ""}  # only the canary's share failed
