@@ -74,7 +74,7 @@ class AdapterManager:
         self._pinned: set[str] = set()
         self._draining: set[str] = set()
         self.counts: dict[str, int] = {"device_hit": 0, "cpu_hit": 0, "disk_hit": 0, "local_read": 0, "source_fetch": 0, "device_evictions": 0,
-                                       "rotations": 0, "merges": 0}
+                                       "rotations": 0, "merges": 0, "load_failures": 0}
         self._counts_lock = threading.Lock()
         self.merges = MergedAdapters()
 
@@ -287,6 +287,7 @@ class AdapterManager:
             elif isinstance(outcome, BaseException):
                 state.status, state.error = "failed", outcome
                 state.failures += 1
+                self._count("load_failures")
                 state.retry_at = time.monotonic() + retry_delay(outcome, state.failures)
                 self._failed.append((key, outcome))
                 self._failed_keys[key] = None

@@ -90,7 +90,8 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
                    "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"):
         assert series in everything
     assert {r["alert"] for g in ALERTS["groups"] for r in g["rules"]} == {
-        "LorafleetAdapterCacheThrash", "LorafleetReplicaEjected", "LorafleetQueueGrowing", "LorafleetHighErrorRate"}
+        "LorafleetAdapterCacheThrash", "LorafleetReplicaEjected", "LorafleetQueueGrowing", "LorafleetHighErrorRate", "LorafleetKVCacheFull",
+        "LorafleetColdStartSlow", "LorafleetAdapterLoadFailing"}
     assert len({p["id"] for p in DASHBOARD["panels"]}) == len(DASHBOARD["panels"])
 
 
