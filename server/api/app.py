@@ -21,6 +21,7 @@ from lorafleet.server.api.catalogue import MAX_CATALOGUE_BODY_BYTES
 from lorafleet.server.api.deps import Service
 from lorafleet.server.api.errors import HANDLED
 from lorafleet.server.api.http_common import error_response, read_json_object
+from lorafleet.server.api.memory import memory_bytes
 from lorafleet.server.api.request_spans import start_request_span
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.errors import RequestError
@@ -143,7 +144,7 @@ async def health(service: Service) -> Response:
 
 @router.get("/info", summary="model and limits")
 async def info(service: Service) -> dict:
-    return service.info()
+    return {**service.info(), "memory": await service.runner.call(lambda: memory_bytes(service.engine))}
 
 
 @router.get("/metrics", summary="Prometheus text")

@@ -72,6 +72,11 @@ class _EngineCollector:
         for tier, size in s["bytes_per_tier"].items():
             tier_bytes.add_metric([tier], size)
         yield tier_bytes
+        memory = GaugeMetricFamily("lorafleet_memory_bytes", "bytes held, by what holds them: base_weights, kv_cache_allocated/used, "
+                                   "adapter_slots_allocated/used, cpu_tier, disk_tier; on cuda cuda_reserved/allocated/free", labels=["kind"])
+        for kind, size in s.get("memory", {}).items():
+            memory.add_metric([kind], size)
+        yield memory
         events = GaugeMetricFamily("lorafleet_adapter_events", "adapter hits, fetches and evictions since start", labels=["event"])
         for event, count in s["adapter_events"].items():
             events.add_metric([event], count)

@@ -20,6 +20,7 @@ from lorafleet import __version__
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.server.adapters.state import TIERS
 from lorafleet.server.api.catalogue import Catalogue
+from lorafleet.server.api.memory import memory_bytes
 from lorafleet.server.api.metrics import ServerMetrics
 from lorafleet.server.api.request_spans import record_generation
 from lorafleet.server.api.validation import GenerateJob, Limits
@@ -318,6 +319,7 @@ class ReplicaService:
                 "cpu": manager.cpu.used_bytes(),
                 "disk": manager.disk.used_bytes(),
             },
+            "memory": memory_bytes(self.engine),
             "adapter_events": {**manager.counts, "cpu_evictions": manager.cpu.evictions, "disk_evictions": manager.disk.evictions,
                                "disk_corrupt_dropped": manager.disk.corrupt_dropped},
         }
