@@ -107,10 +107,14 @@ class RequestMetrics:
                 span.end()
             route = scope["path"] if scope["path"] in GENERATE_ROUTES else "other"
             metrics = self.service.metrics
-            # x-adapter-id is set only on an answer that used the adapter: the label is never an arbitrary request string.
-            metrics.requests.labels(route, seen.get("status", "499"), *metrics.labels(seen.get("name") or None, seen.get("adapter", ""))).inc()
+            status = seen.get("status", "499")
             job = state.get("job")  # the validated request, when it got that far
             named = job.adapter.ring_key if job is not None and job.adapter is not None else ""
+            # x-adapter-id is set only on an answer that used the adapter, so the label is never an arbitrary request
+            # string; a 424 (the adapter ran, no usable token came out) used it too, and is its error, not the base model's.
+            ran = named if status == "424" else ""
+            name = seen.get("name") or (job.name if ran and job is not None else None)
+            metrics.requests.labels(route, status, *metrics.labels(name, seen.get("adapter") or ran)).inc()
             late = job is not None and job.failed_late  # a stream that began 200 and ended in an error event
             metrics.versions.answered(seen.get("adapter") or named, 500 if late else int(seen.get("status", "499")))
             metrics.duration.labels(route).observe(time.perf_counter() - started)
