@@ -1,11 +1,11 @@
 """Every dashboard query evaluated by a real Prometheus scraping real replicas and a gateway under a scripted load.
 
 Parsing PromQL proves a query names the right series; only Prometheus proves it returns something (a ``rate`` over
-the wrong type, a wrong ``by``, a histogram without ``_bucket`` all parse). Two `lorafleet serve` replicas of the tiny
-model with two device slots each and a gateway are scraped every second, with the labels a ServiceMonitor gives
-them (namespace, pod, app_kubernetes_io_instance). The load: six adapters through the gateway (first uses are cold
-loads; six adapters on four slots thrash), base-model requests, streams, and one adapter whose logits overflow (an
-error). Then each panel's queries run through Prometheus's HTTP API: each returns data, and the counters agree with
+the wrong type, a wrong ``by``, a histogram without ``_bucket`` all parse). A `lorafleet up` fleet of the tiny model
+(two replicas with eight device slots each, the gateway) is scraped every second, with the labels a ServiceMonitor
+gives the targets (namespace, pod, app_kubernetes_io_instance). The load: twenty-four adapters through the gateway
+(first uses are cold loads; 24 adapters on 16 slots thrash), base-model requests, streams, and one adapter whose
+logits overflow (an error). Then each panel's queries run through Prometheus's HTTP API: each returns data, and the counters agree with
 what the load did. Prometheus is Debian's package (`.ci/run` installs it); without it this test fails and says how.
 """
 
@@ -15,46 +15,25 @@ import contextlib
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
-from support.server import ThreadedApp, free_port, wait_healthy
+from support.kube import pods
+from support.server import free_port
 from support.waiting import wait_until
 
-from lorafleet.gateway.app import create_gateway_app
 from lorafleet.testing import make_lora_adapter
 
 pytestmark = pytest.mark.e2e  # starts processes and a Prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = json.loads((ROOT / "charts" / "lorafleet" / "monitoring" / "dashboard.json").read_text())
-ADDRESSES = ["127.0.0.41", "127.0.0.42"]
-LABELS = {"namespace": "ml", "app_kubernetes_io_instance": "tiny"}
+LABELS = {"namespace": "default", "app_kubernetes_io_instance": "smollm2"}
 INSTALL = "prometheus is not installed: `apt-get install prometheus` (Debian/Ubuntu, as root), or put Prometheus's release on PATH"
 OPTIONAL = ("DCGM_",)  # NVIDIA's dcgm-exporter's series: a panel for clusters that run it, empty here
-
-
-@contextlib.contextmanager
-def replicas(model: Path, adapters: Path, tmp: Path):
-    started = []
-    try:
-        for address in ADDRESSES:
-            port = free_port()
-            process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "serve", "--model", str(model), "--host", address, "--port", str(port),
-                                        "--adapter-root", str(adapters), "--adapter-source", "local", "--adapter-cache-dir", str(tmp / address),
-                                        "--max-active-adapters", "2", "--admin-open"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            started.append((process, f"http://{address}:{port}"))
-        for process, url in started:
-            wait_healthy(url, process)
-        yield [url for _, url in started]
-    finally:
-        for process, _ in started:
-            process.kill()
-            process.wait(10)
 
 
 @contextlib.contextmanager
@@ -96,19 +75,19 @@ def as_prometheus_gets_it(expr: str) -> str:
     return expr.replace("$__rate_interval", "1m").replace("$namespace", ".*").replace("$fleet", ".*")
 
 
-def test_every_dashboard_query_returns_what_the_load_did(tiny_models, tmp_path) -> None:
-    adapters = tmp_path / "adapters"
-    names = [f"a{i}" for i in range(6)]
+def test_every_dashboard_query_returns_what_the_load_did(fleet, tmp_path) -> None:
+    _, kubectl, gateway_url, _, adapters, model, _ = fleet
+    names = [f"a{i}" for i in range(24)]
     for i, name in enumerate(names):
-        make_lora_adapter(tiny_models["llama"], adapters / name, r=4, seed=i)
-    make_lora_adapter(tiny_models["llama"], adapters / "overflow", r=4, seed=9, scale=1e30)  # loads, then no usable token: a 424
-    with replicas(tiny_models["llama"], adapters, tmp_path) as urls, \
-            ThreadedApp(create_gateway_app(urls, probe_interval=0.5)) as gateway, \
-            prometheus({"r0": ("replicas", urls[0]), "r1": ("replicas", urls[1]), "gateway": ("gateway", gateway.url)}, tmp_path) as prom:
+        make_lora_adapter(model, adapters / name, r=4, seed=i)
+    make_lora_adapter(model, adapters / "overflow", r=4, seed=99, scale=1e30)  # loads, then no usable token: a 424
+    targets = {name: ("replicas", f"http://{pod['status']['podIP']}:8080") for name, pod in pods(kubectl).items()}
+    with prometheus({**targets, "gateway": ("gateway", gateway_url)}, tmp_path) as prom:
         sent: Counter = Counter()
-        with httpx.Client(base_url=gateway.url, timeout=120) as client:
+        with httpx.Client(base_url=gateway_url, timeout=120) as client:
             def ask(adapter: str | None, stream: bool = False) -> int:
-                body = {"inputs": "Hello there", "parameters": {"max_new_tokens": 3, **({"adapter_id": adapter} if adapter else {})}}
+                parameters = {"adapter_id": adapter, "adapter_source": "local"} if adapter else {}
+                body = {"inputs": "Hello there", "parameters": {"max_new_tokens": 3, **parameters}}
                 response = client.post("/generate_stream" if stream else "/generate", json=body)
                 sent[(adapter or "", response.status_code)] += 1
                 return response.status_code
@@ -119,7 +98,7 @@ def test_every_dashboard_query_returns_what_the_load_did(tiny_models, tmp_path) 
                 assert ask(name) == 200
             assert ask(None) == 200 and ask("a0", stream=True) == 200 and ask("overflow") == 424
             time.sleep(2.5)
-            for _ in range(2):  # six adapters over four slots, in turn: every round reloads most of them (a thrash)
+            for _ in range(2):  # 24 adapters over 16 slots, in turn: every round reloads many of them (a thrash)
                 for name in names:
                     assert ask(name) == 200
                     time.sleep(0.1)
@@ -133,6 +112,7 @@ def test_every_dashboard_query_returns_what_the_load_did(tiny_models, tmp_path) 
             return {r["metric"].get("adapter", ""): float(r["value"][1]) for r in result}
 
         expected = {"": 4.0, "a0": 3.0 + 4.0, **{n: 3.0 for n in names[1:]}, "overflow": 2.0}
+        # lorafleet up's own Adapters (pirate, support-bot.v2) took no request: no series of theirs
         try:
             wait_until(lambda: by_adapter() == expected, timeout=15, what="the load in Prometheus")
         except AssertionError:
@@ -161,9 +141,10 @@ def test_every_dashboard_query_returns_what_the_load_did(tiny_models, tmp_path) 
         assert not empty, "panels with no data:\n" + "\n".join(empty)
         assert not unusable, "panels with only NaN:\n" + "\n".join(unusable)
         requests = shown["Requests/s by adapter (top adapters; the rest are `other`, \"\" is the base model) [A]"]
-        assert {json.loads(k).get("adapter", "") for k, v in requests.items() if float(v) > 0} == {"", *names, "overflow"}
+        busiest = {json.loads(k).get("adapter", "") for k, v in requests.items() if float(v) > 0}
+        assert len(busiest) == 10 and "a0" in busiest and busiest <= {"", *names, "overflow"}  # topk(10): a0 took the most
         errors_shown = float(shown["Error ratio (5xx and 424 of generate requests) [A]"]["{}"])
-        assert 0 < errors_shown < 0.2  # one 424 among the ~22 requests the window holds
+        assert 0 < errors_shown < 0.1  # one 424 among the ~55 requests the window holds
         ttft = shown["Time to first token, hot vs cold [B]"]
         assert {json.loads(k)["cache"] for k in ttft} == {"hot", "cold"}  # p95 of both, from the buckets
         memory = shown["Memory per replica by holder (base weights, KV cache, adapter slots, CPU and disk tiers) [A]"]
