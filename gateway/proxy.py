@@ -297,16 +297,17 @@ class Gateway:
             await response.aclose()
             self._failed_attempt(replica, "unavailable", span)
             return False
-        out_headers, length, served_as = [], None, key
+        out_headers, length, served = [], None, {}
         for k, v in response.headers:
             lowered = k.decode("latin-1").lower()
             if lowered == "content-length":
                 length = v
-            elif lowered == "x-adapter-id":  # the replica's one spelling of the adapter it served
-                served_as = v.decode("latin-1")
+            elif lowered in ("x-adapter-id", "x-adapter-name"):  # the version the replica served, the registered name asked by
+                served[lowered] = v.decode("latin-1")
             if lowered not in HOP_BY_HOP or lowered == "content-length":
                 out_headers.append((k, v))
         out_headers.append((b"x-lorafleet-replica", replica.name.encode()))
+        served_as = served.get("x-adapter-name") or served.get("x-adapter-id") or key  # labelled by name, as the replicas do
         if length is not None and length.isdigit() and int(length) <= BUFFER_LIMIT:
             # A complete, sized answer (a non-streaming generation): read it whole, which costs
             # less than relaying, and a replica that dies while sending it can still be retried.

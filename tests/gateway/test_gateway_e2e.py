@@ -231,6 +231,8 @@ def test_a_registered_adapter_answers_by_name_alone_through_the_gateway_and_dire
                                   timeout=60)
             assert response.status_code == 200 and response.headers["x-lorafleet-replica"] == owner
             assert response.json()["choices"][0]["text"] == by_id.json()["generated_text"]
+        # counted under the name asked for, at the gateway as at the replica (not under the folder it points at)
+        assert metric(gateway.url, f'lorafleet_gateway_adapter_requests_total{{adapter="{name}",placement="owner"}}') == 3
     for url in urls:
         httpx.put(url + "/adapters/catalogue", json={"adapters": []}, headers=ADMIN)
 
