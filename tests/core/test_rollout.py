@@ -126,3 +126,28 @@ def test_durations_read_as_kubernetes_writes_them():
     assert [parse_duration(v, 0) for v in ("500ms", "90s", "2m", "1.5h", 7)] == [0.5, 90.0, 120.0, 5400.0, 7.0]
     with pytest.raises(ValueError):
         parse_duration("2 minutes", 0)
+
+
+def test_an_operator_restart_picks_a_rollout_up_where_its_status_left_it():
+    """The phase and step come back from status.rollout (the step's pause starts again); an ended rollout stays ended,
+    so a rolled-back canary is not tried again until the spec names another version."""
+    from lorafleet.operator.adapter_status import AdapterRecord
+    from lorafleet.operator.book import AdapterBook
+    from lorafleet.operator.canaries import Canaries
+
+    def record(status: dict) -> AdapterRecord:
+        return AdapterRecord.from_body({"metadata": {"name": "fr", "uid": "u1", "generation": 3},
+                                        "spec": {"baseModel": "smol", "id": "acme/fr", "revision": "v2", "rollout": {"steps": [{"weight": 10}, {"weight": 50}]}},
+                                        "status": status})
+
+    progressing = {"serving": STABLE.entry("fr"), "rollout": {"phase": "Progressing", "canary": "acme/fr@v2", "step": 2, "reason": "Progressing"}}
+    book = AdapterBook(serving=STABLE)
+    rollout = Canaries().current(record(progressing), book, now=100.0)
+    assert (rollout.phase, rollout.step, rollout.step_started, rollout.stable, rollout.canary) == ("Progressing", 1, 100.0, STABLE, CANARY)
+    rolled_back = {"serving": STABLE.entry("fr"), "rollout": {"phase": "RolledBack", "canary": "acme/fr@v2", "step": 1, "reason": "ErrorRatio"}}
+    canaries, book = Canaries(), AdapterBook(serving=STABLE)
+    again = canaries.current(record(rolled_back), book, now=5.0)
+    assert again.phase == "RolledBack" and not canaries.step(record(rolled_back), again, canary_hot=True, now=6.0)
+    assert again.phase == "RolledBack" and canaries.catalogue_canaries([record(rolled_back)]) == {}  # no traffic to it
+    other = {"serving": STABLE.entry("fr"), "rollout": {"phase": "RolledBack", "canary": "acme/fr@v1.5", "step": 1}}
+    assert Canaries().current(record(other), AdapterBook(serving=STABLE), now=0.0).phase == "Warming"  # another canary: a new rollout
