@@ -20,6 +20,7 @@ from lorafleet.gateway.handoff import HandOff
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.proxy import Gateway, Receive, Send, respond, respond_error
 from lorafleet.gateway.replicas import ReplicaSet
+from lorafleet.gateway.tenants import Tenants
 from lorafleet.http_limits import head_too_large
 from lorafleet.tracing import setup_tracing
 
@@ -37,6 +38,7 @@ class GatewayApp:
         self.replicas = ReplicaSet(on_eject=self.metrics.ejections.inc)
         self.metrics.watch_replicas(self.replicas.states)
         self.keys = ApiKeys(config.api_key_file)
+        self.tenants = Tenants(config.tenants_file, config.tenant_gateways)
         self.gateway: Gateway | None = None
         self._stop = threading.Event()
         self._probes: asyncio.Task | None = None
@@ -61,11 +63,15 @@ class GatewayApp:
             return await respond(send, 200, generate_latest(self.metrics.registry), content_type=b"text/plain; version=0.0.4")
         if path in ("/replicas", "/v1/models") and method == "GET":
             authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-            if not self.keys.allows(authorization):
+            tenant = self.tenants.tenant_for(authorization) if self.tenants.active else None
+            if not self.keys.allows(authorization) or (self.tenants.active and tenant is None):
                 return await respond_error(send, 401, "a valid API key is required", "unauthorized")
-            if path == "/v1/models":  # the fleet's catalogue, once, not one replica's view of it
-                base = self.config.served_model_name or next((r.model_id for r in self.replicas.replicas.values() if r.model_id), None)
-                return await respond(send, 200, json.dumps(self.replicas.catalogue.models(base, int(time.time()))).encode())
+            if path == "/v1/models":  # the fleet's catalogue, once, not one replica's view of it; a tenant's: what it may call
+                catalogue = self.replicas.catalogue
+                base = self.config.served_model_name or next((r.model_id for r in self.replicas.replicas.values() if r.model_id), None) or catalogue.base
+                listed = catalogue.models(base if tenant is None or tenant.base else None, int(time.time()),
+                                          self.tenants.visible(tenant, catalogue.entries) if tenant is not None else None)
+                return await respond(send, 200, json.dumps(listed).encode())
             return await respond(send, 200, json.dumps(self.gateway.describe()).encode())
         started = False
 
@@ -87,7 +93,8 @@ class GatewayApp:
             if message["type"] == "lifespan.startup":
                 pool = httpcore.AsyncConnectionPool(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0)
                 config = self.config
-                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config, setup_tracing("lorafleet-gateway", config.otlp_endpoint))
+                self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config, setup_tracing("lorafleet-gateway", config.otlp_endpoint),
+                                       tenants=self.tenants)
                 self._probe_client = httpx.AsyncClient(timeout=2.0)
                 if config.handoff:
                     self.replicas.handoff = HandOff(self.replicas, self._probe_client, self.metrics.handoffs, warm_token=config.warm_token)

@@ -68,9 +68,12 @@ class Catalogue:
         self.base, self.version = body.get("base") or self.base, body.get("version")
         log.info("catalogue %s: %d registered adapters", self.version, len(entries))
 
-    def models(self, base: str | None, created: int) -> dict[str, Any]:
-        """``GET /v1/models``: the base model once, then each registered adapter once, with its parent."""
-        name = base or self.base
+    def models(self, base: str | None, created: int, entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """``GET /v1/models``: the base model once (unless ``base`` is None: a tenant without it), then each registered
+        adapter once (of ``entries`` when given: a tenant's), with its parent."""
+        name = base
         data = [{"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": name, "parent": None}] if name else []
-        data += [{"id": e["name"], "object": "model", "created": created, "owned_by": "lorafleet", "root": e["id"], "parent": name} for e in self.entries]
+        parent = base or self.base
+        data += [{"id": e["name"], "object": "model", "created": created, "owned_by": "lorafleet", "root": e["id"], "parent": parent}
+                 for e in (self.entries if entries is None else entries)]
         return {"object": "list", "data": data}

@@ -26,6 +26,9 @@ def load_factor(text: str) -> float:
 class GatewayConfig:
     load_factor: float = setting(ring.DEFAULT_LOAD_FACTOR, parse=load_factor, help="bounded-load factor c, > 1 (the BaseModel CRD's default must match)")
     api_key_file: Path | None = setting(None, parse=Path, help="file of bearer keys, one per line, re-read on change")
+    tenants_file: Path | None = setting(None, parse=Path, help="tenant policy (JSON: tenants by key hash, their adapters and limits; "
+                                        "gateway/tenants.py), re-read on change; replaces --api-key-file")
+    tenant_gateways: int = setting(1, parse=positive(int), help="gateways sharing the tenants' limits: each enforces limit / this")
     max_body_bytes: int = setting(MAX_BODY_BYTES, parse=size, help="largest request body")
     upstream_timeout: float = setting(300.0, parse=positive(float), help="seconds to wait for a replica's response to start")
     probe_interval: float = setting(1.0, parse=positive(float), help="seconds between /health probes of each replica")

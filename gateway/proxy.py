@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.config import GatewayConfig
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
+from lorafleet.gateway.tenants import Tenant, Tenants
 from lorafleet.tracing import TRACE_HEADERS, Tracing
 from lorafleet.traffic_split import VARIANT_HEADER, Split
 
@@ -91,8 +93,10 @@ async def respond(send: Send, status: int, body: bytes, headers: list[tuple[byte
     await send({"type": "http.response.body", "body": body})
 
 
-async def respond_error(send: Send, status: int, message: str, error_type: str) -> None:
-    await respond(send, status, json.dumps({"error": message, "error_type": error_type}).encode())
+async def respond_error(send: Send, status: int, message: str, error_type: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps({"error": message, "error_type": error_type}).encode()
+    await respond(send, status, body, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+                  if headers else None)
 
 
 def request_payload(path: str, body: bytes) -> dict | None:
@@ -159,6 +163,7 @@ class Gateway:
     keys: ApiKeys
     config: GatewayConfig
     tracing: Tracing | None = None
+    tenants: Tenants | None = None
     _turn: int = 0
 
     def _plain_order(self, loads: dict[str, int]) -> list[str]:
@@ -191,7 +196,8 @@ class Gateway:
     async def handle(self, scope: dict, receive: Receive, send: Send) -> None:
         headers = scope["headers"]
         authorization = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None)
-        if not self.keys.allows(authorization):
+        tenant = self.tenants.tenant_for(authorization) if self.tenants is not None and self.tenants.active else None
+        if not self.keys.allows(authorization) or (tenant is None and self.tenants is not None and self.tenants.active):
             return await respond_error(send, 401, "a valid API key is required (Authorization: Bearer <key>)", "unauthorized")
         if scope["path"] == ADMIN_PREFIX or scope["path"].startswith(ADMIN_PREFIX + "/"):
             return await respond_error(send, 403, "the admin routes (/adapters) are not served through the gateway; "
@@ -206,8 +212,23 @@ class Gateway:
         if not routable:
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         path = scope["path"]
-        key, version, order, top_owner, hot = self._route(path, request_payload(path, body), routable, headers, authorization)
-        forward = self._forward_headers(headers, scope["method"], body, authorization)
+        payload = request_payload(path, body)
+        requested = routing_key(path, payload, self.replicas.base_model_ids())
+        if tenant is not None:
+            refused = self.tenants.refusal(tenant, requested, time.monotonic())
+            if refused is not None:
+                status, message, kind, wait = refused
+                return await respond_error(send, status, message, kind, [(b"retry-after", str(math.ceil(wait)).encode())] if wait else None)
+            try:
+                return await self._serve(scope, receive, send, body, routable, path, payload, requested, headers, authorization, tenant)
+            finally:
+                tenant.done()
+        await self._serve(scope, receive, send, body, routable, path, payload, requested, headers, authorization, None)
+
+    async def _serve(self, scope: dict, receive: Receive, send: Send, body: bytes, routable: dict[str, Replica], path: str, payload: Any,
+                     requested: str | None, headers: list[tuple[bytes, bytes]], authorization: str | None, tenant: Tenant | None) -> None:
+        key, version, order, top_owner, hot = self._route(path, payload, requested, routable, headers, authorization)
+        forward = self._forward_headers(headers, scope["method"], body, authorization, tenant)
         if version is not None:  # the version routed by, named to the replica (a client's own copy of this header was dropped)
             forward.append((VARIANT_HEADER.encode(), version))
         target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
@@ -237,7 +258,7 @@ class Gateway:
             if span is not None:
                 span.end()
 
-    def _route(self, path: str, payload: Any, routable: dict[str, Replica], headers: list[tuple[bytes, bytes]],
+    def _route(self, path: str, payload: Any, requested: str | None, routable: dict[str, Replica], headers: list[tuple[bytes, bytes]],
                authorization: str | None) -> tuple[str | None, bytes | None, list[str], str | None, set[str]]:
         """(the adapter's ring key, the header naming that version when a registered name was asked for, the replicas
         to try in order, the key's top owner, the replicas holding it hot)."""
@@ -248,7 +269,7 @@ class Gateway:
             wanted = split.header.encode("latin-1")
             return next((v.decode("latin-1") for k, v in headers if k.lower() == wanted), None) if split.stickiness == "header" else None
 
-        key, version = self.replicas.catalogue.choose(routing_key(path, payload, self.replicas.base_model_ids()), identity)
+        key, version = self.replicas.catalogue.choose(requested, identity)
         ring_key = key
         if self.config.prefix_chars and (start := prompt_start(path, payload, self.config.prefix_chars)) is not None:
             ring_key = f"{key or ''}\0{start}"  # one tenant's shared prefix meets its own cached blocks
@@ -261,15 +282,17 @@ class Gateway:
                  else self._plain_order(loads))
         return key, version, order, ranked[0] if ranked else None, hot
 
-    def _forward_headers(self, headers: list[tuple[bytes, bytes]], method: str, body: bytes, authorization: str | None) -> list[tuple[bytes, bytes]]:
+    def _forward_headers(self, headers: list[tuple[bytes, bytes]], method: str, body: bytes, authorization: str | None,
+                         tenant: Tenant | None = None) -> list[tuple[bytes, bytes]]:
         """Header values as h11 accepts them (no surrounding whitespace), and never the client's credential: the gateway
         consumed it, and nothing behind the gateway may see it. With keys, each caller's prefix cache is its own."""
         forward = [(k, v.strip()) for k, v in headers if k.decode("latin-1").lower() not in NOT_FORWARDED]
         if body or method in ("POST", "PUT", "PATCH"):
             forward.append((b"content-length", str(len(body)).encode()))
-        if self.config.warm_token and self.keys.path is not None and authorization:
-            forward += [(SALT_HEADER.encode(), salt_for_key(bearer_token(authorization) or "").encode()),
-                        (HOP_TOKEN_HEADER.encode(), self.config.warm_token.encode())]
+        # Each caller's prefix cache is its own: a tenant's (all its keys share it), else the key's.
+        partition = f"tenant:{tenant.name}" if tenant is not None else bearer_token(authorization) if self.keys.path is not None and authorization else None
+        if self.config.warm_token and partition:
+            forward += [(SALT_HEADER.encode(), salt_for_key(partition).encode()), (HOP_TOKEN_HEADER.encode(), self.config.warm_token.encode())]
         return forward
 
     async def _attempt(self, upstream: httpcore.Request, replica: Replica, last: bool, scope: dict, receive: Receive, send: Send,

@@ -8,27 +8,13 @@ from collections import Counter
 
 import httpx
 import pytest
-from support.upstream import Gateway, Upstream
+from support.upstream import CatalogueUpstream, Gateway
 from support.waiting import wait_until
 
 from lorafleet import ring
 from lorafleet.traffic_split import VARIANT_HEADER
 
 pytestmark = pytest.mark.e2e  # servers on loopback
-
-
-class CatalogueUpstream(Upstream):
-    """An echoing replica that also serves the fleet's catalogue, as the operator would have put it."""
-
-    def __init__(self, entries: list[dict]) -> None:
-        self.entries = entries
-        super().__init__()
-
-    async def answer(self, scope: dict, receive, send) -> None:
-        if scope.get("type") == "http" and scope["path"] == "/adapters/catalogue":
-            body = json.dumps({"version": str(hash(json.dumps(self.entries))), "base": "tiny", "adapters": self.entries}).encode()
-            return await self.reply(send, 200, body)
-        await super().answer(scope, receive, send)
 
 
 def side(response: httpx.Response) -> str:

@@ -52,6 +52,20 @@ class Upstream(ThreadedApp):
         await send({"type": "http.response.body", "body": body})
 
 
+class CatalogueUpstream(Upstream):
+    """An echoing replica that also serves the fleet's catalogue, as the operator would have put it."""
+
+    def __init__(self, entries: list[dict]) -> None:
+        self.entries = entries
+        super().__init__()
+
+    async def answer(self, scope: dict, receive, send) -> None:
+        if scope.get("type") == "http" and scope["path"] == "/adapters/catalogue":
+            body = json.dumps({"version": str(hash(json.dumps(self.entries))), "base": "tiny", "adapters": self.entries}).encode()
+            return await self.reply(send, 200, body)
+        await super().answer(scope, receive, send)
+
+
 class Gateway(ThreadedApp):
     def __init__(self, upstreams: list[Upstream], **kwargs) -> None:
         super().__init__(create_gateway_app([u.url for u in upstreams], probe_interval=0.2, **kwargs))

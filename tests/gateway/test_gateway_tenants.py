@@ -1,0 +1,118 @@
+"""Tenants at the gateway (issue 32, the gateway's half): who may call what, how much, and whose cache they share."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from support.upstream import CatalogueUpstream, Gateway
+from support.waiting import wait_until
+
+from lorafleet.cache_salt import SALT_HEADER
+from lorafleet.gateway.tenants import Tenants, key_hash
+
+pytestmark = pytest.mark.e2e  # servers on loopback
+
+ENTRIES = [{"name": n, "id": f"{n}-folder", "source": "local", "revision": None} for n in ("acme-fr", "beta-de", "common")]
+
+
+def policy(rpm: float | None = None, concurrent: int | None = None, acme_keys: tuple[str, ...] = ("acme-1", "acme-2")) -> dict:
+    return {"shared": ["common"], "tenants": [
+        {"name": "acme", "keyHashes": [key_hash(k) for k in acme_keys], "adapters": ["acme-fr"], "base": True},
+        {"name": "beta", "keyHashes": [key_hash("beta-1")], "adapters": ["beta-de"], "base": False},
+        {"name": "limited", "keyHashes": [key_hash("lim-1")], "adapters": ["common"], "base": True,
+         "limits": {k: v for k, v in (("requestsPerMinute", rpm), ("concurrentRequests", concurrent)) if v is not None}}]}
+
+
+def write(path: Path, body: dict) -> None:
+    path.write_text(json.dumps(body))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new mtime even within the clock's tick
+
+
+@contextlib.contextmanager
+def fleet(tmp_path: Path, body: dict, mode: str = "ok", **config):
+    path = tmp_path / "tenants.json"
+    write(path, body)
+    with contextlib.ExitStack() as stack:
+        upstreams = [stack.enter_context(CatalogueUpstream(ENTRIES)) for _ in range(2)]
+        for upstream in upstreams:
+            upstream.mode = mode
+        gateway = stack.enter_context(Gateway(upstreams, tenants_file=path, warm_token="hop", **config))
+        client = stack.enter_context(httpx.Client(base_url=gateway.url, timeout=30))
+        wait_until(lambda: len(client.get("/v1/models", headers=auth("acme-1")).json()["data"]) == 3, timeout=10, what="the catalogue read")
+        yield client, path
+
+
+def auth(key: str) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+def ask(client: httpx.Client, key: str, adapter: str | None) -> httpx.Response:
+    return client.post("/generate", json={"inputs": "hi", "parameters": {"adapter_id": adapter} if adapter else {}}, headers=auth(key))
+
+
+def test_a_tenant_calls_its_own_and_shared_adapters_and_nothing_else_is_confirmed_to_exist(tmp_path) -> None:
+    with fleet(tmp_path, policy()) as (client, _):
+        assert ask(client, "acme-1", "acme-fr").status_code == 200 and ask(client, "acme-2", "common").status_code == 200
+        assert ask(client, "acme-1", None).status_code == 200  # acme may call the base model
+        theirs, unknown = ask(client, "acme-1", "beta-de"), ask(client, "acme-1", "no-such-adapter")
+        assert (theirs.status_code, unknown.status_code) == (404, 404)
+        assert theirs.json()["error"].replace("beta-de", "X") == unknown.json()["error"].replace("no-such-adapter", "X")
+        assert ask(client, "acme-1", "org/any-hub-id").status_code == 404  # a restricted key cannot load arbitrary ids
+        assert ask(client, "beta-1", None).status_code == 404 and ask(client, "beta-1", "beta-de").status_code == 200
+        assert ask(client, "nobody", "common").status_code == 401 and client.post("/generate", json={"inputs": "hi"}).status_code == 401
+        models = {key: [m["id"] for m in client.get("/v1/models", headers=auth(key)).json()["data"]] for key in ("acme-1", "beta-1")}
+        assert models["acme-1"][1:] == ["acme-fr", "common"] and len(models["acme-1"]) == 3  # the base model, then its two
+        assert models["beta-1"] == ["beta-de", "common"]  # no base model for beta
+        assert client.get("/v1/models", headers=auth("nobody")).status_code == 401
+
+
+def test_a_tenants_keys_share_its_prefix_cache_and_no_one_else_does(tmp_path) -> None:
+    with fleet(tmp_path, policy()) as (client, _):
+        salts = {key: ask(client, key, "common").json()["headers"][SALT_HEADER] for key in ("acme-1", "acme-2", "beta-1")}
+    assert salts["acme-1"] == salts["acme-2"] != salts["beta-1"]
+
+
+def test_requests_per_minute_at_the_bound_and_over_it(tmp_path) -> None:
+    with fleet(tmp_path, policy(rpm=3)) as (client, _):
+        assert [ask(client, "lim-1", "common").status_code for _ in range(3)] == [200, 200, 200]
+        over = ask(client, "lim-1", "common")
+        assert over.status_code == 429 and "requestsPerMinute 3" in over.json()["error"]
+        assert 1 <= int(over.headers["retry-after"]) <= 20  # one request's worth of a 3-a-minute bucket
+        assert ask(client, "acme-1", "common").status_code == 200  # another tenant is not slowed
+
+
+def test_concurrent_requests_at_the_bound_and_over_it(tmp_path) -> None:
+    with fleet(tmp_path, policy(concurrent=1), mode="slow") as (client, _):
+        first: list[int] = []
+        running = threading.Thread(target=lambda: first.append(ask(client, "lim-1", "common").status_code))
+        running.start()
+        wait_until(lambda: client.get("/replicas", headers=auth("acme-1")).json()["replicas"][0]["in_flight"]
+                   + client.get("/replicas", headers=auth("acme-1")).json()["replicas"][1]["in_flight"] == 1, timeout=5, what="one in flight")
+        over = ask(client, "lim-1", "common")
+        running.join()
+        assert first == [200] and over.status_code == 429 and "concurrentRequests 1" in over.json()["error"]
+        assert ask(client, "lim-1", "common").status_code == 200  # the slot is free again
+
+
+def test_a_rotated_key_stops_working_at_the_next_request(tmp_path) -> None:
+    with fleet(tmp_path, policy()) as (client, path):
+        assert ask(client, "acme-1", "acme-fr").status_code == 200
+        write(path, policy(acme_keys=("acme-2", "acme-3")))  # what the operator writes when the Secret changes
+        assert ask(client, "acme-1", "acme-fr").status_code == 401 and ask(client, "acme-3", "acme-fr").status_code == 200
+
+
+def test_each_gateway_enforces_its_share_of_a_limit(tmp_path) -> None:
+    path = tmp_path / "t.json"
+    write(path, policy(rpm=4, concurrent=3))
+    tenant = Tenants(path, gateways=2).tenant_for("Bearer lim-1")
+    assert (tenant.requests_per_minute, tenant.concurrent) == (2.0, 2)
+    assert [tenant.admit(0.0) for _ in range(2)] == [None, None] and tenant.admit(0.0)[0] == "concurrentRequests 2"
+    tenant.done(), tenant.done()
+    assert tenant.admit(0.0)[0] == "requestsPerMinute 2"
