@@ -13,8 +13,8 @@ import pytest
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.discovery import members_from_slices, static_members
 from lorafleet.gateway.hot_adapters import HotAdapters
-from lorafleet.gateway.proxy import prompt_start, request_payload, routing_key
 from lorafleet.gateway.replicas import ReplicaSet
+from lorafleet.gateway.request_keys import prompt_start, request_payload, routing_key
 
 
 @pytest.mark.parametrize(

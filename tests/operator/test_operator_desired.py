@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lorafleet import ring
-from lorafleet.gateway.proxy import request_payload, routing_key
+from lorafleet.gateway.request_keys import request_payload, routing_key
 from lorafleet.operator import adapter_check
 from lorafleet.operator.desired import fleet_objects, gateway_deployment, replica_deployment, serve_args
 from lorafleet.operator.fleet_status import basemodel_status, placement, ready_pods
