@@ -25,6 +25,12 @@ class GatewayMetrics:
         self.adapter_requests = Counter("lorafleet_gateway_adapter_requests", "requests a replica answered with 200, by adapter "
                                         "(\"\" the base model) and how the replica was chosen", ["adapter", "placement"], registry=r)
         self.adapters = TopAdapters(adapter_labels, on_drop=lambda adapter: remove_adapter_series([self.adapter_requests], adapter))
+        # By tenant (--tenants-file): its name is declared by the policy, never a caller's string (an unknown key is a 401,
+        # counted nowhere), so the series are as many as tenants × outcomes.
+        self.tenant_requests = Counter("lorafleet_gateway_tenant_requests", "a tenant's requests by outcome (the status code answered)",
+                                       ["tenant", "outcome"], registry=r)
+        self.tenant_tokens = Counter("lorafleet_gateway_tenant_tokens", "a tenant's prompt and generated tokens (generated: non-streamed "
+                                     "answers, whose count the replica states)", ["tenant", "kind"], registry=r)
 
     def watch_replicas(self, states: Callable[[], dict[str, int]]) -> None:
         """``lorafleet_gateway_replicas{state}``: replicas routable and ejected, read at scrape time."""

@@ -162,11 +162,23 @@ class Gateway:
             refused = self.tenants.refusal(tenant, requested, time.monotonic())
             if refused is not None:
                 status, message, kind, wait = refused
+                self.metrics.tenant_requests.labels(tenant.name, str(status)).inc()
                 return await respond_error(send, status, message, kind, [(b"retry-after", str(math.ceil(wait)).encode())] if wait else None)
+            answered: dict[str, int] = {}
+
+            async def counting(message: dict) -> None:  # the tenant's usage, from what the replica answered
+                if message["type"] == "http.response.start":
+                    answered["status"] = message["status"]
+                    for k, v in message.get("headers", []):
+                        if k in (b"x-prompt-tokens", b"x-generated-tokens") and v.isdigit():
+                            self.metrics.tenant_tokens.labels(tenant.name, k[2:-7].decode()).inc(int(v))
+                await send(message)
+
             try:
-                return await self._serve(scope, receive, send, body, routable, path, payload, requested, headers, authorization, tenant)
+                return await self._serve(scope, receive, counting, body, routable, path, payload, requested, headers, authorization, tenant)
             finally:
                 tenant.done()
+                self.metrics.tenant_requests.labels(tenant.name, str(answered.get("status", 499))).inc()
         await self._serve(scope, receive, send, body, routable, path, payload, requested, headers, authorization, None)
 
     async def _serve(self, scope: dict, receive: Receive, send: Send, body: bytes, routable: dict[str, Replica], path: str, payload: Any,

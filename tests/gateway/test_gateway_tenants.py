@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.metrics import metric_values
 from support.upstream import CatalogueUpstream, Gateway
 from support.waiting import wait_until
 
@@ -42,7 +43,7 @@ def fleet(tmp_path: Path, body: dict, mode: str = "ok", **config):
     with contextlib.ExitStack() as stack:
         upstreams = [stack.enter_context(CatalogueUpstream(ENTRIES)) for _ in range(2)]
         for upstream in upstreams:
-            upstream.mode = mode
+            upstream.mode, upstream.usage = mode, [(b"x-prompt-tokens", b"3"), (b"x-generated-tokens", b"2")]
         gateway = stack.enter_context(Gateway(upstreams, tenants_file=path, warm_token="hop", **config))
         client = stack.enter_context(httpx.Client(base_url=gateway.url, timeout=30))
         wait_until(lambda: len(client.get("/v1/models", headers=auth("acme-1")).json()["data"]) == 3, timeout=10, what="the catalogue read")
@@ -71,7 +72,13 @@ def test_a_tenant_calls_its_own_and_shared_adapters_and_nothing_else_is_confirme
         assert models["acme-1"][1:] == ["acme-fr", "common"] and len(models["acme-1"]) == 3  # the base model, then its two
         assert models["beta-1"] == ["beta-de", "common"]  # no base model for beta
         assert client.get("/v1/models", headers=auth("nobody")).status_code == 401
-
+        usage = metric_values(client.get("/metrics").text)
+        assert usage['lorafleet_gateway_tenant_requests_total{outcome="200",tenant="acme"}'] == 3
+        assert usage['lorafleet_gateway_tenant_requests_total{outcome="404",tenant="acme"}'] == 3
+        assert usage['lorafleet_gateway_tenant_requests_total{outcome="200",tenant="beta"}'] == 1
+        assert usage['lorafleet_gateway_tenant_tokens_total{kind="prompt",tenant="acme"}'] == 3 * 3
+        assert usage['lorafleet_gateway_tenant_tokens_total{kind="generated",tenant="acme"}'] == 3 * 2
+        assert not any('tenant="nobody"' in k for k in usage)  # an unknown key is counted under no tenant
 
 def test_a_tenants_keys_share_its_prefix_cache_and_no_one_else_does(tmp_path) -> None:
     with fleet(tmp_path, policy()) as (client, _):

@@ -15,6 +15,7 @@ class Upstream(ThreadedApp):
 
     def __init__(self, mode: str = "ok") -> None:
         self.mode, self.seen = mode, []
+        self.usage: list[tuple[bytes, bytes]] = []  # headers a replica states its token counts in, when a test wants them
 
         async def app(scope: dict, receive, send) -> None:  # a plain function: uvicorn takes a bound method for ASGI2
             await self.answer(scope, receive, send)
@@ -43,7 +44,7 @@ class Upstream(ThreadedApp):
             raise RuntimeError("the replica dies mid-stream")
         echo = {"served_by": self.name, "path": scope["path"], "query": scope["query_string"].decode(),
                 "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": body.decode()}
-        await self.reply(send, 200, json.dumps(echo).encode(), [(b"x-upstream-header", b"kept")])
+        await self.reply(send, 200, json.dumps(echo).encode(), [(b"x-upstream-header", b"kept"), *self.usage])
 
     @staticmethod
     async def reply(send, status: int, body: bytes, extra: list | None = None) -> None:
