@@ -58,10 +58,10 @@ class Catalogue:
             if not isinstance(body, dict) or not isinstance(body.get("adapters"), list):
                 return
             entries = [e for e in body["adapters"] if isinstance(e, dict) and isinstance(e.get("name"), str)]
-            keys = {e["name"]: AdapterRef.from_entry(e).ring_key for e in entries}  # the key the operator placed it by
+            refs = {e["name"]: AdapterRef.from_entry(e) for e in entries}
+            keys = {name: ref.ring_key for name, ref in refs.items()}  # the key the operator placed it by
             splits = {e["name"]: split for e in entries if (split := Split.from_entry(e.get("canary"))) is not None}
-            headers = {e["name"]: (version_header(AdapterRef.from_entry(e)), version_header(splits[e["name"]].canary) if e["name"] in splits else None)
-                       for e in entries}
+            headers = {name: (version_header(ref), version_header(splits[name].canary) if name in splits else None) for name, ref in refs.items()}
         except (httpx.HTTPError, ValueError, TypeError, KeyError):
             return
         self.entries, self.keys, self.splits, self.headers = entries, keys, splits, headers

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafleet import ring
 from lorafleet.bearer import bearer_token
+from lorafleet.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,11 @@ class Tenant:
     requests_per_minute: float | None
     concurrent: int | None
     in_flight: int = 0
-    _tokens: float = field(default=0.0, repr=False)
-    _at: float | None = field(default=None, repr=False)  # when the request bucket was last filled (None: never: it starts full)
+    requests: TokenBucket | None = field(default=None, repr=False)  # requests_per_minute's bucket, a minute's worth deep
+
+    def __post_init__(self) -> None:
+        if self.requests_per_minute is not None and self.requests is None:
+            self.requests = TokenBucket(self.requests_per_minute / 60.0, max(1.0, self.requests_per_minute))
 
     def may_call(self, adapters: list[str] | None, shared: frozenset[str]) -> bool:
         """``adapters``: the registered names a request asks for (None: the base model)."""
@@ -55,14 +60,8 @@ class Tenant:
         """None when the request may start (it is counted); else (the limit it is over, seconds until it fits)."""
         if self.concurrent is not None and self.in_flight >= self.concurrent:
             return f"concurrentRequests {self.concurrent}", 1.0
-        if self.requests_per_minute is not None:
-            rate = self.requests_per_minute / 60.0
-            capacity = max(1.0, self.requests_per_minute)
-            self._tokens = capacity if self._at is None else min(capacity, self._tokens + (now - self._at) * rate)
-            self._at = now
-            if self._tokens < 1.0:
-                return f"requestsPerMinute {self.requests_per_minute:g}", (1.0 - self._tokens) / rate
-            self._tokens -= 1.0
+        if self.requests is not None and (wait := self.requests.take(now)):
+            return f"requestsPerMinute {self.requests_per_minute:g}", wait
         self.in_flight += 1
         return None
 
@@ -101,7 +100,9 @@ class Tenants:
                             max(1, math.ceil(concurrent / self.gateways)) if concurrent is not None else None)
             old = previous.get(tenant.name)
             if old is not None:  # a reload (a rotated key) keeps what is in flight and what was spent
-                tenant.in_flight, tenant._tokens, tenant._at = old.in_flight, old._tokens, old._at
+                tenant.in_flight = old.in_flight
+                if tenant.requests is not None and old.requests is not None:
+                    tenant.requests.continue_from(old.requests)
             for hashed in entry.get("keyHashes") or []:
                 by_hash[str(hashed)] = tenant
         self._by_hash, self.shared, self._mtime = by_hash, frozenset(policy.get("shared") or ()), mtime
@@ -120,7 +121,7 @@ class Tenants:
     def refusal(self, tenant: Tenant, requested: str | None, now: float) -> tuple[int, str, str, float] | None:
         """(status, message, error type, Retry-After s) when ``tenant`` may not make this request now; else None, and
         the request is admitted (counted in flight until ``tenant.done()``). ``requested``: the gateway's routing key."""
-        asked = None if requested is None else requested.removeprefix("merged:").split(",") if requested.startswith("merged:") else [requested]
+        asked = None if requested is None else ring.merged_ids(requested) or [requested]
         if not tenant.may_call(asked, self.shared):
             # As an unknown adapter reads: whether another tenant's adapter exists is not this caller's to learn.
             what = f"adapter {requested!r}" if requested is not None else "the base model"

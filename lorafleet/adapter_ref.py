@@ -64,9 +64,13 @@ class AdapterRef:
             raise ValueError(f"an s3 adapter_id must look like s3://bucket/prefix, got {adapter_id!r}")
         return cls(source, adapter_id, revision)
 
+    def fields(self) -> dict[str, Any]:
+        """The version as JSON fields: what a catalogue entry, its canary and the gateway's version header carry."""
+        return {"id": self.id, "source": self.source, "revision": self.revision}
+
     def entry(self, name: str) -> dict[str, Any]:
         """This adapter registered under ``name``: one entry of the catalogue the operator shares."""
-        return {"name": name, "id": self.id, "source": self.source, "revision": self.revision}
+        return {"name": name, **self.fields()}
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any]) -> AdapterRef:

@@ -89,5 +89,13 @@ def routing_order(key: str | None, loads: Mapping[str, int], load_factor: float 
     return [first] + [m for m in ranked if m != first]
 
 
+MERGED_PREFIX = "merged:"
+
+
 def merged_key(ids: Sequence[str]) -> str:
-    return "merged:" + ",".join(sorted(ids))
+    return MERGED_PREFIX + ",".join(sorted(ids))
+
+
+def merged_ids(key: str) -> list[str] | None:
+    """The member ids a ``merged_key`` names; None for any other key."""
+    return key.removeprefix(MERGED_PREFIX).split(",") if key.startswith(MERGED_PREFIX) else None

@@ -38,7 +38,7 @@ TTFT_BOUNDS: tuple[float, ...] = tuple(0.001 * 1.25 ** i for i in range(60))
 
 def version_header(ref: AdapterRef) -> bytes:
     """``VARIANT_HEADER``'s value for a version: compact ASCII JSON (non-ASCII ids escaped)."""
-    return json.dumps({"id": ref.id, "source": ref.source, "revision": ref.revision}, separators=(",", ":")).encode()
+    return json.dumps(ref.fields(), separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +52,7 @@ class Split:
 
     def entry(self) -> dict[str, Any]:
         """The ``canary`` field of the name's catalogue entry."""
-        return {"id": self.canary.id, "source": self.canary.source, "revision": self.canary.revision, "weight": self.weight,
-                "stickiness": self.stickiness, "header": self.header}
+        return {**self.canary.fields(), "weight": self.weight, "stickiness": self.stickiness, "header": self.header}
 
     @classmethod
     def from_entry(cls, entry: Any) -> Split | None:

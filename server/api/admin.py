@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -18,6 +17,7 @@ from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
 from lorafleet.server.api.validation import parse_adapter
 from lorafleet.server.errors import Forbidden, Overloaded, Unauthorized, ValidationError
+from lorafleet.token_bucket import TokenBucket
 from lorafleet.traffic_split import Split
 
 CLOSED = ("admin routes are off on this replica: start it with --admin-token (LORAFLEET_ADMIN_TOKEN) and send that token, "
@@ -51,23 +51,6 @@ def require_warm(service: ReplicaService, request: Request) -> None:
 # Hand-offs warm an adapter once per scale event and owner: a few a second is plenty; more is a thrash attempt.
 WARM_RATE_PER_S = 5.0
 WARM_BURST = 20
-
-
-class TokenBucket:
-    """``rate`` takes a second with bursts of ``burst``; ``take`` answers how long to wait (0: taken)."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self._tokens, self._at = float(burst), time.monotonic()
-
-    def take(self) -> float:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) / self.rate
 
 
 router = APIRouter(prefix="/adapters")
