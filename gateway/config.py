@@ -29,6 +29,8 @@ class GatewayConfig:
     tenants_file: Path | None = setting(None, parse=Path, help="tenant policy (JSON: tenants by key hash, their adapters and limits; "
                                         "gateway/tenants.py), re-read on change; replaces --api-key-file")
     tenant_gateways: int = setting(1, parse=positive(int), help="gateways sharing the tenants' limits: each enforces limit / this")
+    access_log: bool = setting(True, parse=None, help="one log line per tenant request (lorafleet.gateway.access): tenant, route, adapter, "
+                               "status, prompt and generated tokens, milliseconds")
     max_body_bytes: int = setting(MAX_BODY_BYTES, parse=size, help="largest request body")
     upstream_timeout: float = setting(300.0, parse=positive(float), help="seconds to wait for a replica's response to start")
     probe_interval: float = setting(1.0, parse=positive(float), help="seconds between /health probes of each replica")

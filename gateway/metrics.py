@@ -29,8 +29,8 @@ class GatewayMetrics:
         # counted nowhere), so the series are as many as tenants × outcomes.
         self.tenant_requests = Counter("lorafleet_gateway_tenant_requests", "a tenant's requests by outcome (the status code answered)",
                                        ["tenant", "outcome"], registry=r)
-        self.tenant_tokens = Counter("lorafleet_gateway_tenant_tokens", "a tenant's prompt and generated tokens (generated: non-streamed "
-                                     "answers, whose count the replica states)", ["tenant", "kind"], registry=r)
+        self.tenant_tokens = Counter("lorafleet_gateway_tenant_tokens", "a tenant's prompt and generated tokens, as the replicas state them "
+                                     "(a stream's generated tokens when it ends)", ["tenant", "kind"], registry=r)
 
     def watch_replicas(self, states: Callable[[], dict[str, int]]) -> None:
         """``lorafleet_gateway_replicas{state}``: replicas routable and ejected, read at scrape time."""

@@ -30,7 +30,9 @@ from lorafleet.gateway.config import GatewayConfig
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
 from lorafleet.gateway.request_keys import prompt_start, request_payload, routing_key
-from lorafleet.gateway.tenants import Tenant, Tenants
+from lorafleet.gateway.tenant_limits import Tenant
+from lorafleet.gateway.tenant_usage import TenantUsage, access_log
+from lorafleet.gateway.tenants import Tenants
 from lorafleet.tracing import TRACE_HEADERS, Tracing
 from lorafleet.traffic_split import VARIANT_HEADER, Split
 
@@ -163,22 +165,14 @@ class Gateway:
             if refused is not None:
                 status, message, kind, wait = refused
                 self.metrics.tenant_requests.labels(tenant.name, str(status)).inc()
+                if self.config.access_log:
+                    access_log.info("tenant=%s %s %s adapter=%s status=%d refused: %s", tenant.name, scope["method"], path, requested or "-", status, message)
                 return await respond_error(send, status, message, kind, [(b"retry-after", str(math.ceil(wait)).encode())] if wait else None)
-            answered: dict[str, int] = {}
-
-            async def counting(message: dict) -> None:  # the tenant's usage, from what the replica answered
-                if message["type"] == "http.response.start":
-                    answered["status"] = message["status"]
-                    for k, v in message.get("headers", []):
-                        if k in (b"x-prompt-tokens", b"x-generated-tokens") and v.isdigit():
-                            self.metrics.tenant_tokens.labels(tenant.name, k[2:-7].decode()).inc(int(v))
-                await send(message)
-
+            usage = TenantUsage(tenant, self.metrics, send, scope["method"], path, requested, self.config.access_log)
             try:
-                return await self._serve(scope, receive, counting, body, routable, path, payload, requested, headers, authorization, tenant)
+                return await self._serve(scope, receive, usage.send, body, routable, path, payload, requested, headers, authorization, tenant)
             finally:
-                tenant.done()
-                self.metrics.tenant_requests.labels(tenant.name, str(answered.get("status", 499))).inc()
+                usage.finish()
         await self._serve(scope, receive, send, body, routable, path, payload, requested, headers, authorization, None)
 
     async def _serve(self, scope: dict, receive: Receive, send: Send, body: bytes, routable: dict[str, Replica], path: str, payload: Any,
@@ -245,8 +239,9 @@ class Gateway:
         forward = [(k, v.strip()) for k, v in headers if k.decode("latin-1").lower() not in NOT_FORWARDED]
         if body or method in ("POST", "PUT", "PATCH"):
             forward.append((b"content-length", str(len(body)).encode()))
-        # Each caller's prefix cache is its own: a tenant's (all its keys share it), else the key's.
-        partition = f"tenant:{tenant.name}" if tenant is not None else bearer_token(authorization) if self.keys.path is not None and authorization else None
+        # Each caller's prefix cache is its own: a tenant's (all its keys share it; tenants that declare their prompts
+        # shareable, cache scope Shared, share one), else the key's.
+        partition = ("shared" if tenant.shared_cache else f"tenant:{tenant.name}") if tenant is not None else bearer_token(authorization) if self.keys.path is not None and authorization else None
         if self.config.warm_token and partition:
             forward += [(SALT_HEADER.encode(), salt_for_key(partition).encode()), (HOP_TOKEN_HEADER.encode(), self.config.warm_token.encode())]
         return forward

@@ -1,11 +1,13 @@
 """Tenants at the gateway: whose key it is, which adapters it may call, and how much (issue 32, the gateway's half).
 
 A policy file (JSON, re-read when it changes) lists tenants by the SHA-256 of their API keys, never the keys
-themselves, so the file (a Secret the operator will render from Tenant resources; not built yet) can be read without
-handing out credentials. A key that hashes to no tenant is a 401. A tenant may call the registered names it lists
-and the fleet's shared ones, and the base model when ``base`` is true; anything else is a 404 that reads like an
-unknown adapter's (the gateway does not confirm another tenant's adapter exists). Limits: requests per minute (a
-token bucket) and concurrent requests; over one, a 429 with Retry-After that names the limit.
+themselves, so the file (the Secret ``<basemodel>-tenants`` the operator renders from Tenant resources,
+operator/tenant_policy.py) can be read without handing out credentials. ``"enforce": false`` (no Tenant names the
+fleet) leaves the gateway as it was without tenants (``--api-key-file`` or open). A key that hashes to no tenant is a
+401. A tenant may call the registered names it lists and the fleet's shared ones, and the base model when ``base`` is
+true; anything else is a 404 that reads like an unknown adapter's (the gateway does not confirm another tenant's adapter
+exists). Limits (gateway/tenant_limits.py): requests and tokens per minute, concurrent requests, tokens per UTC day;
+over one, a 429 with Retry-After that names the limit.
 
 Several gateways: each enforces ``limit / gateways`` (``--tenant-gateways``, set to the gateway Deployment's
 replicas), so the fleet-wide rate holds when the Service spreads a tenant's connections evenly, and exceeds the
@@ -20,13 +22,12 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorafleet import ring
 from lorafleet.bearer import bearer_token
-from lorafleet.token_bucket import TokenBucket
+from lorafleet.gateway.tenant_limits import Limits, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -36,45 +37,13 @@ def key_hash(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-@dataclass
-class Tenant:
-    name: str
-    adapters: frozenset[str]
-    base: bool
-    requests_per_minute: float | None
-    concurrent: int | None
-    in_flight: int = 0
-    requests: TokenBucket | None = field(default=None, repr=False)  # requests_per_minute's bucket, a minute's worth deep
-
-    def __post_init__(self) -> None:
-        if self.requests_per_minute is not None and self.requests is None:
-            self.requests = TokenBucket(self.requests_per_minute / 60.0, max(1.0, self.requests_per_minute))
-
-    def may_call(self, adapters: list[str] | None, shared: frozenset[str]) -> bool:
-        """``adapters``: the registered names a request asks for (None: the base model)."""
-        if adapters is None:
-            return self.base
-        return all(a in self.adapters or a in shared for a in adapters)
-
-    def admit(self, now: float) -> tuple[str, float] | None:
-        """None when the request may start (it is counted); else (the limit it is over, seconds until it fits)."""
-        if self.concurrent is not None and self.in_flight >= self.concurrent:
-            return f"concurrentRequests {self.concurrent}", 1.0
-        if self.requests is not None and (wait := self.requests.take(now)):
-            return f"requestsPerMinute {self.requests_per_minute:g}", wait
-        self.in_flight += 1
-        return None
-
-    def done(self) -> None:
-        self.in_flight -= 1
-
-
 class Tenants:
     """The policy file's tenants by key hash; ``active`` is False without a file (every key, every adapter)."""
 
     def __init__(self, path: Path | None, gateways: int = 1) -> None:
         self.path, self.gateways = path, max(1, gateways)
         self.shared: frozenset[str] = frozenset()
+        self.enforce = path is not None
         self._by_hash: dict[str, Tenant] = {}
         self._mtime: float | None = None
         if path is not None:
@@ -82,7 +51,11 @@ class Tenants:
 
     @property
     def active(self) -> bool:
-        return self.path is not None
+        """Whether keys are checked against tenants (re-read first: the policy may have turned enforcement on or off)."""
+        if self.path is None:
+            return False
+        self._try_reload()
+        return self.enforce
 
     def _reload(self) -> None:
         assert self.path is not None
@@ -93,28 +66,26 @@ class Tenants:
         previous = {t.name: t for t in self._by_hash.values()}
         by_hash: dict[str, Tenant] = {}
         for entry in policy.get("tenants") or []:
-            limits = entry.get("limits") or {}
-            rpm, concurrent = limits.get("requestsPerMinute"), limits.get("concurrentRequests")
             tenant = Tenant(str(entry["name"]), frozenset(entry.get("adapters") or ()), bool(entry.get("base", False)),
-                            rpm / self.gateways if rpm is not None else None,
-                            max(1, math.ceil(concurrent / self.gateways)) if concurrent is not None else None)
+                            Limits.from_policy(entry.get("limits") or {}, self.gateways), entry.get("cache") == "Shared")
             old = previous.get(tenant.name)
-            if old is not None:  # a reload (a rotated key) keeps what is in flight and what was spent
-                tenant.in_flight = old.in_flight
-                if tenant.requests is not None and old.requests is not None:
-                    tenant.requests.continue_from(old.requests)
+            if old is not None:
+                tenant.continue_from(old)
             for hashed in entry.get("keyHashes") or []:
                 by_hash[str(hashed)] = tenant
+        self.enforce = bool(policy.get("enforce", True))
         self._by_hash, self.shared, self._mtime = by_hash, frozenset(policy.get("shared") or ()), mtime
         log.info("loaded %d tenants (%d keys) from %s", len({t.name for t in by_hash.values()}), len(by_hash), self.path)
 
-    def tenant_for(self, authorization: str | None) -> Tenant | None:
-        """The tenant whose key this is. Looked up by the key's hash: a lookup that takes as long for every key
-        cannot tell an attacker how close a guess came."""
+    def _try_reload(self) -> None:
         try:
             self._reload()
         except (OSError, ValueError, KeyError, TypeError) as exc:  # a file being replaced, or a bad edit: keep the policy we had
             log.warning("tenant policy unreadable (%s); keeping the previous one", exc)
+
+    def tenant_for(self, authorization: str | None) -> Tenant | None:
+        """The tenant whose key this is. Looked up by the key's hash: a lookup that takes as long for every key
+        cannot tell an attacker how close a guess came."""
         token = bearer_token(authorization) if authorization else None
         return self._by_hash.get(key_hash(token)) if token else None
 

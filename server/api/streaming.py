@@ -17,6 +17,7 @@ from typing import Any
 
 from lorafleet.server.api.errors import classify
 from lorafleet.server.engine.async_engine import TokenEvent
+from lorafleet.usage_line import usage_comment
 
 KEEPALIVE_S = 15.0
 
@@ -44,6 +45,7 @@ async def sse_events(service: Any, job: Any, first: TokenEvent, events: AsyncIte
             if event.finished:
                 if event.seq is not None:
                     service.observe(job, event.seq, first_at - started, time.perf_counter() - first_at)
+                    yield usage_comment(len(event.seq.tokens))  # for the gateway's per-tenant token count
                 break
             try:
                 while (event := await next_or_keepalive(events, pending)) is None:

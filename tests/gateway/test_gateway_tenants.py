@@ -22,12 +22,16 @@ pytestmark = pytest.mark.e2e  # servers on loopback
 ENTRIES = [{"name": n, "id": f"{n}-folder", "source": "local", "revision": None} for n in ("acme-fr", "beta-de", "common")]
 
 
-def policy(rpm: float | None = None, concurrent: int | None = None, acme_keys: tuple[str, ...] = ("acme-1", "acme-2")) -> dict:
-    return {"shared": ["common"], "tenants": [
+def policy(rpm: float | None = None, concurrent: int | None = None, acme_keys: tuple[str, ...] = ("acme-1", "acme-2"),
+           tpm: float | None = None, tpd: float | None = None, enforce: bool = True) -> dict:
+    limits = (("requestsPerMinute", rpm), ("concurrentRequests", concurrent), ("tokensPerMinute", tpm), ("tokensPerDay", tpd))
+    return {"enforce": enforce, "shared": ["common"], "tenants": [
         {"name": "acme", "keyHashes": [key_hash(k) for k in acme_keys], "adapters": ["acme-fr"], "base": True},
         {"name": "beta", "keyHashes": [key_hash("beta-1")], "adapters": ["beta-de"], "base": False},
+        {"name": "open-1", "keyHashes": [key_hash("open-1")], "adapters": [], "base": True, "cache": "Shared"},
+        {"name": "open-2", "keyHashes": [key_hash("open-2")], "adapters": [], "base": True, "cache": "Shared"},
         {"name": "limited", "keyHashes": [key_hash("lim-1")], "adapters": ["common"], "base": True,
-         "limits": {k: v for k, v in (("requestsPerMinute", rpm), ("concurrentRequests", concurrent)) if v is not None}}]}
+         "limits": {k: v for k, v in limits if v is not None}}]}
 
 
 def write(path: Path, body: dict) -> None:
@@ -46,7 +50,7 @@ def fleet(tmp_path: Path, body: dict, mode: str = "ok", **config):
             upstream.mode, upstream.usage = mode, [(b"x-prompt-tokens", b"3"), (b"x-generated-tokens", b"2")]
         gateway = stack.enter_context(Gateway(upstreams, tenants_file=path, warm_token="hop", **config))
         client = stack.enter_context(httpx.Client(base_url=gateway.url, timeout=30))
-        wait_until(lambda: len(client.get("/v1/models", headers=auth("acme-1")).json()["data"]) == 3, timeout=10, what="the catalogue read")
+        wait_until(lambda: len(client.get("/v1/models", headers=auth("lim-1")).json()["data"]) >= 2, timeout=10, what="the catalogue read")
         yield client, path
 
 
@@ -82,8 +86,9 @@ def test_a_tenant_calls_its_own_and_shared_adapters_and_nothing_else_is_confirme
 
 def test_a_tenants_keys_share_its_prefix_cache_and_no_one_else_does(tmp_path) -> None:
     with fleet(tmp_path, policy()) as (client, _):
-        salts = {key: ask(client, key, "common").json()["headers"][SALT_HEADER] for key in ("acme-1", "acme-2", "beta-1")}
+            salts = {key: ask(client, key, "common").json()["headers"][SALT_HEADER] for key in ("acme-1", "acme-2", "beta-1", "open-1", "open-2")}
     assert salts["acme-1"] == salts["acme-2"] != salts["beta-1"]
+    assert salts["open-1"] == salts["open-2"] and salts["open-1"] not in (salts["acme-1"], salts["beta-1"])  # cache scope Shared
 
 
 def test_requests_per_minute_at_the_bound_and_over_it(tmp_path) -> None:
@@ -119,7 +124,36 @@ def test_each_gateway_enforces_its_share_of_a_limit(tmp_path) -> None:
     path = tmp_path / "t.json"
     write(path, policy(rpm=4, concurrent=3))
     tenant = Tenants(path, gateways=2).tenant_for("Bearer lim-1")
-    assert (tenant.requests_per_minute, tenant.concurrent) == (2.0, 2)
+    assert (tenant.limits.requests_per_minute, tenant.limits.concurrent) == (2.0, 2)
     assert [tenant.admit(0.0) for _ in range(2)] == [None, None] and tenant.admit(0.0)[0] == "concurrentRequests 2"
     tenant.done(), tenant.done()
     assert tenant.admit(0.0)[0] == "requestsPerMinute 2"
+
+
+def test_tokens_per_minute_at_the_bound_and_over_it_counting_streamed_tokens(tmp_path) -> None:
+    with fleet(tmp_path, policy(tpm=10), mode="stream") as (client, _):
+        streamed = client.post("/generate_stream", json={"inputs": "hi", "parameters": {"adapter_id": "common"}}, headers=auth("lim-1"))
+        assert streamed.status_code == 200 and streamed.text.startswith("data:1")  # the usage comment is relayed, and ignored by clients
+        assert ask(client, "lim-1", "common").status_code == 200  # 3 + 2 tokens spent of 10: credit left
+        over = ask(client, "lim-1", "common")  # 10 of 10 spent (the stream's 2 generated tokens were counted)
+        assert over.status_code == 429 and "tokensPerMinute 10" in over.json()["error"]
+        assert 1 <= int(over.headers["retry-after"]) <= 7  # one token's worth of a 10-a-minute bucket
+        usage = metric_values(client.get("/metrics").text)
+        assert usage['lorafleet_gateway_tenant_tokens_total{kind="generated",tenant="limited"}'] == 4
+        assert usage['lorafleet_gateway_tenant_requests_total{outcome="429",tenant="limited"}'] == 1
+
+
+def test_a_daily_token_budget_refuses_until_midnight_utc(tmp_path) -> None:
+    with fleet(tmp_path, policy(tpd=6)) as (client, _):
+        assert [ask(client, "lim-1", "common").status_code for _ in range(2)] == [200, 200]  # 5, then 10 of 6: the last one fits
+        over = ask(client, "lim-1", "common")
+        assert over.status_code == 429 and "tokensPerDay 6" in over.json()["error"]
+        assert 1 <= int(over.headers["retry-after"]) <= 86400
+        assert ask(client, "acme-1", "common").status_code == 200
+
+
+def test_a_policy_that_does_not_enforce_leaves_the_gateway_open(tmp_path) -> None:
+    with fleet(tmp_path, policy(enforce=False)) as (client, path):
+        assert ask(client, "nobody", "beta-de").status_code == 200 and client.post("/generate", json={"inputs": "hi"}).status_code == 200
+        write(path, policy())  # the first Tenant of the fleet was created
+        assert ask(client, "nobody", "beta-de").status_code == 401 and ask(client, "beta-1", "beta-de").status_code == 200

@@ -7,6 +7,7 @@ import json
 
 from lorafleet import ring
 from lorafleet.gateway.app import create_gateway_app
+from lorafleet.usage_line import usage_comment
 from support.server import ThreadedApp, read_body
 
 
@@ -42,6 +43,11 @@ class Upstream(ThreadedApp):
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
             await send({"type": "http.response.body", "body": b"data:1\n\n", "more_body": True})
             raise RuntimeError("the replica dies mid-stream")
+        if self.mode == "stream":  # a replica's stream: the prompt's tokens in a header, the generated ones in its closing comment
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream"), (b"x-prompt-tokens", b"3")]})
+            for event in (b"data:1\n\n", b"data:2\n\n", usage_comment(2).encode() + b"data:[DONE]\n\n"):
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            return await send({"type": "http.response.body", "body": b""})
         echo = {"served_by": self.name, "path": scope["path"], "query": scope["query_string"].decode(),
                 "headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": body.decode()}
         await self.reply(send, 200, json.dumps(echo).encode(), [(b"x-upstream-header", b"kept"), *self.usage])
