@@ -23,7 +23,7 @@ import time
 
 import httpx
 
-from lorafleet.gateway.tenants import key_hash
+from lorafleet.bearer import key_hash
 from lorafleet.net import free_port
 
 UPSTREAM = '''

@@ -131,7 +131,7 @@ def main() -> None:
         make_lora_adapter(model, adapters / "french", r=8, seed=1, scale=0.05)
         make_lora_adapter(model, adapters / "french-v2", r=8, seed=2, scale=0.05)
         (adapters / "french-v2").rename(Path(tmp) / "french-v2")  # not an Adapter of its own at startup
-        up = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "up", "--adapters", str(adapters), "--replicas", "2", "--port", str(port),
+        up = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "up", "--adapters", str(adapters), "--replicas", "2", "--port", str(port), "--tenants", "none",
                                "--workdir", str(workdir), "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             for line in up.stdout:

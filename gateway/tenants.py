@@ -17,7 +17,6 @@ its limit through it. Shared counters would be exact and cost a round trip per r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,15 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet import ring
-from lorafleet.bearer import bearer_token
+from lorafleet.bearer import bearer_token, key_hash
 from lorafleet.gateway.tenant_limits import Limits, Tenant
 
 log = logging.getLogger(__name__)
-
-
-def key_hash(key: str) -> str:
-    """How a policy file names a key: ``sha256:<hex>`` of the bearer token."""
-    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class Tenants:

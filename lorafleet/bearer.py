@@ -4,6 +4,7 @@ learn a token a byte at a time from how long a refusal takes."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterable
 
@@ -26,3 +27,8 @@ def offered_one_of(authorization: str | None, expected: Iterable[str | bytes | N
 def authorization(token: str | None) -> dict[str, str]:
     """The header that offers ``token`` (none without one)."""
     return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def key_hash(key: str) -> str:
+    """How a tenant policy names an API key (the operator writes it, the gateway looks keys up by it): ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()

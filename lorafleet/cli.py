@@ -140,6 +140,8 @@ def build_parser() -> OneLineParser:
     up.add_argument("--api-port", type=int, default=0, help="the embedded Kubernetes API's port (default: any free port)")
     up.add_argument("--name", default="smollm2", help="the BaseModel's name (default: smollm2)")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the fleet to be ready")
+    up.add_argument("--tenants", choices=("demo", "none"), default="demo",
+                    help="demo (the default): two Tenants, acme and globex, with keys printed; none: an open gateway")
     demo = add("demo-adapters", "fine-tune the three demo LoRA adapters (pirate, french, shouty) on the CPU", _demo_adapters)
     demo.add_argument("--model", default="smollm2", help="smollm2 (the default) or a local model folder")
     demo.add_argument("--out", type=Path, default=Path(".lorafleet/adapters"), help="the adapter root to write them into")

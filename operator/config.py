@@ -20,4 +20,6 @@ class OperatorConfig:
     liveness: str = setting("http://0.0.0.0:8081/healthz", help="liveness endpoint URL")
     otlp_endpoint: str | None = setting(None, parse=optional, help="OTLP/HTTP collector for the fleets whose BaseModel sets no "
                                         "spec.tracing.otlpEndpoint (default: none, tracing off)")
+    tenant_key_poll_s: float = setting(15.0, parse=positive(float), help="seconds between re-reads of the Secrets holding tenants' keys "
+                                       "(the operator may not watch Secrets): a rotated key is seen within this")
     status_interval: float = setting(5.0, parse=positive(float), help="seconds between BaseModel status refreshes (Deployments' readiness)")

@@ -23,6 +23,8 @@ IMAGE = f"ghcr.io/lorafleet/lorafleet:{__version__}"  # the CRD's default and ma
 REPLICA_PORT = 8080
 GATEWAY_PORT = 8000
 DRAIN_SECONDS = 30
+TENANTS_MOUNT = "/etc/lorafleet-tenants"
+POLICY_KEY = "policy.json"
 ADMIN_TOKEN_KEY = "token"
 WARM_TOKEN_KEY = "warm-token"
 OPERATOR_POD = {"app.kubernetes.io/name": "lorafleet", "app.kubernetes.io/component": "operator"}  # manifests/ and the chart label it so
@@ -37,6 +39,11 @@ def labels(name: str, component: str) -> dict[str, str]:
 
 def replica_name(name: str) -> str:
     return f"{name}-replicas"
+
+
+def tenants_secret_name(name: str) -> str:
+    """The gateways' tenant policy (operator/tenant_policy.py renders it)."""
+    return f"{name}-tenants"
 
 
 def admin_secret_name(name: str) -> str:
@@ -189,7 +196,11 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
     routing = spec.get("routing") or {}
     args = ["gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--service", f"{namespace}/{replica_name(name)}", "--served-model-name", name,
             "--load-factor", str(routing.get("loadFactor", DEFAULT_LOAD_FACTOR)), *tracing_args(spec)]
-    volumes, mounts = [], []
+    gateways = routing.get("gatewayReplicas", 2)
+    # The tenant policy the operator renders (operator/tenant_policy.py): not optional, so a gateway never starts without it.
+    volumes = [{"name": "tenants", "secret": {"secretName": tenants_secret_name(name), "items": [{"key": POLICY_KEY, "path": POLICY_KEY}]}}]
+    mounts = [{"name": "tenants", "mountPath": TENANTS_MOUNT, "readOnly": True}]
+    args += ["--tenants-file", f"{TENANTS_MOUNT}/{POLICY_KEY}", "--tenant-gateways", str(max(1, gateways))]
     keys = routing.get("apiKeySecretRef")
     if keys:
         volumes.append({"name": "api-keys", "secret": {"secretName": keys["name"], "items": [{"key": keys.get("key", "keys"), "path": "keys"}]}})
@@ -202,7 +213,7 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
         "spec": {
             # Two by default: one gateway is a single point of failure. Each bounds loads on its own
             # counts; the ring keeps them agreeing on owners (bench/routing_sim.py --gateways).
-            "replicas": routing.get("gatewayReplicas", 2),
+            "replicas": gateways,
             "selector": {"matchLabels": component},
             "template": {"metadata": {"labels": component}, "spec": {
                 "serviceAccountName": f"{name}-gateway",

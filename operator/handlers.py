@@ -28,6 +28,8 @@ from lorafleet.operator.fleet_io import FleetIO, PodView
 from lorafleet.operator.fleet_status import basemodel_status, keep_transition_times
 from lorafleet.operator.kube import Kube, login
 from lorafleet.operator.replica_client import ReplicaCalls
+from lorafleet.operator.tenant_policy import tenant_status
+from lorafleet.operator.tenant_sync import TenantLoop, sync_tenants
 from lorafleet.timestamps import now_text
 
 GROUP, VERSION = "lorafleet.io", "v1alpha1"
@@ -41,6 +43,7 @@ class Operator:
     def __init__(self, config: OperatorConfig, kube_factory: Any = Kube) -> None:
         self.config, self.kube_factory = config, kube_factory
         self.fleets: dict[tuple[str, str], Fleet] = {}
+        self.tenant_loops: dict[tuple[str, str], TenantLoop] = {}
         self.kube: Any = None
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.calls: ReplicaCalls | None = None
@@ -61,6 +64,12 @@ class Operator:
         fleet = self.fleets.get(key)
         if fleet is not None:
             fleet.wake_up()
+
+    def tenant_loop(self, namespace: str, name: str) -> TenantLoop:
+        key = (namespace, name)
+        if key not in self.tenant_loops:
+            self.tenant_loops[key] = TenantLoop(namespace, name, self.kube, self.executor, self.config.tenant_key_poll_s)
+        return self.tenant_loops[key]
 
     def fleet(self, namespace: str, name: str) -> Fleet:
         key = (namespace, name)
@@ -105,6 +114,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
     kopf.index("", "v1", "pods", labels=REPLICA_LABELS, id="replica_pods", registry=registry)(replica_pods)
     kopf.on.event("", "v1", "pods", labels=REPLICA_LABELS, registry=registry)(replica_pod_event)
     kopf.on.event(GROUP, VERSION, "adapters", registry=registry)(adapter_event)
+    kopf.daemon(GROUP, VERSION, "basemodels", cancellation_timeout=2.0, registry=registry)(keep_tenant_policy)
+    kopf.on.event(GROUP, VERSION, "tenants", registry=registry)(tenant_event)
     return registry
 
 
@@ -129,6 +140,7 @@ def reconcile_basemodel(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, n
         outcome, _ = kube.apply(obj)
         if outcome != "unchanged":
             changed.append(f"{obj['kind']}/{obj['metadata']['name']} {outcome}")
+    sync_tenants(kube, namespace, name)  # the gateways mount the policy Secret: it exists from the first reconcile
     if changed:
         kopf.info(body, reason="Reconciled", message="; ".join(changed))
     refresh_basemodel(name, namespace, spec, meta, status, patch, memo)
@@ -184,6 +196,9 @@ async def adapter_event(body: kopf.Body, namespace: str, type: str | None, basem
     record = AdapterRecord.from_body(body)
     if (namespace, record.base) in basemodels:
         memo.operator.wake((namespace, record.base))
+        loop = memo.operator.tenant_loops.get((namespace, record.base))
+        if loop is not None:  # a selector may match it now (or no longer)
+            loop.adapter_seen(record.name, dict(body.get("metadata", {}).get("labels") or {}), type == "DELETED")
     elif type != "DELETED":
         await orphaned(memo.operator, record)
 
@@ -202,6 +217,35 @@ async def orphaned(state: Operator, record: AdapterRecord) -> None:
         await loop.run_in_executor(state.executor, lambda: state.kube.merge_status(f"{GROUP}/{VERSION}", "Adapter", record.namespace, record.name, status))
         if record.status.get("phase") != "Failed":
             post_event(record.reference, "Warning", "BaseModelNotFound", message)
+
+
+# -- Tenants: few (a hundred per fleet), so any Tenant event re-renders the namespace's policies -------------------------
+
+async def keep_tenant_policy(name: str, namespace: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    """The fleet's tenant policy loop (tenant_sync.py), for as long as the BaseModel exists."""
+    operator: Operator = memo.operator
+    try:
+        await operator.tenant_loop(namespace, name).run(stopped)
+    finally:
+        if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            operator.tenant_loops.pop((namespace, name), None)
+
+
+async def tenant_event(body: kopf.Body, namespace: str, type: str | None, basemodels: kopf.Index, memo: kopf.Memo, **_: Any) -> None:
+    operator: Operator = memo.operator
+    for (loop_namespace, _), loop in list(operator.tenant_loops.items()):
+        if loop_namespace == namespace:  # its fleet, and the one it may have left (spec.baseModel changed)
+            loop.wake_up()
+    base = (body.get("spec") or {}).get("baseModel", "")
+    if type != "DELETED" and (namespace, base) not in basemodels:
+        message = f"BaseModel {base!r} does not exist in {namespace}"
+        old = dict(body.get("status") or {})
+        status = keep_transition_times({**tenant_status(body.get("metadata", {}).get("generation", 1), 0, 0, [("BaseModelNotFound", message)],
+                                                        now_text())}, old)
+        if {k: old.get(k) for k in status} != status:
+            name = body["metadata"]["name"]
+            await asyncio.get_running_loop().run_in_executor(
+                operator.executor, lambda: operator.kube.merge_status(f"{GROUP}/{VERSION}", "Tenant", namespace, name, status))
 
 
 def fleet_tokens(kube: Kube, namespace: str, base: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ PLURALS = {
     "Deployment": "deployments", "Service": "services", "PodDisruptionBudget": "poddisruptionbudgets",
     "ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings", "Pod": "pods",
     "BaseModel": "basemodels", "Adapter": "adapters", "EndpointSlice": "endpointslices", "Secret": "secrets",
-    "NetworkPolicy": "networkpolicies",
+    "NetworkPolicy": "networkpolicies", "Tenant": "tenants",
 }
 
 

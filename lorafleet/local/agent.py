@@ -42,6 +42,7 @@ class LocalPod:
     process: subprocess.Popen
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    volumes: list[tuple[dict, Path]] = field(default_factory=list)  # (a Secret volume, this pod's copy of it), refreshed each round
     ready: bool = False
     restarts: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -93,8 +94,11 @@ class NodeAgent:
             deployment = deployments.get(pod.deployment)
             if deployment is None or pod.template_hash != template_hash(deployment):
                 self._remove(pod, "its Deployment changed" if deployment else "its Deployment is gone")
-            elif pod.process.poll() is not None:
+                continue
+            if pod.process.poll() is not None:
                 self._restart(pod)
+            for volume, folder in pod.volumes:  # as the kubelet refreshes a mounted Secret (a rotated key, a new policy)
+                self._write_secret_volume(volume, folder)
         for name, deployment in deployments.items():
             mine = [p for p in self.pods.values() if p.deployment == name]
             wanted = deployment["spec"].get("replicas", 1)
@@ -110,22 +114,59 @@ class NodeAgent:
         component = deployment["metadata"]["labels"].get("app.kubernetes.io/component")
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         pod_name = f"{name}-{''.join(random.choices(string.ascii_lowercase + string.digits, k=5))}"
+        volumes = self._secret_volumes(deployment["spec"]["template"]["spec"], container, self.workdir / pod_name / "volumes")
+        if volumes is None:
+            return  # a Secret it mounts does not exist yet: a kubelet waits too
         if component == "gateway":
             address, port = "127.0.0.1", self.gateway_port
         else:
             address, port = self.free_addresses.pop(0), int(container["ports"][0]["containerPort"])
-        args = local_args(container["args"], address, port, self.workdir / pod_name, self.adapter_root)
+        args = local_args(mounted_paths(container["args"], {mount: folder for mount, (_, folder) in volumes.items()}),
+                          address, port, self.workdir / pod_name, self.adapter_root)
         env = {**os.environ, **self._secret_env(container), "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         log_path = self.workdir / f"{pod_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", *args], env=env, stdout=log_path.open("ab"),
                                    stderr=subprocess.STDOUT, start_new_session=True)
-        pod = LocalPod(pod_name, name, address, port, template_hash(deployment), process, log_path, env)
+        pod = LocalPod(pod_name, name, address, port, template_hash(deployment), process, log_path, env, volumes=list(volumes.values()))
         self.pods[pod_name] = pod
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         self.kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "namespace": self.namespace, "labels": labels},
                          "spec": {"containers": [{**container, "args": container["args"]}], "nodeName": "lorafleet-local"}})
         self._note(f"started {pod_name} on {address}:{port}")
+
+    def _secret_volumes(self, pod_spec: dict, container: dict, root: Path) -> dict[str, tuple[dict, Path]] | None:
+        """``{mountPath: (volume, this pod's folder)}`` for the container's Secret volumes, written; None while a Secret is missing."""
+        volumes = {v["name"]: v for v in pod_spec.get("volumes") or [] if "secret" in v}
+        mounted = {}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(mount["name"])
+            if volume is None:
+                continue
+            folder = root / mount["name"]
+            if not self._write_secret_volume(volume, folder):
+                return None
+            mounted[mount["mountPath"]] = (volume, folder)
+        return mounted
+
+    def _write_secret_volume(self, volume: dict, folder: Path) -> bool:
+        """The Secret's items as files in ``folder``, each replaced whole (a reader sees the old or the new, never half) and
+        only when it changed; False when the Secret does not exist."""
+        secret = self.kube.get("v1", "Secret", self.namespace, volume["secret"]["secretName"])
+        if secret is None:
+            return False
+        data = secret.get("data") or {}
+        items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in items:
+            if item["key"] not in data:
+                continue
+            content, target = base64.b64decode(data[item["key"]]), folder / item["path"]
+            if not target.is_file() or target.read_bytes() != content:
+                staged = target.with_name(f".{target.name}.new")
+                staged.write_bytes(content)
+                os.replace(staged, target)
+        return True
 
     def _secret_env(self, container: dict) -> dict[str, str]:
         """The container's variables that come from Secrets (the admin token, an HF token), as a kubelet
@@ -227,6 +268,15 @@ def pod_labels(deployment: dict | None) -> dict:
 
 def template_hash(deployment: dict) -> str:
     return hashlib.sha256(json.dumps(deployment["spec"]["template"], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def mounted_paths(args: list[str], mounts: dict[str, Path]) -> list[str]:
+    """The container's arguments with paths under a mounted volume pointing at this pod's copy of it."""
+    out = []
+    for arg in args:
+        mount = next((m for m in mounts if arg == m or arg.startswith(m.rstrip("/") + "/")), None)
+        out.append(str(mounts[mount]) + arg[len(mount.rstrip("/")):] if mount is not None else arg)
+    return out
 
 
 def local_args(args: list[str], address: str, port: int, pod_dir: Path, adapter_root: Path | None) -> list[str]:

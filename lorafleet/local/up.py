@@ -22,7 +22,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from lorafleet.local.demo_tenants import adapter_labels, describe, make_keys, tenant_objects
 from lorafleet.local.replica_stats import read_metrics, replica_stats
+from lorafleet.local.tenant_stats import TenantUsage, tenant_usage
 from lorafleet.net import free_port
 from lorafleet.operator.desired import REPLICA_PORT
 
@@ -41,9 +45,10 @@ def basemodel(name: str, model: str, replicas: int) -> dict:
                      "routing": {"gatewayReplicas": 1}}}  # one gateway port on this machine (a cluster runs two)
 
 
-def adapter(folder: str, base: str, name: str | None = None) -> dict:
+def adapter(folder: str, base: str, name: str | None = None, labels: dict[str, str] | None = None) -> dict:
     """An Adapter for the folder ``folder`` of the adapter root, named ``name`` (valid for the API)."""
-    return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter", "metadata": {"name": name or object_name(folder), "namespace": "default"},
+    return {"apiVersion": "lorafleet.io/v1alpha1", "kind": "Adapter",
+            "metadata": {"name": name or object_name(folder), "namespace": "default", "labels": labels or {}},
             "spec": {"baseModel": base, "source": "local", "id": folder, "warmReplicas": 1}}
 
 
@@ -102,14 +107,21 @@ def up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    (workdir / STATE).write_text(json.dumps({"pid": os.getpid(), "kubeconfig": str(kubeconfig), "gateway": f"http://127.0.0.1:{args.port}"}))
+    names = object_names(adapters)
+    keys = make_keys() if args.tenants == "demo" else {}
+    labels = adapter_labels(list(names.values())) if keys else {}
+    (workdir / STATE).write_text(json.dumps({"pid": os.getpid(), "kubeconfig": str(kubeconfig), "gateway": f"http://127.0.0.1:{args.port}",
+                                             "tenants": keys}))
     try:
         kube.apply(basemodel(args.name, model_path, args.replicas))
-        names = object_names(adapters)
         for folder, name in names.items():
-            kube.apply(adapter(folder, args.name, name))
+            kube.apply(adapter(folder, args.name, name, labels.get(name)))
+        for obj in tenant_objects(args.name, keys):
+            kube.apply(obj)
         listed = ", ".join(name if name == folder else f"{name} ({folder})" for folder, name in names.items())
         say(f"applied BaseModel/{args.name} ({args.replicas} replicas) and {len(adapters)} Adapters: {listed or 'none'}")
+        if keys:
+            say(describe(keys, labels))
         adapters = list(names.values())
         shown = 0
         deadline = time.monotonic() + args.timeout
@@ -117,15 +129,15 @@ def up(args: argparse.Namespace) -> int:
             for event in agent.events[shown:]:
                 say(f"  agent: {event}")
             shown = len(agent.events)
-            if ready(kube, args.name, adapters):
+            if ready(kube, args.name, adapters, f"http://127.0.0.1:{args.port}", next(iter(keys.values()), None)):
                 break
             if time.monotonic() > deadline:
                 say(f"not ready after {args.timeout:.0f}s; logs are in {workdir}")
                 break
             stop.wait(0.5)
         if not stop.is_set():
-            print_status(kube)
-            say(examples(args.port, adapters))
+            print_status(kube, gateway=f"http://127.0.0.1:{args.port}")
+            say(examples(args.port, adapters, next(iter(keys.values()), None)))
             say(f"lorafleet is up (gateway http://127.0.0.1:{args.port}). Ctrl-C or `lorafleet down` stops it.")
         stop.wait()
     finally:
@@ -141,16 +153,25 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
-def ready(kube: Any, name: str, adapters: list[str]) -> bool:
+def ready(kube: Any, name: str, adapters: list[str], gateway: str | None = None, key: str | None = None) -> bool:
+    """The BaseModel and every Adapter Ready; with tenants, the gateway also takes a tenant's key (its policy arrived)."""
     base = kube.get("lorafleet.io/v1alpha1", "BaseModel", "default", name) or {}
     if (base.get("status") or {}).get("phase") != "Ready":
         return False
-    return all(((kube.get("lorafleet.io/v1alpha1", "Adapter", "default", a) or {}).get("status") or {}).get("phase") == "Ready" for a in adapters)
+    if not all(((kube.get("lorafleet.io/v1alpha1", "Adapter", "default", a) or {}).get("status") or {}).get("phase") == "Ready" for a in adapters):
+        return False
+    if key is None or gateway is None:
+        return True
+    try:
+        return httpx.get(f"{gateway}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def print_status(kube: Any, interval: float = 1.0, read: Callable[[str], str | None] = read_metrics,
-                 sleep: Callable[[float], None] | None = None) -> None:
-    """The fleet from the API, and each replica's own numbers from its /metrics (two scrapes ``interval`` apart)."""
+                 sleep: Callable[[float], None] | None = None, gateway: str | None = None, top: int = 5) -> None:
+    """The fleet from the API, each replica's own numbers from its /metrics (two scrapes ``interval`` apart), and the
+    ``top`` tenants by requests from the gateway's."""
     say(f"{'BASEMODEL':<16} {'PHASE':<12} {'READY':<7} GATEWAY")
     for base in kube.list("lorafleet.io/v1alpha1", "BaseModel", "default"):
         status = base.get("status") or {}
@@ -168,21 +189,32 @@ def print_status(kube: Any, interval: float = 1.0, read: Callable[[str], str | N
     for item in kube.list("lorafleet.io/v1alpha1", "Adapter", "default"):
         status = item.get("status") or {}
         say(f"{item['metadata']['name']:<16} {status.get('phase', '-'):<12} {status.get('hotOn', '') or '-'}")
+    tenants = {t["metadata"]["name"]: t.get("status") or {} for t in kube.list("lorafleet.io/v1alpha1", "Tenant", "default")}
+    if not tenants:
+        return
+    scraped = read(gateway) if gateway else None
+    usage = {u.name: u for u in tenant_usage(scraped)} if scraped else {}
+    say(f"{'TENANT':<16} {'PHASE':<8} {'KEYS':<5} {'REQUESTS':<9} {'ERRORS':<7} {'PROMPT':<9} GENERATED")
+    for name in sorted(tenants, key=lambda n: (-(usage[n].requests if n in usage else 0), n))[:top]:
+        u = usage.get(name) or TenantUsage(name)
+        say(f"{name:<16} {tenants[name].get('phase', '-'):<8} {tenants[name].get('keys', 0):<5} {u.requests:<9} {u.errors:<7} {u.prompt_tokens:<9} {u.generated_tokens}")
 
 
-def examples(port: int, adapters: list[str]) -> str:
+def examples(port: int, adapters: list[str], key: str | None = None) -> str:
     name = adapters[0] if adapters else "my-adapter"
     url = f"http://127.0.0.1:{port}"
+    auth = f" -H 'authorization: Bearer {key}'" if key else ""
+    headers = f", headers={{'authorization': 'Bearer {key}'}}" if key else ""
     return f"""
-try it (an Adapter's name is enough; any other id needs "adapter_source"):
-  curl -s {url}/v1/models
-  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
+try it (an Adapter's name is enough; any other id needs "adapter_source"{"; as acme" if key else ""}):
+  curl -s {url}/v1/models{auth}
+  curl -s {url}/v1/chat/completions -H 'content-type: application/json'{auth} \\
     -d '{{"model": "{name}", "temperature": 0, "messages": [{{"role": "user", "content": "What is the capital of Italy?"}}]}}'
-  curl -s {url}/generate -H 'content-type: application/json' \\
+  curl -s {url}/generate -H 'content-type: application/json'{auth} \\
     -d '{{"inputs": "What is the capital of Italy?", "parameters": {{"adapter_id": "{name}", "max_new_tokens": 32}}}}'
-  python -c "from lorax import Client; print(Client('{url}').generate('Hello', adapter_id='{name}').generated_text)"
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='-'); print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
-  kubectl get basemodels,adapters
+  python -c "from lorax import Client; print(Client('{url}'{headers}).generate('Hello', adapter_id='{name}').generated_text)"
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key or '-'}'); print(c.chat.completions.create(model='{name}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+  kubectl get basemodels,adapters{",tenants" if key else ""}
 """
 
 
@@ -212,10 +244,11 @@ def status(args: argparse.Namespace) -> int:
     if not state_path.is_file():
         print(f"lorafleet status: nothing is running (no {state_path})", file=sys.stderr)
         return 1
-    os.environ["KUBECONFIG"] = json.loads(state_path.read_text())["kubeconfig"]
+    state = json.loads(state_path.read_text())
+    os.environ["KUBECONFIG"] = state["kubeconfig"]
     from lorafleet.operator.kube import Kube
 
-    print_status(Kube())
+    print_status(Kube(), gateway=state.get("gateway"))
     return 0
 
 

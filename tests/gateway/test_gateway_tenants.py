@@ -14,8 +14,9 @@ from support.metrics import metric_values
 from support.upstream import CatalogueUpstream, Gateway
 from support.waiting import wait_until
 
+from lorafleet.bearer import key_hash
 from lorafleet.cache_salt import SALT_HEADER
-from lorafleet.gateway.tenants import Tenants, key_hash
+from lorafleet.gateway.tenants import Tenants
 
 pytestmark = pytest.mark.e2e  # servers on loopback
 

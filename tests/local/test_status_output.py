@@ -12,7 +12,17 @@ OBJECTS = {
     "Adapter": [{"metadata": {"name": "pirate"}, "status": {"phase": "Ready", "hotOn": "smollm2-replicas-abcde"}},
                 {"metadata": {"name": "broken"}, "status": {"phase": "Failed"}},
                 {"metadata": {"name": "new"}}],
+    "Tenant": [{"metadata": {"name": "acme"}, "status": {"phase": "Ready", "keys": 2}}, {"metadata": {"name": "globex"}, "status": {"phase": "Ready", "keys": 1}},
+               {"metadata": {"name": "idle"}, "status": {"phase": "Failed", "keys": 0}}],
 }
+GATEWAY_SCRAPE = """# TYPE lorafleet_gateway_tenant_requests_total counter
+lorafleet_gateway_tenant_requests_total{outcome="200",tenant="acme"} 3.0
+lorafleet_gateway_tenant_requests_total{outcome="200",tenant="globex"} 7.0
+lorafleet_gateway_tenant_requests_total{outcome="429",tenant="globex"} 2.0
+# TYPE lorafleet_gateway_tenant_tokens_total counter
+lorafleet_gateway_tenant_tokens_total{kind="prompt",tenant="globex"} 90.0
+lorafleet_gateway_tenant_tokens_total{kind="generated",tenant="globex"} 40.0
+"""
 
 
 class FakeKube:
@@ -44,9 +54,10 @@ lorafleet_queue_size {queue}
 
 def test_status_prints_every_object_with_its_state(capsys) -> None:
     kube = FakeKube()
-    scrapes = {"http://127.0.0.2:8080": iter([scrape(100, 30, 10, 5, 0), scrape(112, 36, 12, 6, 3)]), "http://127.0.0.3:8080": iter([None, None])}
+    scrapes = {"http://127.0.0.2:8080": iter([scrape(100, 30, 10, 5, 0), scrape(112, 36, 12, 6, 3)]), "http://127.0.0.3:8080": iter([None, None]),
+               "http://127.0.0.1:8000": iter([GATEWAY_SCRAPE])}
     slept = []
-    print_status(kube, interval=2.0, read=lambda url: next(scrapes[url]), sleep=slept.append)
+    print_status(kube, interval=2.0, read=lambda url: next(scrapes[url]), sleep=slept.append, gateway="http://127.0.0.1:8000", top=2)
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert slept == [2.0]
     assert lines == [
@@ -59,5 +70,8 @@ def test_status_prints_every_object_with_its_state(capsys) -> None:
         ["pirate", "Ready", "smollm2-replicas-abcde"],
         ["broken", "Failed", "-"],
         ["new", "-", "-"],
+        ["TENANT", "PHASE", "KEYS", "REQUESTS", "ERRORS", "PROMPT", "GENERATED"],  # the busiest first, at most `top`
+        ["globex", "Ready", "1", "9", "2", "90", "40"],
+        ["acme", "Ready", "2", "3", "0", "0", "0"],
     ]
     assert ("v1", "Pod", "default", "app.kubernetes.io/component=replica") in kube.asked  # replica pods only

@@ -64,7 +64,7 @@ def test_the_chart_ships_the_crds_the_operator_serves() -> None:
     with helm_python.Chart.load(CHART) as chart:
         crds = {Path(c["filename"]).name: yaml.safe_load(c["data"]) for c in chart.crds}
         assert chart.metadata["appVersion"] == __version__
-    assert crds == {name: yaml.safe_load((ROOT / "crds" / name).read_text()) for name in ("basemodels.yaml", "adapters.yaml")}
+    assert crds == {name: yaml.safe_load((ROOT / "crds" / name).read_text()) for name in ("basemodels.yaml", "adapters.yaml", "tenants.yaml")}
     assert operator_container(render())["image"] == IMAGE
 
 

@@ -27,6 +27,7 @@ def test_install_renders_and_validates() -> None:
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
     assert kinds == [("ClusterRole", "lorafleet-operator"), ("ClusterRoleBinding", "lorafleet-operator"),
                      ("CustomResourceDefinition", "adapters.lorafleet.io"), ("CustomResourceDefinition", "basemodels.lorafleet.io"),
+                     ("CustomResourceDefinition", "tenants.lorafleet.io"),
                      ("Deployment", "lorafleet-operator"), ("Namespace", "lorafleet-system"), ("NetworkPolicy", "lorafleet-operator"),
                      ("ServiceAccount", "lorafleet-operator")]
     for obj in objects:

@@ -46,7 +46,7 @@ def test_the_wheel_runs_kube_api_and_up_from_anywhere(tmp_path: Path) -> None:
     assert where.returncode == 0, where.stderr
     module, crds = json.loads(where.stdout)
     assert module.startswith(str(site)), f"imported {module}, not the wheel"
-    assert {"adapters.yaml", "basemodels.yaml"} <= set(crds)
+    assert {"adapters.yaml", "basemodels.yaml", "tenants.yaml"} <= set(crds)
     assert run("-m", "lorafleet", "up", "--help").returncode == 0
     # kube-api with the packaged CRDs, from the wheel: starts, serves the kinds, stops on SIGTERM.
     kubeconfig = workdir / "kubeconfig"

@@ -142,7 +142,7 @@ def set_pod_ready(core: client.CoreV1Api, pod: str, ready: bool, restarts: int =
 
 @contextlib.contextmanager
 def operator_running(kube_api, kubectl, monkeypatch, residency_check_s: float = 3600.0,
-                     otlp_endpoint: str | None = "http://otel-collector:4318") -> Iterator[client.ApiClient]:
+                     otlp_endpoint: str | None = "http://otel-collector:4318", tenant_key_poll_s: float = 3600.0) -> Iterator[client.ApiClient]:
     """The CRDs applied and the operator (kopf, in this process) running against the embedded API.
 
     The safety net defaults to an hour: what the tests see is done by events alone. The operator has a
@@ -153,6 +153,7 @@ def operator_running(kube_api, kubectl, monkeypatch, residency_check_s: float = 
     api = config.new_client_from_config(str(kube_api.kubeconfig))
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
-    registry = register(kopf.OperatorRegistry(), OperatorConfig(residency_check_s=residency_check_s, status_interval=0.5, otlp_endpoint=otlp_endpoint))
+    registry = register(kopf.OperatorRegistry(), OperatorConfig(residency_check_s=residency_check_s, status_interval=0.5, otlp_endpoint=otlp_endpoint,
+                                                                       tenant_key_poll_s=tenant_key_poll_s))
     with KopfRunner(["run", "--standalone", "--namespace", "default"], registry=registry, settings=settings):
         yield api

@@ -41,10 +41,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "lorafleet.namespacedRules" -}}
 # Its own resources.
 - apiGroups: [lorafleet.io]
-  resources: [basemodels, adapters]
+  resources: [basemodels, adapters, tenants]
   verbs: [get, list, watch, patch, update]
 - apiGroups: [lorafleet.io]
-  resources: [basemodels/status, adapters/status]
+  resources: [basemodels/status, adapters/status, tenants/status]
   verbs: [get, patch, update]
 # What a BaseModel becomes.
 - apiGroups: [apps]
@@ -63,7 +63,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, update, patch]
-# Each fleet's admin token (made once, read to call the replicas' admin routes); never listed or watched.
+# Each fleet's admin token (made once, read to call the replicas' admin routes), its gateways' tenant policy, and the
+# Secrets Tenants name (read every --tenant-key-poll-s); never listed or watched.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, update, patch]

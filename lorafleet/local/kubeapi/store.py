@@ -11,6 +11,7 @@ history of events so that a watch can resume from a resourceVersion.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import random
 import re
@@ -54,6 +55,13 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+def fold_string_data(obj: dict[str, Any]) -> None:
+    """A Secret's ``stringData`` is write-only, as the API server has it: folded into ``data`` (base64), never stored."""
+    if obj.get("kind") == "Secret" and isinstance(obj.get("stringData"), dict):
+        data = obj.get("data") or {}
+        obj["data"] = {**data, **{k: base64.b64encode(str(v).encode()).decode() for k, v in obj.pop("stringData").items()}}
 
 
 def invalid_name(resource: ResourceDef, name: Any) -> None:
@@ -142,6 +150,7 @@ class Store:
             raise ApiError(409, "AlreadyExists", f'{resource.plural} "{meta["name"]}" already exists',
                            {"name": meta["name"], "group": resource.group, "kind": resource.plural})
         obj["apiVersion"], obj["kind"] = resource.api_version, resource.kind
+        fold_string_data(obj)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_text(), resourceVersion=self._next_version(), generation=1)
         meta.pop("deletionTimestamp", None)
         if resource.schema:
@@ -212,6 +221,7 @@ class Store:
                     new["metadata"].pop(field_name, None)
             if resource.schema:
                 apply_defaults(new, resource.schema)
+            fold_string_data(new)
         if resource.schema and (problem := schema_error(resource.kind, resource.schema, new)) is not None:
             raise ApiError(422, "Invalid", problem)
         spec_changed = {k: v for k, v in new.items() if k not in ("metadata", "status")} != {k: v for k, v in current.items() if k not in ("metadata", "status")}
