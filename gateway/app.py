@@ -60,6 +60,8 @@ class GatewayApp:
                 return await respond(send, 200, b"")
             return await respond_error(send, 503, "no replica is ready", "unhealthy")
         if path == "/metrics" and method == "GET":
+            if self.config.metrics_port:  # on its own port, out of the tenants' reach
+                return await respond_error(send, 404, "not found", "not_found")
             return await respond(send, 200, generate_latest(self.metrics.registry), content_type=b"text/plain; version=0.0.4")
         if path in ("/replicas", "/v1/models") and method == "GET":
             authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)

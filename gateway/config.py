@@ -31,6 +31,9 @@ class GatewayConfig:
     tenant_gateways: int = setting(1, parse=positive(int), help="gateways sharing the tenants' limits: each enforces limit / this")
     access_log: bool = setting(True, parse=None, help="one log line per tenant request (lorafleet.gateway.access): tenant, route, adapter, "
                                "status, prompt and generated tokens, milliseconds")
+    metrics_port: int = setting(0, parse=non_negative, help="serve /metrics on this port (same address) instead of the API's (0: on the API's). "
+                                "The operator sets it: the scrape path stays cluster-internal, since the gateway's metrics name every tenant "
+                                "and its usage, and tenants reach the API port only")
     max_body_bytes: int = setting(MAX_BODY_BYTES, parse=size, help="largest request body")
     upstream_timeout: float = setting(300.0, parse=positive(float), help="seconds to wait for a replica's response to start")
     probe_interval: float = setting(1.0, parse=positive(float), help="seconds between /health probes of each replica")

@@ -39,5 +39,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lorafleet gateway: {exc}", file=sys.stderr)
         return 2
-    uvicorn.Server(server_config(app, args.host, args.port)).run()
+    metrics_server = None
+    if config.metrics_port:  # prometheus_client's own server, in a thread: the scrape never waits on the proxy's loop
+        from prometheus_client import start_http_server
+
+        metrics_server, _ = start_http_server(config.metrics_port, addr=args.host, registry=app.metrics.registry)
+    try:
+        uvicorn.Server(server_config(app, args.host, args.port)).run()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
     return 0

@@ -22,6 +22,7 @@ from lorafleet.settings import flag_for_property
 IMAGE = f"ghcr.io/lorafleet/lorafleet:{__version__}"  # the CRD's default and manifests/operator.yaml must match (tested)
 REPLICA_PORT = 8080
 GATEWAY_PORT = 8000
+GATEWAY_METRICS_PORT = 9090  # the gateway's /metrics: in its Service for the scraper, never the port an Ingress exposes
 DRAIN_SECONDS = 30
 TENANTS_MOUNT = "/etc/lorafleet-tenants"
 POLICY_KEY = "policy.json"
@@ -130,8 +131,8 @@ def tracing_env(spec: dict[str, Any], name: str, component: str) -> list[dict[st
     return [{"name": "OTEL_SERVICE_NAME", "value": f"{name}-{component}"}] if tracing_args(spec) else []
 
 
-def _probe(path: str, period: int, failures: int, initial: int = 0) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures, "initialDelaySeconds": initial}
+def _probe(path: str, period: int, failures: int, initial: int = 0, port: str = "http") -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures, "initialDelaySeconds": initial}
 
 
 def replica_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +201,7 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
     # The tenant policy the operator renders (operator/tenant_policy.py): not optional, so a gateway never starts without it.
     volumes = [{"name": "tenants", "secret": {"secretName": tenants_secret_name(name), "items": [{"key": POLICY_KEY, "path": POLICY_KEY}]}}]
     mounts = [{"name": "tenants", "mountPath": TENANTS_MOUNT, "readOnly": True}]
-    args += ["--tenants-file", f"{TENANTS_MOUNT}/{POLICY_KEY}", "--tenant-gateways", str(max(1, gateways))]
+    args += ["--tenants-file", f"{TENANTS_MOUNT}/{POLICY_KEY}", "--tenant-gateways", str(max(1, gateways)), "--metrics-port", str(GATEWAY_METRICS_PORT)]
     keys = routing.get("apiKeySecretRef")
     if keys:
         volumes.append({"name": "api-keys", "secret": {"secretName": keys["name"], "items": [{"key": keys.get("key", "keys"), "path": "keys"}]}})
@@ -219,8 +220,8 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
                 "serviceAccountName": f"{name}-gateway",
                 "containers": [{
                     "name": "gateway", "image": spec.get("image", IMAGE), "args": args,
-                    "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
-                    "readinessProbe": _probe("/health", 5, 2), "livenessProbe": _probe("/metrics", 15, 4),
+                    "ports": [{"name": "http", "containerPort": GATEWAY_PORT}, {"name": "metrics", "containerPort": GATEWAY_METRICS_PORT}],
+                    "readinessProbe": _probe("/health", 5, 2), "livenessProbe": _probe("/metrics", 15, 4, port="metrics"),
                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
                     "volumeMounts": mounts,
                     "env": [warm_token_env(name), *tracing_env(spec, name, "gateway")],
@@ -237,7 +238,8 @@ def gateway_service(name: str, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "gateway")},
-        "spec": {"selector": labels(name, "gateway"), "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}]},
+        "spec": {"selector": labels(name, "gateway"), "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"},
+                                                                {"name": "metrics", "port": GATEWAY_METRICS_PORT, "targetPort": "metrics"}]},
     }
 
 

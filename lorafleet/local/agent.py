@@ -285,6 +285,8 @@ def local_args(args: list[str], address: str, port: int, pod_dir: Path, adapter_
     Appended, never edited: argparse takes the last value of a flag, so these win whatever spelling the operator
     used (``--port=8080`` included), and the operator's list needs no parsing here (it was cut by flag name)."""
     out = [*args, "--host", address, "--port", str(port)]
+    if out and out[0] == "gateway":
+        out += ["--metrics-port", "0"]  # one machine, one gateway port: its /metrics on it (no cluster network to keep it in)
     if out and out[0] == "serve":
         out += ["--adapter-cache-dir", str(pod_dir / "adapters"), "--device", "cpu"]
         if adapter_root is not None:

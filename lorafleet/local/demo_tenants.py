@@ -47,4 +47,5 @@ def describe(keys: dict[str, str], labels: dict[str, dict[str, str]]) -> str:
     for tenant, key in keys.items():
         own = [name for name, lab in labels.items() if lab.get(TENANT_LABEL) == tenant]
         lines.append(f"  {tenant:<7} key {key}  calls the base model, {', '.join(own + shared) or 'no adapter'}")
+    lines.append("  export " + " ".join(f"{tenant.upper()}_KEY={key}" for tenant, key in keys.items()))
     return "\n".join(lines)

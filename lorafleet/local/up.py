@@ -203,7 +203,7 @@ def print_status(kube: Any, interval: float = 1.0, read: Callable[[str], str | N
 def examples(port: int, adapters: list[str], key: str | None = None) -> str:
     name = adapters[0] if adapters else "my-adapter"
     url = f"http://127.0.0.1:{port}"
-    auth = f" -H 'authorization: Bearer {key}'" if key else ""
+    auth = " -H \"authorization: Bearer $ACME_KEY\"" if key else ""
     headers = f", headers={{'authorization': 'Bearer {key}'}}" if key else ""
     return f"""
 try it (an Adapter's name is enough; any other id needs "adapter_source"{"; as acme" if key else ""}):

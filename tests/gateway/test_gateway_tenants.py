@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import httpx
 import pytest
 from support.metrics import metric_values
+from support.server import free_port
 from support.upstream import CatalogueUpstream, Gateway
 from support.waiting import wait_until
 
@@ -158,3 +161,18 @@ def test_a_policy_that_does_not_enforce_leaves_the_gateway_open(tmp_path) -> Non
         assert ask(client, "nobody", "beta-de").status_code == 200 and client.post("/generate", json={"inputs": "hi"}).status_code == 200
         write(path, policy())  # the first Tenant of the fleet was created
         assert ask(client, "nobody", "beta-de").status_code == 401 and ask(client, "beta-1", "beta-de").status_code == 200
+
+
+def test_a_gateway_with_a_metrics_port_keeps_its_tenant_usage_off_the_api_port(tmp_path) -> None:
+    path = tmp_path / "t.json"
+    write(path, policy())
+    port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "gateway", "--replica", "http://127.0.0.1:9", "--port", str(port),
+                                "--metrics-port", str(metrics_port), "--tenants-file", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).status_code == 200, timeout=30, what="the metrics port")
+        assert "lorafleet_gateway_tenant_requests" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
+    finally:
+        process.terminate()
+        process.wait(10)

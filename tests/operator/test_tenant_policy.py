@@ -85,3 +85,7 @@ def test_the_gateways_mount_the_policy_and_split_limits_by_their_number() -> Non
     args = pod["containers"][0]["args"]
     assert args[args.index("--tenants-file") + 1] == "/etc/lorafleet-tenants/policy.json" and args[args.index("--tenant-gateways") + 1] == "3"
     assert {"name": "tenants", "secret": {"secretName": "m-tenants", "items": [{"key": "policy.json", "path": "policy.json"}]}} in pod["volumes"]
+    # Its metrics (every tenant's name and usage) on a port of their own, which the Service names for the scraper only.
+    assert args[args.index("--metrics-port") + 1] == "9090" and pod["containers"][0]["livenessProbe"]["httpGet"]["port"] == "metrics"
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "m")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["http", "metrics"]
