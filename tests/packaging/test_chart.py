@@ -117,7 +117,9 @@ def test_a_service_monitor_scrapes_the_fleets_when_prometheus_operator_is_there(
     assert len(monitors) == int(expected)
     if expected:
         spec = monitors[0]["spec"]
-        assert spec["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+        keep_replicas = {"sourceLabels": ["__meta_kubernetes_service_label_app_kubernetes_io_component"], "regex": "replica", "action": "keep"}
+        assert spec["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s", "relabelings": [keep_replicas]},
+                                     {"port": "metrics", "path": "/metrics", "interval": "15s"}]  # the gateways' own port
         assert spec["selector"]["matchLabels"] == {"app.kubernetes.io/name": "lorafleet"}
         assert spec["selector"]["matchExpressions"][0]["values"] == ["replica", "gateway"]
         assert spec["namespaceSelector"] == {"any": True}
