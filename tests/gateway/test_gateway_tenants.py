@@ -176,3 +176,16 @@ def test_a_gateway_with_a_metrics_port_keeps_its_tenant_usage_off_the_api_port(t
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_two_gateways_together_admit_exactly_the_fleet_wide_limit(tmp_path) -> None:
+    path = tmp_path / "t.json"
+    write(path, policy(rpm=4))
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(CatalogueUpstream(ENTRIES))
+        clients = [stack.enter_context(httpx.Client(base_url=stack.enter_context(Gateway([upstream], tenants_file=path, tenant_gateways=2)).url,
+                                                    timeout=30)) for _ in range(2)]
+        for client in clients:
+            wait_until(lambda c=client: len(c.get("/v1/models", headers=auth("lim-1")).json()["data"]) >= 2, timeout=10, what="the catalogue")
+        answered = [ask(client, "lim-1", "common").status_code for _ in range(3) for client in clients]  # spread over both
+    assert sorted(answered) == [200] * 4 + [429] * 2  # 4 a minute fleet-wide: 2 through each
