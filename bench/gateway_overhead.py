@@ -3,8 +3,9 @@
 The upstream is a minimal ASGI app answering /generate at once; the gateway runs in its own
 process in front of it; the client measures both paths in the same run, interleaved. A second
 gateway traces every request (OTLP/HTTP to a sink that answers 200), so tracing's cost is measured
-next to the untraced path. A third gateway enforces a tenant policy (--tenants tenants with ten keys each; the
-client calls with one of them), so tenancy's cost is measured next to the open path.
+next to the untraced path. A third enforces a tenant policy (--tenants tenants with ten keys each; the
+client calls with one of them), so tenancy's cost is measured next to the open path. A fourth serves with the h11
+parser (--http-parser h11), to show what httptools buys.
 
     .venv/bin/python -P bench/gateway_overhead.py [--requests 2000] [--concurrency 16] [--no-traced] [--tenants 1000]
 """
@@ -80,9 +81,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-traced", dest="traced", action="store_false", help="skip the traced gateway")
+    parser.add_argument("--no-h11", dest="h11", action="store_false", help="skip the gateway served with the h11 parser")
     parser.add_argument("--tenants", type=int, default=1000, help="tenants in the tenancy gateway's policy, ten keys each (0: no such gateway)")
     args = parser.parse_args()
-    upstream_port, gateway_port, traced_port, sink_port, tenant_port = free_port(), free_port(), free_port(), free_port(), free_port()
+    upstream_port, gateway_port, traced_port, sink_port, tenant_port, h11_port = free_port(), free_port(), free_port(), free_port(), free_port(), free_port()
     policy_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     json.dump({"shared": ["org/adapter-7"], "tenants": [{"name": f"t{t}", "keyHashes": [key_hash(f"key-{t}-{k}") for k in range(10)],
                                                           "adapters": [f"t{t}-adapter"], "base": True, "limits": {"concurrentRequests": 10_000}}
@@ -93,19 +95,22 @@ def main() -> None:
     gateway_command = [sys.executable, "-P", "-m", "lorafleet", "gateway", "--replica", f"http://127.0.0.1:{upstream_port}", "--port"]
     gateway = subprocess.Popen([*gateway_command, str(gateway_port)], env=env)
     processes = [gateway, upstream]
-    if args.tenants:
-        processes.append(subprocess.Popen([*gateway_command, str(tenant_port), "--tenants-file", policy_file.name], env=env))
+    if args.tenants:  # its access log (a line a request) to /dev/null, as a log shipper would take it off the terminal
+        processes.append(subprocess.Popen([*gateway_command, str(tenant_port), "--tenants-file", policy_file.name], env=env, stderr=subprocess.DEVNULL))
+    if args.h11:
+        processes.append(subprocess.Popen([*gateway_command, str(h11_port), "--http-parser", "h11"], env=env))
     if args.traced:
         processes.append(subprocess.Popen([sys.executable, "-P", "-c", UPSTREAM, str(sink_port)]))
         processes.append(subprocess.Popen([*gateway_command, str(traced_port), "--otlp-endpoint", f"http://127.0.0.1:{sink_port}"], env=env))
     try:
         direct_url, gateway_url = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
-        traced_url, tenant_url = f"http://127.0.0.1:{traced_port}", f"http://127.0.0.1:{tenant_port}"
-        for url in (direct_url, gateway_url, *([traced_url] if args.traced else []), *([tenant_url] if args.tenants else [])):
+        traced_url, tenant_url, h11_url = f"http://127.0.0.1:{traced_port}", f"http://127.0.0.1:{tenant_port}", f"http://127.0.0.1:{h11_port}"
+        for url in (direct_url, gateway_url, *([traced_url] if args.traced else []), *([tenant_url] if args.tenants else []), *([h11_url] if args.h11 else [])):
             wait(url + "/health")
         results = {}
         paths = [("direct", direct_url), ("gateway", gateway_url), *([("gateway traced", traced_url)] if args.traced else []),
-                 *([("gateway tenants", tenant_url)] if args.tenants else []), ("direct again", direct_url)]
+                 *([("gateway tenants", tenant_url)] if args.tenants else []), *([("gateway h11", h11_url)] if args.h11 else []),
+                 ("direct again", direct_url)]
         for label, url in paths:
             key = f"key-{args.tenants // 2}-7" if label == "gateway tenants" else None
             latencies, throughput = asyncio.run(measure(url, args.requests, args.concurrency, key))
@@ -120,6 +125,9 @@ def main() -> None:
             print(f"added by tracing: p50 {(results['gateway traced'][0] - results['gateway'][0]) * 1e3:.3f} ms, "
                   f"p99 {(results['gateway traced'][1] - results['gateway'][1]) * 1e3:.3f} ms; "
                   f"throughput {results['gateway traced'][2] / results['gateway'][2]:.2f}x of untraced")
+        if args.h11:
+            print(f"the h11 parser instead of httptools: p50 {(results['gateway h11'][0] - results['gateway'][0]) * 1e3:+.3f} ms; "
+                  f"throughput {results['gateway h11'][2] / results['gateway'][2]:.2f}x")
         if args.tenants:
             print(f"added by tenancy ({args.tenants} tenants, {10 * args.tenants} keys): p50 {(results['gateway tenants'][0] - results['gateway'][0]) * 1e3:.3f} ms, "
                   f"p99 {(results['gateway tenants'][1] - results['gateway'][1]) * 1e3:.3f} ms; "

@@ -34,6 +34,8 @@ class GatewayConfig:
     metrics_port: int = setting(0, parse=non_negative, help="serve /metrics on this port (same address) instead of the API's (0: on the API's). "
                                 "The operator sets it: the scrape path stays cluster-internal, since the gateway's metrics name every tenant "
                                 "and its usage, and tenants reach the API port only")
+    http_parser: str = setting("httptools", parse=one_of(("httptools", "h11")), help="the HTTP/1.1 parser the gateway serves with, "
+                               "under the same head, deadline and connection limits (lorafleet/http_guard_httptools.py); h11 to compare")
     max_body_bytes: int = setting(MAX_BODY_BYTES, parse=size, help="largest request body")
     upstream_timeout: float = setting(300.0, parse=positive(float), help="seconds to wait for a replica's response to start")
     probe_interval: float = setting(1.0, parse=positive(float), help="seconds between /health probes of each replica")

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
         metrics_server, _ = start_http_server(config.metrics_port, addr=args.host, registry=app.metrics.registry)
     try:
-        uvicorn.Server(server_config(app, args.host, args.port)).run()
+        uvicorn.Server(server_config(app, args.host, args.port, parser=config.http_parser)).run()
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()

@@ -91,13 +91,19 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
-def server_config(app: Any, host: str, port: int, log_level: str = "warning", **kwargs: Any) -> uvicorn.Config:
-    """The uvicorn settings both servers use (and their tests), with the limits above.
+def server_config(app: Any, host: str, port: int, log_level: str = "warning", parser: str = "h11", **kwargs: Any) -> uvicorn.Config:
+    """The uvicorn settings both servers use (and their tests), with the limits above; ``parser`` "httptools" keeps
+    them on uvicorn's httptools protocol instead (lorafleet/http_guard_httptools.py).
 
     Each server gets its own protocol class, so its limits are its own (tests run several servers
     in one process and tighten one of them).
     """
-    protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"connection_cap": max_connections()})
+    if parser == "httptools":
+        from lorafleet.http_guard_httptools import GuardedHttpToolsProtocol
+
+        protocol = type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"connection_cap": max_connections()})
+    else:
+        protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"connection_cap": max_connections()})
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
                           h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_keep_alive=KEEP_ALIVE_S, **kwargs)
 

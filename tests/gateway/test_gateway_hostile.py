@@ -55,7 +55,7 @@ RAW_CASES = [
     ("tab-padded header value", post(b"/generate", extra=b"X-Team:\tblue\t\r\n"), 200),
     ("100 KB header", post(b"/generate", extra=b"X-Big: " + b"a" * 100_000 + b"\r\n"), 431),
     ("8,000 headers", post(b"/generate", extra=b"".join(b"X-H%d: v\r\n" % i for i in range(8000))), 431),
-    ("100 KB path", post(b"/" + b"p" * 100_000), 431),
+    ("100 KB path", post(b"/" + b"p" * 100_000), (400, 431)),  # httptools' URL parser stops at 64 KiB (400); h11 reads it whole (431)
     ("16 MB header", post(b"/generate", extra=b"X-Big: " + b"a" * (16 << 20) + b"\r\n"), 400),
     ("10 KB path", post(b"/" + b"p" * 10_000), 200),
     ("garbage request line", b"GARBAGE\r\n\r\n", 400),

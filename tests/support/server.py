@@ -35,7 +35,8 @@ class ThreadedApp:
     def __init__(self, app: object) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port))
+        # A gateway app serves with the parser its config names, as `lorafleet gateway` does.
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, parser=getattr(getattr(app, "config", None), "http_parser", "h11")))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):  # noqa: ANN204 - returns the subclass
