@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lorafleet.settings import optional, positive, setting, size
 
-QUANTIZATIONS = ("int8", "int4")  # --quantize: weight-only, of the base's projections (server/model/quantized.py)
+QUANTIZATIONS = ("int8", "int4", "nf4")  # --quantize: weight-only, of the base's projections (server/model/quantized.py)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # --quantize-group-size: what the int4 kernels take
 SIZE_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMGT]?i?B?$"  # what settings.size parses, as the CRD admits it
 
@@ -49,8 +49,9 @@ class EngineConfig:
     adapter_disk_cache: int = setting(20 << 30, parse=size, help="bytes the disk tier may hold (suffixes K, M, G)")
     adapter_cpu_memory: int = setting(4 << 30, parse=size, help="bytes of CPU memory for parsed adapters")
     adapter_cycle_time_s: float = setting(2.0, parse=float, help="how long an adapter keeps a slot while others wait for one")
-    quantize: str | None = setting(None, parse=optional, help="weight-only quantization of the base's projections at load: int8 (per channel) "
-                                   "or int4 (grouped); adapters stay in the activation dtype",
+    quantize: str | None = setting(None, parse=optional, help="weight-only quantization of the base's projections at load: int8 (per channel), "
+                                   "int4 (grouped) or nf4 (QLoRA's base, blocks of 64, as bitsandbytes makes it); adapters stay in the "
+                                   "activation dtype",
                                    crd={"type": "string", "enum": list(QUANTIZATIONS),
                                         "description": "weight-only quantization of the base's projections at load (adapters stay in the activation dtype)"})
     quantize_group_size: int = setting(32, parse=positive(int), help="int4: inputs per scale group (32, 64, 128 or 256; GGUF Q4 uses 32 too)",
@@ -80,7 +81,7 @@ class EngineConfig:
         if self.linear_kernel not in ("auto", "torch", "onednn"):
             problems.append(f"linear_kernel must be auto, torch or onednn, got {self.linear_kernel!r}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
-            problems.append(f"quantize must be {' or '.join(QUANTIZATIONS)}, got {self.quantize!r}")
+            problems.append(f"quantize must be {', '.join(QUANTIZATIONS[:-1])} or {QUANTIZATIONS[-1]}, got {self.quantize!r}")
         if self.quantize_group_size not in INT4_GROUP_SIZES:
             *first, last = INT4_GROUP_SIZES
             problems.append(f"quantize_group_size must be {', '.join(map(str, first))} or {last}, got {self.quantize_group_size}")

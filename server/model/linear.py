@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from lorafleet.server.model.bnb4 import Bnb4Linear, quantize_nf4
 from lorafleet.server.model.quantized import Int4Linear, Int8Linear
 
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; decode batches are 1..256
@@ -96,6 +97,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, qu
         return Int8Linear(weight, bias, weight.dtype, weight.device)
     if quantize == "int4":
         return Int4Linear(weight, bias, weight.dtype, weight.device, group_size)
+    if quantize == "nf4":  # QLoRA's base: NF4 in blocks of 64, as bitsandbytes quantizes (server/model/bnb4.py)
+        return Bnb4Linear([quantize_nf4(weight)], bias, weight.dtype, weight.device)
     if kernel == "onednn" and weight.numel() >= PACK_MIN_ELEMENTS:
         return OneDnnLinear(weight, bias)
     return DenseLinear(weight, bias)

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.server.model.attention import BatchMetadata, paged_attention
+from lorafleet.server.model.bnb4 import Bnb4Linear, quant_state_key, read_bnb4
 from lorafleet.server.model.checkpoint import CheckpointError, ModelConfig
 from lorafleet.server.model.kv import KVCache
 from lorafleet.server.model.linear import Linear, make_linear, tensor_bytes
 from lorafleet.server.model.moe import Expert, MixtureOfExperts
 from lorafleet.server.model.prequantized import PackedFormat, unpack
-from lorafleet.server.model.quantized import Int4Linear
+from lorafleet.server.model.quantized import Int4Linear, Int8Linear
 from lorafleet.server.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -73,10 +74,26 @@ class CausalLM:
             checkpoint, else the float weights, quantized when asked."""
             if packed is None:
                 return make_linear(torch.cat([take(n + ".weight") for n in names]), bias, linear_kernel, quantize, group_size)
+            if packed.method == "bnb4":
+                if all(quant_state_key(weights, n + ".weight") for n in names):
+                    quantized.append(names[0])
+                    return Bnb4Linear([read_bnb4(weights, n + ".weight") for n in names], bias, dtype, device)
+                # A module bitsandbytes left whole (llm_int8_skip_modules): as stored.
+                return make_linear(torch.cat([take(n + ".weight") for n in names]), bias, linear_kernel)
+            if packed.method == "bnb8":
+                if not all(n + ".SCB" in weights for n in names):
+                    return make_linear(torch.cat([take(n + ".weight") for n in names]), bias, linear_kernel)
+                quantized.append(names[0])
+                for n in names:
+                    weights.pop(n + ".weight_format", None)
+                q = torch.cat([raw(n + ".weight").to(torch.int8) for n in names])
+                scales = torch.cat([raw(n + ".SCB").float() / 127 for n in names])  # LLM.int8: w = q x SCB / 127, per output row
+                return Int8Linear.from_quantized(q, scales, bias, dtype, device)
             parts = [unpack(packed, raw, n + ".") for n in names]
             q, scales, mins = (torch.cat([part[i] for part in parts]) for i in range(3))
             return Int4Linear.from_quantized(q, scales, mins, parts[0][3], bias, dtype, device)
 
+        quantized: list[str] = []  # bitsandbytes projections read packed
         self.embed = take("model.embed_tokens.weight")
         self.layers: list[LayerWeights] = []
         for i in range(config.num_layers):
@@ -103,6 +120,9 @@ class CausalLM:
                 )
             )
         self.norm = take("model.norm.weight")
+        if packed is not None and packed.method.startswith("bnb") and not quantized:
+            raise CheckpointError(f"the quantization_config says bitsandbytes {packed.kind}, but no projection holds bitsandbytes tensors "
+                                  "(a quant_state, or SCB for 8-bit)")
         if self.embed.shape != (config.vocab_size, config.hidden_size):
             raise CheckpointError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says ({config.vocab_size}, {config.hidden_size})")
         # A tied head shares the embedding's tensor when dense; packed, it is its own reordered copy.

@@ -29,8 +29,13 @@ SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 @dataclass(frozen=True)
 class PackedFormat:
-    method: str  # gptq | awq
+    method: str  # gptq | awq | bnb4 | bnb8
     group_size: int
+    kind: str = "int4"  # what the codes are: int4, nf4, fp4, int8
+
+    def describe(self) -> str:
+        """What /info says is served: ``gptq int4``, ``bitsandbytes nf4``, ..."""
+        return f"{'bitsandbytes' if self.method.startswith('bnb') else self.method} {self.kind}"
 
 
 def packed_format(config: dict | None, flag: str | None) -> PackedFormat | None:
@@ -40,9 +45,11 @@ def packed_format(config: dict | None, flag: str | None) -> PackedFormat | None:
     method = config.get("quant_method", "unknown")
     if flag is not None:
         raise CheckpointError(f"the checkpoint is already quantized ({method}); --quantize {flag} would quantize it again: drop --quantize")
+    if method == "bitsandbytes":
+        return bitsandbytes_format(config)
     if method not in ("gptq", "awq"):
-        raise CheckpointError(f"pre-quantized checkpoints ({method}) are not served; GPTQ and AWQ 4-bit are, or serve the full-precision "
-                              "model with --quantize int8 or int4")
+        raise CheckpointError(f"pre-quantized checkpoints ({method}) are not served; GPTQ, AWQ and bitsandbytes 4-bit and 8-bit are, or "
+                              "serve the full-precision model with --quantize int8, int4 or nf4")
     if config.get("bits", 4) != 4:
         raise CheckpointError(f"{method} with {config.get('bits')} bits is not served; 4-bit checkpoints are")
     if method == "gptq" and config.get("desc_act"):
@@ -53,6 +60,20 @@ def packed_format(config: dict | None, flag: str | None) -> PackedFormat | None:
         raise CheckpointError(f"AWQ version {config.get('version')!r} with zero_point {config.get('zero_point', True)} is not served; GEMM with zero points is")
     group = int(config.get("group_size", 128))
     return PackedFormat(method, group)
+
+
+def bitsandbytes_format(config: dict) -> PackedFormat:
+    """bnb4 (NF4 or FP4, server/model/bnb4.py) or bnb8 (LLM.int8's int8 weights and row scales, served weight-only)."""
+    if config.get("load_in_4bit") or config.get("_load_in_4bit"):
+        kind = config.get("bnb_4bit_quant_type", "fp4")
+        if kind not in ("nf4", "fp4"):
+            raise CheckpointError(f"bitsandbytes 4-bit quant type {kind!r} is not served; nf4 and fp4 are")
+        return PackedFormat("bnb4", 0, kind)
+    if config.get("load_in_8bit") or config.get("_load_in_8bit"):
+        if config.get("llm_int8_has_fp16_weight"):
+            raise CheckpointError("bitsandbytes 8-bit with llm_int8_has_fp16_weight: true stores float weights; serve those without it")
+        return PackedFormat("bnb8", 0, "int8")
+    raise CheckpointError(f"a bitsandbytes quantization_config with neither load_in_4bit nor load_in_8bit: {sorted(config)}")
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,16 @@ def dequantize(method: str, weight: torch.Tensor, group_size: int = 32) -> torch
 
 class Int8Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
-        q, scales = quantize_int8(weight)
+        self._build(*quantize_int8(weight), bias, dtype, device)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> Int8Linear:
+        """From int8 weights already quantized per output row (a bitsandbytes LLM.int8 checkpoint): w = q x scale."""
+        linear = cls.__new__(cls)
+        linear._build(q, scales, bias, dtype, device)
+        return linear
+
+    def _build(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> None:
         self.out_features = q.shape[0]
         self.q, self.scales, self.bias = q.to(device), scales.to(device=device, dtype=dtype), bias
         # torch's CPU int8 GEMM is fast only for bfloat16 activations (float32: 15 ms vs 0.6 ms widened, 32 x 576 x 1536).

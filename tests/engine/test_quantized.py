@@ -77,7 +77,7 @@ def test_the_base_shrinks_and_info_says_so(tiny_models) -> None:  # noqa: ANN001
 
 
 def test_what_cannot_be_served_as_asked_is_refused(tiny_models, tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(ValueError, match="quantize must be int8 or int4, got 'int3'"):
+    with pytest.raises(ValueError, match="quantize must be int8, int4 or nf4, got 'int3'"):
         make_engine(tiny_models["llama"], quantize="int3")
     with pytest.raises(ValueError, match="quantize_group_size must be 32, 64, 128 or 256"):
         make_engine(tiny_models["llama"], quantize="int4", quantize_group_size=48)
@@ -86,7 +86,7 @@ def test_what_cannot_be_served_as_asked_is_refused(tiny_models, tmp_path) -> Non
     prequantized = shutil.copytree(tiny_models["llama"], tmp_path / "bnb")
     config = json.loads((prequantized / "config.json").read_text())
     (prequantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
-    with pytest.raises(CheckpointError, match=r"pre-quantized checkpoints \(bitsandbytes\) are not served"):
+    with pytest.raises(CheckpointError, match=r"says bitsandbytes fp4, but no projection holds bitsandbytes tensors"):
         make_engine(prequantized)
     with pytest.raises(CheckpointError, match=r"already quantized \(bitsandbytes\); --quantize int8 would quantize it again"):
         make_engine(prequantized, quantize="int8")
@@ -100,5 +100,5 @@ def test_info_says_what_the_replica_serves(tiny_models, tmp_path) -> None:  # no
         info = httpx.get(server.url + "/info").json()
         answer = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30)
     assert info["quantize"] == "int8" and info["architecture"] == "LlamaForCausalLM" and "MixtralForCausalLM" in info["architectures_served"]
-    assert info["quantizations_served"] == ["int8", "int4"] and 0 < info["model_bytes"] < make_engine(tiny_models["llama"]).runner.model.nbytes
+    assert info["quantizations_served"] == ["int8", "int4", "nf4"] and 0 < info["model_bytes"] < make_engine(tiny_models["llama"]).runner.model.nbytes
     assert info["kv_cache_bytes"] > 0 and answer.status_code == 200

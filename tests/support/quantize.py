@@ -35,6 +35,9 @@ def reference_rows(folder: Path, adapters: dict[str, Path], prompts: list[list[i
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for module in model.modules():  # bitsandbytes 4-bit: its float32 path (dequantize, F.linear), not the AVX512-BF16
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # CPU kernel, which rounds the weights to bfloat16
+            module.support_avx512bf16_for_cpu = False
     if adapters:
         names = list(adapters)
         model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
