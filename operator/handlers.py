@@ -21,6 +21,7 @@ import kopf
 
 from lorafleet.bearer import authorization
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, unplaced
+from lorafleet.operator.autoscale_loop import DEMAND_ANNOTATION, AutoscaleLoop
 from lorafleet.operator.config import OperatorConfig
 from lorafleet.operator.desired import ADMIN_TOKEN_KEY, WARM_TOKEN_KEY, admin_secret_name, fleet_objects, replica_name, with_tracing_default
 from lorafleet.operator.fleet import Fleet
@@ -44,6 +45,7 @@ class Operator:
         self.config, self.kube_factory = config, kube_factory
         self.fleets: dict[tuple[str, str], Fleet] = {}
         self.tenant_loops: dict[tuple[str, str], TenantLoop] = {}
+        self.autoscalers: dict[tuple[str, str], AutoscaleLoop] = {}
         self.kube: Any = None
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.calls: ReplicaCalls | None = None
@@ -64,6 +66,12 @@ class Operator:
         fleet = self.fleets.get(key)
         if fleet is not None:
             fleet.wake_up()
+
+    def autoscaler(self, namespace: str, name: str) -> AutoscaleLoop:
+        key = (namespace, name)
+        if key not in self.autoscalers:
+            self.autoscalers[key] = AutoscaleLoop(namespace, name, self.kube, self.executor, self.calls, post_event)
+        return self.autoscalers[key]
 
     def tenant_loop(self, namespace: str, name: str) -> TenantLoop:
         key = (namespace, name)
@@ -116,6 +124,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
     kopf.on.event(GROUP, VERSION, "adapters", registry=registry)(adapter_event)
     kopf.daemon(GROUP, VERSION, "basemodels", cancellation_timeout=2.0, registry=registry)(keep_tenant_policy)
     kopf.on.event(GROUP, VERSION, "tenants", registry=registry)(tenant_event)
+    kopf.daemon(GROUP, VERSION, "basemodels", cancellation_timeout=2.0, registry=registry)(autoscale)
+    kopf.on.event(GROUP, VERSION, "basemodels", registry=registry)(basemodel_event)
     return registry
 
 
@@ -217,6 +227,32 @@ async def orphaned(state: Operator, record: AdapterRecord) -> None:
         await loop.run_in_executor(state.executor, lambda: state.kube.merge_status(f"{GROUP}/{VERSION}", "Adapter", record.namespace, record.name, status))
         if record.status.get("phase") != "Failed":
             post_event(record.reference, "Warning", "BaseModelNotFound", message)
+
+
+# -- Autoscaling (autoscale_loop.py) -------------------------------------------------------------------------------
+
+async def autoscale(name: str, namespace: str, spec: kopf.Spec, stopped: kopf.DaemonStopped, replica_pods: kopf.Index, memo: kopf.Memo,
+                    **_: Any) -> None:
+    """The fleet's autoscaler, for as long as the BaseModel exists (idle while spec.autoscaling.enabled is false)."""
+    operator: Operator = memo.operator
+    key = (namespace, name)
+    try:
+        await operator.autoscaler(namespace, name).run(lambda: dict(spec), lambda: list(replica_pods.get(key, [])), stopped)
+    finally:
+        if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            operator.autoscalers.pop(key, None)
+
+
+async def basemodel_event(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """A gateway's demand stamp (a request found no ready replica) acts at once; so does a change of spec.autoscaling."""
+    loop = memo.operator.autoscalers.get((namespace, name))
+    if loop is None:
+        return
+    loop.demand_stamped((body.get("metadata", {}).get("annotations") or {}).get(DEMAND_ANNOTATION))
+    settings = dict((body.get("spec") or {}).get("autoscaling") or {})
+    if settings != loop.settings_seen:
+        loop.settings_seen = settings
+        loop.wake_up()
 
 
 # -- Tenants: few (a hundred per fleet), so any Tenant event re-renders the namespace's policies -------------------------

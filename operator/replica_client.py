@@ -91,6 +91,15 @@ class ReplicaCalls:
             found.update({v: VersionCounts.from_wire(c) for v, c in (response.json().get("versions") or {}).items()})
         return found
 
+    async def metrics(self, url: str) -> str | None:
+        """The replica's /metrics exposition (the autoscaler's signals); None when it did not answer."""
+        try:
+            async with self._slot(url):
+                response = await self._client.get(f"{url}/metrics", timeout=LIST_TIMEOUT_S)
+        except httpx.HTTPError:
+            return None
+        return response.text if response.status_code == 200 else None
+
     async def unload(self, url: str, adapter_id: str, headers: dict[str, str]) -> bool:
         """True once the replica no longer holds it (404 counts); False when it could not say."""
         try:

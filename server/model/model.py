@@ -56,7 +56,7 @@ class CausalLM:
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
-        self.rope = RotaryEmbedding(folder, config.rope_type, device)
+        self.rope = RotaryEmbedding(folder, config.rope_type, device, config.raw)
 
         def raw(name: str, optional: bool = False) -> torch.Tensor | None:
             """A checkpoint tensor as stored (packed integers stay integers)."""

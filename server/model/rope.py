@@ -10,24 +10,31 @@ frequencies for its own length and batching never changes a sequence's result.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 
 class RotaryEmbedding:
-    def __init__(self, folder: Path, rope_type: str, device: torch.device) -> None:
-        from transformers import AutoConfig
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        self.hf_config = AutoConfig.from_pretrained(folder)
+    def __init__(self, folder: Path, rope_type: str, device: torch.device, raw: dict[str, Any] | None = None) -> None:
         self.rope_type = rope_type
-        # transformers 5 keeps plain RoPE in each model class, not in ROPE_INIT_FUNCTIONS; 4.x has it there as "default".
-        self.init_fn = default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+        if rope_type == "default" and raw is not None:
+            # Plain RoPE needs only config.json's numbers: importing transformers' config machinery costs ~2.4 s of a
+            # replica's start (issue 33: start time is the floor of a cold start), so it is left to the scaled kinds.
+            self.hf_config: Any = SimpleNamespace(**raw)
+            self.init_fn = default_rope_parameters
+        else:
+            from transformers import AutoConfig
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            self.hf_config = AutoConfig.from_pretrained(folder)
+            # transformers 5 keeps plain RoPE in each model class, not in ROPE_INIT_FUNCTIONS; 4.x has it there as "default".
+            self.init_fn = default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
         self.device = device
         params = getattr(self.hf_config, "rope_parameters", None) or {}
         self.original_max = (getattr(self.hf_config, "original_max_position_embeddings", None) or params.get("original_max_position_embeddings")
-                             or self.hf_config.max_position_embeddings)
+                             or getattr(self.hf_config, "max_position_embeddings", 2048))
         self.base_inv_freq, self.base_scaling = self.init_fn(self.hf_config, device)
         self._by_length: dict[int, tuple[torch.Tensor, float]] = {}
 

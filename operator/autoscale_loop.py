@@ -1,0 +1,155 @@
+"""A fleet's autoscaler at work: read the replicas' /metrics every interval, decide (autoscaler.py), write spec.replicas.
+
+The replicas' own counters are the signals (``lorafleet_requests_in_flight``, ``lorafleet_queue_size``,
+``lorafleet_kv_cache_usage_ratio``, the cold-load events of ``lorafleet_adapter_events`` per
+``lorafleet_adapter_slots``, ``lorafleet_requests_total`` for what was answered). A fleet at zero has no replica to
+ask: its gateways say there is demand by stamping the BaseModel's ``lorafleet.io/demand-at`` annotation when a
+request arrives and no replica is ready, and that event wakes this loop at once (not on its next tick).
+
+The decision is written where ``kubectl scale`` writes (``spec.replicas``, the scale subresource's path), so the
+BaseModel handler rolls it into the Deployment as any other change; ``status.autoscaling`` records the last
+decision, and an Event says why. History lives in memory: after an operator restart the scale-down window starts
+afresh (no scale-down for ``scaleDownDelay``) and the fleet counts as just used (no scale to zero for
+``idleToZero``), which errs on the side of capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from lorafleet.operator.autoscaler import Decision, Policy, Sample, decide
+from lorafleet.timestamps import now_text
+
+log = logging.getLogger(__name__)
+GROUP_VERSION = "lorafleet.io/v1alpha1"
+DEMAND_ANNOTATION = "lorafleet.io/demand-at"
+COLD_EVENTS = ("cpu_hit", "disk_hit", "local_read", "source_fetch")  # an adapter request that had to load it
+IDLE_POLL_S = 30.0  # how often a fleet without autoscaling looks whether it was turned on (an update also wakes it)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One replica's counters at one time."""
+    requests: float  # in flight + queued
+    kv_usage: float
+    cold_loads: float  # cumulative
+    slots: float
+    served: float  # cumulative answers
+
+
+def reading(text: str) -> Reading | None:
+    """None for what is not a Prometheus exposition (that replica is left out of the round)."""
+    values: dict[tuple[str, tuple], float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    except ValueError:
+        return None
+
+    def total(name: str, keep: Callable[[dict], bool] = lambda _: True) -> float:
+        return sum(v for (n, labels), v in values.items() if n == name and keep(dict(labels)))
+
+    return Reading(requests=total("lorafleet_requests_in_flight") + total("lorafleet_queue_size"),
+                   kv_usage=total("lorafleet_kv_cache_usage_ratio"),
+                   cold_loads=total("lorafleet_adapter_events", lambda labels: labels.get("event") in COLD_EVENTS),
+                   slots=total("lorafleet_adapter_slots"),
+                   served=total("lorafleet_requests_total", lambda labels: labels.get("route") != "other"))
+
+
+def fleet_sample(now: dict[str, Reading], before: dict[str, Reading], elapsed_s: float, at: float, demand: bool) -> Sample:
+    """The fleet's sample from this round's readings and the previous round's (a replica seen once counts no rates)."""
+    served = cold = 0.0
+    for name, r in now.items():
+        if name in before:  # a restarted replica's counters start again: never a negative rate
+            served += max(0.0, r.served - before[name].served)
+            cold += max(0.0, r.cold_loads - before[name].cold_loads)
+    slots = sum(r.slots for r in now.values()) or 1.0
+    return Sample(at=at, replicas=len(now), requests=sum(r.requests for r in now.values()),
+                  kv_usage=sum(r.kv_usage for r in now.values()) / len(now) if now else 0.0,
+                  cold_loads_per_slot_per_minute=cold / slots / max(elapsed_s, 1e-3) * 60.0,
+                  served=served + (1.0 if demand else 0.0))
+
+
+class AutoscaleLoop:
+    def __init__(self, namespace: str, name: str, kube: Any, executor: Any, calls: Any, event: Callable[..., None]) -> None:
+        self.namespace, self.name, self.kube, self.executor, self.calls, self.event = namespace, name, kube, executor, calls, event
+        self.wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._history: list[tuple[Sample, int]] = []
+        self._before: dict[str, Reading] = {}
+        self._before_at: float | None = None
+        self._last_request_at = time.monotonic()  # a (re)started operator counts the fleet as just used
+        self._demand_seen: str | None = None
+        self._demand = False
+        self.last: Decision | None = None
+        self.settings_seen: dict[str, Any] | None = None  # spec.autoscaling as the last BaseModel event had it
+
+    def wake_up(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.wake.set)
+
+    def demand_stamped(self, stamp: str | None) -> None:
+        """A gateway stamped the BaseModel (a request found no ready replica): count it as demand, and act now."""
+        if stamp and stamp != self._demand_seen:
+            self._demand_seen, self._demand = stamp, True
+            self.wake_up()
+
+    async def run(self, spec: Callable[[], dict[str, Any]], pods: Callable[[], list[Any]], stopped: Any) -> None:
+        self._loop = asyncio.get_running_loop()
+        while not stopped:
+            self.wake.clear()
+            settings = dict(spec().get("autoscaling") or {})
+            wait = IDLE_POLL_S
+            if settings.get("enabled"):
+                try:
+                    policy = Policy.from_spec(settings)
+                    wait = policy.interval_s
+                    await self.tick(policy, int(spec().get("replicas", 1)), pods())
+                except ValueError as exc:  # a duration the schema let through but the policy cannot read
+                    log.warning("autoscaling of %s/%s: %s", self.namespace, self.name, exc)
+                except Exception:  # an API hiccup: the next tick tries again
+                    log.exception("autoscaling of %s/%s: tick failed", self.namespace, self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), wait)
+
+    async def tick(self, policy: Policy, current: int, pods: list[Any]) -> Decision:
+        urls = {p.name: p.url for p in pods if p.url}
+        texts = await asyncio.gather(*(self.calls.metrics(url) for url in urls.values()))
+        read = {name: reading(text) for name, text in zip(urls, texts) if text is not None}
+        now = {name: r for name, r in read.items() if r is not None}
+        at = time.monotonic()
+        demand, self._demand = self._demand, False
+        sample = fleet_sample(now, self._before, at - (self._before_at or at), at, demand)
+        self._before, self._before_at = now, at
+        if sample.requests or sample.served:
+            self._last_request_at = at
+        decision = decide(policy, current, self._history, sample, self._last_request_at)
+        keep_s = max(policy.scale_down_s, policy.scale_up_s) + policy.interval_s
+        self._history = [(s, w) for s, w in self._history if at - s.at <= keep_s] + [(sample, decision.wanted)]
+        if decision.replicas != current:
+            await self._scale(current, decision)
+        self.last = decision
+        return decision
+
+    async def _scale(self, current: int, decision: Decision) -> None:
+        status = {"autoscaling": {"desiredReplicas": decision.replicas, "lastScaleTime": now_text(), "reason": decision.reason}}
+
+        def write() -> Any:
+            self.kube.merge(GROUP_VERSION, "BaseModel", self.namespace, self.name, {"spec": {"replicas": decision.replicas}})
+            self.kube.merge_status(GROUP_VERSION, "BaseModel", self.namespace, self.name, status)
+            return self.kube.get(GROUP_VERSION, "BaseModel", self.namespace, self.name)
+
+        body = await asyncio.get_running_loop().run_in_executor(self.executor, write)
+        log.info("autoscaling %s/%s: %d -> %d (%s)", self.namespace, self.name, current, decision.replicas, decision.reason)
+        if body is not None:
+            self.event(body, "Normal", "Scaled", f"{current} -> {decision.replicas} replicas: {decision.reason}")
