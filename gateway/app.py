@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.config import GatewayConfig
+from lorafleet.gateway.demand import DemandStamp
 from lorafleet.gateway.discovery import static_members, watch_service
 from lorafleet.gateway.handoff import HandOff
 from lorafleet.gateway.metrics import GatewayMetrics
@@ -43,6 +44,7 @@ class GatewayApp:
         self._stop = threading.Event()
         self._probes: asyncio.Task | None = None
         self._probe_client: httpx.AsyncClient | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -93,10 +95,11 @@ class GatewayApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.loop = asyncio.get_running_loop()  # membership changes come from other threads through it
                 pool = httpcore.AsyncConnectionPool(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0)
                 config = self.config
                 self.gateway = Gateway(self.replicas, pool, self.metrics, self.keys, config, setup_tracing("lorafleet-gateway", config.otlp_endpoint),
-                                       tenants=self.tenants)
+                                       tenants=self.tenants, demand=DemandStamp(config.demand_basemodel))
                 self._probe_client = httpx.AsyncClient(timeout=2.0)
                 if config.handoff:
                     self.replicas.handoff = HandOff(self.replicas, self._probe_client, self.metrics.handoffs, warm_token=config.warm_token)

@@ -25,6 +25,9 @@ class GatewayMetrics:
         self.adapter_requests = Counter("lorafleet_gateway_adapter_requests", "requests a replica answered with 200, by adapter "
                                         "(\"\" the base model) and how the replica was chosen", ["adapter", "placement"], registry=r)
         self.adapters = TopAdapters(adapter_labels, on_drop=lambda adapter: remove_adapter_series([self.adapter_requests], adapter))
+        self.held = Counter("lorafleet_gateway_cold_start_waits", "requests that found no ready replica and waited for one "
+                            "(--hold-at-zero-s): served, timeout (a 503 after the hold), overflow (more than --hold-queue waiting)",
+                            ["outcome"], registry=r)
         # By tenant (--tenants-file): its name is declared by the policy, never a caller's string (an unknown key is a 401,
         # counted nowhere), so the series are as many as tenants × outcomes.
         self.tenant_requests = Counter("lorafleet_gateway_tenant_requests", "a tenant's requests by outcome (the status code answered)",

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpcore
@@ -27,6 +27,7 @@ from lorafleet.bearer import bearer_token
 from lorafleet.cache_salt import HOP_TOKEN_HEADER, SALT_HEADER, salt_for_key
 from lorafleet.gateway.auth import ApiKeys
 from lorafleet.gateway.config import GatewayConfig
+from lorafleet.gateway.demand import DemandStamp
 from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
 from lorafleet.gateway.request_keys import prompt_start, request_payload, routing_key
@@ -110,7 +111,9 @@ class Gateway:
     config: GatewayConfig
     tracing: Tracing | None = None
     tenants: Tenants | None = None
+    demand: DemandStamp = field(default_factory=lambda: DemandStamp(None))
     _turn: int = 0
+    _held: int = 0  # requests waiting for a first replica
 
     def _plain_order(self, loads: dict[str, int]) -> list[str]:
         """The adapter-blind policies a user would otherwise deploy, for comparison on the same fleet."""
@@ -154,9 +157,10 @@ class Gateway:
             return
         if body is None:
             return await respond_error(send, 413, f"the request body is larger than {self.config.max_body_bytes} bytes", "validation")
-        routable = self.replicas.routable()
+        routable = self.replicas.routable() or await self._hold_for_a_replica(receive)
         if not routable:
-            return await respond_error(send, 503, "no replica is ready", "unhealthy")
+            wait = [(b"retry-after", b"10")] if self.config.hold_at_zero_s else None
+            return await respond_error(send, 503, "no replica is ready" + (" (the fleet is starting one; retry)" if wait else ""), "unhealthy", wait)
         path = scope["path"]
         payload = request_payload(path, body)
         requested = routing_key(path, payload, self.replicas.base_model_ids())
@@ -207,6 +211,30 @@ class Gateway:
         finally:
             if span is not None:
                 span.end()
+
+    async def _hold_for_a_replica(self, receive: Receive) -> dict[str, Replica]:
+        """Scale from zero: wait (bounded in time and in number of waiters) for a replica, having said there is demand."""
+        if not self.config.hold_at_zero_s or self._held >= self.config.hold_queue:
+            if self.config.hold_at_zero_s:
+                self.metrics.held.labels("overflow").inc()
+            return {}
+        self._held += 1
+        started = time.monotonic()
+        try:
+            await self.demand.stamp()
+
+            async def ready() -> dict[str, Replica]:
+                while not (routable := self.replicas.routable()) and time.monotonic() - started < self.config.hold_at_zero_s:
+                    await asyncio.sleep(0.1)
+                return routable
+
+            routable = await unless_client_gone(ready(), receive)
+        except ClientGone:
+            return {}
+        finally:
+            self._held -= 1
+        self.metrics.held.labels("served" if routable else "timeout").inc()
+        return routable
 
     def _route(self, path: str, payload: Any, requested: str | None, routable: dict[str, Replica], headers: list[tuple[bytes, bytes]],
                authorization: str | None) -> tuple[str | None, bytes | None, list[str], str | None, set[str]]:

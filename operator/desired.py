@@ -16,6 +16,7 @@ import base64
 from typing import Any
 
 from lorafleet import __version__
+from lorafleet.operator.rollout import parse_duration
 from lorafleet.ring import DEFAULT_LOAD_FACTOR
 from lorafleet.settings import flag_for_property
 
@@ -202,6 +203,9 @@ def gateway_deployment(name: str, namespace: str, spec: dict[str, Any]) -> dict[
     volumes = [{"name": "tenants", "secret": {"secretName": tenants_secret_name(name), "items": [{"key": POLICY_KEY, "path": POLICY_KEY}]}}]
     mounts = [{"name": "tenants", "mountPath": TENANTS_MOUNT, "readOnly": True}]
     args += ["--tenants-file", f"{TENANTS_MOUNT}/{POLICY_KEY}", "--tenant-gateways", str(max(1, gateways)), "--metrics-port", str(GATEWAY_METRICS_PORT)]
+    autoscaling = spec.get("autoscaling") or {}
+    if autoscaling.get("enabled"):  # scale from zero: requests wait at the gateway, which says there is demand
+        args += ["--hold-at-zero-s", str(parse_duration(autoscaling.get("coldStartTimeout"), 120.0)), "--demand-basemodel", f"{namespace}/{name}"]
     keys = routing.get("apiKeySecretRef")
     if keys:
         volumes.append({"name": "api-keys", "secret": {"secretName": keys["name"], "items": [{"key": keys.get("key", "keys"), "path": "keys"}]}})
@@ -268,7 +272,9 @@ def gateway_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
-         "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]},
+         "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                   # Its own BaseModel only: the demand stamp that scales the fleet from zero (gateway/demand.py).
+                   {"apiGroups": ["lorafleet.io"], "resources": ["basemodels"], "resourceNames": [name], "verbs": ["get", "patch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
          "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},

@@ -61,6 +61,7 @@ class StubReplica:
         self.slow: dict[str, float] = {}  # adapter id (or id@revision) → seconds its load takes
         self.catalogue: list[dict] = []  # what the operator registered (PUT /adapters/catalogue)
         self.counts: dict[str, VersionCounts] = {}  # ring key -> the outcomes GET /adapters/stats reports (the test's traffic)
+        self.metrics = ""  # what GET /metrics answers (the autoscaler's signals)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -79,6 +80,13 @@ class StubReplica:
                 if self.path.startswith("/adapters/stats"):
                     asked = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("version", [])
                     return self._reply(200, {"versions": {v: stub.counts[v].wire() for v in asked if v in stub.counts}})
+                if self.path == "/metrics":
+                    data = stub.metrics.encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
                 if self.path == "/adapters":
                     stub.listings += 1
                     return self._reply(200, [{**stub.refs[a].entry(a), "key": stub.refs[a].key, "tier": "device", "pinned": p, "digest": digest(a)}
