@@ -1,6 +1,6 @@
 """A fleet's autoscaler at work: read the replicas' /metrics every interval, decide (autoscaler.py), write spec.replicas.
 
-The replicas' own counters are the signals (``lorafleet_requests_in_flight``, ``lorafleet_queue_size``,
+The replicas' own counters are the signals (``lorafleet_requests_in_flight``, which counts queued requests too,
 ``lorafleet_kv_cache_usage_ratio``, the cold-load events of ``lorafleet_adapter_events`` per
 ``lorafleet_adapter_slots``, ``lorafleet_requests_total`` for what was answered). A fleet at zero has no replica to
 ask: its gateways say there is demand by stamping the BaseModel's ``lorafleet.io/demand-at`` annotation when a
@@ -10,7 +10,7 @@ The decision is written where ``kubectl scale`` writes (``spec.replicas``, the s
 BaseModel handler rolls it into the Deployment as any other change; ``status.autoscaling`` records the last
 decision, and an Event says why. History lives in memory: after an operator restart the scale-down window starts
 afresh (no scale-down for ``scaleDownDelay``) and the fleet counts as just used (no scale to zero for
-``idleToZero``), which errs on the side of capacity.
+``idleToZero``), which errs on the side of capacity; so does turning autoscaling on.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ IDLE_POLL_S = 30.0  # how often a fleet without autoscaling looks whether it was
 @dataclass(frozen=True)
 class Reading:
     """One replica's counters at one time."""
-    requests: float  # in flight + queued
+    requests: float  # in flight (queued ones included)
     kv_usage: float
     cold_loads: float  # cumulative
     slots: float
@@ -58,7 +58,8 @@ def reading(text: str) -> Reading | None:
     def total(name: str, keep: Callable[[dict], bool] = lambda _: True) -> float:
         return sum(v for (n, labels), v in values.items() if n == name and keep(dict(labels)))
 
-    return Reading(requests=total("lorafleet_requests_in_flight") + total("lorafleet_queue_size"),
+    # requests_in_flight counts every request the replica holds, those queued in the engine included.
+    return Reading(requests=total("lorafleet_requests_in_flight"),
                    kv_usage=total("lorafleet_kv_cache_usage_ratio"),
                    cold_loads=total("lorafleet_adapter_events", lambda labels: labels.get("event") in COLD_EVENTS),
                    slots=total("lorafleet_adapter_slots"),
@@ -91,7 +92,8 @@ class AutoscaleLoop:
         self._demand_seen: str | None = None
         self._demand = False
         self.last: Decision | None = None
-        self.settings_seen: dict[str, Any] | None = None  # spec.autoscaling as the last BaseModel event had it
+        self.settings_seen: dict[str, Any] | None = None
+        self._enabled = False  # spec.autoscaling as the last BaseModel event had it
 
     def wake_up(self) -> None:
         loop = self._loop
@@ -110,6 +112,9 @@ class AutoscaleLoop:
             self.wake.clear()
             settings = dict(spec().get("autoscaling") or {})
             wait = IDLE_POLL_S
+            if settings.get("enabled") and not self._enabled:  # just turned on: idle and the windows count from now
+                self._last_request_at, self._history, self._before, self._before_at = time.monotonic(), [], {}, None
+            self._enabled = bool(settings.get("enabled"))
             if settings.get("enabled"):
                 try:
                     policy = Policy.from_spec(settings)
