@@ -28,10 +28,15 @@ class Catalogue:
     def __init__(self) -> None:
         self.keys: dict[str, str] = {}  # registered name -> ring key
         self.splits: dict[str, Split] = {}  # registered name -> its canary and the canary's share, during a rollout
+        self.owners: dict[str, int] = {}  # registered name -> ring owners its demand has it on, when more than one
         self.headers: dict[str, tuple[bytes, bytes | None]] = {}  # name -> VARIANT_HEADER values (stable, canary), made once
         self.entries: list[dict[str, Any]] = []
         self.base: str | None = None  # the base model's name, as the replicas serve it
         self.version: str | None = None
+
+    def spread(self, requested: str | None) -> int:
+        """Over how many of its first ring owners a name's requests go (1: the bounded-load pick, as for any id)."""
+        return self.owners.get(requested, 1) if requested is not None else 1
 
     def key_for(self, requested: str | None) -> str | None:
         return self.keys.get(requested, requested) if requested is not None else None
@@ -61,10 +66,11 @@ class Catalogue:
             refs = {e["name"]: AdapterRef.from_entry(e) for e in entries}
             keys = {name: ref.ring_key for name, ref in refs.items()}  # the key the operator placed it by
             splits = {e["name"]: split for e in entries if (split := Split.from_entry(e.get("canary"))) is not None}
+            owners = {e["name"]: e["owners"] for e in entries if isinstance(e.get("owners"), int) and e["owners"] > 1}
             headers = {name: (version_header(ref), version_header(splits[name].canary) if name in splits else None) for name, ref in refs.items()}
         except (httpx.HTTPError, ValueError, TypeError, KeyError):
             return
-        self.entries, self.keys, self.splits, self.headers = entries, keys, splits, headers
+        self.entries, self.keys, self.splits, self.headers, self.owners = entries, keys, splits, headers, owners
         self.base, self.version = body.get("base") or self.base, body.get("version")
         log.info("catalogue %s: %d registered adapters", self.version, len(entries))
 

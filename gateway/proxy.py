@@ -256,8 +256,14 @@ class Gateway:
         hot = set(self.replicas.hot.holders(key)) if by_adapter else set()
         ranked = ring.owners(ring_key, loads) if ring_key is not None else []
         warm = self.replicas.hot.warm_holders(key) if by_adapter else set()
-        order = (ring.routing_order(ring_key, loads, self.config.load_factor, hot, ranked, self.config.min_bound, warm) if self.config.policy == "lorafleet"
-                 else self._plain_order(loads))
+        spread = self.replicas.catalogue.spread(requested) if by_adapter and self.config.policy == "lorafleet" else 1
+        if spread > 1:  # a hot adapter warmed on its first `spread` owners (demand-driven): the least loaded of them first
+            owners = ranked[:spread]
+            order = sorted(owners, key=lambda m: (loads[m], owners.index(m))) + ranked[spread:]
+        elif self.config.policy == "lorafleet":
+            order = ring.routing_order(ring_key, loads, self.config.load_factor, hot, ranked, self.config.min_bound, warm)
+        else:
+            order = self._plain_order(loads)
         return key, version, order, ranked[0] if ranked else None, hot
 
     def _forward_headers(self, headers: list[tuple[bytes, bytes]], method: str, body: bytes, authorization: str | None,

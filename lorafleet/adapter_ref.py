@@ -85,11 +85,14 @@ class AdapterRef:
         return body
 
 
-def catalogue_entries(named: Mapping[str, AdapterRef], canaries: Mapping[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def catalogue_entries(named: Mapping[str, AdapterRef], canaries: Mapping[str, dict[str, Any]] | None = None,
+                      owners: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
     """The catalogue's wire shape, ordered by name so equal catalogues have equal digests; a name being rolled out
-    carries its canary (``traffic_split.Split.entry``) beside its stable version."""
-    canaries = canaries or {}
-    return [ref.entry(name) | ({"canary": canaries[name]} if name in canaries else {}) for name, ref in sorted(named.items())]
+    carries its canary (``traffic_split.Split.entry``) beside its stable version, and a hot adapter the ring owners
+    its demand has it on (operator/adapter_demand.py), over which gateways spread its requests."""
+    canaries, owners = canaries or {}, owners or {}
+    return [ref.entry(name) | ({"canary": canaries[name]} if name in canaries else {}) | ({"owners": owners[name]} if owners.get(name, 1) > 1 else {})
+            for name, ref in sorted(named.items())]
 
 
 def catalogue_version(entries: list[dict[str, Any]]) -> str:

@@ -102,7 +102,7 @@ def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems:
         reason, message = failure
         status = unplaced(record, "Failed", reason, message + (f"; {serving.ring_key} still serves" if rolling else ""))
         return {**status, "serving": serving.entry(record.name)} if rolling else status
-    if record.warm == 0:
+    if record.warm == 0 and not owners:
         phase, reason, message = "Ready", "Lazy", "lazy: loaded on first request"
     elif not owners:
         phase, reason, message = "Warming", "NoReplicaReady", "no replica is ready yet"
@@ -121,7 +121,7 @@ def observed(record: AdapterRecord, owners: list[str], hot: list[str], problems:
         phase, reason, message = "RolledBack", rollout["reason"], rollout["message"]
     return {"phase": phase, "reason": reason, "message": message, "observedGeneration": record.generation, "replicas": list(hot),
             "hotOn": ",".join(hot), "rank": rank, "targetModules": list(targets), "digest": ",".join(digests or []) or None,
-            "serving": (serving or record.ref).entry(record.name), "rollout": rollout}
+            "serving": (serving or record.ref).entry(record.name), "rollout": rollout, "owners": len(owners)}
 
 
 def serving_from_status(status: dict[str, Any]) -> AdapterRef | None:

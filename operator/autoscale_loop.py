@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from lorafleet.operator.adapter_demand import OwnerHold, owner_counts, request_rates
 from lorafleet.operator.autoscaler import Decision, Policy, Sample, decide
 from lorafleet.timestamps import now_text
 
@@ -43,6 +44,7 @@ class Reading:
     cold_loads: float  # cumulative
     slots: float
     served: float  # cumulative answers
+    by_adapter: dict[str, float]  # cumulative answers by the adapter's registered name ("" the base model; busiest only)
 
 
 def reading(text: str) -> Reading | None:
@@ -63,7 +65,17 @@ def reading(text: str) -> Reading | None:
                    kv_usage=total("lorafleet_kv_cache_usage_ratio"),
                    cold_loads=total("lorafleet_adapter_events", lambda labels: labels.get("event") in COLD_EVENTS),
                    slots=total("lorafleet_adapter_slots"),
-                   served=total("lorafleet_requests_total", lambda labels: labels.get("route") != "other"))
+                   served=total("lorafleet_requests_total", lambda labels: labels.get("route") != "other"),
+                   by_adapter=by_adapter(values))
+
+
+def by_adapter(values: dict[tuple[str, tuple], float]) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for (name, labels), value in values.items():
+        labels_ = dict(labels)
+        if name == "lorafleet_requests_total" and labels_.get("route") != "other":
+            counts[labels_.get("adapter", "")] = counts.get(labels_.get("adapter", ""), 0.0) + value
+    return counts
 
 
 def fleet_sample(now: dict[str, Reading], before: dict[str, Reading], elapsed_s: float, at: float, demand: bool) -> Sample:
@@ -81,8 +93,11 @@ def fleet_sample(now: dict[str, Reading], before: dict[str, Reading], elapsed_s:
 
 
 class AutoscaleLoop:
-    def __init__(self, namespace: str, name: str, kube: Any, executor: Any, calls: Any, event: Callable[..., None]) -> None:
+    def __init__(self, namespace: str, name: str, kube: Any, executor: Any, calls: Any, event: Callable[..., None],
+                 adapters: Callable[[], dict[str, int]] = dict, on_owners: Callable[[dict[str, int]], None] | None = None) -> None:
         self.namespace, self.name, self.kube, self.executor, self.calls, self.event = namespace, name, kube, executor, calls, event
+        self.adapters, self.on_owners = adapters, on_owners  # registered names -> warmReplicas; where hot adapters' owner counts go
+        self._owners: OwnerHold | None = None
         self.wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._history: list[tuple[Sample, int]] = []
@@ -115,6 +130,10 @@ class AutoscaleLoop:
             if settings.get("enabled") and not self._enabled:  # just turned on: idle and the windows count from now
                 self._last_request_at, self._history, self._before, self._before_at = time.monotonic(), [], {}, None
             self._enabled = bool(settings.get("enabled"))
+            if not self._enabled and self._owners is not None:  # turned off: hot adapters go back to warmReplicas
+                self._owners = None
+                if self.on_owners is not None:
+                    self.on_owners({})
             if settings.get("enabled"):
                 try:
                     policy = Policy.from_spec(settings)
@@ -135,7 +154,12 @@ class AutoscaleLoop:
         at = time.monotonic()
         demand, self._demand = self._demand, False
         sample = fleet_sample(now, self._before, at - (self._before_at or at), at, demand)
+        rates = request_rates({pod: r.by_adapter for pod, r in now.items()}, {pod: r.by_adapter for pod, r in self._before.items()})
         self._before, self._before_at = now, at
+        if self.on_owners is not None:  # demand-driven replication: a hot adapter on as many owners as its share asks
+            if self._owners is None or self._owners.release_s != policy.scale_down_s:
+                self._owners = OwnerHold(policy.scale_down_s)
+            self.on_owners(self._owners.update(owner_counts(rates, max(current, len(now)), self.adapters()), at))
         if sample.requests or sample.served:
             self._last_request_at = at
         decision = decide(policy, current, self._history, sample, self._last_request_at)

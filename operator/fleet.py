@@ -58,6 +58,7 @@ class Fleet:
         self._books: dict[str, AdapterBook] = {}  # Adapter uid → what the fleet remembers of it (operator/book.py)
         self._retry: dict[tuple[str, str], Retry] = {}  # (pod, adapter key) → a load that failed there
         self._headers: dict[str, str] | None = None
+        self.demand_owners: dict[str, int] = {}  # Adapter name -> owners its demand wants (autoscale_loop.py), when above warmReplicas
         self._catalogue_sent: dict[str, tuple] = {}  # pod -> (its identity, the catalogue version it holds)
         self._catalogue_retry: dict[str, float] = {}
         self._canaries = Canaries()  # rollouts whose canary takes part of a name's traffic (operator/canaries.py)
@@ -153,7 +154,7 @@ class Fleet:
 
     def _share_catalogue(self, records: list[AdapterRecord], members: dict[str, str], now: float) -> None:
         """Every replica learns the fleet's Adapters (name -> id, source, revision), so a name alone is a request."""
-        entries = catalogue_entries({r.name: self._serving(r) for r in records}, self._canaries.catalogue_canaries(records))
+        entries = catalogue_entries({r.name: self._serving(r) for r in records}, self._canaries.catalogue_canaries(records), self.demand_owners)
         version = catalogue_version(entries)
         for pod, url in members.items():
             sent = (self._pods_seen.get(pod), version)
@@ -270,7 +271,7 @@ class Fleet:
     def _warm(self, record: AdapterRecord, ref: AdapterRef, members: dict[str, str], known: list[str], now: float) -> tuple[list[str], list[str], list[str]]:
         """(owners, the owners holding ``ref``, problems): loads ``ref`` on the owners the gateways route it to that lack it."""
         key = ref.key  # the version exactly: an older revision resident there is not this one
-        owners = placement(ref.ring_key, known, record.warm)
+        owners = placement(ref.ring_key, known, max(record.warm, self.demand_owners.get(record.name, 0)))
         hot, problems = [], []
         for pod in owners:
             if key in self.residency.get(pod, {}):

@@ -67,11 +67,19 @@ class Operator:
         if fleet is not None:
             fleet.wake_up()
 
-    def autoscaler(self, namespace: str, name: str) -> AutoscaleLoop:
+    def autoscaler(self, namespace: str, name: str, adapters: Any = dict) -> AutoscaleLoop:
         key = (namespace, name)
         if key not in self.autoscalers:
-            self.autoscalers[key] = AutoscaleLoop(namespace, name, self.kube, self.executor, self.calls, post_event)
+            self.autoscalers[key] = AutoscaleLoop(namespace, name, self.kube, self.executor, self.calls, post_event, adapters,
+                                                  lambda owners: self._set_owners(key, owners))
         return self.autoscalers[key]
+
+    def _set_owners(self, key: tuple[str, str], owners: dict[str, int]) -> None:
+        """Hot adapters' owner counts into the fleet's placement (and its catalogue, for the gateways), on the loop."""
+        fleet = self.fleets.get(key)
+        if fleet is not None and fleet.demand_owners != owners:
+            fleet.demand_owners = owners
+            fleet.wake.set()
 
     def tenant_loop(self, namespace: str, name: str) -> TenantLoop:
         key = (namespace, name)
@@ -231,13 +239,17 @@ async def orphaned(state: Operator, record: AdapterRecord) -> None:
 
 # -- Autoscaling (autoscale_loop.py) -------------------------------------------------------------------------------
 
-async def autoscale(name: str, namespace: str, spec: kopf.Spec, stopped: kopf.DaemonStopped, replica_pods: kopf.Index, memo: kopf.Memo,
-                    **_: Any) -> None:
+async def autoscale(name: str, namespace: str, spec: kopf.Spec, stopped: kopf.DaemonStopped, replica_pods: kopf.Index,
+                    adapters_by_fleet: kopf.Index, memo: kopf.Memo, **_: Any) -> None:
     """The fleet's autoscaler, for as long as the BaseModel exists (idle while spec.autoscaling.enabled is false)."""
     operator: Operator = memo.operator
     key = (namespace, name)
+
+    def registered() -> dict[str, int]:
+        return {r.name: r.warm for r in adapters_by_fleet.get(key, []) if not r.deleting}
+
     try:
-        await operator.autoscaler(namespace, name).run(lambda: dict(spec), lambda: list(replica_pods.get(key, [])), stopped)
+        await operator.autoscaler(namespace, name, registered).run(lambda: dict(spec), lambda: list(replica_pods.get(key, [])), stopped)
     finally:
         if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
             operator.autoscalers.pop(key, None)

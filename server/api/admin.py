@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from lorafleet.adapter_ref import AdapterRef
 from lorafleet.bearer import offered_one_of
 from lorafleet.server.adapters.state import TIERS
-from lorafleet.server.api.catalogue import MAX_CANARIES, MAX_CATALOGUE, MAX_NAME_LENGTH, Catalogue
+from lorafleet.server.api.catalogue import MAX_CANARIES, MAX_CATALOGUE, MAX_NAME_LENGTH, MAX_OWNERS, Catalogue
 from lorafleet.server.api.deps import Service
 from lorafleet.server.api.http_common import error_response, read_json_object
 from lorafleet.server.api.service import ReplicaService
@@ -95,6 +95,7 @@ async def put_catalogue(service: Service, request: Request) -> Any:
         raise ValidationError(f"`adapters` must be a list of at most {MAX_CATALOGUE} entries")
     catalogue: dict[str, AdapterRef] = {}
     splits: dict[str, Split] = {}
+    owners: dict[str, int] = {}
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not 0 < len(entry["name"]) <= MAX_NAME_LENGTH:
             raise ValidationError(f"each entry needs a `name` (a string of 1 to {MAX_NAME_LENGTH} characters) and an `id`")
@@ -106,11 +107,16 @@ async def put_catalogue(service: Service, request: Request) -> Any:
             split = Split.from_entry(entry.get("canary"))
         except ValueError as exc:
             raise ValidationError(f"entry {entry['name']!r}: {exc}") from exc
+        spread = entry.get("owners", 1)
+        if not isinstance(spread, int) or isinstance(spread, bool) or not 1 <= spread <= MAX_OWNERS:
+            raise ValidationError(f"entry {entry['name']!r}: `owners` must be an integer from 1 to {MAX_OWNERS}")
+        if spread > 1:
+            owners[entry["name"]] = spread
         if split is not None:
             splits[entry["name"]] = split
             if len(splits) > MAX_CANARIES:
                 raise ValidationError(f"at most {MAX_CANARIES} entries may carry a `canary` (rollouts under way at once)")
-    snapshot = Catalogue.of(catalogue, service.base_name, splits)  # hashed and encoded once, here
+    snapshot = Catalogue.of(catalogue, service.base_name, splits, owners)  # hashed and encoded once, here
     service.limits.catalogue = catalogue  # one assignment: a request sees the old or the new, never half
     service.catalogue = snapshot
     return {"version": snapshot.version, "adapters": len(catalogue)}

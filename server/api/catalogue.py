@@ -18,7 +18,8 @@ MAX_CATALOGUE = 100_000
 MAX_NAME_LENGTH = 317  # an Adapter's "namespace/name": 63 + 1 + 253
 # Every admitted entry serialises to at most this much JSON (the longest name, id and revision, keys and quotes), so the
 # body limit of PUT /adapters/catalogue admits exactly the largest catalogue the route accepts.
-MAX_ENTRY_BYTES = MAX_NAME_LENGTH + MAX_ID_LENGTH + MAX_REVISION_LENGTH + 80
+MAX_ENTRY_BYTES = MAX_NAME_LENGTH + MAX_ID_LENGTH + MAX_REVISION_LENGTH + 96  # + `"owners": 1000`
+MAX_OWNERS = 1000  # ring owners a hot adapter may be spread over (a BaseModel's replicas at most)
 # Names with a canary at once (rollouts under way); each canary adds its version, weight, stickiness and header.
 MAX_CANARIES = 1000
 MAX_CANARY_BYTES = MAX_ID_LENGTH + MAX_REVISION_LENGTH + 128 + 160
@@ -32,7 +33,7 @@ class Catalogue:
     body: bytes  # the GET answer, made once
 
     @classmethod
-    def of(cls, refs: dict[str, AdapterRef], base: str, splits: dict[str, Split] | None = None) -> Catalogue:
-        listed = catalogue_entries(refs, {name: split.entry() for name, split in (splits or {}).items()})
+    def of(cls, refs: dict[str, AdapterRef], base: str, splits: dict[str, Split] | None = None, owners: dict[str, int] | None = None) -> Catalogue:
+        listed = catalogue_entries(refs, {name: split.entry() for name, split in (splits or {}).items()}, owners)
         version = catalogue_version(listed)
         return cls(refs, version, json.dumps({"version": version, "base": base, "adapters": listed}).encode())

@@ -43,7 +43,8 @@ def test_minimal_spec_gives_a_complete_fleet() -> None:
     probes = container(replicas)
     assert probes["startupProbe"]["httpGet"]["path"] == "/health" and probes["startupProbe"]["failureThreshold"] * probes["startupProbe"]["periodSeconds"] >= 1800
     assert probes["readinessProbe"]["httpGet"]["path"] == "/health" and "livenessProbe" in probes
-    assert objects[1]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]
+    assert objects[1]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                                   {"apiGroups": ["lorafleet.io"], "resources": ["basemodels"], "resourceNames": ["m"], "verbs": ["get", "patch"]}]
     # The replicas take the admin token from the Secret; the gateway never sees it.
     assert {"name": "LORAFLEET_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "m-admin", "key": "token"}}} in container(replicas)["env"]
     # The gateway gets the warm token alone: it warms on hand-offs, and cannot load, pin or unload.

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -61,7 +61,7 @@ class StubReplica:
         self.slow: dict[str, float] = {}  # adapter id (or id@revision) → seconds its load takes
         self.catalogue: list[dict] = []  # what the operator registered (PUT /adapters/catalogue)
         self.counts: dict[str, VersionCounts] = {}  # ring key -> the outcomes GET /adapters/stats reports (the test's traffic)
-        self.metrics = ""  # what GET /metrics answers (the autoscaler's signals)
+        self.metrics: str | Callable[[], str] = ""  # what GET /metrics answers (the autoscaler's signals), or what makes it each read
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -81,7 +81,7 @@ class StubReplica:
                     asked = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("version", [])
                     return self._reply(200, {"versions": {v: stub.counts[v].wire() for v in asked if v in stub.counts}})
                 if self.path == "/metrics":
-                    data = stub.metrics.encode()
+                    data = (stub.metrics() if callable(stub.metrics) else stub.metrics).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain; version=0.0.4")
                     self.send_header("Content-Length", str(len(data)))
