@@ -44,27 +44,28 @@ def max_connections(wanted: int = 10_000) -> int:
     return max(16, min(wanted, (soft - DESCRIPTORS_KEPT_BACK) // 2))  # a proxied request holds two
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head and a cap on connections."""
+class HeadGuard:
+    """The deadline for each request head and the cap on connections, for either of uvicorn's protocols (a mixin:
+    first in the bases, so its methods wrap the protocol's). ``_head_incomplete`` says whether a head is still due."""
 
     head_timeout_s = HEAD_TIMEOUT_S
     connection_cap = 10_000
+    _head_deadline: asyncio.TimerHandle | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._head_deadline: asyncio.TimerHandle | None = None
+    def _head_incomplete(self) -> bool:
+        raise NotImplementedError
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if len(self.connections) > self.connection_cap:
-            log.warning("refusing a connection: %d open, the cap is %d", len(self.connections), self.connection_cap)
+        super().connection_made(transport)  # type: ignore[misc]
+        if len(self.connections) > self.connection_cap:  # type: ignore[attr-defined]
+            log.warning("refusing a connection: %d open, the cap is %d", len(self.connections), self.connection_cap)  # type: ignore[attr-defined]
             transport.close()
             return
         self._arm()
 
     def _arm(self) -> None:
         self._disarm()
-        self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_late)
+        self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_late)  # type: ignore[attr-defined]
 
     def _disarm(self) -> None:
         if self._head_deadline is not None:
@@ -73,22 +74,29 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_late(self) -> None:
         self._head_deadline = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()  # the head never arrived whole: nothing was started for it
+        if self._head_incomplete() and not self.transport.is_closing():  # type: ignore[attr-defined]
+            self.transport.close()  # type: ignore[attr-defined]  # the head never arrived whole: nothing was started for it
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():  # type: ignore[attr-defined]
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class GuardedH11Protocol(HeadGuard, H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request head and a cap on connections (h11 bounds the head)."""
+
+    def _head_incomplete(self) -> bool:
+        return self.conn.their_state is h11.IDLE
 
     def handle_events(self) -> None:
         super().handle_events()
         if self.conn.their_state is not h11.IDLE:
             self._disarm()  # the head is in; the body and the response have their own timeouts
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
 
 def server_config(app: Any, host: str, port: int, log_level: str = "warning", parser: str = "h11", **kwargs: Any) -> uvicorn.Config:

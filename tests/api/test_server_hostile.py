@@ -377,10 +377,19 @@ def test_the_catalogue_takes_its_largest_size_and_reads_it_without_hashing_again
     """100,000 entries are admitted and fit the route's body limit (a 2 MiB limit refused ~20,000 with 413); one more
     is a 422; reads, 304s included, never hash or encode it again (that held generation up on the event loop)."""
     from lorafleet.server.api import catalogue as catalogue_module
-    from lorafleet.server.api.catalogue import MAX_CANARIES, MAX_CATALOGUE, MAX_CATALOGUE_BODY_BYTES, MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_REVISION_LENGTH
+    from lorafleet.server.api.catalogue import (
+        MAX_CANARIES,
+        MAX_CATALOGUE,
+        MAX_CATALOGUE_BODY_BYTES,
+        MAX_ID_LENGTH,
+        MAX_NAME_LENGTH,
+        MAX_OWNERS,
+        MAX_REVISION_LENGTH,
+    )
 
     admin = {"authorization": "Bearer admin"}
-    worst = json.dumps({"name": "n" * MAX_NAME_LENGTH, "id": "i" * MAX_ID_LENGTH, "source": "local", "revision": "r" * MAX_REVISION_LENGTH})
+    worst = json.dumps({"name": "n" * MAX_NAME_LENGTH, "id": "i" * MAX_ID_LENGTH, "source": "local", "revision": "r" * MAX_REVISION_LENGTH,
+                        "owners": MAX_OWNERS})
     canary = json.dumps({"canary": {"id": "i" * MAX_ID_LENGTH, "source": "local", "revision": "r" * MAX_REVISION_LENGTH,
                                     "weight": 33.333333333333336, "stickiness": "header", "header": "h" * 128}})
     # the largest admitted catalogue fits its body limit, with as many canaries as it admits
@@ -390,7 +399,8 @@ def test_the_catalogue_takes_its_largest_size_and_reads_it_without_hashing_again
     assert too_many.status_code == 422 and f"at most {MAX_CANARIES} entries may carry a `canary`" in too_many.json()["error"]
     encodings = []
     real_entries = catalogue_module.catalogue_entries
-    monkeypatch.setattr(catalogue_module, "catalogue_entries", lambda refs, canaries: encodings.append(len(refs)) or real_entries(refs, canaries))
+    monkeypatch.setattr(catalogue_module, "catalogue_entries",
+                        lambda refs, canaries, owners=None: encodings.append(len(refs)) or real_entries(refs, canaries, owners))
     entries = [{"name": f"team-{i:06d}/adapter", "id": f"org/adapter-{i}", "source": "hub", "revision": "v1"} for i in range(MAX_CATALOGUE)]
     put = httpx.put(server.url + "/adapters/catalogue", json={"adapters": entries}, headers=admin, timeout=120)
     assert put.status_code == 200 and put.json()["adapters"] == MAX_CATALOGUE, put.text[:300]
@@ -406,3 +416,12 @@ def test_the_catalogue_takes_its_largest_size_and_reads_it_without_hashing_again
                     f"content-length: {MAX_CATALOGUE_BODY_BYTES + 1}\r\n\r\n".encode())
         assert raw.recv(65536).startswith(b"HTTP/1.1 413")
     assert httpx.put(server.url + "/adapters/catalogue", json={"adapters": []}, headers=admin, timeout=30).status_code == 200
+
+
+def test_a_catalogue_entry_with_a_bad_owner_count_is_refused_and_a_good_one_kept(server) -> None:
+    admin = {"authorization": "Bearer admin"}
+    for bad in (0, -1, 1001, "3", 2.5, True):
+        put = httpx.put(server.url + "/adapters/catalogue", json={"adapters": [{"name": "hot", "id": "org/hot", "owners": bad}]}, headers=admin)
+        assert put.status_code == 422 and "`owners` must be an integer from 1 to 1000" in put.json()["error"], bad
+    assert httpx.put(server.url + "/adapters/catalogue", json={"adapters": [{"name": "hot", "id": "org/hot", "owners": 3}]}, headers=admin).status_code == 200
+    assert httpx.get(server.url + "/adapters/catalogue").json()["adapters"][0]["owners"] == 3
