@@ -171,6 +171,8 @@ def test_a_gateway_with_a_metrics_port_keeps_its_tenant_usage_off_the_api_port(t
                                 "--metrics-port", str(metrics_port), "--tenants-file", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).status_code == 200, timeout=30, what="the metrics port")
+        # The API port opens after the metrics port (the metrics thread starts first): any answer will do.
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code in (200, 503), timeout=30, what="the API port")
         assert "lorafleet_gateway_tenant_requests" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
     finally:
