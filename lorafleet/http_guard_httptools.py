@@ -1,9 +1,9 @@
 """The limits of lorafleet/http_limits.py on uvicorn's httptools protocol, for the gateway's hot path.
 
 uvicorn's h11 protocol bounds a request head itself (``h11_max_incomplete_event_size``); httptools (llhttp, in C)
-does not, which is why both servers first ran h11. Parsing with h11 in pure Python was a large part of what the
-gateway adds to a request (httptools: -0.30 ms p50 and 1.36x throughput, bench/gateway_overhead.py side by side), so
-here the same three limits are kept on httptools: the bytes received
+does not, which is why both servers first ran h11. h11 parses in pure Python on the gateway's hot path (a profile
+shows it; bench/gateway_overhead.py measured httptools -0.30 ms p50 and 1.36x throughput in one run, within noise in
+two later ones), so here the same three limits are kept on httptools: the bytes received
 while a head is incomplete are counted, and past MAX_HEAD_BYTES the connection gets a 400 and is closed before
 llhttp is fed more (so the partial head held in memory is at most the bound plus one socket read); the head deadline
 and the connection cap are GuardedH11Protocol's (HeadGuard, lorafleet/http_limits.py). A head that arrives whole in
