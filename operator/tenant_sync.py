@@ -57,6 +57,7 @@ class TenantLoop:
         self.wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._adapter_labels: dict[str, tuple] = {}
+        self._tenants = 0  # Tenants of the fleet at the last pass: with none, Adapters do not change the policy
 
     def wake_up(self) -> None:
         """From any thread (see Fleet.wake_up)."""
@@ -72,14 +73,16 @@ class TenantLoop:
                 self._adapter_labels.pop(name, None)
             else:
                 self._adapter_labels[name] = key
-            self.wake_up()
+            if self._tenants:  # a thousand Adapters created at once wake nothing in a fleet without tenants
+                self.wake_up()
 
     async def run(self, stopped: Any) -> None:
         self._loop = asyncio.get_running_loop()
         while not stopped:
             self.wake.clear()
             try:
-                await self._loop.run_in_executor(self.executor, sync_tenants, self.kube, self.namespace, self.base)
+                policy = await self._loop.run_in_executor(self.executor, sync_tenants, self.kube, self.namespace, self.base)
+                self._tenants = len(policy.get("tenants") or [])
             except Exception:  # an API hiccup or a bug: the next wake-up or poll tries again
                 log.exception("tenants of %s/%s: pass failed", self.namespace, self.base)
             with contextlib.suppress(TimeoutError):
