@@ -92,6 +92,10 @@ class Store:
         self.objects: dict[tuple[str, str], dict[tuple[str | None, str], dict[str, Any]]] = {}
         self.history: deque[tuple[int, tuple[str, str], str, dict[str, Any]]] = deque(maxlen=HISTORY)
         self.watchers: list[Watcher] = []
+        # Per kind, the newest event history no longer holds. A watch is expired (410) only if it would miss an event
+        # of its own kind: ten thousand Adapter writes must not expire an idle watch of CRDs or Namespaces (kopf
+        # treats those as fatal), as etcd's time-based compaction would not within minutes.
+        self.evicted: dict[tuple[str, str], int] = {}
         self.on_change: list[Callable[[str, ResourceDef, dict[str, Any]], None]] = []
         self.resolve_uid: dict[str, tuple[ResourceDef, str | None, str]] = {}
 
@@ -102,6 +106,9 @@ class Store:
 
     def _emit(self, resource: ResourceDef, kind: str, obj: dict[str, Any]) -> None:
         snapshot = copy.deepcopy(obj)
+        if len(self.history) == self.history.maxlen:  # the oldest event leaves: a watch of its kind from before it must relist
+            version, key, _, _ = self.history[0]
+            self.evicted[key] = version
         self.history.append((int(obj["metadata"]["resourceVersion"]), resource.key, kind, snapshot))
         for watcher in list(self.watchers):
             if watcher.resource.key == resource.key and watcher.namespace in (None, obj["metadata"].get("namespace")) and watcher.matches(snapshot):
@@ -303,7 +310,7 @@ class Store:
     # -- watches --------------------------------------------------------------------------------
 
     def events_since(self, resource: ResourceDef, namespace: str | None, since: int, matches: Callable[[dict], bool]) -> list[dict[str, Any]]:
-        if self.history and since < self.history[0][0] - 1 and len(self.history) == self.history.maxlen:
+        if since < self.evicted.get(resource.key, 0):
             raise ApiError(410, "Expired", f"too old resource version: {since} ({self.history[0][0]})")
         return [
             {"type": kind, "object": copy.deepcopy(obj)}
