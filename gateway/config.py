@@ -9,16 +9,9 @@ from pathlib import Path
 
 from lorafleet import ring
 from lorafleet.http_limits import MAX_BODY_BYTES
-from lorafleet.settings import non_negative, one_of, optional, positive, setting, size
+from lorafleet.settings import non_negative, non_negative_of, one_of, optional, positive, setting, size
 
 POLICIES = ("lorafleet", "round-robin", "least-loaded")
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def load_factor(text: str) -> float:
@@ -43,7 +36,7 @@ class GatewayConfig:
                                 "and its usage, and tenants reach the API port only")
     http_parser: str = setting("httptools", parse=one_of(("httptools", "h11")), help="the HTTP/1.1 parser the gateway serves with, "
                                "under the same head, deadline and connection limits (lorafleet/http_guard_httptools.py); h11 to compare")
-    hold_at_zero_s: float = setting(0.0, parse=non_negative_float, help="when no replica is ready, hold a request up to this long for one "
+    hold_at_zero_s: float = setting(0.0, parse=non_negative_of(float), help="when no replica is ready, hold a request up to this long for one "
                                     "(scale from zero: gateway/demand.py), then 503 with Retry-After (0: answer 503 at once)")
     hold_queue: int = setting(256, parse=positive(int), help="requests held at once while no replica is ready; more get 503 at once")
     demand_basemodel: str | None = setting(None, parse=optional, help="NAMESPACE/NAME of the BaseModel to stamp lorafleet.io/demand-at on "

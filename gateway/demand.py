@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from datetime import UTC, datetime
+
+from lorafleet.gateway.discovery import load_kube_config
 
 log = logging.getLogger(__name__)
 ANNOTATION = "lorafleet.io/demand-at"
@@ -28,13 +29,10 @@ class DemandStamp:
         self._api = None
 
     def _patch(self, stamp: str) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
         if self._api is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:  # $KUBECONFIG as it is now (the package reads it once, at import)
-                config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+            load_kube_config()
             self._api = client.CustomObjectsApi()
         self._api.patch_namespaced_custom_object("lorafleet.io", "v1alpha1", self.namespace, "basemodels", self.name,
                                                  {"metadata": {"annotations": {ANNOTATION: stamp}}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -50,17 +51,24 @@ def members_from_slices(slices: list[dict[str, Any]], port_name: str | None = No
     return members
 
 
+def load_kube_config() -> None:
+    """The in-cluster service account, else ``$KUBECONFIG`` as it is now (the package reads it once, at import)."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+
+
 def watch_service(namespace: str, service: str, loop: asyncio.AbstractEventLoop, apply: Callable[[dict[str, str]], None],
                   stop: threading.Event) -> threading.Thread:
     """Watch the Service's EndpointSlices from a thread; every change applies the new member set within a second."""
 
     def run() -> None:
-        from kubernetes import client, config, watch
+        from kubernetes import client, watch
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
+        load_kube_config()
         api = client.DiscoveryV1Api()
         selector = f"kubernetes.io/service-name={service}"
         slices: dict[str, dict] = {}

@@ -32,7 +32,8 @@ from lorafleet.gateway.metrics import GatewayMetrics
 from lorafleet.gateway.replicas import Replica, ReplicaSet
 from lorafleet.gateway.request_keys import prompt_start, request_payload, routing_key
 from lorafleet.gateway.tenant_limits import Tenant
-from lorafleet.gateway.tenant_usage import TenantUsage, access_log
+from lorafleet.gateway.tenant_usage import TenantUsage
+from lorafleet.gateway.tenant_usage import refused as usage_refused
 from lorafleet.gateway.tenants import Tenants
 from lorafleet.tracing import TRACE_HEADERS, Tracing
 from lorafleet.traffic_split import VARIANT_HEADER, Split
@@ -168,9 +169,7 @@ class Gateway:
             refused = self.tenants.refusal(tenant, requested, time.monotonic())
             if refused is not None:
                 status, message, kind, wait = refused
-                self.metrics.tenant_requests.labels(tenant.name, str(status)).inc()
-                if self.config.access_log:
-                    access_log.info("tenant=%s %s %s adapter=%s status=%d refused: %s", tenant.name, scope["method"], path, requested or "-", status, message)
+                usage_refused(tenant, self.metrics, scope["method"], path, requested, status, message, self.config.access_log)
                 return await respond_error(send, status, message, kind, [(b"retry-after", str(math.ceil(wait)).encode())] if wait else None)
             usage = TenantUsage(tenant, self.metrics, send, scope["method"], path, requested, self.config.access_log)
             try:

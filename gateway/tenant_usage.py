@@ -61,3 +61,11 @@ class TenantUsage:
         if self.log_access:
             access_log.info("tenant=%s %s %s adapter=%s status=%s prompt_tokens=%d generated_tokens=%d ms=%.1f", self.tenant.name, self.method,
                             self.path, self.requested or "-", outcome, self.prompt, self.generated, (time.perf_counter() - self.started) * 1e3)
+
+
+def refused(tenant: Tenant, metrics: GatewayMetrics, method: str, path: str, requested: str | None, status: int, message: str,
+            log_access: bool = True) -> None:
+    """A request the tenant's policy refused (404, 429): counted and logged as its answered ones are."""
+    metrics.tenant_requests.labels(tenant.name, str(status)).inc()
+    if log_access:
+        access_log.info("tenant=%s %s %s adapter=%s status=%d refused: %s", tenant.name, method, path, requested or "-", status, message)

@@ -138,11 +138,19 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def non_negative_of(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """As ``positive``, with 0 allowed (NaN is not)."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+non_negative = non_negative_of(int)
 
 
 def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:

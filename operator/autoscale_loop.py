@@ -23,16 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from lorafleet.operator.adapter_demand import OwnerHold, owner_counts, request_rates
 from lorafleet.operator.autoscaler import Decision, Policy, Sample, decide
+from lorafleet.operator.wakeable import Wakeable
+from lorafleet.replica_metrics import COLD_LOAD_EVENTS, samples
 from lorafleet.timestamps import now_text
 
 log = logging.getLogger(__name__)
 GROUP_VERSION = "lorafleet.io/v1alpha1"
 DEMAND_ANNOTATION = "lorafleet.io/demand-at"
-COLD_EVENTS = ("cpu_hit", "disk_hit", "local_read", "source_fetch")  # an adapter request that had to load it
 IDLE_POLL_S = 30.0  # how often a fleet without autoscaling looks whether it was turned on (an update also wakes it)
 
 
@@ -49,24 +48,22 @@ class Reading:
 
 def reading(text: str) -> Reading | None:
     """None for what is not a Prometheus exposition (that replica is left out of the round)."""
-    values: dict[tuple[str, tuple], float] = {}
     try:
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        values = samples(text)
     except ValueError:
         return None
 
     def total(name: str, keep: Callable[[dict], bool] = lambda _: True) -> float:
         return sum(v for (n, labels), v in values.items() if n == name and keep(dict(labels)))
 
+    answered = by_adapter(values)
     # requests_in_flight counts every request the replica holds, those queued in the engine included.
     return Reading(requests=total("lorafleet_requests_in_flight"),
                    kv_usage=total("lorafleet_kv_cache_usage_ratio"),
-                   cold_loads=total("lorafleet_adapter_events", lambda labels: labels.get("event") in COLD_EVENTS),
+                   cold_loads=total("lorafleet_adapter_events", lambda labels: labels.get("event") in COLD_LOAD_EVENTS),
                    slots=total("lorafleet_adapter_slots"),
-                   served=total("lorafleet_requests_total", lambda labels: labels.get("route") != "other"),
-                   by_adapter=by_adapter(values))
+                   served=sum(answered.values()),
+                   by_adapter=answered)
 
 
 def by_adapter(values: dict[tuple[str, tuple], float]) -> dict[str, float]:
@@ -92,14 +89,13 @@ def fleet_sample(now: dict[str, Reading], before: dict[str, Reading], elapsed_s:
                   served=served + (1.0 if demand else 0.0))
 
 
-class AutoscaleLoop:
+class AutoscaleLoop(Wakeable):
     def __init__(self, namespace: str, name: str, kube: Any, executor: Any, calls: Any, event: Callable[..., None],
                  adapters: Callable[[], dict[str, int]] = dict, on_owners: Callable[[dict[str, int]], None] | None = None) -> None:
+        super().__init__()
         self.namespace, self.name, self.kube, self.executor, self.calls, self.event = namespace, name, kube, executor, calls, event
         self.adapters, self.on_owners = adapters, on_owners  # registered names -> warmReplicas; where hot adapters' owner counts go
         self._owners: OwnerHold | None = None
-        self.wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._history: list[tuple[Sample, int]] = []
         self._before: dict[str, Reading] = {}
         self._before_at: float | None = None
@@ -107,13 +103,8 @@ class AutoscaleLoop:
         self._demand_seen: str | None = None
         self._demand = False
         self.last: Decision | None = None
-        self.settings_seen: dict[str, Any] | None = None
-        self._enabled = False  # spec.autoscaling as the last BaseModel event had it
-
-    def wake_up(self) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.wake.set)
+        self.settings_seen: dict[str, Any] | None = None  # spec.autoscaling as the last BaseModel event had it
+        self._enabled = False
 
     def demand_stamped(self, stamp: str | None) -> None:
         """A gateway stamped the BaseModel (a request found no ready replica): count it as demand, and act now."""

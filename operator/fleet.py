@@ -32,6 +32,7 @@ from lorafleet.operator.canaries import Canaries
 from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
 from lorafleet.operator.fleet_io import FleetIO, PodView
 from lorafleet.operator.fleet_status import placement
+from lorafleet.operator.wakeable import Wakeable
 from lorafleet.timestamps import now_text
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,11 @@ UNLOAD_GRACE_S = 3.0
 COALESCE_S = 0.1  # a pass costs O(adapters); events arrive by the thousand
 
 
-class Fleet:
+class Fleet(Wakeable):
     def __init__(self, namespace: str, name: str, io: FleetIO, residency_check_s: float, write_concurrency: int = 8) -> None:
+        super().__init__()
         self.namespace, self.name, self.io = namespace, name, io
         self.residency_check_s = residency_check_s
-        self.wake = asyncio.Event()  # set on the loop only; other threads go through wake_up
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._writes = asyncio.Semaphore(write_concurrency)
         self._pods_seen: dict[str, tuple[str, int, str]] = {}
         # pod → {adapter key: the content digest it serves}, for pods whose listing is known
@@ -83,14 +83,6 @@ class Fleet:
         finally:
             for task in list(self._tasks.values()):
                 task.cancel()
-
-    def wake_up(self) -> None:
-        """Ask for a pass, from any thread. ``asyncio.Event.set`` from another thread schedules the waiter without
-        waking the loop's selector: an idle operator then re-placed only when other I/O or its next timer woke it
-        (up to ``residency_check_s``). ``call_soon_threadsafe`` wakes it."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.wake.set)
 
     def _next_due(self) -> float:
         dues = [self._next_check, *(r.not_before for r in self._retry.values()), *self._list_retry.values(), *self._catalogue_retry.values(),

@@ -62,7 +62,7 @@ class Operator:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     def wake(self, key: tuple[str, str]) -> None:
-        """Any thread may call it (kopf runs sync handlers in worker threads): see Fleet.wake_up."""
+        """Any thread may call it (kopf runs sync handlers in worker threads): see Wakeable.wake_up (operator/wakeable.py)."""
         fleet = self.fleets.get(key)
         if fleet is not None:
             fleet.wake_up()

@@ -16,6 +16,7 @@ from typing import Any
 
 from lorafleet.operator.fleet_status import keep_transition_times
 from lorafleet.operator.tenant_policy import policy_secret, render
+from lorafleet.operator.wakeable import Wakeable
 from lorafleet.timestamps import now_text
 
 log = logging.getLogger(__name__)
@@ -49,21 +50,14 @@ def sync_tenants(kube: Any, namespace: str, base: str) -> dict[str, Any]:
     return policy
 
 
-class TenantLoop:
+class TenantLoop(Wakeable):
     """The passes of one fleet, coalesced: a burst of events is one pass, and a pass is never two at once."""
 
     def __init__(self, namespace: str, base: str, kube: Any, executor: Any, poll_s: float) -> None:
+        super().__init__()
         self.namespace, self.base, self.kube, self.executor, self.poll_s = namespace, base, kube, executor, poll_s
-        self.wake = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._adapter_labels: dict[str, tuple] = {}
         self._tenants = 0  # Tenants of the fleet at the last pass: with none, Adapters do not change the policy
-
-    def wake_up(self) -> None:
-        """From any thread (see Fleet.wake_up)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.wake.set)
 
     def adapter_seen(self, name: str, labels: dict[str, str] | None, deleted: bool) -> None:
         """An Adapter event: a pass only when the set of adapters or their labels changed (statuses change all the time)."""

@@ -8,9 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-LOADS = ("cpu_hit", "disk_hit", "local_read", "source_fetch")  # lorafleet_adapter_events that mean a cold request
+from lorafleet.replica_metrics import COLD_LOAD_EVENTS, samples
 
 
 @dataclass
@@ -34,10 +33,6 @@ def read_metrics(url: str) -> str | None:
     return response.text if response.status_code == 200 else None
 
 
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def _generate_requests(values: dict[tuple[str, tuple], float]) -> float:
     return sum(v for (name, labels), v in values.items() if name == "lorafleet_requests_total" and dict(labels).get("route") != "other")
 
@@ -48,7 +43,7 @@ def stats(before: str, after: str, interval: float) -> ReplicaStats:
     def event(name: str) -> float:
         return second.get(("lorafleet_adapter_events", (("event", name),)), 0.0)
 
-    hits, loads = event("device_hit"), sum(event(name) for name in LOADS)
+    hits, loads = event("device_hit"), sum(event(name) for name in COLD_LOAD_EVENTS)
     return ReplicaStats(
         requests_per_s=max(0.0, _generate_requests(second) - _generate_requests(first)) / interval,
         hit_rate=hits / (hits + loads) if hits + loads else None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorafleet.local.replica_stats import samples
+from lorafleet.replica_metrics import samples
 
 
 @dataclass
