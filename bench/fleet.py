@@ -64,6 +64,7 @@ class Result:
     status: int
     tier: str
     replica: str
+    adapter: str = ""
 
 
 def make_adapters(model: Path, root: Path, count: int) -> list[str]:
@@ -137,7 +138,7 @@ async def replay(gateway: str, times: np.ndarray, chosen: np.ndarray, names: lis
                         ttft = time.monotonic() - start
         except httpx.HTTPError:
             status = -1
-        results.append(Result(start - origin, ttft, time.monotonic() - origin, status, tier, replica))
+        results.append(Result(start - origin, ttft, time.monotonic() - origin, status, tier, replica, adapter))
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as client:
         await asyncio.gather(*(one(client, float(t), names[i]) for t, i in zip(times, chosen)))

@@ -7,7 +7,7 @@ to join them by hand to know where an Adapter stood.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet.adapter_ref import AdapterRef
@@ -47,12 +47,17 @@ class AdapterBook:
     rollout: Rollout | None = None  # the spec's version as a canary, when spec.rollout has steps (operator/rollout.py)
     work_since: float | None = None  # when its oldest running work started (its status waits for the work to settle)
     work_count: int = 0
+    queued: int = 0  # loads waiting for a call slot on their replica (a scale-up queues thousands behind a few slots)
+    load_retry: dict[tuple[str, str], Retry] = field(default_factory=dict)  # (pod, adapter key) -> a load that failed there
 
-    def dues(self, settle_s: float) -> list[float]:
+    def dues(self, settle_s: float, queued_patience_s: float) -> list[float]:
         """When this Adapter next needs a pass, if ever."""
         found = [self.check_retry.not_before] if self.check_retry is not None else []
         if self.unload_at is not None:
             found.append(self.unload_at)
         if self.work_since is not None:
             found.append(self.work_since + settle_s)
+            if self.queued:
+                found.append(self.work_since + queued_patience_s)
+        found.extend(retry.not_before for retry in self.load_retry.values())
         return found

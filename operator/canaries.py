@@ -78,8 +78,14 @@ class Canaries:
         for held in (self._splits, self._interval, self._step_ends):
             held.pop(uid, None)
 
+    def uids(self) -> set[str]:
+        """The Adapters whose canary takes traffic: a pass looks at them every time (their steps move with time)."""
+        return set(self._splits)
+
     def catalogue_canaries(self, records: list[AdapterRecord]) -> dict[str, dict[str, Any]]:
         """name -> the ``canary`` field of its catalogue entry, for the Adapters whose canary takes traffic."""
+        if not self._splits:
+            return {}
         return {r.name: self._splits[r.uid].entry() for r in records if r.uid in self._splits}
 
     def versions(self, books: dict[str, AdapterBook]) -> list[str]:

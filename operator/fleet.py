@@ -1,16 +1,12 @@
 """One BaseModel's adapters placed on its replicas: driven by watch events, checked by a slow safety net.
 
-A pass compares three things it holds in memory — the Adapters (kopf's index of their watch
-events), the ready replica pods (the same for Pods), and what each replica holds (its own
-``GET /adapters``, kept current by the answers to our loads) — and starts only the work that
-differs: loads on owners that lack an adapter, unloads where a moved adapter was placed before,
-validation of new generations, and status writes whose content changed. Work runs as tasks that
-wake the fleet when they finish; a pass never waits on a replica or on the API server, so one slow
-download or one hung replica delays nothing else. At rest a pass finds nothing to do and writes
-nothing. A replica that joins, restarts (new uid or restart count) or returns to Ready has its
-listing read again at once; every replica's listing is re-read every ``residency_check_s`` (one
-GET per replica, whatever the number of adapters) to catch what events cannot show (an adapter a
-busy replica evicted).
+A pass compares three things it holds in memory — the Adapters (kopf's index of their watch events), the ready replica
+pods, and what each replica holds (operator/fleet_members.py) — and starts only the work that differs: loads on owners
+that lack an adapter, unloads where a moved adapter was placed before, validation of new generations, and status writes
+whose content changed. It looks only at the Adapters something happened to (operator/pass_scope.py), so its cost
+follows the events, not the size of the fleet. Work runs as tasks that wake the fleet when they finish; a pass never
+waits on a replica or on the API server, so one slow download or one hung replica delays nothing else. At rest a pass
+finds nothing to do and writes nothing.
 """
 
 from __future__ import annotations
@@ -23,44 +19,44 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lorafleet.adapter_ref import AdapterRef, catalogue_entries, catalogue_version
+from lorafleet.adapter_ref import AdapterRef
 from lorafleet.backoff import Backoff
 from lorafleet.operator import adapter_check
 from lorafleet.operator.adapter_status import FINALIZER, AdapterRecord, next_status, observed, serving_from_status, unplaced
 from lorafleet.operator.book import AdapterBook, Retry
 from lorafleet.operator.canaries import Canaries
 from lorafleet.operator.config import DEFAULT_MAX_LORA_RANK
+from lorafleet.operator.fleet_catalogue import FleetCatalogue
 from lorafleet.operator.fleet_io import FleetIO, PodView
+from lorafleet.operator.fleet_members import RELIST, FleetMembers
 from lorafleet.operator.fleet_status import placement
+from lorafleet.operator.pass_scope import PassScope
 from lorafleet.operator.wakeable import Wakeable
 from lorafleet.timestamps import now_text
 
 log = logging.getLogger(__name__)
 SETTLE_S = 2.0  # a status is not written while its adapter's work is younger than this (one write, not Warming then Ready)
+QUEUED_PATIENCE_S = 30.0  # ...nor while its load waits behind other loads for a replica's call slot, up to this long
 RETRY = Backoff(4.0, 60.0)  # a load or a validation fetch that failed for a reason that may pass
-RELIST = Backoff(2.0, 2.0)  # a listing or catalogue call: flat, the replica is usually just starting
 UNLOAD_GRACE_S = 3.0
-COALESCE_S = 0.1  # a pass costs O(adapters); events arrive by the thousand
+COALESCE_S = 0.1  # events arrive by the thousand: a burst of them becomes one pass
 
 
 class Fleet(Wakeable):
     def __init__(self, namespace: str, name: str, io: FleetIO, residency_check_s: float, write_concurrency: int = 8) -> None:
         super().__init__()
         self.namespace, self.name, self.io = namespace, name, io
-        self.residency_check_s = residency_check_s
         self._writes = asyncio.Semaphore(write_concurrency)
-        self._pods_seen: dict[str, tuple[str, int, str]] = {}
-        # pod → {adapter key: the content digest it serves}, for pods whose listing is known
-        self.residency: dict[str, dict[str, str | None]] = {}
-        self._list_retry: dict[str, float] = {}
-        self._next_check = 0.0
+        self._members = FleetMembers(residency_check_s)  # ready pods and what each holds (operator/fleet_members.py)
+        self.residency = self._members.held  # pod -> {adapter key: the content digest it serves}, once its listing is read
         self._tasks: dict[tuple, asyncio.Task] = {}  # running work, by what it is about
         self._books: dict[str, AdapterBook] = {}  # Adapter uid → what the fleet remembers of it (operator/book.py)
-        self._retry: dict[tuple[str, str], Retry] = {}  # (pod, adapter key) → a load that failed there
+        self._scope = PassScope()  # which Adapters the next pass must look at (operator/pass_scope.py)
+        self._rolling: set[str] = set()  # Adapters whose rollout is under way: looked at every pass
+        self._counted, self._lingering = 0, 0  # Adapters at the last pass; gone ones whose book waits for its work to end
+        self._catalogue = FleetCatalogue()  # what the replicas learn of the Adapters' names (operator/fleet_catalogue.py)
         self._headers: dict[str, str] | None = None
         self.demand_owners: dict[str, int] = {}  # Adapter name -> owners its demand wants (autoscale_loop.py), when above warmReplicas
-        self._catalogue_sent: dict[str, tuple] = {}  # pod -> (its identity, the catalogue version it holds)
-        self._catalogue_retry: dict[str, float] = {}
         self._canaries = Canaries()  # rollouts whose canary takes part of a name's traffic (operator/canaries.py)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -85,19 +81,18 @@ class Fleet(Wakeable):
                 task.cancel()
 
     def _next_due(self) -> float:
-        dues = [self._next_check, *(r.not_before for r in self._retry.values()), *self._list_retry.values(), *self._catalogue_retry.values(),
-                *(due for book in self._books.values() for due in book.dues(SETTLE_S)), *self._canaries.dues()]
-        return min(dues)
+        return min(self._scope.next_due(), *self._members.dues(), *self._catalogue.dues(), *self._canaries.dues())
 
     def _book(self, uid: str) -> AdapterBook:
         return self._books.setdefault(uid, AdapterBook())
 
-    def _spawn(self, key: tuple, uid: str | None, work: Any) -> None:
-        """Run ``work`` once at a time per ``key``; ``uid`` names the adapter whose status waits for it to settle."""
+    def _spawn(self, key: tuple, uid: str | None, work: Any, settles: bool = True) -> None:
+        """Run ``work`` once at a time per ``key``; ``uid`` names the adapter the next pass looks at when it ends, and (with
+        ``settles``) whose status waits for it to settle."""
         if key in self._tasks:
             work.close()
             return
-        if uid is not None:
+        if uid is not None and settles:
             book = self._book(uid)
             book.work_since = book.work_since or time.monotonic()
             book.work_count += 1
@@ -109,7 +104,9 @@ class Fleet(Wakeable):
                 log.exception("fleet %s/%s: %s failed", self.namespace, self.name, key)
             finally:
                 del self._tasks[key]
-                book = self._books.get(uid) if uid is not None else None
+                if uid is not None:
+                    self._scope.touch(uid)
+                book = self._books.get(uid) if uid is not None and settles else None
                 if book is not None:
                     book.work_count -= 1
                     if not book.work_count:
@@ -121,23 +118,47 @@ class Fleet(Wakeable):
     # -- one pass -------------------------------------------------------------------------------
 
     async def reconcile(self, records: list[AdapterRecord], pods: list[PodView], engine: dict[str, Any]) -> None:
+        """Look at the Adapters something happened to (operator/pass_scope.py), then share the catalogue if it changed."""
         now = time.monotonic()
         members = self._follow_pods(pods, now)
         known = sorted(members)  # placement uses every ready member, as the gateway's ring does
-        present = set()
-        for record in records:
-            present.add(record.uid)
+        self._scope.world((self._members.seen, engine, dict(self.demand_owners)))
+        for record in self._scope.select(records, now, self._rolling | self._canaries.uids()):
+            uid = record.uid
             if record.deleting:
-                self._spawn(("delete", record.uid), record.uid, self._delete(record, members))
+                self._catalogue.name(uid, None)
+                self._spawn(("delete", uid), uid, self._delete(record, members))
                 continue
-            if FINALIZER not in record.finalizers and not self._book(record.uid).finalized:
-                self._spawn(("finalizer", record.uid), record.uid, self._add_finalizer(record))
+            if FINALIZER not in record.finalizers and not self._book(uid).finalized:
+                self._spawn(("finalizer", uid), uid, self._add_finalizer(record))
             self._place(record, members, known, engine, now)
-        self._share_catalogue([r for r in records if not r.deleting], members, now)
+            book = self._book(uid)
+            self._catalogue.name(uid, (record.name, self._serving(record)))
+            self._scope.looked_at(uid, book.dues(SETTLE_S, QUEUED_PATIENCE_S), now)
+            if book.rollout is not None:  # looked at every pass while it rolls
+                self._rolling.add(uid)
+            else:
+                self._rolling.discard(uid)
+        if self._scope.arrived or len(records) != self._counted or self._lingering:  # an Adapter may have gone
+            self._counted = len(records)
+            self._forget_gone(records)
+        self._share_catalogue(records, members, now)
         self._read_counters(members, now)
-        for uid in [u for u, book in self._books.items() if u not in present and not book.work_count]:
+
+    def _forget_gone(self, records: list[AdapterRecord]) -> None:
+        """What the fleet remembers of Adapters that no longer exist (a book whose work still runs goes on a later pass)."""
+        present = {r.uid for r in records}
+        self._catalogue.keep(present)
+        gone = [u for u in self._books if u not in present]
+        self._lingering = 0
+        for uid in gone:
+            if self._books[uid].work_count:
+                self._lingering += 1
+                continue
             del self._books[uid]
             self._canaries.forget(uid)
+            self._scope.forget(uid)
+            self._rolling.discard(uid)
 
     def _serving(self, record: AdapterRecord) -> AdapterRef:
         """The version the Adapter's name goes to: the spec's once it is hot on every owner, until then the one before."""
@@ -146,20 +167,17 @@ class Fleet(Wakeable):
 
     def _share_catalogue(self, records: list[AdapterRecord], members: dict[str, str], now: float) -> None:
         """Every replica learns the fleet's Adapters (name -> id, source, revision), so a name alone is a request."""
-        entries = catalogue_entries({r.name: self._serving(r) for r in records}, self._canaries.catalogue_canaries(records), self.demand_owners)
-        version = catalogue_version(entries)
-        for pod, url in members.items():
-            sent = (self._pods_seen.get(pod), version)
-            if self._catalogue_sent.get(pod) != sent and self._catalogue_retry.get(pod, 0.0) <= now:
-                self._spawn(("catalogue", pod), None, self._put_catalogue(pod, url, entries, sent))
+        entries, version = self._catalogue.current(self._canaries.catalogue_canaries(records), self.demand_owners, now)
+        for pod, url, sent in self._catalogue.to_send(members, self._members.seen, version, now):
+            self._spawn(("catalogue", pod), None, self._put_catalogue(pod, url, entries, sent))
 
     async def _put_catalogue(self, pod: str, url: str, entries: list[dict[str, Any]], sent: tuple) -> None:
         if await self.io.calls.put_catalogue(url, entries, await self._admin_headers()):
-            self._catalogue_sent[pod] = sent
-            self._catalogue_retry.pop(pod, None)
+            self._catalogue.sent[pod] = sent
+            self._catalogue.retry.pop(pod, None)
         else:
             self._headers = None  # read the admin token again: it may not have existed, or was rotated
-            self._catalogue_retry[pod] = time.monotonic() + RELIST.delay(1)
+            self._catalogue.retry[pod] = time.monotonic() + RELIST.delay(1)
 
     def _read_counters(self, members: dict[str, str], now: float) -> None:
         """While a canary takes traffic, every replica's counters of the versions under analysis, each interval."""
@@ -177,21 +195,9 @@ class Fleet(Wakeable):
 
     def _follow_pods(self, pods: list[PodView], now: float) -> dict[str, str]:
         """Ready members; a new, restarted or returning pod has its listing read again."""
-        members = {p.name: p.url for p in pods if p.url}
-        seen = {p.name: (p.uid, p.restarts, p.url) for p in pods if p.url}
-        for name, identity in seen.items():
-            if self._pods_seen.get(name) != identity:
-                self.residency.pop(name, None)
-                self._list_retry.pop(name, None)
-        self._pods_seen = seen
-        for name in [n for n in self.residency if n not in members]:
-            del self.residency[name]
-        due = now >= self._next_check
-        if due:
-            self._next_check = now + self.residency_check_s
-        for name, url in members.items():
-            if (name not in self.residency or due) and self._list_retry.get(name, 0.0) <= now:
-                self._spawn(("list", name), None, self._read_listing(name, url))
+        members, to_read = self._members.follow(pods, now)
+        for name, url in to_read:
+            self._spawn(("list", name), None, self._read_listing(name, url))
         return members
 
     async def _read_listing(self, pod: str, url: str) -> None:
@@ -199,10 +205,10 @@ class Fleet(Wakeable):
             listing = await self.io.calls.resident(url)
         except Exception as exc:  # keep what we knew; try again soon
             log.info("fleet %s/%s: listing %s failed: %s", self.namespace, self.name, pod, exc)
-            self._list_retry[pod] = time.monotonic() + RELIST.delay(1)
+            self._members.listing_failed(pod, time.monotonic())
             return
-        if self._pods_seen.get(pod, ("", 0, None))[2] == url:
-            self.residency[pod] = listing
+        if self._members.listed(pod, url, listing):
+            self._scope.everything()  # every Adapter placed there may be hot or missing now
 
     def _place(self, record: AdapterRecord, members: dict[str, str], known: list[str], engine: dict[str, Any], now: float) -> None:
         book = self._book(record.uid)
@@ -235,8 +241,8 @@ class Fleet(Wakeable):
         all_hot = len(hot) == len(owners)
         if rollout is not None:
             if self._canaries.step(record, rollout, all_hot, now):
-                self._spawn(("action", record.uid), None, self._write(lambda: self.io.kube.merge(
-                    "lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name, record.action_done_patch())))
+                self._spawn(("action", record.uid), record.uid, self._write(lambda: self.io.kube.merge(
+                    "lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name, record.action_done_patch())), settles=False)
             if rollout.phase == "Promoted":
                 book.serving = record.ref
         elif all_hot:
@@ -270,7 +276,7 @@ class Fleet(Wakeable):
                 hot.append(pod)
                 self._book(record.uid).placed.add((pod, key))
                 continue
-            retry = self._retry.get((pod, key))
+            retry = self._book(record.uid).load_retry.get((pod, key))
             if retry is not None:
                 problems.append(f"{pod}: {retry.problem}")
             if pod in self.residency and (retry is None or retry.not_before <= now):
@@ -325,19 +331,31 @@ class Fleet(Wakeable):
         return self._headers
 
     async def _load(self, record: AdapterRecord, ref: AdapterRef, pod: str, url: str) -> None:
-        result = await self.io.calls.load(url, ref.load_body(record.pinned), await self._admin_headers())
+        book = self._book(record.uid)
+        book.queued += 1
+        waiting = True
+
+        def started() -> None:  # the settle period counts from here: a load queued behind a thousand others is not slow itself
+            nonlocal waiting
+            waiting, book.queued = False, book.queued - 1
+            book.work_since = max(book.work_since or 0.0, time.monotonic())
+
+        try:
+            result = await self.io.calls.load(url, ref.load_body(record.pinned), await self._admin_headers(), started)
+        finally:
+            if waiting:
+                book.queued -= 1
         key = ref.key
         if result.ok:
-            self._retry.pop((pod, key), None)
+            book.load_retry.pop((pod, key), None)
             self.residency.setdefault(pod, {})[key] = result.digest
-            book = self._book(record.uid)
             book.placed = (book.placed or set()) | {(pod, key)}
         elif result.permanent:
-            self._book(record.uid).refused = (record.generation, "LoadFailed", f"{pod} refused the adapter: {result.message}")
+            book.refused = (record.generation, "LoadFailed", f"{pod} refused the adapter: {result.message}")
         else:
             if result.unauthorized:
                 self._headers = None  # the token may have been rotated
-            self._retry[(pod, key)] = Retry.after(self._retry.get((pod, key)), result.message, RETRY)
+            book.load_retry[(pod, key)] = Retry.after(book.load_retry.get((pod, key)), result.message, RETRY)
 
     async def _unload(self, record: AdapterRecord, pod: str, url: str, key: str) -> None:
         if await self.io.calls.unload(url, key, await self._admin_headers()):
@@ -368,13 +386,15 @@ class Fleet(Wakeable):
     def _publish(self, record: AdapterRecord, seen: dict[str, Any]) -> None:
         """Write the status when its content changed and the adapter's work has settled (or is slow)."""
         book = self._book(record.uid)
-        if book.work_since is not None and time.monotonic() - book.work_since < SETTLE_S and seen["phase"] != "Failed":
-            return
+        if book.work_since is not None and seen["phase"] != "Failed":
+            settling = time.monotonic() - book.work_since
+            if settling < SETTLE_S or (book.queued and settling < QUEUED_PATIENCE_S):
+                return
         previous = book.written if book.written is not None else record.status
         status = next_status(previous, seen, now_text())
         if status is None or ("status", record.uid) in self._tasks:
             return
-        self._spawn(("status", record.uid), None, self._write_status(record, previous, status))
+        self._spawn(("status", record.uid), record.uid, self._write_status(record, previous, status), settles=False)
 
     async def _write_status(self, record: AdapterRecord, previous: dict[str, Any], status: dict[str, Any]) -> None:
         ok = await self._write(lambda: self.io.kube.merge_status("lorafleet.io/v1alpha1", "Adapter", record.namespace, record.name, status))

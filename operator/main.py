@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from lorafleet.operator.handlers import register
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per replica call: 10,000 of them on a scale-up
     # One active operator at a time comes from the Deployment's Recreate strategy (see manifests/),
     # so kopf runs standalone and needs no peering resources.
     config = OperatorConfig(**values(OperatorConfig, args))

@@ -8,6 +8,7 @@ per call: a listing answers at once or the replica is in trouble; a load may wai
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -59,9 +60,12 @@ class ReplicaCalls:
         listing: list[dict[str, Any]] = response.json()
         return {AdapterRef.from_entry(a).key: a.get("digest") for a in listing if a.get("tier") in ("device", "cpu")}
 
-    async def load(self, url: str, request: dict[str, Any], headers: dict[str, str]) -> LoadResult:
+    async def load(self, url: str, request: dict[str, Any], headers: dict[str, str], started: Callable[[], None] | None = None) -> LoadResult:
+        """``started``: called once the load holds one of the replica's call slots (it may wait behind others first)."""
         try:
             async with self._slot(url):
+                if started is not None:
+                    started()
                 response = await self._client.post(f"{url}/adapters", json=request, headers=headers)
         except httpx.HTTPError as exc:
             return LoadResult(False, message=f"{type(exc).__name__}: {exc}".rstrip(": "))

@@ -52,7 +52,9 @@ def digest(ring_key: str) -> str:
 class StubReplica:
     """Answers /health and /adapters like a replica, remembering what it was asked to load and unload."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, keep_alive: bool = False) -> None:
+        """``keep_alive``: answer over kept-alive connections as uvicorn does (a bench's many calls); tests keep one connection
+        per call, so that a closed stand-in stops answering at once."""
         self.loaded: dict[str, bool] = {}  # ring key (id, @revision when pinned to one) -> pinned
         self.refs: dict[str, AdapterRef] = {}  # ring key -> the version loaded, as a replica lists it
         self.calls: list[tuple[str, str]] = []  # ("load" | "unload", ring key)
@@ -65,6 +67,9 @@ class StubReplica:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+            disable_nagle_algorithm = True  # headers and body go out in two writes: Nagle would hold the body for the peer's delayed ACK
+
             def log_message(self, *args) -> None:
                 pass
 
