@@ -32,7 +32,8 @@ class EngineConfig:
     max_total_tokens: int = setting(2048, parse=positive(int), help="longest input + output in tokens", crd={"type": "integer", "minimum": 2, "default": 2048})
     max_batch_prefill_tokens: int = setting(4096, parse=positive(int), help="prompt tokens prefilled in one step", crd={"type": "integer", "minimum": 1})
     max_batch_total_tokens: int = setting(65536, parse=positive(int), help="tokens of all running sequences together", crd={"type": "integer", "minimum": 2})
-    max_running_requests: int = setting(256, parse=positive(int), help="sequences decoded in one step at most")
+    max_running_requests: int = setting(256, parse=positive(int), help="sequences decoded in one step at most",
+                                        crd={"type": "integer", "minimum": 1, "maximum": 4096})
     max_lora_rank: int = setting(64, parse=positive(int), help="largest adapter rank a slot holds",
                                  crd={"type": "integer", "minimum": 1, "maximum": 512, "default": 64})
     max_active_adapters: int = setting(8, parse=positive(int), help="device slots for adapters",
