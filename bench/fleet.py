@@ -67,17 +67,21 @@ class Result:
     adapter: str = ""
 
 
-def make_adapters(model: Path, root: Path, count: int) -> list[str]:
-    """``count`` random rank-8 adapters: one through peft, the rest with the same layout and new random weights."""
-    template = make_lora_adapter(model, root / "a000", r=8, seed=0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+def make_adapters(model: Path, root: Path, count: int, rank: int = 8, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
+    """``count`` random adapters: one through peft, the rest with the same layout and new random weights."""
+    template = make_lora_adapter(model, root / "a000", r=rank, seed=0, target_modules=list(targets))
     tensors = load_file(template / "adapter_model.safetensors")
     generator = torch.Generator().manual_seed(1)
     for i in range(1, count):
-        folder = root / f"a{i:03d}"
+        folder = root / name_of(i)
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(template / "adapter_config.json", folder / "adapter_config.json")
         save_file({k: torch.randn(v.shape, generator=generator) * 0.2 for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
-    return [f"a{i:03d}" for i in range(count)]
+    return [name_of(i) for i in range(count)]
+
+
+def name_of(i: int) -> str:
+    return f"a{i:03d}"
 
 
 def trace(count: int, adapters: int, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,10 +104,11 @@ def port_on(address: str) -> int:
         return sock.getsockname()[1]
 
 
-def start_replica(address: str, port: int, model: Path, root: Path, work: Path, slots: int) -> subprocess.Popen:
+def start_replica(address: str, port: int, model: Path, root: Path, work: Path, args: argparse.Namespace) -> subprocess.Popen:
+    cpu_memory = ["--adapter-cpu-memory", args.cpu_memory] if args.cpu_memory else []
     return subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "serve", "--model", str(model), "--host", address, "--port", str(port),
                              "--adapter-root", str(root), "--adapter-source", "local", "--adapter-cache-dir", str(work / f"cache-{address}-{port}"),
-                             "--max-active-adapters", str(slots), "--max-lora-rank", "8", "--grace-period-s", "5"],
+                             "--max-active-adapters", str(args.slots), "--max-lora-rank", str(args.rank), "--grace-period-s", "5", *cpu_memory],
                             stdout=(work / f"replica-{address}.log").open("ab"), stderr=subprocess.STDOUT, start_new_session=True, env=warm_env())
 
 
@@ -178,7 +183,7 @@ def run_fleet(policy: str, handoff: bool, join_at: float | None, args: argparse.
     count = 3
     ports = [port_on(a) for a in ADDRESSES]
     urls = [f"http://{a}:{p}" for a, p in zip(ADDRESSES, ports)]
-    replicas = [start_replica(ADDRESSES[i], ports[i], model, root, work, args.slots) for i in range(count)]
+    replicas = [start_replica(ADDRESSES[i], ports[i], model, root, work, args) for i in range(count)]
     gateway_port = port_on("127.0.0.1")
     members = urls[: count + (1 if join_at is not None else 0)]
     gateway = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", "gateway", "--port", str(gateway_port), "--policy", policy,
@@ -194,7 +199,7 @@ def run_fleet(policy: str, handoff: bool, join_at: float | None, args: argparse.
             task = asyncio.create_task(replay(f"http://127.0.0.1:{gateway_port}", times, chosen, names, args.new_tokens))
             if join_at is not None:
                 await asyncio.sleep(max(0.0, join_at - args.join_lead_s))  # it takes about this long to load the model
-                processes.append(start_replica(ADDRESSES[count], ports[count], model, root, work, args.slots))
+                processes.append(start_replica(ADDRESSES[count], ports[count], model, root, work, args))
             return await task
 
         results = asyncio.run(with_join())
@@ -211,6 +216,10 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="arrivals per second (open loop)")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="the adapters' target modules")
+    parser.add_argument("--cpu-memory", default=None, help="each replica's CPU tier (--adapter-cpu-memory), e.g. 450MiB for a third of "
+                        "1,500 rank-4 q/v adapters (the long-tail case)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--policies", default="lorafleet,round-robin,least-loaded")
     parser.add_argument("--skip-join", action="store_true")
@@ -220,7 +229,7 @@ def main() -> int:
     model = model_store.fetch("smollm2", log=lambda m: None)
     work = Path(tempfile.mkdtemp(prefix="lorafleet-fleet-"))
     root = work / "adapters"
-    names = make_adapters(model, root, args.adapters)
+    names = make_adapters(model, root, args.adapters, args.rank, tuple(args.targets.split(",")))
     times, chosen = trace(args.requests, args.adapters, args.rate, args.seed)
     print(f"trace: {args.requests} requests at {args.rate}/s over {times[-1]:.0f}s, {len(set(chosen.tolist()))} distinct of {args.adapters} adapters "
           f"(Zipf 1.0), {args.new_tokens} new tokens each; 3 replicas x {args.slots} device slots; work in {work}", flush=True)

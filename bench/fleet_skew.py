@@ -11,7 +11,9 @@ with at most ``--running`` sequences each, the gateway) twice on the same seeded
   adapter ceil(share x replicas) owners, pre-warms them, and the gateways spread its requests over them.
 
 One replica's capacity for the hot adapter is measured first (closed-loop callers on it alone, as many as it runs at
-once); the trace sends the hot adapter 3x that, and the tail (``--tail`` adapters, Zipf 1.0) a quarter of the total.
+once); the trace sends the hot adapter ``--hot-multiple`` (3) times that, and the tail (``--tail`` adapters, Zipf 1.0) a
+quarter of the total. Three replica processes share this machine's two cores, so the fleet serves well under three
+times what one replica serves alone: at 3x both modes are overloaded here, and 1.2x is the largest multiple it holds.
 It prints, per mode, TTFT p50/p99 of the hot adapter and of the tail, failed requests and cold loads (the replicas'
 reads from disk or source), and the ratios. Goal (issue 33): hot TTFT p99 <= 0.5x today's with <= 1.1x its cold loads.
 
@@ -59,6 +61,13 @@ def skewed_trace(duration: float, hot_rate: float, tail: int, seed: int) -> tupl
     return times, np.where(rng.random(len(times)) < 0.75, 0, tail_pick)
 
 
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class Fleet:
     """`lorafleet up` in a temporary folder, stopped on exit."""
 
@@ -82,13 +91,12 @@ class Fleet:
     def engine(self, running: int) -> None:
         """Every replica runs at most ``running`` sequences at once; waits until the restarted replicas serve it."""
         self.kubectl("patch", "basemodel", "smollm2", "--type", "merge", "-p", json.dumps({"spec": {"engine": {"maxRunningRequests": running}}}))
-        deadline = time.monotonic() + 600
+        deadline, flag = time.monotonic() + 600, f'"--max-running-requests", "{running}"'
         while time.monotonic() < deadline:
-            base = json.loads(self.kubectl("get", "basemodel", "smollm2", "-o", "json").stdout)
+            ready = ready_pods([p for p in pods(self.kubectl).values() if flag in json.dumps(p["spec"])])
             adapters = json.loads(self.kubectl("get", "adapters", "-o", "json").stdout)["items"]
-            status = base.get("status") or {}
-            if status.get("observedGeneration") == base["metadata"]["generation"] and status.get("readyReplicas") == 3 \
-                    and len(self.replicas()) == 3 and all((a.get("status") or {}).get("phase") == "Ready" for a in adapters):
+            if len(ready) == 3 and len(self.replicas()) == 3 and all((a.get("status") or {}).get("phase") == "Ready" for a in adapters) \
+                    and all(healthy(url) for url in ready.values()):
                 return
             time.sleep(2)
         raise SystemExit("the fleet did not come back after the engine change")
@@ -136,6 +144,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=90.0, help="seconds of trace per mode")
     parser.add_argument("--tail", type=int, default=30)
     parser.add_argument("--running", type=int, default=2, help="sequences one replica runs at once (its capacity)")
+    parser.add_argument("--hot-multiple", type=float, default=3.0,
+                        help="the hot adapter's rate in units of one replica's capacity (3: the issue's trace; the replicas share this "
+                        "machine's cores, so three of them serve well under 3x one alone)")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -151,9 +162,10 @@ def main() -> int:
                 if rate is None:
                     one = next(iter(fleet.replicas().values()))
                     rate = asyncio.run(capacity(one, args.running, 15.0, args.new_tokens))
-                    times, chosen = skewed_trace(args.duration, 3 * rate, args.tail, args.seed)
+                    times, chosen = skewed_trace(args.duration, args.hot_multiple * rate, args.tail, args.seed)
                     print(f"one replica serves the hot adapter at {rate:.2f} requests/s ({args.running} running, {args.new_tokens} new tokens); "
-                          f"trace: {len(times)} requests over {args.duration:.0f} s, hot at {3 * rate:.2f}/s (3x), {args.tail} tail adapters "
+                          f"trace: {len(times)} requests over {args.duration:.0f} s, hot at {args.hot_multiple * rate:.2f}/s "
+                          f"({args.hot_multiple:g}x), {args.tail} tail adapters "
                           f"(Zipf 1.0) with a quarter of the requests", flush=True)
                 rows[mode] = run_mode(mode, fleet, times, chosen, names, args)
             finally:
