@@ -22,7 +22,7 @@ class EngineConfig:
     those with ``crd=`` are BaseModel ``spec.engine`` properties too (lorafleet/settings.py)."""
 
     model: str  # the folder --model resolved to (ServeConfig.model_id is what was named)
-    dtype: str = setting("auto", help="auto (cpu: bfloat16 where it has bf16 units, else float32; cuda: the checkpoint's), float32, bfloat16, float16")
+    dtype: str = setting("auto", help="auto (cpu: bfloat16 where it has AMX, else float32; cuda: the checkpoint's), float32, bfloat16, float16")
     device: str = setting("cpu", help="cpu or cuda", crd={"type": "string", "enum": ["cpu", "cuda"], "default": "cuda"})
     allow_pickle: bool = setting(False, parse=None, help="allow pickle (.bin) checkpoints and adapters")
     block_size: int = setting(16, parse=positive(int), help="tokens per KV cache block")

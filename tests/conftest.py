@@ -20,7 +20,7 @@ TINY_ARCHS = ["llama", "mistral", "qwen2"]
 def pytest_configure(config: pytest.Config) -> None:
     """Replicas the tests start as processes compute in float32, where their tokens equal transformers'.
 
-    `--dtype auto` picks bfloat16 on CPUs with bf16 units; the tests of that choice set it explicitly.
+    `--dtype auto` picks bfloat16 on CPUs with AMX; the tests of that choice set it explicitly.
     """
     os.environ.setdefault("LORAFLEET_DTYPE", "float32")
 

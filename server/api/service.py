@@ -355,6 +355,7 @@ class ReplicaService:
             **public(c), **public(e),
             "served_model_name": self.base_name,
             "model_dtype": str(runner.dtype).removeprefix("torch."),
+            "model_dtype_reason": runner.dtype_reason,
             "model_device_type": runner.device.type,
             "max_active_adapters": runner.num_slots,
             "architecture": runner.model_config.architecture,

@@ -43,7 +43,7 @@ def test_every_step_logits_match_transformers(tiny_models: dict[str, Path], arch
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_bfloat16_logits_are_within_tolerance_of_transformers(tiny_models: dict[str, Path], arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bfloat16 (what `--dtype auto` picks on CPUs with bf16 units): the same mixed, chunked batch as above.
+    """bfloat16 (what `--dtype auto` picks on CPUs with AMX): the same mixed, chunked batch as above.
 
     Rounding differs from transformers' op for op, so tokens may diverge; the check is on the logits
     of the tokens this engine chose, teacher-forced through transformers in bfloat16. Measured: at most
@@ -81,15 +81,21 @@ def test_a_sliding_window_that_acts_matches_transformers(tmp_path: Path, monkeyp
     assert not torch.allclose(full_logits[0], captured[seqs[2].request_id][0], atol=1e-3)
 
 
-def test_dtype_auto_picks_bfloat16_only_where_the_cpu_has_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("units", "picked", "why"), [
+    ({"_is_amx_tile_supported", "_is_avx512_bf16_supported"}, torch.bfloat16, "AMX"),
+    ({"_is_avx512_bf16_supported"}, torch.float32, "AVX512-BF16 but no AMX"),  # this machine: bfloat16 measured 0.83x float32
+    (set(), torch.float32, "no bfloat16 units"),
+])
+def test_dtype_auto_picks_bfloat16_only_where_the_cpu_has_amx(monkeypatch: pytest.MonkeyPatch, units: set[str], picked: torch.dtype,
+                                                               why: str) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(runner_module, "cpu_has_bf16_units", lambda: True)
-    assert runner_module.resolve_dtype("auto", cpu, "float32") == torch.bfloat16
-    assert runner_module.resolve_dtype("float32", cpu, None) == torch.float32
-    monkeypatch.setattr(runner_module, "cpu_has_bf16_units", lambda: False)
-    assert runner_module.resolve_dtype("auto", cpu, "bfloat16") == torch.float32
-    assert runner_module.resolve_dtype("auto", cuda, "float16") == torch.float16
-    assert runner_module.resolve_dtype("auto", cuda, None) == torch.bfloat16
+    monkeypatch.setattr(runner_module, "cpu_probe", lambda name: name in units)
+    dtype, reason = runner_module.resolve_dtype("auto", cpu, "float32")
+    assert dtype == picked and why in reason
+    assert runner_module.resolve_dtype("float32", cpu, None) == (torch.float32, "--dtype")
+    assert runner_module.resolve_dtype("bfloat16", cpu, None)[0] == torch.bfloat16  # forced either way
+    assert runner_module.resolve_dtype("auto", cuda, "float16")[0] == torch.float16
+    assert runner_module.resolve_dtype("auto", cuda, None)[0] == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be"):
         runner_module.resolve_dtype("fp8", cpu, None)
 
