@@ -65,6 +65,7 @@ class Result:
     tier: str
     replica: str
     adapter: str = ""
+    error: str = ""  # a failed request's status line or exception, and the start of its body
 
 
 def make_adapters(model: Path, root: Path, count: int, rank: int = 8, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
@@ -134,16 +135,18 @@ async def replay(gateway: str, times: np.ndarray, chosen: np.ndarray, names: lis
         start = time.monotonic()
         body = {"inputs": "Write one short sentence about the sea.", "parameters": {"adapter_id": adapter, "max_new_tokens": new_tokens,
                                                                                      "ignore_eos_token": True}}
-        ttft, status, tier, replica = None, 0, "", ""
+        ttft, status, tier, replica, error = None, 0, "", "", ""
         try:
             async with client.stream("POST", gateway + "/generate_stream", json=body) as response:
                 status, tier, replica = response.status_code, response.headers.get("x-adapter-tier", ""), response.headers.get("x-lorafleet-replica", "")
                 async for line in response.aiter_lines():
                     if line.startswith("data:") and ttft is None:
                         ttft = time.monotonic() - start
-        except httpx.HTTPError:
-            status = -1
-        results.append(Result(start - origin, ttft, time.monotonic() - origin, status, tier, replica, adapter))
+                    if status != 200 or '"error"' in line:
+                        error = error or f"{status} {line[:160]}"
+        except httpx.HTTPError as exc:
+            status, error = -1, f"{type(exc).__name__}: {exc}"[:200]
+        results.append(Result(start - origin, ttft, time.monotonic() - origin, status, tier, replica, adapter, error))
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as client:
         await asyncio.gather(*(one(client, float(t), names[i]) for t, i in zip(times, chosen)))

@@ -101,6 +101,18 @@ class Fleet:
             time.sleep(2)
         raise SystemExit("the fleet did not come back after the engine change")
 
+    def gateway_restarted(self) -> None:
+        """Autoscaling adds the gateway's hold-at-zero flags: under `lorafleet up` its one process restarts on the same port
+        (a cluster rolls it with maxUnavailable 0), so wait until the new one has answered for a few seconds."""
+        deadline, steady = time.monotonic() + 120, 0
+        while time.monotonic() < deadline and steady < 6:
+            items = json.loads(self.kubectl("get", "pods", "-l", "app.kubernetes.io/component=gateway", "-o", "json").stdout)["items"]
+            restarted = items and all("--demand-basemodel" in json.dumps(p["spec"]) for p in items)
+            steady = steady + 1 if restarted and healthy(self.url) else 0
+            time.sleep(0.5)
+        if steady < 6:
+            raise SystemExit("the gateway did not come back after autoscaling was turned on")
+
     def close(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(120)
@@ -129,11 +141,15 @@ def run_mode(mode: str, fleet: Fleet, times: np.ndarray, chosen: np.ndarray, nam
     if mode == "demand":
         autoscaling = {"enabled": True, "minReplicas": 3, "maxReplicas": 3, "interval": "2s", "scaleDownDelay": "300s"}
         fleet.kubectl("patch", "basemodel", "smollm2", "--type", "merge", "-p", json.dumps({"spec": {"autoscaling": autoscaling}}))
+        fleet.gateway_restarted()
     urls = list(fleet.replicas().values())
     loads_before = sum(cold_loads(u) for u in urls)
     results = asyncio.run(replay(fleet.url, times, chosen, names, args.new_tokens))
     loads = sum(cold_loads(u) for u in urls) - loads_before
     ok = [r for r in results if r.status == 200 and r.ttft is not None]
+    for r in results:
+        if r not in ok:
+            print(f"  {mode}: failed at {r.start:.1f}s ({r.adapter} on {r.replica or '?'}): {r.error or r.status}", flush=True)
     owners = json.loads(fleet.kubectl("get", "adapter", HOT, "-o", "json").stdout).get("status", {}).get("owners")
     return {"failed": len(results) - len(ok), "loads": loads, "owners": owners,
             "hot ttft": [r.ttft for r in ok if r.adapter == HOT], "tail ttft": [r.ttft for r in ok if r.adapter != HOT]}
@@ -149,13 +165,14 @@ def main() -> int:
                         "machine's cores, so three of them serve well under 3x one alone)")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default="today,demand")
     args = parser.parse_args()
     model = model_store.fetch("smollm2", log=lambda m: None)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         names = make_adapters(model, tmp / "adapters", args.tail + 1)
         rows, rate = {}, None
-        for mode in ("today", "demand"):
+        for mode in args.modes.split(","):
             fleet = Fleet(tmp / "adapters", tmp / mode, 3)
             try:
                 fleet.engine(args.running)
@@ -174,6 +191,8 @@ def main() -> int:
             hot, tail = row["hot ttft"], row["tail ttft"]
             print(f"{mode:<7} failed {row['failed']:>3}  cold loads {row['loads']:>4}  hot TTFT p50/p99 {pct(hot, 50)}/{pct(hot, 99)} s"
                   f"  tail TTFT p50/p99 {pct(tail, 50)}/{pct(tail, 99)} s  hot adapter's owners at the end: {row['owners'] or 1}", flush=True)
+        if len(rows) < 2:
+            return 0
         today, demand = rows["today"], rows["demand"]
         print(f"demand / today: hot TTFT p99 {np.percentile(demand['hot ttft'], 99) / np.percentile(today['hot ttft'], 99):.2f} (goal <= 0.5), "
               f"tail TTFT p99 {np.percentile(demand['tail ttft'], 99) / np.percentile(today['tail ttft'], 99):.2f}, "
