@@ -349,7 +349,7 @@ def test_aliases_of_one_local_folder_are_one_adapter(tiny_models, adapter_root, 
 def test_an_unreachable_hub_costs_one_fetch_not_one_per_id(tiny_models, adapter_root, tmp_path, monkeypatch) -> None:
     """huggingface_hub retries a refused connection for ~23 s; after one such failure the source is
     known down, and new hub ids fail at once instead of each queueing its own 23 s."""
-    from lorafleet.server.adapters import manager as manager_module
+    from lorafleet.server.adapters import loading as loading_module
     from lorafleet.server.adapters.sources import SourceUnreachable
 
     calls = []
@@ -359,7 +359,7 @@ def test_an_unreachable_hub_costs_one_fetch_not_one_per_id(tiny_models, adapter_
         time.sleep(0.5)
         raise SourceUnreachable(f"hub adapter {ref.id!r}: the hub is unreachable and the file is not in the local cache")
 
-    monkeypatch.setattr(manager_module, "fetch_hub", unreachable)
+    monkeypatch.setattr(loading_module, "fetch_hub", unreachable)
     engine = dynamic_engine(tiny_models, adapter_root, tmp_path)
     first = engine.add_request([1, 5], GREEDY, engine.adapters.request(AdapterRef.parse("junk/first", "hub")))
     drive(engine, [first])
