@@ -47,6 +47,9 @@ class _EngineCollector:
         for name, help_text, value in [
             ("vllm:prefix_cache_queries", "prompt tokens looked up in the prefix cache (vLLM name, read by prefix-aware routers)", queried),
             ("vllm:prefix_cache_hits", "prompt tokens found in the prefix cache, their KV blocks reused (vLLM name)", hit),
+            *zip(("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"),
+                 ("speculative verify rows run (one per request per step that proposed tokens)", "tokens proposed by prompt lookup and verified",
+                  "proposed tokens accepted: each saved a decode step"), s["speculative"]),
         ]:
             counter = CounterMetricFamily(name, help_text)
             counter.add_metric([], value)

@@ -26,7 +26,7 @@ from lorafleet.server.engine.sequence import FinishReason
 from lorafleet.server.errors import ValidationError
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-PASSED_THROUGH = ("top_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "adapter_source", "api_token")
+PASSED_THROUGH = ("top_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "adapter_source", "api_token", "speculative")
 
 
 def finish_reason(reason: FinishReason | None) -> str:

@@ -310,6 +310,7 @@ class ReplicaService:
             "running": len(scheduler.running),
             "kv_usage": 1.0 - allocator.num_free / allocator.num_blocks,
             "prefix_cache": (prefix.queried_tokens, prefix.hit_tokens) if (prefix := self.engine.prefix) is not None else (0, 0),
+            "speculative": (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) if (spec := self.engine.speculator) else (0, 0, 0),
             "max_lora": self.engine.runner.num_slots,
             **self._lora_residency(),
             "timestamp": time.time(),

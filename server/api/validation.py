@@ -180,6 +180,7 @@ def _sampling(p: dict, limits: Limits) -> tuple[SamplingParams, int | None]:
         typical_p=typical_p, repetition_penalty=repetition_penalty, frequency_penalty=penalties["frequency_penalty"],
         presence_penalty=penalties["presence_penalty"], seed=seed, stop=list(stop), ignore_eos=_flag(p, "ignore_eos_token"),
         alternatives=alternatives, prefill_logprobs=_flag(p, "decoder_input_details"),
+        speculative=p.get("speculative") is None or _flag(p, "speculative"),
     )
     return params, max_new_tokens
 

@@ -67,6 +67,14 @@ class BlockAllocator:
             self._refs[block] = 1
             table.append(block)
 
+    def shrink(self, table: list[int], num_tokens: int) -> None:
+        """Free the blocks past those ``num_tokens`` tokens need (a verify step's rejected proposals: never cached)."""
+        keep = -(-num_tokens // self.block_size)
+        if len(table) > keep:
+            spare = table[keep:]
+            del table[keep:]
+            self.free(spare)
+
     def free(self, table: list[int]) -> None:
         """Drop one reference to each block; the table's head is freed last, so it stays cached longest."""
         for block in reversed(table):

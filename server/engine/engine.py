@@ -22,6 +22,7 @@ from lorafleet.server.engine.output import OutputProcessor, StepOutput
 from lorafleet.server.engine.runner import ModelRunner
 from lorafleet.server.engine.scheduler import Scheduler
 from lorafleet.server.engine.sequence import FinishReason, SamplingParams, Sequence
+from lorafleet.server.engine.speculation import NgramSpeculator
 from lorafleet.server.lora.adapter_format import LoraAdapter
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,25 @@ class LLMEngine:
             make_slots=runner.make_slots, parse=runner.parse_adapter,
         )
         self.prefix = PrefixCache(self.allocator, self._adapter_identity) if config.prefix_caching else None
-        self.scheduler = Scheduler(config, self.allocator, self._adapter_ready, self.prefix)
-        self.output = OutputProcessor(tokenizer, eos_ids, self.scheduler, runner.logits, self.prefix)
+        self.speculator = self._speculator(config, runner)
+        self.scheduler = Scheduler(config, self.allocator, self._adapter_ready, self.prefix,
+                                   self.speculator.draft if self.speculator is not None else None)
+        self.output = OutputProcessor(tokenizer, eos_ids, self.scheduler, runner.logits, self.prefix, self.speculator)
         self._grammar: Any = None
         self._grammar_lock = threading.Lock()
         log.info("engine ready: %s %s on %s, %d KV blocks of %d tokens", runner.model_config.architecture, runner.dtype, runner.device,
                  runner.num_blocks, config.block_size)
+
+    @staticmethod
+    def _speculator(config: EngineConfig, runner: ModelRunner) -> NgramSpeculator | None:
+        if config.speculative == "off":
+            return None
+        if runner.model.rope.length_dependent:  # a verify chunk's positions would be rotated for its end's length
+            log.warning("--speculative %s is off: this model's RoPE depends on the sequence length", config.speculative)
+            return None
+        log.info("speculative decoding: ngram, up to %d tokens per request per step, n-grams up to %d",
+                 config.speculative_tokens, config.speculative_ngram)
+        return NgramSpeculator(config.speculative_tokens, config.speculative_ngram)
 
     # -- requests -------------------------------------------------------------------------------
 

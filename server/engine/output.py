@@ -20,6 +20,7 @@ from lorafleet.server.engine.blocks import PrefixCache
 from lorafleet.server.engine.sampler import SamplingError, sample
 from lorafleet.server.engine.scheduler import ScheduledChunk, Scheduler
 from lorafleet.server.engine.sequence import FinishReason, Sequence, Status, TokenInfo
+from lorafleet.server.engine.speculation import NgramSpeculator
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,13 @@ class StepOutput:
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any, eos_ids: set[int], scheduler: Scheduler, logits: Callable[[torch.Tensor], torch.Tensor],
-                 prefix: PrefixCache | None) -> None:
+                 prefix: PrefixCache | None, speculator: NgramSpeculator | None = None) -> None:
         self.tokenizer, self.eos_ids, self.scheduler, self.logits, self.prefix = tokenizer, eos_ids, scheduler, logits, prefix
+        self.speculator = speculator
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []))
 
     def process(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[StepOutput]:
-        sample_rows, sample_seqs, outputs = [], [], []
+        sample_rows, sample_seqs, verify, verify_rows, outputs = [], [], [], [], []
         offset = 0
         for chunk in chunks:
             seq = chunk.seq
@@ -48,24 +50,63 @@ class OutputProcessor:
             seq.num_computed += chunk.num_tokens
             if self.prefix is not None:
                 self.prefix.register(seq)
-            if seq.num_computed == len(seq.token_ids):
+            if chunk.draft:
+                verify.append(chunk)
+                verify_rows.extend(range(end - 1, end + len(chunk.draft)))  # the last token's row and each proposal's
+            elif seq.num_computed == len(seq.token_ids):
                 sample_rows.append(end - 1)
                 sample_seqs.append(seq)
-            offset = end
-        if not sample_seqs:
+            offset = end + len(chunk.draft)
+        if not sample_rows and not verify_rows:
             return outputs
-        tokens, logprobs, failed = sample(self.logits(hidden[sample_rows]), sample_seqs)
-        for row, (seq, token_id) in enumerate(zip(sample_seqs, tokens)):
-            if row not in failed:
-                try:
-                    outputs.append(self._append(seq, token_id, logprobs[row]))
-                    continue
-                except Exception as exc:  # noqa: BLE001 - detokenizing or the grammar: this row's failure alone
-                    failed[row] = exc
-            exc = failed[row]
-            log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
-            outputs.append(self.fail(seq, exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}")))
+        logits = self.logits(hidden[sample_rows + verify_rows])  # one projection onto the vocabulary for the whole step
+        at = len(sample_seqs)
+        if sample_seqs:
+            tokens, logprobs, failed = sample(logits[:at], sample_seqs)
+            for row, (seq, token_id) in enumerate(zip(sample_seqs, tokens)):
+                if row not in failed:
+                    try:
+                        outputs.append(self._append(seq, token_id, logprobs[row]))
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - detokenizing or the grammar: this row's failure alone
+                        failed[row] = exc
+                outputs.append(self._fail_row(seq, failed[row]))
+        for chunk in verify:
+            width = len(chunk.draft) + 1
+            outputs.extend(self._verify(chunk.seq, chunk.draft, logits[at:at + width]))
+            at += width
         return outputs
+
+    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> list[StepOutput]:
+        """Emit tokens position by position, each sampled as plain decoding would (the request's penalties, grammar and
+        generator see every token before it), while the token equals the proposal; the first that differs, or the one
+        after the last proposal, is the step's last (speculation.py says why this is exact). Blocks held for
+        rejected proposals go back to the pool."""
+        outputs, accepted = [], 0
+        for j in range(len(draft) + 1):
+            tokens, logprobs, failed = sample(logits[j:j + 1], [seq])
+            try:
+                if failed:
+                    raise failed[0]
+                out = self._append(seq, tokens[0], logprobs[0])
+            except Exception as exc:  # noqa: BLE001 - this row's failure alone, as in a decode step
+                outputs.append(self._fail_row(seq, exc))
+                return outputs
+            outputs.append(out)
+            if out.finished or j == len(draft) or tokens[0] != draft[j]:
+                break
+            accepted += 1
+        if self.speculator is not None:
+            self.speculator.verified(seq, len(draft), accepted)
+        if not seq.finished:
+            self.scheduler.allocator.shrink(seq.block_table, len(seq.token_ids))
+            if self.prefix is not None:
+                self.prefix.register(seq)
+        return outputs
+
+    def _fail_row(self, seq: Sequence, exc: BaseException) -> StepOutput:
+        log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
+        return self.fail(seq, exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}"))
 
     def fail(self, seq: Sequence, exc: BaseException) -> StepOutput:
         """One request's own failure: it ends with the error, its blocks are freed, the batch goes on."""

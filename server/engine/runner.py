@@ -161,10 +161,10 @@ class ModelRunner:
         return self.model.logits(hidden)
 
     def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
-        """A decode-only step that fits a bucket; prefill chunks and bigger batches run eagerly."""
+        """A decode-only step that fits a bucket; prefill chunks, speculative verify rows and bigger batches run eagerly."""
         graphs = self.decode_graphs
         fits = graphs is not None and graphs.broken is None and graphs.bucket_for(len(chunks)) is not None
-        return fits and all(c.num_tokens == 1 and c.seq.num_computed > 0 for c in chunks)
+        return fits and all(c.width == 1 and c.seq.num_computed > 0 for c in chunks)
 
     def prepare(self, chunks: list[ScheduledChunk], slots: LoraSlots | None) -> tuple[torch.Tensor, torch.Tensor, BatchMetadata]:
         ids: list[int] = []
@@ -178,12 +178,14 @@ class ModelRunner:
         bs, device = self.config.block_size, self.device
         for chunk in chunks:
             seq, start = chunk.seq, len(ids)
-            first, last = seq.num_computed, seq.num_computed + chunk.num_tokens
-            ids.extend(seq.token_ids[first:last])
+            # a verify chunk is its last token and the proposals after it, at the positions they would take
+            first, last = seq.num_computed, seq.num_computed + chunk.width
+            ids.extend(seq.token_ids[first:first + chunk.num_tokens])
+            ids.extend(chunk.draft)
             positions.extend(range(first, last))
             cache_slots.extend(cache_slot(seq.block_table, p, bs) for p in range(first, last))
             rope_lengths.append((start, len(ids), last))
-            if chunk.num_tokens == 1 and first > 0:
+            if chunk.width == 1 and first > 0:
                 decode_rows.append(start)
                 decode_tables.append(seq.block_table)
                 decode_lens.append(last)
@@ -202,5 +204,5 @@ class ModelRunner:
             attention_kernel=self.attention_kernel,
         )
         if slots is not None:
-            meta.lora = slots.batch_for([(c.seq.adapter, c.num_tokens) for c in chunks])
+            meta.lora = slots.batch_for([(c.seq.adapter, c.width) for c in chunks])
         return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(positions, dtype=torch.long, device=device), meta

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorafleet.server.config import EngineConfig
 from lorafleet.server.engine.blocks import BlockAllocator, PrefixCache
@@ -26,16 +26,23 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int
+    num_tokens: int  # of its own tokens, from seq.num_computed on
+    draft: list[int] = field(default_factory=list)  # tokens proposed after them, to verify in the same pass (speculation.py)
+
+    @property
+    def width(self) -> int:
+        """Rows this chunk takes in the forward pass."""
+        return self.num_tokens + len(self.draft)
 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: BlockAllocator, adapter_ready: Callable[[str | None], bool] | None = None,
-                 prefix: PrefixCache | None = None) -> None:
+                 prefix: PrefixCache | None = None, draft: Callable[[Sequence], list[int]] | None = None) -> None:
         self.config = config
         self.allocator = allocator
         self.adapter_ready = adapter_ready or (lambda adapter: adapter is None)
         self.prefix = prefix  # when prefix caching is on: admission starts from the cached blocks of a prompt
+        self.draft = draft  # when speculating: a decoding sequence's proposed tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -92,12 +99,26 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         prefill_budget = self.config.max_batch_prefill_tokens
         chunks: list[ScheduledChunk] = []
+        # Blocks the running sequences' next chunks may need (prefill chunks counted whole): proposals take only blocks
+        # beyond those, so speculation never preempts anyone.
+        def next_need(s: Sequence) -> int:
+            return self.allocator.blocks_needed(s.block_table, s.num_computed + min(s.num_uncomputed, self.config.max_batch_prefill_tokens))
+
+        needed = sum(map(next_need, self.running)) if self.draft is not None else 0
         # Oldest first: a preemption victim is always the newest, so it is never one already scheduled.
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if seq not in self.running:  # preempted while making room for an older one
                 continue
+            if self.draft is not None:
+                needed -= next_need(seq)  # what the sequences after this one may still need
             if seq.num_uncomputed == 1:
                 num_tokens = 1
+                draft = self.draft(seq) if self.draft is not None else []
+                with_draft = seq.num_computed + 1 + len(draft)
+                if draft and self.allocator.num_free - self.allocator.blocks_needed(seq.block_table, with_draft) >= needed:
+                    self.allocator.grow(seq.block_table, with_draft)
+                    chunks.append(ScheduledChunk(seq, 1, draft))
+                    continue
             else:
                 num_tokens = min(seq.num_uncomputed, prefill_budget)
                 if num_tokens == 0:

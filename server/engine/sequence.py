@@ -45,6 +45,7 @@ class SamplingParams:
     alternatives: int = 0
     prefill_logprobs: bool = False
     response_format: dict | None = None  # {"type": json_object|json_schema, "schema": {...}}
+    speculative: bool = True  # False: never propose tokens for this request (the engine's --speculative must be on for True to matter)
     cache_salt: bytes = b""  # prefix-cache partition, from a trusted hop only (lorafleet/cache_salt.py); b"": the shared one
 
     @property
@@ -106,6 +107,13 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order (prefix caching); tokens only grow
     num_registered: int = 0  # leading blocks of its table already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    # speculative decoding (speculation.py): tokens it may propose next step (None: the engine's maximum), steps left
+    # before it probes again once that reached 0, the next such wait, and its proposed and accepted tokens
+    draft_budget: int | None = None
+    draft_pause: int = 0
+    draft_backoff: int = 4
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -55,7 +55,7 @@ def test_the_busiest_adapters_keep_their_labels_and_the_rest_are_other() -> None
 
 
 def test_ten_thousand_adapters_do_not_grow_the_replica_or_gateway_metrics() -> None:
-    server = ServerMetrics(lambda: {"waiting": 0, "running": 0, "kv_usage": 0.0, "prefix_cache": (0, 0), "max_lora": 4, "running_adapters": [], "waiting_adapters": [],
+    server = ServerMetrics(lambda: {"waiting": 0, "running": 0, "kv_usage": 0.0, "prefix_cache": (0, 0), "speculative": (0, 0, 0), "max_lora": 4, "running_adapters": [], "waiting_adapters": [],
                                     "timestamp": 0.0, "adapters_per_tier": {}, "bytes_per_tier": {}, "adapter_events": {}, "residency": []},
                            adapter_labels=LABELS)
     gateway = GatewayMetrics(adapter_labels=LABELS)

@@ -62,3 +62,18 @@ def test_staggered_batch_matches_generate(engine: LLMEngine, prompts_and_referen
     engine.run_to_completion()
     assert [s.generated_ids for s in seqs] == expected
     assert "Paris" in seqs[0].text
+
+
+def test_speculative_decoding_matches_generate(smollm2_path: Path, prompts_and_reference) -> None:
+    """Prompt lookup on the real model: the staggered batch, token for token, some proposals accepted and some not."""
+    prompts, expected = prompts_and_reference
+    engine = LLMEngine(EngineConfig(model=str(smollm2_path), dtype="float32", kv_cache_memory=256 << 20, speculative="ngram"))
+    seqs = []
+    for prompt in prompts:
+        seqs.append(engine.add_request(prompt, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)))
+        for _ in range(3):
+            engine.step()
+    engine.run_to_completion()
+    assert [s.generated_ids for s in seqs] == expected
+    spec = engine.speculator
+    assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens, (spec.num_accepted_tokens, spec.num_draft_tokens)

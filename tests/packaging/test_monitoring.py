@@ -24,7 +24,7 @@ SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", 
 
 def exported() -> dict[str, set[str]]:
     """Every series name the replica and the gateway can export, with its label names."""
-    snapshot = {"waiting": 0, "running": 0, "kv_usage": 0.0, "prefix_cache": (0, 0), "max_lora": 4, "running_adapters": [], "waiting_adapters": [], "timestamp": 0.0,
+    snapshot = {"waiting": 0, "running": 0, "kv_usage": 0.0, "prefix_cache": (0, 0), "speculative": (0, 0, 0), "max_lora": 4, "running_adapters": [], "waiting_adapters": [], "timestamp": 0.0,
                 "adapters_per_tier": {"device": 1}, "bytes_per_tier": {"device": 1}, "adapter_events": {"device_hit": 1}, "residency": [("a", "device")],
                 "memory": {"base_weights": 1}}
     gateway = GatewayMetrics()
