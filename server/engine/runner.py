@@ -151,8 +151,8 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk], slots: LoraSlots | None) -> torch.Tensor:
         """The hidden states of every scheduled token, in chunk order."""
         if self._graphable(chunks):
-            rows = [DecodeRow(c.seq.token_ids[c.seq.num_computed], c.seq.num_computed, c.seq.block_table,
-                              slots.slot_of[c.seq.adapter] if c.seq.adapter is not None else -1) for c in chunks]
+            rows = [DecodeRow(token, c.seq.num_computed + i, c.seq.block_table, slots.slot_of[c.seq.adapter] if c.seq.adapter is not None else -1)
+                    for c in chunks for i, token in enumerate([c.seq.token_ids[c.seq.num_computed], *c.draft])]
             return self.decode_graphs.run(rows, slots)
         input_ids, positions, meta = self.prepare(chunks, slots)
         return self.model.forward(input_ids, positions, meta, self.kv)
@@ -161,10 +161,11 @@ class ModelRunner:
         return self.model.logits(hidden)
 
     def _graphable(self, chunks: list[ScheduledChunk]) -> bool:
-        """A decode-only step that fits a bucket; prefill chunks, speculative verify rows and bigger batches run eagerly."""
+        """A decode-only step (speculative verify rows are decode rows too) that fits a bucket; prefill chunks and bigger
+        batches run eagerly."""
         graphs = self.decode_graphs
-        fits = graphs is not None and graphs.broken is None and graphs.bucket_for(len(chunks)) is not None
-        return fits and all(c.width == 1 and c.seq.num_computed > 0 for c in chunks)
+        fits = graphs is not None and graphs.broken is None and graphs.bucket_for(sum(c.width for c in chunks)) is not None
+        return fits and all(c.num_tokens == 1 and c.seq.num_computed > 0 for c in chunks)
 
     def prepare(self, chunks: list[ScheduledChunk], slots: LoraSlots | None) -> tuple[torch.Tensor, torch.Tensor, BatchMetadata]:
         ids: list[int] = []
@@ -185,10 +186,13 @@ class ModelRunner:
             positions.extend(range(first, last))
             cache_slots.extend(cache_slot(seq.block_table, p, bs) for p in range(first, last))
             rope_lengths.append((start, len(ids), last))
-            if chunk.width == 1 and first > 0:
-                decode_rows.append(start)
-                decode_tables.append(seq.block_table)
-                decode_lens.append(last)
+            if chunk.num_tokens == 1 and first > 0:
+                # A decode row; a verify chunk's proposals are decode rows too, each seeing the cache up to itself (all
+                # of the step's keys and values are written before any row attends): one batched attention call.
+                for i in range(chunk.width):
+                    decode_rows.append(start + i)
+                    decode_tables.append(seq.block_table)
+                    decode_lens.append(first + i + 1)
             else:
                 table = torch.tensor(seq.block_table[: -(-last // bs)], dtype=torch.long, device=device)
                 prefills.append(PrefillSegment(start, len(ids), last, table))

@@ -5,7 +5,8 @@ Decode is memory-bound, so a forward pass over a request's last token plus k pro
 over the last token alone. The proposal is what followed the most recent earlier occurrence of the request's last n
 tokens (n from ``--speculative-ngram`` down to 1) in its own prompt and output, which pays on output that copies its
 input (extraction, editing, quoting, code changes). Proposals never cross requests: each comes from its own tokens
-and is verified under its own adapter, as a prefill chunk of 1 + k tokens in the same batch as everyone's decode rows.
+and is verified under its own adapter, as 1 + k decode rows in the same batch as everyone's (each row sees the cache
+up to its own position), so a verify step is still one batched attention call, and a CUDA-graph bucket on cuda.
 
 Verification (output.py) samples each position in turn exactly as plain decoding would: the same penalties, grammar
 and generator, drawing one value per emitted token, and keeps going while the token drawn equals the proposal. For a

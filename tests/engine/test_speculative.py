@@ -103,8 +103,8 @@ def test_greedy_with_speculation_is_token_for_token_greedy_without(tiny_models: 
 
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_a_batch_of_many_adapters_verifies_each_row_under_its_own_adapter(tiny_models: dict[str, Path], tmp_path: Path, kernel: str) -> None:
-    """On the torch path and on the Triton attention and LoRA kernels (interpreted here): verify chunks are prefill
-    segments of 1 + k rows next to other requests' decode rows."""
+    """On the torch path, and on the Triton attention and LoRA kernels (interpreted here) through the CUDA-graph
+    path's padded static buffers (what cuda replays; eager on CPU): a verify chunk is 1 + k decode rows."""
     base = tiny_models["llama"]
     adapters = {
         "a0": make_lora_adapter(base, tmp_path / "a0", r=4, seed=1),
@@ -115,7 +115,11 @@ def test_a_batch_of_many_adapters_verifies_each_row_under_its_own_adapter(tiny_m
     prompts, params = PROMPTS, [GREEDY] * len(PROMPTS)
     if kernel == "triton":  # the interpreter runs a kernel per layer per step in Python: a smaller batch (about 25 s)
         prompts, rows, params = PROMPTS[1:4], rows[1:4], [SamplingParams(max_new_tokens=16, ignore_eos=True)] * 3
-    off, on, engine = both(base, prompts, params, adapters, rows, max_batch_prefill_tokens=16, attention_kernel=kernel, lora_kernel=kernel)
+    graphs = "on" if kernel == "triton" else "off"
+    off, on, engine = both(base, prompts, params, adapters, rows, max_batch_prefill_tokens=16, attention_kernel=kernel, lora_kernel=kernel,
+                           cuda_graphs=graphs)
+    if kernel == "triton":
+        assert engine.runner.decode_graphs.replays > 0
     assert [s.generated_ids for s in on] == [s.generated_ids for s in off]
     assert_proposals_were_judged(engine)
     # the adapters matter here: the same prompt under another adapter answers differently
