@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +133,19 @@ class LLMEngine:
         running, waiting = self.scheduler.adapters_in_use()
         if running or waiting or self.adapters.states:
             self.adapters.between_steps(running, waiting)
+        if self.speculator is not None:
+            self.speculator.begin_step(len(self.scheduler.running))
         chunks = self.scheduler.schedule()
         if not chunks:
             return outputs
         self.adapters.ran({c.seq.adapter for c in chunks if c.seq.adapter is not None})
+        decode_only = all(c.num_tokens == 1 and c.seq.num_computed > 0 for c in chunks)
+        started = time.perf_counter()
         hidden = self.runner.run(chunks, self.adapters.slots)
-        return outputs + self.output.process(chunks, hidden)
+        outputs += self.output.process(chunks, hidden)
+        if self.speculator is not None and decode_only:  # what a row costs: the speculator's measure of what pays
+            self.speculator.cost.observe(sum(c.width for c in chunks), time.perf_counter() - started)
+        return outputs
 
     def _fail_adapter_waiters(self) -> list[StepOutput]:
         """Requests waiting for an adapter that failed to load get its error; nothing else is touched."""

@@ -107,9 +107,10 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order (prefix caching); tokens only grow
     num_registered: int = 0  # leading blocks of its table already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
-    # speculative decoding (speculation.py): tokens it may propose next step (None: the engine's maximum), steps left
-    # before it probes again once that reached 0, the next such wait, and its proposed and accepted tokens
-    draft_budget: int | None = None
+    # speculative decoding (speculation.py): its decayed record of proposed tokens accepted (hits) of those judged
+    # (tries), steps left before it probes again when no proposal paid, the next such wait, and its totals
+    spec_hits: float = 0.0
+    spec_tries: float = 0.0
     draft_pause: int = 0
     draft_backoff: int = 4
     num_draft_tokens: int = 0

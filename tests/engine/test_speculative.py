@@ -2,7 +2,8 @@
 token per step, for base rows and a batch of many adapters, with chunked prefill, preemption and prefix caching on.
 
 Every parity test also asserts that proposals were both accepted and rejected: a verification that accepted every
-proposal (or none) would fail it.
+proposal (or none) would fail it. What a proposal costs is measured from step times, which differ from run to run;
+the parity tests pin that cost at nothing (``rows_are_free``), so they propose the same tokens on every run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from support.engine import make_engine
 
 from lorafleet.server.engine.engine import LLMEngine
 from lorafleet.server.engine.sequence import SamplingParams, Sequence
-from lorafleet.server.engine.speculation import NgramSpeculator, propose
+from lorafleet.server.engine.speculation import NgramSpeculator, StepCost, propose
 from lorafleet.testing import ALL_PROJECTIONS, make_lora_adapter
 
 pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
@@ -23,6 +24,12 @@ pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fa
 # output falls into loops, which the lookup proposes from and the model sometimes leaves.
 PROMPTS = [[1] + list(range(30, 50)) * 3, [1, 5, 6, 7, 8, 9, 10] * 4, [1, 20, 21], [1] + [7, 8] * 10, [1] + list(range(60, 90))]
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def rows_are_free(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "as_many_tokens_as_pay" not in request.node.name:
+        monkeypatch.setattr(StepCost, "per_row_share", lambda self, rows: 0.0)
 
 
 def serve(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams], adapters: list[str | None] | None = None,
@@ -67,22 +74,33 @@ def test_propose_continues_the_most_recent_earlier_occurrence_of_the_longest_suf
     assert propose([256, 0, 7, 1], 1, 2) == []
 
 
-def test_the_budget_grows_on_acceptance_halves_on_rejection_and_waits_before_probing_again() -> None:
+def test_a_request_proposes_as_many_tokens_as_pay_and_waits_when_none_do() -> None:
     spec = NgramSpeculator(max_tokens=4, max_ngram=2)
     seq = Sequence([1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50))
-    assert spec.draft(seq) == [3, 1, 2]  # up to 4: what follows [1, 2]
-    spec.verified(seq, 3, 0)
-    assert seq.draft_budget == 2
-    spec.verified(seq, 2, 0)
-    spec.verified(seq, 1, 0)
-    assert seq.draft_budget == 0 and seq.draft_pause == 4
-    assert [spec.draft(seq) for _ in range(4)] == [[], [], [], [3]]  # three steps wait, the fourth probes with one token
+    assert spec.draft(seq) == [3, 1, 2]  # rows cost nothing measured yet: the most there is, up to 4
+    for rows, seconds in [(4, 0.05), (8, 0.07), (4, 0.05), (8, 0.07), (6, 0.06)] * 4:  # a = 0.03 s, b = 0.005 s a row
+        spec.cost.observe(rows, seconds)
+    spec.begin_step(running=4)
+    assert spec.threshold == pytest.approx(0.02 / 0.05)  # one more row costs 0.4 of a token's time at 4 running
+    assert spec.tokens_that_pay(seq) == 1  # no record yet: a one-half chance pays once (0.5), not twice (0.25)
+    spec.verified(seq, 3, 3)
+    spec.verified(seq, 4, 4)
+    assert spec.tokens_that_pay(seq) == 4
+    for _ in range(8):  # its record decays by 0.8 a verification: a run of misses outweighs older hits
+        spec.verified(seq, 1, 0)
+    assert spec.tokens_that_pay(seq) == 0
+    assert [spec.draft(seq) for _ in range(5)] == [[], [], [], [], [3]]  # none pays: it waits four steps, then probes with one
+    assert seq.draft_backoff == 8  # the next wait, unless the probe is accepted
     spec.verified(seq, 1, 1)
-    assert seq.draft_budget == 2 and seq.draft_backoff == 4
+    assert seq.draft_backoff == 4
+    spec.begin_step(running=1)  # alone, a row costs 0.14 of a token: small chances pay
+    assert spec.tokens_that_pay(seq) >= 1
     seq.params.speculative = False
     assert spec.draft(seq) == []
     short = Sequence([1, 2, 3, 1, 2], SamplingParams(max_new_tokens=2))
     assert spec.draft(short) == [3]  # the limit leaves room for one proposal and the token after it
+    assert propose([1, 2, 3, 9, 2, 7, 3], 3, 2, min_ngram=2) == []  # only a one-token match: not proposed
+    assert propose([1, 2, 3, 9, 2, 7, 3], 3, 2) == [9, 2]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -208,3 +226,21 @@ def test_the_replica_speculates_per_request_streams_every_token_and_counts_accep
     assert answers[True]["details"]["generated_tokens"] == 30 and len(streamed) == 30  # one event per token, however many a step made
     assert bad.status_code == 422 and "`speculative` must be true or false" in bad.json()["error"]
     assert 0 < values["vllm:spec_decode_num_accepted_tokens_total"] <= values["vllm:spec_decode_num_draft_tokens_total"]
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(do_sample=True, temperature=1.5, seed=7)], ids=["greedy", "sampled"])
+def test_a_grammar_judges_every_position_as_it_would_one_token_at_a_time(tiny_models: dict[str, Path], sampling: dict) -> None:
+    """A schema-constrained request proposes tokens its grammar may forbid: each position is masked by the grammar as it
+    stands after the tokens before it, so the output is the one without speculation (and valid)."""
+    import json
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+              "required": ["color", "tags"], "additionalProperties": False}
+    params = [SamplingParams(max_new_tokens=60, response_format={"type": "json_schema", "schema": schema}, **sampling)] * 3 + [GREEDY]
+    off, on, engine = both(tiny_models["llama"], [PROMPTS[0], PROMPTS[3], [1, 5, 6], PROMPTS[1]], params)
+    for a, b in zip(off, on):
+        assert (b.generated_ids, b.text, b.finish_reason) == (a.generated_ids, a.text, a.finish_reason)
+    for seq in on[:3]:
+        if seq.finish_reason.value == "eos_token":
+            assert set(json.loads(seq.text)) == {"color", "tags"}
+    assert engine.speculator.num_draft_tokens > 0
