@@ -51,7 +51,7 @@ if [ "$MODE" = cuda ]; then
     export TRITON_INTERPRET=0  # real kernels: the tests' conftest only sets it where unset
     step gpu_check 200 $PYTHON -P bench/gpu_check.py
     step parity 240 env LORAFLEET_TEST_DEVICE=cuda $PYTHON -P -m pytest -q -p no:cacheprovider --timeout 120 \
-        tests/engine/test_engine_parity.py tests/engine/test_multi_lora.py tests/engine/test_decode_graphs.py tests/engine/test_quantized.py tests/engine/test_prefix_cache.py \
+        tests/engine/test_engine_parity.py tests/engine/test_multi_lora.py tests/engine/test_decode_graphs.py tests/engine/test_quantized.py tests/engine/test_prefix_cache.py tests/engine/test_speculative.py \
         tests/engine/test_mixtral.py tests/engine/test_prequantized.py -k "not smollm2"  # the GPU machine has no converted SmolLM2
     step throughput 180 $PYTHON -P bench/gpu_throughput.py --device cuda
 else

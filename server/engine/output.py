@@ -32,6 +32,13 @@ class StepOutput:
     finished: bool
 
 
+def _position_free(seq: Sequence) -> bool:
+    """Greedy, with no penalty or grammar: a position's token depends on its logits alone, not on the tokens appended
+    before it in the same step, so a verify chunk's positions can be judged in one batched call."""
+    p = seq.params
+    return not p.sampling and p.repetition_penalty in (None, 1.0) and not p.frequency_penalty and not p.presence_penalty and seq.constraint is None
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: Any, eos_ids: set[int], scheduler: Scheduler, logits: Callable[[torch.Tensor], torch.Tensor],
                  prefix: PrefixCache | None, speculator: NgramSpeculator | None = None) -> None:
@@ -71,20 +78,37 @@ class OutputProcessor:
                     except Exception as exc:  # noqa: BLE001 - detokenizing or the grammar: this row's failure alone
                         failed[row] = exc
                 outputs.append(self._fail_row(seq, failed[row]))
+        spans, rows, row_seqs = [], [], []
         for chunk in verify:
             width = len(chunk.draft) + 1
-            outputs.extend(self._verify(chunk.seq, chunk.draft, logits[at:at + width]))
+            spans.append((chunk, at, width))
+            if _position_free(chunk.seq):  # all of its positions judged in one batched call
+                rows.extend(range(at, at + width))
+                row_seqs.extend([chunk.seq] * width)
             at += width
+        tokens, logprobs, failed = sample(logits[rows], row_seqs) if rows else ([], None, {})
+        offset = 0
+        for chunk, at, width in spans:
+            pre = None
+            if _position_free(chunk.seq):
+                pre = (tokens[offset:offset + width], logprobs[offset:offset + width],
+                       {r - offset: exc for r, exc in failed.items() if offset <= r < offset + width})
+                offset += width
+            outputs.extend(self._verify(chunk.seq, chunk.draft, logits[at:at + width], pre))
         return outputs
 
-    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> list[StepOutput]:
+    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor, pre: tuple | None = None) -> list[StepOutput]:
         """Emit tokens position by position, each sampled as plain decoding would (the request's penalties, grammar and
         generator see every token before it), while the token equals the proposal; the first that differs, or the one
-        after the last proposal, is the step's last (speculation.py says why this is exact). Blocks held for
-        rejected proposals go back to the pool."""
+        after the last proposal, is the step's last (speculation.py says why this is exact). ``pre``: every position
+        already judged, for a greedy request whose scores do not depend on the tokens before (``_position_free``).
+        Blocks held for rejected proposals go back to the pool."""
         outputs, accepted = [], 0
         for j in range(len(draft) + 1):
-            tokens, logprobs, failed = sample(logits[j:j + 1], [seq])
+            if pre is not None:
+                tokens, logprobs, failed = pre[0][j:j + 1], pre[1][j:j + 1], {0: pre[2][j]} if j in pre[2] else {}
+            else:
+                tokens, logprobs, failed = sample(logits[j:j + 1], [seq])
             try:
                 if failed:
                     raise failed[0]
