@@ -81,8 +81,12 @@ def test_a_request_proposes_as_many_tokens_as_pay_and_waits_when_none_do() -> No
     for rows, seconds in [(4, 0.05), (8, 0.07), (4, 0.05), (8, 0.07), (6, 0.06)] * 4:  # a = 0.03 s, b = 0.005 s a row
         spec.cost.observe(rows, seconds)
     spec.begin_step(running=4)
-    assert spec.threshold == pytest.approx(0.02 / 0.05)  # one more row costs 0.4 of a token's time at 4 running
-    assert spec.tokens_that_pay(seq) == 1  # no record yet: a one-half chance pays once (0.5), not twice (0.25)
+    assert spec.threshold == pytest.approx(1.25 * 0.02 / 0.05)  # one more row costs 0.4 of a token's time at 4 running, with a margin
+    spec.begin_step(running=6)
+    assert spec.tokens_that_pay(seq) == 0  # no record yet: a one-half chance does not beat 1.25 * 0.5
+    spec.begin_step(running=2)
+    assert spec.tokens_that_pay(seq) == 1  # at 2 running a row costs 0.25 of a token (0.31 with the margin): 0.5 pays once, 0.25 does not
+    spec.begin_step(running=4)
     spec.verified(seq, 3, 3)
     spec.verified(seq, 4, 4)
     assert spec.tokens_that_pay(seq) == 4
