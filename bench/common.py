@@ -53,9 +53,11 @@ def rates_in_turns(cases: dict[str, Callable[[], int]], rounds: int) -> dict[str
     return samples
 
 
-def closed_loop(engine: Any, requests: list[tuple[list[int], str | None]], concurrency: int, params: Any) -> tuple[list[list[int]], float, list[float]]:
+def closed_loop(engine: Any, requests: list[tuple[list[int], str | None]], concurrency: int, params: Any,
+                own_rates: list[float] | None = None) -> tuple[list[list[int]], float, list[float]]:
     """``concurrency`` users, each sending its next (prompt ids, adapter) when its last request ends, through the
-    engine's own step loop: the outputs in request order, generated tokens/s, and each request's time to first token."""
+    engine's own step loop: the outputs in request order, generated tokens/s, and each request's time to first token;
+    ``own_rates`` (when given) gets each request's tokens over its arrival-to-end time."""
     queue = list(enumerate(requests))
     live: dict[int, tuple[int, Any, float]] = {}  # id(seq) -> (index, seq, added at)
     outputs: dict[int, list[int]] = {}
@@ -75,6 +77,8 @@ def closed_loop(engine: Any, requests: list[tuple[list[int], str | None]], concu
                     ttft.append(time.perf_counter() - added)
             if output.finished:
                 outputs[index] = seq.generated_ids
+                if own_rates is not None:
+                    own_rates.append(len(seq.generated_ids) / (time.perf_counter() - added))
                 del live[id(output.seq)]
     return [outputs[i] for i in range(len(requests))], tokens / (time.perf_counter() - start), ttft
 

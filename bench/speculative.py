@@ -20,11 +20,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUESTIONS  # noqa: E402
+from common import QUESTIONS, closed_loop  # noqa: E402
 from lora_overhead import write_adapters  # noqa: E402
 
 from lorafleet import model_store  # noqa: E402
@@ -81,29 +80,14 @@ def requests_for(tokenizer, workload: str, count: int) -> tuple[list[list[int]],
     return [chat(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(count)], 64
 
 
-def closed_loop(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], concurrency: int, new_tokens: int):
-    """(outputs in order, generated tokens/s, each request's own tokens/s, accepted, proposed)."""
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    queue = list(enumerate(zip(prompts, adapters)))
-    live, outputs, own_rates = {}, {}, []
+def measured(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], concurrency: int, new_tokens: int):
+    """(outputs in order, generated tokens/s, each request's own tokens/s, tokens accepted, tokens proposed)."""
     spec = engine.speculator
     before = (spec.num_accepted_tokens, spec.num_draft_tokens) if spec else (0, 0)
-    tokens, start = 0, time.perf_counter()
-    while queue or live:
-        while queue and len(live) < concurrency:
-            index, (prompt, adapter) = queue.pop(0)
-            seq = engine.add_request(prompt, params, adapter=adapter)
-            live[id(seq)] = (index, seq, time.perf_counter())
-        for output in engine.step():
-            index, seq, added = live[id(output.seq)]
-            tokens += output.token is not None
-            if output.finished:
-                outputs[index] = seq.generated_ids
-                own_rates.append(len(seq.generated_ids) / (time.perf_counter() - added))
-                del live[id(output.seq)]
-    seconds = time.perf_counter() - start
+    own_rates: list[float] = []
+    outputs, rate, _ = closed_loop(engine, list(zip(prompts, adapters)), concurrency, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), own_rates)
     after = (spec.num_accepted_tokens, spec.num_draft_tokens) if spec else (0, 0)
-    return [outputs[i] for i in range(len(prompts))], tokens / seconds, own_rates, after[0] - before[0], after[1] - before[1]
+    return outputs, rate, own_rates, after[0] - before[0], after[1] - before[1]
 
 
 def main() -> None:
@@ -125,7 +109,7 @@ def main() -> None:
         tokenizer = engines["off"].tokenizer
         warm, _ = requests_for(tokenizer, "copy", 2)
         for engine in engines.values():  # first steps pay for oneDNN's kernel selection and the allocator's growth
-            closed_loop(engine, warm, [None, "a0"], 2, 16)
+            measured(engine, warm, [None, "a0"], 2, 16)
         print(f"SmolLM2-135M-Instruct float32 on CPU, speculative tokens {args.speculative_tokens}, {args.rounds} rounds in turns; medians")
         print(f"{'workload':8} {'adapters':8} {'conc':>4} | {'tok/s off':>9} {'tok/s on':>9} {'ratio':>6} | {'per-req off':>11} "
               f"{'per-req on':>10} {'ratio':>6} | accepted")
@@ -140,7 +124,7 @@ def main() -> None:
                     outputs, accepted, proposed = {}, 0, 0
                     for _ in range(args.rounds):
                         for mode, engine in engines.items():
-                            out, rate, own_rates, acc, prop = closed_loop(engine, prompts, adapters, concurrency, new_tokens)
+                            out, rate, own_rates, acc, prop = measured(engine, prompts, adapters, concurrency, new_tokens)
                             outputs.setdefault(mode, out)
                             rates[mode].append(rate)
                             own[mode].append(statistics.median(own_rates))
