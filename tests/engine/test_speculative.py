@@ -136,7 +136,8 @@ def test_a_batch_of_many_adapters_verifies_each_row_under_its_own_adapter(tiny_m
     rows = [None, "a0", "a1", "a2", "a0"]
     prompts, params = PROMPTS, [GREEDY] * len(PROMPTS)
     if kernel == "triton":  # the interpreter runs a kernel per layer per step in Python: a smaller batch (about 25 s)
-        prompts, rows, params = PROMPTS[1:4], rows[1:4], [SamplingParams(max_new_tokens=16, ignore_eos=True)] * 3
+        picked = [1, 3, 4]  # three requests whose proposals are sometimes rejected within 16 tokens
+        prompts, rows, params = [PROMPTS[i] for i in picked], [rows[i] for i in picked], [SamplingParams(max_new_tokens=16, ignore_eos=True)] * 3
     graphs = "on" if kernel == "triton" else "off"
     off, on, engine = both(base, prompts, params, adapters, rows, max_batch_prefill_tokens=16, attention_kernel=kernel, lora_kernel=kernel,
                            cuda_graphs=graphs)
