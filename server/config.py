@@ -15,6 +15,7 @@ QUANTIZATIONS = ("int8", "int4", "nf4")  # --quantize: weight-only, of the base'
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # --quantize-group-size: what the int4 kernels take
 SPECULATIVE_MODES = ("ngram", "off")  # --speculative (server/engine/speculation.py)
 MAX_SPECULATIVE_TOKENS = 16
+MAX_SPECULATIVE_NGRAM = 8
 SIZE_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMGT]?i?B?$"  # what settings.size parses, as the CRD admits it
 
 
@@ -67,8 +68,8 @@ class EngineConfig:
                                     "description": "speculative decoding: ngram (prompt lookup, exact: verified per request under its adapter) or off"})
     speculative_tokens: int = setting(4, parse=positive(int), help="ngram: most tokens proposed per request per step",
                                       crd={"type": "integer", "minimum": 1, "maximum": MAX_SPECULATIVE_TOKENS, "default": 4})
-    speculative_ngram: int = setting(3, parse=positive(int), help="ngram: longest suffix matched against the request's earlier tokens (down to 1)",
-                                     crd={"type": "integer", "minimum": 1, "maximum": 8, "default": 3})
+    speculative_ngram: int = setting(3, parse=positive(int), help="ngram: longest suffix matched against the request's earlier tokens (down to 2)",
+                                     crd={"type": "integer", "minimum": 1, "maximum": MAX_SPECULATIVE_NGRAM, "default": 3})
 
     def validate(self) -> None:
         problems = []
@@ -98,8 +99,8 @@ class EngineConfig:
             problems.append(f"quantize_group_size must be {', '.join(map(str, first))} or {last}, got {self.quantize_group_size}")
         if self.speculative not in SPECULATIVE_MODES:
             problems.append(f"speculative must be ngram or off, got {self.speculative!r}")
-        if not 1 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS or not 1 <= self.speculative_ngram <= 8:
-            problems.append(f"speculative_tokens must be 1..{MAX_SPECULATIVE_TOKENS} and speculative_ngram 1..8, "
+        if not 1 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS or not 1 <= self.speculative_ngram <= MAX_SPECULATIVE_NGRAM:
+            problems.append(f"speculative_tokens must be 1..{MAX_SPECULATIVE_TOKENS} and speculative_ngram 1..{MAX_SPECULATIVE_NGRAM}, "
                             f"got {self.speculative_tokens} and {self.speculative_ngram}")
         if problems:
             raise ValueError("; ".join(problems))

@@ -139,11 +139,12 @@ class LLMEngine:
         if not chunks:
             return outputs
         self.adapters.ran({c.seq.adapter for c in chunks if c.seq.adapter is not None})
-        decode_only = all(c.num_tokens == 1 and c.seq.num_computed > 0 for c in chunks)
+        # what a decode step's rows cost: the speculator's measure of what pays (nothing to measure without it)
+        decode_only = self.speculator is not None and all(c.num_tokens == 1 and c.seq.num_computed > 0 for c in chunks)
         started = time.perf_counter()
         hidden = self.runner.run(chunks, self.adapters.slots)
         outputs += self.output.process(chunks, hidden)
-        if self.speculator is not None and decode_only:  # what a row costs: the speculator's measure of what pays
+        if decode_only:
             self.speculator.cost.observe(sum(c.width for c in chunks), time.perf_counter() - started)
         return outputs
 

@@ -80,17 +80,17 @@ class OutputProcessor:
                 outputs.append(self._fail_row(seq, failed[row]))
         spans, rows, row_seqs = [], [], []
         for chunk in verify:
-            width = len(chunk.draft) + 1
-            spans.append((chunk, at, width))
-            if _position_free(chunk.seq):  # all of its positions judged in one batched call
+            width, free = len(chunk.draft) + 1, _position_free(chunk.seq)
+            spans.append((chunk, at, width, free))
+            if free:  # all of its positions judged in one batched call
                 rows.extend(range(at, at + width))
                 row_seqs.extend([chunk.seq] * width)
             at += width
         tokens, logprobs, failed = sample(logits[rows], row_seqs) if rows else ([], None, {})
         offset = 0
-        for chunk, at, width in spans:
+        for chunk, at, width, free in spans:
             pre = None
-            if _position_free(chunk.seq):
+            if free:
                 pre = (tokens[offset:offset + width], logprobs[offset:offset + width],
                        {r - offset: exc for r, exc in failed.items() if offset <= r < offset + width})
                 offset += width

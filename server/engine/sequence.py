@@ -112,7 +112,7 @@ class Sequence:
     spec_hits: float = 0.0
     spec_tries: float = 0.0
     draft_pause: int = 0
-    draft_backoff: int = 4
+    draft_backoff: int = 4  # speculation.FIRST_PAUSE (speculation.py imports this module)
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 

@@ -3,7 +3,7 @@ in the step's one forward pass.
 
 Decode is memory-bound, so a forward pass over a request's last token plus k proposed ones costs little more than
 over the last token alone. The proposal is what followed the most recent earlier occurrence of the request's last n
-tokens (n from ``--speculative-ngram`` down to 1) in its own prompt and output, which pays on output that copies its
+tokens (n from ``--speculative-ngram`` down to 2: a one-token match proposes noise more often than not) in its own prompt and output, which pays on output that copies its
 input (extraction, editing, quoting, code changes). Proposals never cross requests: each comes from its own tokens
 and is verified under its own adapter, as 1 + k decode rows in the same batch as everyone's (each row sees the cache
 up to its own position), so a verify step is still one batched attention call, and a CUDA-graph bucket on cuda.
