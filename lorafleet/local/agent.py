@@ -2,11 +2,12 @@
 
 Each replica of a replica Deployment becomes a ``lorafleet serve`` process on its own loopback
 address (127.0.0.2, 127.0.0.3, …, all on the container's port), published as a Pod whose
-``status.podIP`` is that address and whose Ready condition follows its ``/health``; each Service
-gets an EndpointSlice of its ready pods (pod names as targetRef, as the gateway expects); each
-gateway Deployment becomes one ``lorafleet gateway`` process on the port ``lorafleet up`` was
-given. Crashed processes are restarted, scale changes followed, a changed pod template rolls the
-processes, and everything started is stopped on exit.
+``status.podIP`` is that address and whose Ready condition follows its ``/health`` as its
+readinessProbe says (lorafleet/local/readiness.py); each Service gets an EndpointSlice of its ready
+pods (pod names as targetRef, as the gateway expects); each gateway Deployment becomes one
+``lorafleet gateway`` process on the port ``lorafleet up`` was given. Crashed processes are
+restarted, scale changes followed, a changed pod template rolls the processes, and everything
+started is stopped on exit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from lorafleet.local.readiness import Readiness
+
 log = logging.getLogger(__name__)
 SELECTOR = "app.kubernetes.io/name=lorafleet"
 
@@ -43,9 +46,13 @@ class LocalPod:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     volumes: list[tuple[dict, Path]] = field(default_factory=list)  # (a Secret volume, this pod's copy of it), refreshed each round
-    ready: bool = False
+    readiness: Readiness = field(default_factory=Readiness)  # from the container's readinessProbe, as a kubelet keeps it
     restarts: int = 0
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness.ready
 
 
 class NodeAgent:
@@ -128,7 +135,8 @@ class NodeAgent:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet", *args], env=env, stdout=log_path.open("ab"),
                                    stderr=subprocess.STDOUT, start_new_session=True)
-        pod = LocalPod(pod_name, name, address, port, template_hash(deployment), process, log_path, env, volumes=list(volumes.values()))
+        pod = LocalPod(pod_name, name, address, port, template_hash(deployment), process, log_path, env, volumes=list(volumes.values()),
+                       readiness=Readiness.from_container(container))
         self.pods[pod_name] = pod
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         self.kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "namespace": self.namespace, "labels": labels},
@@ -184,7 +192,7 @@ class NodeAgent:
 
     def _restart(self, pod: LocalPod) -> None:
         pod.restarts += 1
-        pod.ready = False
+        pod.readiness.exited()
         self._note(f"{pod.name} exited with {pod.process.returncode}; restarting (restart {pod.restarts})")
         pod.process = subprocess.Popen(pod.process.args, env=pod.env,
                                        stdout=pod.log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -211,10 +219,17 @@ class NodeAgent:
 
     def _probe(self) -> None:
         for pod in self.pods.values():
+            if pod.process.poll() is not None:
+                pod.readiness.exited()
+                continue
+            now = time.monotonic()
+            if not pod.readiness.due(now):
+                continue
             try:
-                pod.ready = pod.process.poll() is None and httpx.get(f"http://{pod.address}:{pod.port}/health", timeout=1.0).status_code == 200
+                answered = httpx.get(f"http://{pod.address}:{pod.port}/health", timeout=pod.readiness.timeout_s).status_code == 200
             except httpx.HTTPError:
-                pod.ready = False
+                answered = False
+            pod.readiness.record(answered, now)
 
     def _publish(self, deployments: dict[str, dict]) -> None:
         """Pod statuses, Deployment statuses and EndpointSlices, written only when they change."""

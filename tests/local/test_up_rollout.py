@@ -46,8 +46,14 @@ class Client:
             thread.join(60)
 
 
+def routing_log(workdir) -> list[str]:
+    """What the gateway said about its replicas (membership, ejections, retries): why a request left its adapter's owner."""
+    lines = [line for path in sorted((workdir / "pods").glob("*.log")) for line in path.read_text(errors="replace").splitlines()]
+    return [line for line in lines if "lorafleet.gateway" in line and ("replicas:" in line or "WARNING" in line)][-20:]
+
+
 def test_a_retrained_adapter_rolls_out_as_a_canary_with_no_failed_or_cold_request(fleet) -> None:
-    _, kubectl, url, _, adapters, model, _ = fleet
+    _, kubectl, url, workdir, adapters, model, _ = fleet
     make_lora_adapter(model, adapters / "pirate-v2", r=4, seed=11)  # the retrained adapter, in a folder of its own
     before = adapter_status(kubectl, "pirate")
     assert before["phase"] == "Ready" and before["serving"]["id"] == "pirate"
@@ -65,7 +71,7 @@ def test_a_retrained_adapter_rolls_out_as_a_canary_with_no_failed_or_cold_reques
     answers = client.answers
     assert {status for status, _, _ in answers} == {200}, [a for a in answers if a[0] != 200][:5]
     cold = [i for i, (_, tier, _) in enumerate(answers) if tier not in ("device", "cpu")]
-    assert not cold, [(i, answers[i], client.replicas[i], answers[i - 3:i], client.replicas[i - 3:i]) for i in cold] + [len(answers)]
+    assert not cold, [(i, answers[i], client.replicas[i], answers[i - 3:i], client.replicas[i - 3:i]) for i in cold] + [len(answers)] + routing_log(workdir)
     served = [version for _, _, version in answers]
     assert served.count("pirate-v2") >= 5 and served.count("pirate") >= 5  # both sides served during the canary
     after = adapter_status(kubectl, "pirate")
