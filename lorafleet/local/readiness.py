@@ -3,8 +3,9 @@
 A kubelet marks a Ready pod not ready only after ``failureThreshold`` probes in a row failed, each
 ``periodSeconds`` apart, each allowed ``timeoutSeconds``: one slow ``/health`` on a busy node does not take a
 serving replica out of its Service. The node agent once flipped a pod on a single probe (1 s timeout, every
-half second), so a replica that stalled for a second while loading an adapter left the EndpointSlice, and the
-gateway sent its adapter's next request to a replica that had to load it cold (seen in CI, under the whole suite).
+half second): a replica that stalled for a second (loading an adapter on a busy 2-core machine) left the
+EndpointSlice, and the gateway sent its adapters' next requests to a replica that had to load them cold (the
+likely cause of a rare cold answer in the rollout test under the whole suite in CI).
 
 One deliberate difference: a pod not yet Ready is probed on every round of the agent rather than once a period,
 so ``lorafleet up`` and a scale from zero are not held back by up to a period after the process answers. A
