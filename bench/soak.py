@@ -15,9 +15,11 @@ Attackers (``--attackers N`` clients beside the normal ones, as in the third adv
 compile for minutes, warm floods and catalogue reads straight at the replicas. Their answers are theirs; what
 counts is that no normal request is lost and the normal clients' p99 (non-streaming latency, and time to first
 token of full streams) stays within 2x of a run without attackers: ``--baseline`` runs that first and prints
-the ratios.
+the ratios. ``--attacks`` picks the kinds; ``--each-attack`` runs one soak per kind after the baseline, to see
+which one costs the normal clients most.
 
-    .venv/bin/python -P bench/soak.py [--minutes 10] [--replicas 3] [--clients 24] [--attackers 8] [--baseline] [--model tiny|smollm2]
+    .venv/bin/python -P bench/soak.py [--minutes 10] [--replicas 3] [--clients 24] [--attackers 8] [--baseline] [--each-attack]
+        [--attacks poison-merge,warm-flood,...] [--model tiny|smollm2]
 """
 
 from __future__ import annotations
@@ -153,11 +155,11 @@ async def client(url: str, end: float, rng: random.Random, results: list) -> Non
             results.append((started, kind, status, time.monotonic() - started, first))
 
 
-async def attacker(url: str, replicas: list[str], end: float, rng: random.Random, attacks: list) -> None:
+async def attacker(url: str, replicas: list[str], end: float, rng: random.Random, attacks: list, kinds: tuple[str, ...] = ATTACKS) -> None:
     """Hostile traffic of every kind the third adversarial run found; its answers are counted, never judged."""
     async with httpx.AsyncClient(timeout=30) as http:
         while time.monotonic() < end:
-            kind = rng.choice(ATTACKS)
+            kind = rng.choice(kinds)
             status = 0
             try:
                 if kind == "poison-merge":
@@ -229,7 +231,8 @@ def report(results: list, minute: int, start: float, fleet: Fleet, with_processe
           + (f"  unexpected {odd}" if odd else ""), flush=True)
 
 
-def run_soak(args: argparse.Namespace, model: Path, workdir: Path, attackers: int, label: str) -> tuple[list, list, float]:
+def run_soak(args: argparse.Namespace, model: Path, workdir: Path, attackers: int, label: str,
+             kinds: tuple[str, ...] = ATTACKS) -> tuple[list, list, float]:
     """One soak on a fresh fleet: the per-minute table, the whole table, the lost requests; returns
     (results, attacks, start)."""
     fleet = Fleet(model, workdir / "adapters", workdir / label, args.replicas)
@@ -238,7 +241,7 @@ def run_soak(args: argparse.Namespace, model: Path, workdir: Path, attackers: in
     try:
         fleet.wait_ready()
         print(f"\n[{label}] {args.replicas} replicas ({SLOTS} slots each, {ADAPTERS} adapters) + gateway, {args.clients} clients, "
-              f"{attackers} attackers, {args.minutes:g} min; logs in {workdir / label}", flush=True)
+              f"{attackers} attackers ({','.join(kinds) if attackers else '-'}), {args.minutes:g} min; logs in {workdir / label}", flush=True)
         results: list = []
         attacks: list = []
         seconds = args.minutes * 60
@@ -249,7 +252,7 @@ def run_soak(args: argparse.Namespace, model: Path, workdir: Path, attackers: in
             url = f"http://127.0.0.1:{fleet.gateway_port}"
             replicas = [f"http://127.0.0.1:{p}" for p in fleet.ports]
             workers = [client(url, start + seconds, random.Random(rng.random()), results) for _ in range(args.clients)]
-            workers += [attacker(url, replicas, start + seconds, random.Random(rng.random()), attacks) for _ in range(attackers)]
+            workers += [attacker(url, replicas, start + seconds, random.Random(rng.random()), attacks, kinds) for _ in range(attackers)]
 
             async def minutes() -> None:
                 for minute in range(int(args.minutes + 0.999)):
@@ -289,6 +292,8 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="first the same soak without attackers, then the ratios")
     parser.add_argument("--model", default="tiny", help="tiny (a random tiny Llama, fast) or smollm2")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="the attack kinds, comma-separated (default: all)")
+    parser.add_argument("--each-attack", action="store_true", help="after the baseline, one soak per attack kind on its own")
     args = parser.parse_args()
     from lorafleet import model_store
     from lorafleet.testing import make_lora_adapter, make_tiny_model
@@ -298,15 +303,20 @@ def main() -> None:
         model = make_tiny_model(workdir / "model") if args.model == "tiny" else model_store.resolve_model(args.model)
         for i in range(ADAPTERS):
             make_lora_adapter(model, workdir / "adapters" / f"a{i}", r=8, seed=i)
-        runs = {}
-        if args.baseline and args.attackers:
-            runs["no attackers"] = run_soak(args, model, workdir, 0, "baseline")
-        runs["attackers"] = run_soak(args, model, workdir, args.attackers, "attacked")
-        if len(runs) == 2:
-            (base, _, base_start), (hit, _, hit_start) = runs["no attackers"], runs["attackers"]
-            (base_latency, base_ttft), (hit_latency, hit_ttft) = p99s(base, 30, base_start), p99s(hit, 30, hit_start)
-            print(f"\nnormal clients, p99 after the first 30 s: latency {base_latency:.2f}s -> {hit_latency:.2f}s "
-                  f"({hit_latency / base_latency:.2f}x), stream TTFT {base_ttft:.2f}s -> {hit_ttft:.2f}s ({hit_ttft / base_ttft:.2f}x); goal: within 2x")
+        kinds = tuple(k for k in args.attacks.split(",") if k)
+        if unknown := set(kinds) - set(ATTACKS):
+            parser.error(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
+        baseline = run_soak(args, model, workdir, 0, "baseline") if (args.baseline or args.each_attack) and args.attackers else None
+        groups = [(kind,) for kind in kinds] if args.each_attack else [kinds]
+        attacked = {group: run_soak(args, model, workdir, args.attackers, "attacked-" + "-".join(group) if args.each_attack else "attacked", group)
+                    for group in groups}
+        if baseline is not None:
+            base_latency, base_ttft = p99s(baseline[0], 30, baseline[2])
+            for group, (hit, _, hit_start) in attacked.items():
+                hit_latency, hit_ttft = p99s(hit, 30, hit_start)
+                print(f"\nnormal clients under {','.join(group)}, p99 after the first 30 s: latency {base_latency:.2f}s -> {hit_latency:.2f}s "
+                      f"({hit_latency / base_latency:.2f}x), stream TTFT {base_ttft:.2f}s -> {hit_ttft:.2f}s ({hit_ttft / base_ttft:.2f}x); "
+                      "goal: within 2x")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ RAW_CASES = [
     ("100 KB header", post(b"/generate", extra=b"X-Big: " + b"a" * 100_000 + b"\r\n"), 431),
     ("8,000 headers", post(b"/generate", extra=b"".join(b"X-H%d: v\r\n" % i for i in range(8000))), 431),
     ("100 KB path", post(b"/" + b"p" * 100_000), (400, 431)),  # httptools' URL parser stops at 64 KiB (400); h11 reads it whole (431)
-    ("16 MB header", post(b"/generate", extra=b"X-Big: " + b"a" * (16 << 20) + b"\r\n"), 400),
+    ("16 MB header", post(b"/generate", extra=b"X-Big: " + b"a" * (16 << 20) + b"\r\n"), 431),
     ("10 KB path", post(b"/" + b"p" * 10_000), 200),
     ("garbage request line", b"GARBAGE\r\n\r\n", 400),
     ("header without a colon", b"POST /generate HTTP/1.1\r\nHost: gw\r\nnocolon\r\nContent-Length: 0\r\n\r\n", 400),
@@ -101,6 +101,27 @@ def assert_unharmed(gateway: Gateway) -> None:
     replicas = httpx.get(gateway.url + "/replicas").json()["replicas"]
     assert all(r["in_flight"] == 0 for r in replicas), replicas
     assert httpx.post(gateway.url + "/generate", content=OK_BODY, headers={"content-type": "application/json"}, timeout=30).status_code == 200
+
+
+def test_a_head_too_large_is_431_however_many_reads_it_arrives_in(fleet) -> None:
+    """The same 100 KB head sent whole and in pieces a moment apart (as a loaded machine may deliver it)."""
+    gateway, upstream = fleet
+    seen = len(upstream.seen)
+    head = post(b"/generate", extra=b"X-Big: " + b"a" * 100_000 + b"\r\n")
+    for pieces in (1, 4):
+        size = -(-len(head) // pieces)
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            try:
+                for i in range(pieces):
+                    sock.sendall(head[i * size:(i + 1) * size])
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):  # refused before the rest was sent
+                pass
+            answer = sock.makefile("rb").read()
+        assert answer.startswith(b"HTTP/1.1 431 "), (pieces, answer[:200])
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error_type"] == "validation"
+    assert len(upstream.seen) == seen  # never reached a replica
+    assert_unharmed(gateway)
 
 
 @pytest.mark.parametrize("name,request_bytes,status", RAW_CASES, ids=[c[0] for c in RAW_CASES])
