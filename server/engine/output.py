@@ -21,6 +21,7 @@ from lorafleet.server.engine.sampler import SamplingError, sample
 from lorafleet.server.engine.scheduler import ScheduledChunk, Scheduler
 from lorafleet.server.engine.sequence import FinishReason, Sequence, Status, TokenInfo
 from lorafleet.server.engine.speculation import NgramSpeculator
+from lorafleet.server.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class OutputProcessor:
 
     def _fail_row(self, seq: Sequence, exc: BaseException) -> StepOutput:
         log.warning("request %s failed alone (%s: %s)", seq.request_id, type(exc).__name__, exc)
-        return self.fail(seq, exc if isinstance(exc, SamplingError) else SamplingError(f"{type(exc).__name__}: {exc}"))
+        # The request's own input at fault (its grammar too costly) keeps its 4xx; anything else is a failed generation.
+        return self.fail(seq, exc if isinstance(exc, (SamplingError, RequestError)) else SamplingError(f"{type(exc).__name__}: {exc}"))
 
     def fail(self, seq: Sequence, exc: BaseException) -> StepOutput:
         """One request's own failure: it ends with the error, its blocks are freed, the batch goes on."""

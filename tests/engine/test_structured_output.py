@@ -92,3 +92,25 @@ async def test_a_slow_schema_compile_stalls_no_other_stream(tiny_models: dict[st
             started = time.monotonic()
             again = await client.post("/generate", json=constrained)  # remembered: refused without a second compile
             assert again.status_code == 422 and "refused without trying again" in again.json()["error"] and time.monotonic() - started < 1
+
+
+def test_a_grammar_that_costs_more_each_token_fails_alone_before_it_stalls_the_batch(tiny_models: dict[str, Path]) -> None:
+    """This pattern compiles at once, then its mask costs more with every token (unbounded, 107 s for 40 tokens of this
+    request, every step of its neighbour waiting): past its per-step budget it fails alone with a 422."""
+    from lorafleet.server.api.errors import classify
+    from lorafleet.server.engine.structured import GrammarTooCostly
+
+    prompt, plain = [1, 5, 6], SamplingParams(max_new_tokens=40)
+    alone = make_engine(tiny_models["llama"])
+    reference = alone.add_request(prompt, plain)
+    alone.run_to_completion()
+    engine = make_engine(tiny_models["llama"])
+    fmt = {"type": "json_schema", "schema": {"type": "string", "pattern": "^((.{1,60}){1,20}){1,20}$"}}
+    costly = engine.add_request(prompt, SamplingParams(max_new_tokens=40, response_format=fmt, do_sample=True, temperature=50.0, seed=3))
+    neighbour = engine.add_request(prompt, plain)
+    engine.run_to_completion()
+    assert costly.finish_reason is FinishReason.ERROR and isinstance(costly.error, GrammarTooCostly)
+    assert len(costly.generated_ids) < 40  # stopped before the end, not after paying for every token
+    status, error_type, message = classify(costly.error)
+    assert (status, error_type) == (422, "validation") and "grammar" in message
+    assert neighbour.generated_ids == reference.generated_ids  # the batch went on, unchanged
