@@ -13,7 +13,7 @@ RSS and open descriptors of every process (must stay flat).
 Attackers (``--attackers N`` clients in a process of their own beside the normal ones, as in the third
 adversarial run): poison merges
 (weights 1e30, density 1e-300), merges of many members abandoned after a second, each spec new, schemas that
-compile for minutes, warm floods and catalogue reads straight at the replicas. Their answers are theirs; what
+compile for minutes (and, compiled, cost more with every token), warm floods and catalogue reads straight at the replicas. Their answers are theirs; what
 counts is that no normal request is lost and the normal clients' p99 (non-streaming latency, and time to first
 token of full streams) stays within 2x of a run without attackers: ``--baseline`` runs that first and prints
 the ratios. ``--attacks`` picks the kinds; ``--each-attack`` runs one soak per kind after the baseline, to see
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import random
@@ -56,6 +57,15 @@ ATTACKS = ("poison-merge", "abandoned-merge", "slow-schema", "warm-flood", "cata
 def slow_schema(width: int) -> dict:
     """Each width a new schema; xgrammar compiles these for seconds (tiny vocabulary) to minutes (SmolLM2's)."""
     return {"type": "string", "pattern": "^((.{1," + str(width) + "}){1,20}){1,20}$"}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process and of its children it has waited for, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def process_stats(pid: int) -> tuple[float, int]:
@@ -178,8 +188,9 @@ async def attacker(url: str, replicas: list[str], end: float, rng: random.Random
                         status = -1  # abandoned, as meant
                 elif kind == "slow-schema":
                     response_format = {"type": "json_schema", "schema": slow_schema(rng.randint(20, 60))}
-                    status = (await http.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4,
-                                                                                                      "response_format": response_format}})).status_code
+                    # sampled wide, so each token adds several characters: the pattern's mask then costs more every token
+                    parameters = {"max_new_tokens": 48, "do_sample": True, "temperature": 50.0, "response_format": response_format}
+                    status = (await http.post(url + "/generate", json={"inputs": "Hi", "parameters": parameters})).status_code
                 elif kind == "warm-flood":
                     for replica in replicas:
                         status = (await http.post(replica + "/adapters/warm", json={"adapter_id": f"a{rng.randrange(ADAPTERS)}"})).status_code
@@ -201,7 +212,8 @@ def attack_process(url: str, replicas: list[str], end: float, seed: float, kinds
         await asyncio.gather(*(attacker(url, replicas, end, random.Random(rng.random()), attacks, kinds) for _ in range(attackers)))
 
     asyncio.run(run())
-    out.put(attacks)
+    times = os.times()
+    out.put((attacks, times.user + times.system))
 
 
 async def chaos(fleet: Fleet, start: float, seconds: float, say) -> None:  # noqa: ANN001
@@ -270,6 +282,7 @@ def run_soak(args: argparse.Namespace, model: Path, workdir: Path, attackers: in
         hostile = context.Process(target=attack_process, args=(url, replicas, start + seconds, args.seed + 0.5, kinds, attackers, out), daemon=True)
         if attackers:
             hostile.start()
+        ours = os.times()
 
         async def run() -> None:
             rng = random.Random(args.seed)
@@ -283,9 +296,15 @@ def run_soak(args: argparse.Namespace, model: Path, workdir: Path, attackers: in
             await asyncio.gather(*workers, chaos(fleet, start, seconds, print), minutes())
 
         asyncio.run(run())
+        cpu = {name: cpu_seconds(process.pid) for name, process in fleet.processes.items()}
+        now = os.times()
+        cpu["normal clients"] = now.user + now.system - ours.user - ours.system
         if attackers:
-            attacks = out.get(timeout=120)
+            attacks, cpu["attackers"] = out.get(timeout=120)
             hostile.join(30)
+        # Where the two cores went: an attacker's own client work is CPU this machine shares and a real one would not.
+        print("CPU seconds over the run (a SIGKILLed replica's first life not counted): "
+              + ", ".join(f"{name} {seconds:.0f}" for name, seconds in cpu.items()), flush=True)
         # The rows above were printed as each minute ended, before its slowest requests returned:
         # the table again with every request, then what the lost ones were.
         print("\nevery request, by the minute it started:")
@@ -318,12 +337,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="the attack kinds, comma-separated (default: all)")
     parser.add_argument("--each-attack", action="store_true", help="after the baseline, one soak per attack kind on its own")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (the processes' logs) instead of a temporary one")
     args = parser.parse_args()
     from lorafleet import model_store
     from lorafleet.testing import make_lora_adapter, make_tiny_model
 
-    with tempfile.TemporaryDirectory(prefix="lorafleet-soak-") as tmp:
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(prefix="lorafleet-soak-")) as tmp:
         workdir = Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         model = make_tiny_model(workdir / "model") if args.model == "tiny" else model_store.resolve_model(args.model)
         for i in range(ADAPTERS):
             make_lora_adapter(model, workdir / "adapters" / f"a{i}", r=8, seed=i)

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,8 +25,11 @@ TIMED_OUT_REMEMBERED = 1024
 # What one row's grammar may take to mask one token, on the engine thread that steps every request: a JSON schema
 # or json_object takes under 2 ms on SmolLM2's 49K vocabulary here. A pattern such as ``^((.{1,60}){1,20}){1,20}$``
 # compiles in milliseconds and then costs more with every token (1 ms, 14 ms, 38 ms, 1.2 s, 3.7 s at tokens 1, 12,
-# 18, 24, 30 on the tiny test vocabulary), which would stall every request on the replica for minutes.
-MASK_BUDGET_S = 0.05
+# 18, 24, 30 on the tiny test vocabulary), which would stall every request on the replica for minutes. The lower the
+# bound, the less of the ramp each such request is paid (the hostile soak repeats them): 25 ms is 12x the worst
+# JSON mask measured; a grammar that crossed it is remembered and refused at once next time.
+MASK_BUDGET_S = 0.025
+TOO_COSTLY_REMEMBERED = 1024
 MASK_OVER_BUDGET_IN_A_ROW = 2  # one slow step may be the machine (a pause, a preemption); two in a row are the grammar
 
 
@@ -36,13 +40,14 @@ class GrammarTooCostly(ValidationError):
 class Constraint:
     """One request's grammar state: which tokens may come next, advanced by each accepted token."""
 
-    def __init__(self, compiled: Any, vocab_size: int) -> None:
+    def __init__(self, compiled: Any, vocab_size: int, on_too_costly: Callable[[], None] = lambda: None) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self.over_budget = 0  # steps in a row whose mask took more than MASK_BUDGET_S
+        self.on_too_costly = on_too_costly
 
     def mask(self, scores: torch.Tensor) -> None:
         """Set every token the grammar forbids to -inf in a [vocab] row, in place; GrammarTooCostly once the mask has
@@ -53,6 +58,7 @@ class Constraint:
         took = time.perf_counter() - started
         self.over_budget = self.over_budget + 1 if took > MASK_BUDGET_S else 0
         if self.over_budget >= MASK_OVER_BUDGET_IN_A_ROW:
+            self.on_too_costly()
             raise GrammarTooCostly(f"the response_format's grammar took {took * 1000:.0f} ms to choose one token, over "
                                    f"{MASK_BUDGET_S * 1000:.0f} ms {self.over_budget} steps in a row: a pattern this ambiguous "
                                    "slows every request on the replica; simplify it (nested repetitions such as ((.{1,60}){1,20}){1,20})")
@@ -75,6 +81,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
         self._timed_out: OrderedDict[str, None] = OrderedDict()  # schemas that ran past their budget: refused at once
+        self._too_costly: OrderedDict[str, None] = OrderedDict()  # grammars whose masks ran past MASK_BUDGET_S: likewise
         self._workers: GrammarWorkers | None = None
         self._lock = threading.Lock()
 
@@ -91,6 +98,7 @@ class GrammarCompiler:
 
         key = self._key(response_format)
         with self._lock:
+            self._refuse_if_too_costly(key)
             compiled = self._cached(key)
             if compiled is not None:
                 return compiled
@@ -148,7 +156,21 @@ class GrammarCompiler:
         return self._remember(key, compiled)
 
     def constraint(self, response_format: dict) -> Constraint:
-        return Constraint(self.compile(response_format), self.vocab_size)
+        key = self._key(response_format)
+        with self._lock:
+            self._refuse_if_too_costly(key)
+        return Constraint(self.compile(response_format), self.vocab_size, lambda: self._remember_too_costly(key))
+
+    def _refuse_if_too_costly(self, key: str) -> None:
+        if key in self._too_costly:
+            raise GrammarTooCostly(f"the response_format's grammar took more than {MASK_BUDGET_S * 1000:.0f} ms a token before "
+                                   "(refused without trying again): simplify its patterns")
+
+    def _remember_too_costly(self, key: str) -> None:
+        with self._lock:
+            self._too_costly[key] = None
+            while len(self._too_costly) > TOO_COSTLY_REMEMBERED:
+                self._too_costly.popitem(last=False)
 
 
 def validate_response_format(value: Any) -> dict | None:

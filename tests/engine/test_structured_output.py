@@ -114,3 +114,8 @@ def test_a_grammar_that_costs_more_each_token_fails_alone_before_it_stalls_the_b
     status, error_type, message = classify(costly.error)
     assert (status, error_type) == (422, "validation") and "grammar" in message
     assert neighbour.generated_ids == reference.generated_ids  # the batch went on, unchanged
+    again = SamplingParams(max_new_tokens=40, response_format=fmt)
+    with pytest.raises(GrammarTooCostly, match="before"):  # remembered: refused at admission, before any step pays for it
+        engine.add_request(prompt, again)
+    with pytest.raises(GrammarTooCostly, match="before"):  # and by the HTTP layer's compile, before the engine sees it
+        engine.grammar().compile_isolated(fmt, timeout=10.0)
