@@ -46,3 +46,10 @@ class Conflict(RequestError):
 
 class Unhealthy(RequestError):
     status, error_type = 503, "unhealthy"
+
+
+class ClientGone(RequestError):
+    """The client closed its connection before its answer (nginx's 499): nobody reads the response, and the access
+    log and the metrics say so without an error and a traceback for each hang-up (the hostile soak's abandoned
+    requests logged one ERROR each)."""
+    status, error_type = 499, "client_closed"

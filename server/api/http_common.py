@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from lorafleet.cache_salt import HOP_TOKEN_HEADER, MAX_SALT_LENGTH, SALT_HEADER
 from lorafleet.server.api.errors import classify
 from lorafleet.server.api.json_guard import MAX_DEPTH, UnusableValue, check_values
-from lorafleet.server.errors import RequestError
+from lorafleet.server.errors import ClientGone, RequestError
 from lorafleet.traffic_split import VARIANT_HEADER
 
 T = TypeVar("T")
@@ -100,7 +100,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientGone("the client closed the connection before its answer")
     finally:
         if not task.done():
             task.cancel()

@@ -268,6 +268,41 @@ async def test_a_client_that_disconnects_cancels_its_request(server) -> None:
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
+async def test_a_hang_up_before_a_plain_answer_is_a_499_not_an_error_with_a_traceback(server, tiny_models, monkeypatch, caplog) -> None:
+    """The hostile soak's abandoned requests logged "Exception in ASGI application" and a traceback each."""
+    import logging
+    import time
+
+    root = server.service.config.engine.adapter_roots[0]
+    make_lora_adapter(tiny_models["llama"], root / "slow-plain", r=4)
+    manager = server.service.engine.adapters
+    real_parse = manager._parse
+
+    def slow_parse(name, folder):  # noqa: ANN001, ANN202
+        time.sleep(2.0)
+        return real_parse(name, folder)
+
+    monkeypatch.setattr(manager, "_parse", slow_parse)
+    caplog.set_level(logging.ERROR)
+    body = {"inputs": "Hello", "parameters": {"adapter_id": "slow-plain", "max_new_tokens": 5}}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        request = asyncio.ensure_future(client.post("/generate", json=body))
+        await asyncio.sleep(0.5)
+        assert server.service.in_flight == 1
+        request.cancel()
+        for _ in range(200):
+            if server.service.in_flight == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.service.in_flight == 0
+        await asyncio.sleep(0.3)  # the handler's last words, if any, logged by now
+        metrics = (await client.get("/metrics")).text
+    manager.unload("local:slow-plain", in_use=set())
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(line.startswith("lorafleet_requests_total{") and 'route="/generate"' in line and 'status="499"' in line
+               for line in metrics.splitlines()), [line for line in metrics.splitlines() if line.startswith("lorafleet_requests_total")]
+
+
 async def test_a_stream_abandoned_while_it_waits_leaves_the_queue_at_once(server, tiny_models, monkeypatch) -> None:
     """A client that hangs up before its first token (its adapter still loading) gives up its place then,
     not after the load and a whole generation nobody reads."""
