@@ -268,21 +268,27 @@ async def test_a_client_that_disconnects_cancels_its_request(server) -> None:
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
-async def test_a_hang_up_before_a_plain_answer_is_a_499_not_an_error_with_a_traceback(server, tiny_models, monkeypatch, caplog) -> None:
-    """The hostile soak's abandoned requests logged "Exception in ASGI application" and a traceback each."""
-    import logging
+def slow_adapter(server, tiny_models, monkeypatch, name: str, seconds: float):  # noqa: ANN001, ANN201
+    """A local adapter ``name``; every parse of an adapter now takes ``seconds`` more, so a request for it waits that long."""
     import time
 
-    root = server.service.config.engine.adapter_roots[0]
-    make_lora_adapter(tiny_models["llama"], root / "slow-plain", r=4)
+    make_lora_adapter(tiny_models["llama"], server.service.config.engine.adapter_roots[0] / name, r=4)
     manager = server.service.engine.adapters
     real_parse = manager._parse
 
-    def slow_parse(name, folder):  # noqa: ANN001, ANN202
-        time.sleep(2.0)
-        return real_parse(name, folder)
+    def slow_parse(adapter, folder):  # noqa: ANN001, ANN202
+        time.sleep(seconds)
+        return real_parse(adapter, folder)
 
     monkeypatch.setattr(manager, "_parse", slow_parse)
+    return manager
+
+
+async def test_a_hang_up_before_a_plain_answer_is_a_499_not_an_error_with_a_traceback(server, tiny_models, monkeypatch, caplog) -> None:
+    """The hostile soak's abandoned requests logged "Exception in ASGI application" and a traceback each."""
+    import logging
+
+    manager = slow_adapter(server, tiny_models, monkeypatch, "slow-plain", 2.0)
     caplog.set_level(logging.ERROR)
     body = {"inputs": "Hello", "parameters": {"adapter_id": "slow-plain", "max_new_tokens": 5}}
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
@@ -308,16 +314,7 @@ async def test_a_stream_abandoned_while_it_waits_leaves_the_queue_at_once(server
     not after the load and a whole generation nobody reads."""
     import time
 
-    root = server.service.config.engine.adapter_roots[0]
-    make_lora_adapter(tiny_models["llama"], root / "slow", r=4)
-    manager = server.service.engine.adapters
-    real_parse = manager._parse
-
-    def slow_parse(name, folder):  # noqa: ANN001, ANN202
-        time.sleep(3.0)
-        return real_parse(name, folder)
-
-    monkeypatch.setattr(manager, "_parse", slow_parse)
+    manager = slow_adapter(server, tiny_models, monkeypatch, "slow", 3.0)
     body = {"inputs": "Hello", "parameters": {"adapter_id": "slow", "max_new_tokens": 200, "ignore_eos_token": True}}
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         for path in ("/generate_stream", "/v1/completions"):
