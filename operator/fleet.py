@@ -57,6 +57,10 @@ class Fleet(Wakeable):
         self._catalogue = FleetCatalogue()  # what the replicas learn of the Adapters' names (operator/fleet_catalogue.py)
         self._headers: dict[str, str] | None = None
         self.demand_owners: dict[str, int] = {}  # Adapter name -> owners its demand wants (autoscale_loop.py), when above warmReplicas
+        # Adapter name -> how many of its first owners hold every version its name routes to: the gateways spread a name
+        # over no more owners than that, so an owner its demand just added gets traffic once it is warm, not before
+        # (publishing the demand at once sent a request to an owner still loading it: a cold answer in CI).
+        self.warm_prefix: dict[str, int] = {}
         self._canaries = Canaries()  # rollouts whose canary takes part of a name's traffic (operator/canaries.py)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -167,7 +171,8 @@ class Fleet(Wakeable):
 
     def _share_catalogue(self, records: list[AdapterRecord], members: dict[str, str], now: float) -> None:
         """Every replica learns the fleet's Adapters (name -> id, source, revision), so a name alone is a request."""
-        entries, version = self._catalogue.current(self._canaries.catalogue_canaries(records), self.demand_owners, now)
+        spread = {name: max(1, min(wanted, self.warm_prefix.get(name, 1))) for name, wanted in self.demand_owners.items()}
+        entries, version = self._catalogue.current(self._canaries.catalogue_canaries(records), spread, now)
         for pod, url, sent in self._catalogue.to_send(members, self._members.seen, version, now):
             self._spawn(("catalogue", pod), None, self._put_catalogue(pod, url, entries, sent))
 
@@ -235,9 +240,12 @@ class Fleet(Wakeable):
         ref = book.serving if stable_only else record.ref  # the version the status reports on
         owners, hot, problems = self._warm(record, ref, members, known, now)
         wanted = {(pod, ref.key) for pod in owners}
+        warm_prefix = leading_held(owners, hot)
         if rollout is not None and not stable_only and book.serving != record.ref:  # stable keeps serving its share meanwhile
-            stable_owners, _, _ = self._warm(record, book.serving, members, known, now)
+            stable_owners, stable_hot, _ = self._warm(record, book.serving, members, known, now)
             wanted |= {(pod, book.serving.key) for pod in stable_owners}
+            warm_prefix = min(warm_prefix, leading_held(stable_owners, stable_hot))
+        self.warm_prefix[record.name] = warm_prefix
         all_hot = len(hot) == len(owners)
         if rollout is not None:
             if self._canaries.step(record, rollout, all_hot, now):
@@ -413,3 +421,10 @@ class Fleet(Wakeable):
                 log.info("fleet %s/%s: write failed: %s", self.namespace, self.name, exc)
                 return False
         return True
+
+
+def leading_held(owners: list[str], hot: list[str]) -> int:
+    """How many of ``owners``, in ring order, hold the adapter before the first that does not."""
+    held = set(hot)
+    return next((i for i, pod in enumerate(owners) if pod not in held), len(owners))
+
