@@ -51,8 +51,8 @@ class Constraint:
 
     def mask(self, scores: torch.Tensor) -> None:
         """Set every token the grammar forbids to -inf in a [vocab] row, in place; GrammarTooCostly once the mask has
-        cost more than its budget MASK_OVER_BUDGET_IN_A_ROW steps in a row (the growth is gradual, so the last step
-        paid is about twice the budget, not minutes)."""
+        cost more than its budget MASK_OVER_BUDGET_IN_A_ROW steps in a row (the last step paid is usually a few times the
+        budget; up to 0.7 s was seen in the soak, where sampled tokens add several characters at once: not minutes)."""
         started = time.perf_counter()
         self.matcher.fill_next_token_bitmask(self.bitmask)
         took = time.perf_counter() - started
