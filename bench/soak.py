@@ -11,12 +11,11 @@ valid non-streaming request that did not get its 200: must be 0), p99 latency of
 RSS and open descriptors of every process (must stay flat).
 
 Attackers (``--attackers N`` clients in a process of their own beside the normal ones, as in the third
-adversarial run): poison merges
-(weights 1e30, density 1e-300), merges of many members abandoned after a second, each spec new, schemas that
-compile for minutes (and, compiled, cost more with every token), warm floods and catalogue reads straight at the replicas. Their answers are theirs; what
-counts is that no normal request is lost and the normal clients' p99 (non-streaming latency, and time to first
-token of full streams) stays within 2x of a run without attackers: ``--baseline`` runs that first and prints
-the ratios. ``--attacks`` picks the kinds; ``--each-attack`` runs one soak per kind after the baseline, to see
+adversarial run): poison merges (weights 1e30, density 1e-300), merges of many members abandoned after a second,
+each spec new, schemas that compile for minutes (and, compiled, cost more with every token), warm floods and
+catalogue reads straight at the replicas. Their answers are theirs; what counts is that no normal request is lost
+and the normal clients' p99 (non-streaming latency, and time to first token of full streams) stays within 2x of a
+run without attackers: ``--baseline`` runs that first and prints the ratios. ``--attacks`` picks the kinds; ``--each-attack`` runs one soak per kind after the baseline, to see
 which one costs the normal clients most.
 
     .venv/bin/python -P bench/soak.py [--minutes 10] [--replicas 3] [--clients 24] [--attackers 8] [--baseline] [--each-attack]
@@ -277,10 +276,10 @@ def run_soak(args: argparse.Namespace, model: Path, workdir: Path, attackers: in
         start = time.monotonic()
         url = f"http://127.0.0.1:{fleet.gateway_port}"
         replicas = [f"http://127.0.0.1:{p}" for p in fleet.ports]
-        context = multiprocessing.get_context("spawn")
-        out = context.Queue()
-        hostile = context.Process(target=attack_process, args=(url, replicas, start + seconds, args.seed + 0.5, kinds, attackers, out), daemon=True)
         if attackers:
+            context = multiprocessing.get_context("spawn")
+            out = context.Queue()
+            hostile = context.Process(target=attack_process, args=(url, replicas, start + seconds, args.seed + 0.5, kinds, attackers, out), daemon=True)
             hostile.start()
         ours = os.times()
 

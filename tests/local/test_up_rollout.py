@@ -71,6 +71,8 @@ def test_a_retrained_adapter_rolls_out_as_a_canary_with_no_failed_or_cold_reques
     answers = client.answers
     assert {status for status, _, _ in answers} == {200}, [a for a in answers if a[0] != 200][:5]
     cold = [i for i, (_, tier, _) in enumerate(answers) if tier not in ("device", "cpu")]
+    if cold:  # pytest -q cuts a long assertion message in the middle: the gateway's own words whole, in the captured output
+        print("\n".join(routing_log(workdir)))
     assert not cold, [(i, answers[i], client.replicas[i], answers[i - 3:i], client.replicas[i - 3:i]) for i in cold] + [len(answers)] + routing_log(workdir)
     served = [version for _, _, version in answers]
     assert served.count("pirate-v2") >= 5 and served.count("pirate") >= 5  # both sides served during the canary

@@ -62,11 +62,12 @@ def test_a_hot_adapter_is_warmed_on_more_owners_and_gateways_learn_the_count(ope
         stub.slow["team/hot"] = 0.0 if pod == first else 3.0  # the extra owners take a while to load it
         stub.metrics = lambda c=counters[pod]: metrics(c)  # 100 more requests for hot and 10 for the base model each read
     wait_until(lambda: custom(api, "adapters", "hot")["status"]["owners"] == 3, timeout=20, what="three owners for 91 % of the requests")
+    deadline = time.monotonic() + 20
     while not all("team/hot" in stub.loaded for stub in stubs.values()):  # the gateways spread it only over owners that hold it
+        assert time.monotonic() < deadline, "not warmed on all three in 20 s"
         spread = [e.get("owners", 1) for stub in stubs.values() for e in stub.catalogue if e["name"] == "hot"]
         assert all(n == 1 for n in spread) or all("team/hot" in stub.loaded for stub in stubs.values()), spread
         time.sleep(0.05)
-    wait_until(lambda: all("team/hot" in stub.loaded for stub in stubs.values()), timeout=20, what="warmed on all three")
     wait_until(lambda: all(e.get("owners") == 3 for stub in stubs.values() for e in stub.catalogue if e["name"] == "hot"), timeout=20,
                what="the catalogue tells the gateways")
     for stub in stubs.values():
