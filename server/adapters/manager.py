@@ -44,6 +44,9 @@ MAX_FAILED_REMEMBERED = 256  # failed ids kept for their error and back-off; old
 MERGE_THREADS = 1
 MAX_MERGED_STATES = 64  # merged adapters remembered (tier, errors); older ones nobody uses are forgotten (recomputable)
 MERGED_CPU_SHARE = 0.25  # of the CPU tier: merged adapters never evict more than this of everyone's real adapters
+# Of the device slots (at least one): merged specs take turns in these and never hold more of the real adapters' slots.
+# A client sending a new spec every request (each its own adapter) otherwise evicted every tenant's adapter in turn.
+MERGED_SLOT_SHARE = 0.25
 
 
 class AdapterManager(TierReads):
@@ -193,7 +196,7 @@ class AdapterManager(TierReads):
         if pin:
             self._pinned.add(name)
         self.cpu.put(name, adapter)
-        self._to_device(name, state, adapter, running=set())
+        self._to_device(name, state, adapter, running=set(), waited_for=set())
         state.ran_since_load = True  # no request waits for it: it needs no protection from eviction
         return adapter
 
@@ -258,6 +261,7 @@ class AdapterManager(TierReads):
         # Only what waits, and pinned adapters not yet on the device: never a scan of every known adapter.
         pinned = [k for k in self._pinned if k in self.states and self.states[k].status != "device"]
         wanted = list(dict.fromkeys([*waiting, *pinned]))
+        waited_for = set(waiting)
         for key in wanted:
             state = self.states.get(key)
             if state is None:
@@ -272,7 +276,10 @@ class AdapterManager(TierReads):
                     state.status = "loading"
                 self._submit(state, self._resolve(state.ref)[1], None)
                 continue
-            if not self._to_device(key, state, adapter, running):
+            if not self._to_device(key, state, adapter, running, waited_for):
+                if key in self._merged_keys:  # waits for a merged adapter's slot; real adapters behind it go on
+                    self._rotate(running, waiting, among=self._merged_keys)
+                    continue
                 self._rotate(running, waiting)
                 break
         self._end_draining(running, wanted)
@@ -304,12 +311,15 @@ class AdapterManager(TierReads):
                 if state is not None:
                     state.draining = False
 
-    def _to_device(self, key: str, state: AdapterState, adapter: LoraAdapter, running: set[str]) -> bool:
+    def _to_device(self, key: str, state: AdapterState, adapter: LoraAdapter, running: set[str], waited_for: set[str]) -> bool:
         if self.slots is None:
             self.slots = self._make_slots()
-        if not self.slots.free_slots:
+        merged_share = max(1, int(self.slots.num_slots * MERGED_SLOT_SHARE))
+        merged_full = key in self._merged_keys and sum(k in self._merged_keys for k in self.slots.slot_of) >= merged_share
+        if merged_full or not self.slots.free_slots:
             now = time.monotonic()
-            victims = [k for k in self.slots.slot_of if k not in running and k not in self._pinned and self._evictable(k, now)]
+            victims = [k for k in self.slots.slot_of if k not in running and k not in self._pinned and self._evictable(k, now, waited_for)
+                       and (not merged_full or k in self._merged_keys)]
             if not victims:
                 return False
             # A drained adapter gave up its slot for this: it goes first, then the least recently used.
@@ -327,10 +337,13 @@ class AdapterManager(TierReads):
         state.ran_since_load = False
         return True
 
-    def _evictable(self, key: str, now: float) -> bool:
-        """Not an adapter just brought in for requests that have not run yet (unless they could not for a whole cycle)."""
+    def _evictable(self, key: str, now: float, waited_for: set[str]) -> bool:
+        """Not an adapter just brought in for requests that wait and have not run yet (unless they could not for a whole
+        cycle). Once nobody waits for it (its clients left), it protects nothing: abandoned merged specs each held a
+        slot for a whole cycle, and normal clients' adapters waited behind them (stream TTFT 13x in the hostile soak)."""
         state = self.states.get(key)
-        return state is None or state.ran_since_load or now - state.resident_since >= self.settings.cycle_time_s
+        return (state is None or key not in waited_for or state.ran_since_load
+                or now - state.resident_since >= self.settings.cycle_time_s)
 
     def ran(self, keys: set[str]) -> None:
         """Adapters whose requests ran this step: from now on their slots may go to others."""
@@ -339,14 +352,15 @@ class AdapterManager(TierReads):
             if state is not None:
                 state.ran_since_load = True
 
-    def _rotate(self, running: set[str], waiting: list[str]) -> None:
-        """Every slot is used by running requests: drain the one resident longest past the cycle time."""
+    def _rotate(self, running: set[str], waiting: list[str], among: dict[str, None] | None = None) -> None:
+        """Every slot (``among`` those, when given) is used by running requests: drain the one resident longest past the
+        cycle time."""
         if self._draining:
             return
         now = time.monotonic()
         candidates = [
             k for k in (self.slots.slot_of if self.slots else {})
-            if k in self.states and k not in self._pinned
+            if k in self.states and k not in self._pinned and (among is None or k in among)
             and now - self.states[k].resident_since >= self.settings.cycle_time_s
         ]
         if candidates:
