@@ -16,7 +16,12 @@ NICENESS = 19  # the lowest: a weight of 15 against the engine's 1024 (10, tried
 def lower_this_threads_priority() -> None:
     """Nice the calling thread (Linux: a thread's priority is its own; threads it starts, torch's included,
     inherit it)."""
+    lower_thread_priority(threading.get_native_id())
+
+
+def lower_thread_priority(native_id: int | None) -> None:
+    """Nice one thread by its kernel id (a thread that finished meanwhile is no error)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
-    except (AttributeError, OSError):  # another OS, or not permitted: it runs at normal priority
+        os.setpriority(os.PRIO_PROCESS, native_id, NICENESS)
+    except (AttributeError, OSError, TypeError):  # another OS, not permitted, or gone: it runs as it was
         pass

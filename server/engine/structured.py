@@ -11,61 +11,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from lorafleet.server.engine.grammar_mask import MASK_BUDGET_S, Constraint, GrammarTooCostly
 from lorafleet.server.engine.grammar_worker import CompileTimeout, GrammarWorkers
-from lorafleet.server.errors import ValidationError
 
 TIMED_OUT_REMEMBERED = 1024
-# What one row's grammar may take to mask one token, on the engine thread that steps every request: a JSON schema
-# or json_object takes under 2 ms on SmolLM2's 49K vocabulary here. A pattern such as ``^((.{1,60}){1,20}){1,20}$``
-# compiles in milliseconds and then costs more with every token (1 ms, 14 ms, 38 ms, 1.2 s, 3.7 s at tokens 1, 12,
-# 18, 24, 30 on the tiny test vocabulary), which would stall every request on the replica for minutes. The lower the
-# bound, the less of the ramp each such request is paid (the hostile soak repeats them): 25 ms is 12x the worst
-# JSON mask measured; a grammar that crossed it is remembered and refused at once next time.
-MASK_BUDGET_S = 0.025
 TOO_COSTLY_REMEMBERED = 1024
-MASK_OVER_BUDGET_IN_A_ROW = 2  # one slow step may be the machine (a pause, a preemption); two in a row are the grammar
-
-
-class GrammarTooCostly(ValidationError):
-    """A response format whose grammar costs the shared engine too much per token: its request fails alone (422)."""
-
-
-class Constraint:
-    """One request's grammar state: which tokens may come next, advanced by each accepted token."""
-
-    def __init__(self, compiled: Any, vocab_size: int, on_too_costly: Callable[[], None] = lambda: None) -> None:
-        import xgrammar as xgr
-
-        self._xgr = xgr
-        self.matcher = xgr.GrammarMatcher(compiled)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self.over_budget = 0  # steps in a row whose mask took more than MASK_BUDGET_S
-        self.on_too_costly = on_too_costly
-
-    def mask(self, scores: torch.Tensor) -> None:
-        """Set every token the grammar forbids to -inf in a [vocab] row, in place; GrammarTooCostly once the mask has
-        cost more than its budget MASK_OVER_BUDGET_IN_A_ROW steps in a row (the last step paid is usually a few times the
-        budget; up to 0.7 s was seen in the soak, where sampled tokens add several characters at once: not minutes)."""
-        started = time.perf_counter()
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        took = time.perf_counter() - started
-        self.over_budget = self.over_budget + 1 if took > MASK_BUDGET_S else 0
-        if self.over_budget >= MASK_OVER_BUDGET_IN_A_ROW:
-            self.on_too_costly()
-            raise GrammarTooCostly(f"the response_format's grammar took {took * 1000:.0f} ms to choose one token, over "
-                                   f"{MASK_BUDGET_S * 1000:.0f} ms {self.over_budget} steps in a row: a pattern this ambiguous "
-                                   "slows every request on the replica; simplify it (nested repetitions such as ((.{1,60}){1,20}){1,20})")
-        self._xgr.apply_token_bitmask_inplace(scores.unsqueeze(0), self.bitmask)
-
-    def accept(self, token_id: int) -> None:
-        self.matcher.accept_token(token_id)
 
 
 class GrammarCompiler:

@@ -23,6 +23,9 @@ PROMPT = [1, 5, 6, 7]
 
 
 class ExplodingGrammar:
+    def start(self) -> None:
+        pass
+
     def mask(self, scores) -> None:  # noqa: ANN001
         raise RuntimeError("grammar matcher crashed")
 

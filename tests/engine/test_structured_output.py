@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -98,7 +100,7 @@ def test_a_grammar_that_costs_more_each_token_fails_alone_before_it_stalls_the_b
     """This pattern compiles at once, then its mask costs more with every token (unbounded, 107 s for 40 tokens of this
     request, every step of its neighbour waiting): past its per-step budget it fails alone with a 422."""
     from lorafleet.server.api.errors import classify
-    from lorafleet.server.engine.structured import GrammarTooCostly
+    from lorafleet.server.engine.grammar_mask import GrammarTooCostly
 
     prompt, plain = [1, 5, 6], SamplingParams(max_new_tokens=40)
     alone = make_engine(tiny_models["llama"])
@@ -119,3 +121,59 @@ def test_a_grammar_that_costs_more_each_token_fails_alone_before_it_stalls_the_b
         engine.add_request(prompt, again)
     with pytest.raises(GrammarTooCostly, match="before"):  # and by the HTTP layer's compile, before the engine sees it
         engine.grammar().compile_isolated(fmt, timeout=10.0)
+
+
+class BurnsAtThird:
+    """A matcher whose third mask burns ``cpu_s`` of CPU, as a pattern's mask does a few tokens into its ramp."""
+
+    def __init__(self, real, cpu_s: float) -> None:  # noqa: ANN001
+        self.real, self.cpu_s, self.calls = real, cpu_s, 0
+        self.finished = threading.Event()
+
+    def fill_next_token_bitmask(self, bitmask) -> None:  # noqa: ANN001
+        self.calls += 1
+        if self.calls == 3:
+            started = time.thread_time()
+            while time.thread_time() - started < self.cpu_s:
+                pass
+            self.finished.set()
+        self.real.fill_next_token_bitmask(bitmask)
+
+    def accept_token(self, token_id: int) -> None:
+        self.real.accept_token(token_id)
+
+
+def test_a_mask_past_its_deadline_fails_its_row_without_stalling_the_step(tiny_models: dict[str, Path]) -> None:
+    """xgrammar cannot be interrupted mid-mask: one that runs long (1.5 s of CPU here) is left to finish on its own
+    thread; the step waits at most MASK_DEADLINE_S for it (it waited the whole 1.5 s, every other row with it), the
+    row fails alone with a 422, and the grammar is refused from then on once its CPU time shows the cost was its own."""
+    from lorafleet.server.engine.grammar_mask import MASK_DEADLINE_S, GrammarTooCostly
+
+    prompt, plain = [1, 5, 6], SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = make_engine(tiny_models["llama"])
+    reference = alone.add_request(prompt, plain)
+    alone.run_to_completion()
+    engine = make_engine(tiny_models["llama"])
+    fmt = {"type": "json_schema", "schema": SCHEMA}
+    costly = engine.add_request(prompt, SamplingParams(max_new_tokens=12, response_format=fmt))
+    burner = costly.constraint.matcher = BurnsAtThird(costly.constraint.matcher, cpu_s=1.5)
+    neighbour = engine.add_request(prompt, plain)
+    longest = 0.0
+    while engine.has_work():
+        started = time.perf_counter()
+        engine.step()
+        longest = max(longest, time.perf_counter() - started)
+    assert costly.finish_reason is FinishReason.ERROR and isinstance(costly.error, GrammarTooCostly)
+    assert len(costly.generated_ids) == 2 and "over 100 ms" in str(costly.error)
+    assert neighbour.generated_ids == reference.generated_ids
+    assert longest < MASK_DEADLINE_S + 0.5  # was the whole 1.5 s
+    assert burner.finished.wait(30)
+    deadline = time.monotonic() + 5
+    while True:  # remembered by the mask's own thread as it ends
+        try:
+            engine.add_request(prompt, SamplingParams(max_new_tokens=4, response_format=fmt))
+        except GrammarTooCostly as exc:
+            assert "before" in str(exc)
+            break
+        assert time.monotonic() < deadline, "the costly grammar was not remembered"
+        time.sleep(0.05)
