@@ -27,9 +27,12 @@ START_TIMEOUT_S = 60.0  # a new worker imports xgrammar and reads the vocabulary
 
 def serve(conn: Connection) -> None:  # pragma: no cover - runs in the child process
     """The child: a compiler for the vocabulary it is sent first, then one schema in, one answer out, until EOF."""
+    # Serving first, from the child's first act: importing xgrammar (and torch with it) is ~3 s of CPU, and a hostile
+    # schema stream restarts workers often (each timed-out compile kills one); niced only after it, the restarts ran at
+    # the engine's priority (the soak's slow-schema attackers: normal clients' p99 2.75x).
+    os.nice(NICENESS)
     import xgrammar as xgr
 
-    os.nice(NICENESS)  # serving first: a hostile compile gets what CPU the engine leaves
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(conn.recv()), cache_enabled=False)
     conn.send(("ready", ""))
     while True:
