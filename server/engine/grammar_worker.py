@@ -20,6 +20,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from lorafleet.server.background import NICENESS
+from lorafleet.server.errors import Overloaded
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0  # a new worker imports xgrammar and reads the vocabulary: a second or two, far less than this
@@ -128,8 +129,13 @@ class GrammarWorkers:
         threading.Thread(target=start, name="lorafleet-grammar-start", daemon=True).start()
 
     def compile(self, schema: str, timeout: float) -> str:
-        """Waits for a free worker (each busy one ends within its own budget), then compiles within ``timeout``."""
-        worker = self._free.get()
+        """Waits at most ``timeout`` for a free worker (Overloaded past it: under a stream of hostile schemas the queue
+        held requests over 30 s with no answer), then compiles within ``timeout`` of its own (a schema is never judged
+        slow for the time it waited)."""
+        try:
+            worker = self._free.get(timeout=timeout)
+        except queue.Empty:
+            raise Overloaded(f"every schema compile worker stayed busy for {timeout:g}s; try again shortly") from None
         try:
             return worker.compile(schema, timeout)
         finally:

@@ -3,6 +3,8 @@ restarts them often (every timed-out compile kills one), and each start imports 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 import time
@@ -12,7 +14,7 @@ import pytest
 from support.engine import make_engine
 
 from lorafleet.server.background import NICENESS
-from lorafleet.server.engine.grammar_worker import _Worker
+from lorafleet.server.engine.grammar_worker import CompileTimeout, _Worker
 
 pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
 
@@ -45,3 +47,36 @@ def test_a_starting_compile_worker_never_runs_at_the_engines_priority(tiny_model
     finally:
         starting.join()
         worker.kill()
+
+
+def test_a_compile_waits_for_a_busy_pool_only_as_long_as_its_budget(tiny_models: dict[str, Path]) -> None:
+    """One worker busy with a schema that compiles for seconds: the next compile gets a 429 within its budget rather
+    than waiting for it (the hostile soak: queued compiles went 30 s with no answer), and its schema is not marked slow."""
+    from lorafleet.server.api.errors import classify
+    from lorafleet.server.engine.grammar_worker import GrammarWorkers
+    from lorafleet.server.errors import Overloaded
+
+    info = make_engine(tiny_models["llama"]).grammar()._info.serialize_json()
+    workers = GrammarWorkers(info, 1)
+    slow = json.dumps({"type": "string", "pattern": "^((.{1,20}){1,20}){1,20}$"})  # compiles for seconds on this vocabulary
+
+    def hold_the_worker() -> None:
+        with contextlib.suppress(CompileTimeout):
+            workers.compile(slow, 6.0)
+
+    busy = threading.Thread(target=hold_the_worker)
+    try:
+        assert workers.compile('{"type": "object"}', timeout=30)  # the worker has started
+        busy.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="every schema compile worker stayed busy for 1s") as refused:
+            workers.compile('{"type": "array"}', timeout=1.0)
+        assert time.monotonic() - started < 3.0
+        assert classify(refused.value)[0] == 429
+        busy.join()
+        assert workers.compile('{"type": "array"}', timeout=30)  # the pool serves again once the slow compile is killed
+    finally:
+        if busy.is_alive():
+            busy.join()
+        workers.close()
