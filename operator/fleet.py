@@ -53,6 +53,7 @@ class Fleet(Wakeable):
         self._books: dict[str, AdapterBook] = {}  # Adapter uid → what the fleet remembers of it (operator/book.py)
         self._scope = PassScope()  # which Adapters the next pass must look at (operator/pass_scope.py)
         self._rolling: set[str] = set()  # Adapters whose rollout is under way: looked at every pass
+        self._awaiting_catalogue: set[str] = set()  # Adapters whose old version leaves once every replica holds the catalogue
         self._counted, self._lingering = 0, 0  # Adapters at the last pass; gone ones whose book waits for its work to end
         self._catalogue = FleetCatalogue()  # what the replicas learn of the Adapters' names (operator/fleet_catalogue.py)
         self._headers: dict[str, str] | None = None
@@ -180,6 +181,8 @@ class Fleet(Wakeable):
         if await self.io.calls.put_catalogue(url, entries, await self._admin_headers()):
             self._catalogue.sent[pod] = sent
             self._catalogue.retry.pop(pod, None)
+            for uid in self._awaiting_catalogue:
+                self._scope.touch(uid)
         else:
             self._headers = None  # read the admin token again: it may not have existed, or was rotated
             self._catalogue.retry[pod] = time.monotonic() + RELIST.delay(1)
@@ -258,10 +261,17 @@ class Fleet(Wakeable):
         leftovers = placed - wanted
         if all_hot and leftovers:
             # Unloaded where it was only after the gateways have read (probe: 1 s) that the new owner holds
-            # it: until then they may still send its traffic to the old holder.
-            if book.unload_at is None:
+            # it: until then they may still send its traffic to the old holder. A version the name no longer serves
+            # (a rollout promoted, a revision moved) waits first for every replica to hold the catalogue that says so
+            # (the gateways read it from them): unloaded before, it met its last requests and loaded again, cold.
+            self._catalogue.name(record.uid, (record.name, self._serving(record)))
+            renamed = any(held != ref.key for _, held in leftovers)
+            if book.unload_at is None and renamed and not self._catalogue.delivered(members):
+                self._awaiting_catalogue.add(record.uid)  # looked at again as each replica acknowledges a catalogue
+            elif book.unload_at is None:
+                self._awaiting_catalogue.discard(record.uid)
                 book.unload_at = now + UNLOAD_GRACE_S
-            if now >= book.unload_at:
+            if book.unload_at is not None and now >= book.unload_at:
                 book.unload_at = None
                 for pod, held in sorted(leftovers):
                     if pod in members:

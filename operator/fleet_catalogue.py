@@ -52,6 +52,11 @@ class FleetCatalogue:
         self.deferred = self._made[0] != made_from
         return self._made[1], self._made[2]
 
+    def delivered(self, members: Mapping[str, str]) -> bool:
+        """Every member holds a catalogue made from every name change so far (none deferred, none still being sent)."""
+        return (self._made is not None and not self.deferred and self._made[0][0] == self._changes
+                and all(self.sent.get(pod, (None, ""))[1] == self._made[2] for pod in members))
+
     def dues(self) -> list[float]:
         return [*self.retry.values(), *([self._next] if self.deferred else [])]
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from lorafleet.server.background import NICENESS
@@ -26,13 +27,19 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0  # a new worker imports xgrammar and reads the vocabulary: a second or two, far less than this
 
 
-def serve(conn: Connection) -> None:  # pragma: no cover - runs in the child process
-    """The child: a compiler for the vocabulary it is sent first, then one schema in, one answer out, until EOF."""
-    # Serving first, from the child's first act: importing xgrammar (and torch with it) is ~3 s of CPU, and a hostile
-    # schema stream restarts workers often (each timed-out compile kills one); niced only after it, the restarts ran at
-    # the engine's priority (the soak's slow-schema attackers: normal clients' p99 2.75x).
-    os.nice(NICENESS)
+def serve(conn: Connection, nice_first: bool) -> None:  # pragma: no cover - runs in the child process
+    """The child: a compiler for the vocabulary it is sent first, then one schema in, one answer out, until EOF.
+
+    Importing xgrammar (and torch with it) is ~3 s of CPU. A restart (a timed-out compile killed the worker: a hostile
+    schema stream makes many) does it niced from the first instruction; restarts that niced only after it ran at the
+    engine's priority (the soak's slow-schema attackers: normal clients' p99 2.75x). The pool's first start is not
+    niced, so the replica's first schema does not wait for it on a busy machine."""
+    if nice_first:
+        os.nice(NICENESS)
     import xgrammar as xgr
+
+    if not nice_first:
+        os.nice(NICENESS)
 
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(conn.recv()), cache_enabled=False)
     conn.send(("ready", ""))
@@ -57,11 +64,12 @@ class _Worker:
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
 
-    def _start(self) -> None:
+    def _start(self, nice_first: bool = True) -> None:
         """A fresh interpreter (never a fork of one that holds torch's threads, nor a re-run of whatever __main__ is)."""
         ours, theirs = socket.socketpair()
         with theirs:
-            self._process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet.server.engine.grammar_worker", str(theirs.fileno())],
+            self._process = subprocess.Popen([sys.executable, "-P", "-m", "lorafleet.server.engine.grammar_worker", str(theirs.fileno()),
+                                              "nice-first" if nice_first else "nice-after-import"],
                                              pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         self._conn = Connection(ours.detach())
         self._conn.send(self._info)
@@ -73,10 +81,10 @@ class _Worker:
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def ensure_started(self) -> None:
+    def ensure_started(self, nice_first: bool = True) -> None:
         if not self.alive:
             self.kill()
-            self._start()
+            self._start(nice_first)
 
     def compile(self, schema: str, timeout: float) -> str:
         """The serialised compiled grammar; ValueError for a schema xgrammar refuses; CompileTimeout past ``timeout``."""
@@ -114,14 +122,18 @@ class GrammarWorkers:
         self._workers = [_Worker(tokenizer_info_json) for _ in range(workers)]
         self._closed = False
         self._free: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._busy = 0  # workers compiling now (not starting)
+        self._busy_lock = threading.Lock()
         for worker in self._workers:
-            self._restart(worker)
+            self._restart(worker, nice_first=False)
 
-    def _restart(self, worker: _Worker) -> None:
+    def _restart(self, worker: _Worker, nice_first: bool = True) -> None:
         def start() -> None:
             try:
                 if not self._closed:
-                    worker.ensure_started()
+                    worker.ensure_started(nice_first)
+                    if self._closed:  # closed while it started: no process outlives the pool
+                        worker.kill()
             except Exception as exc:  # it tries again when next used; the request then sees the error
                 log.warning("grammar worker did not start: %s", exc)
             self._free.put(worker)
@@ -132,13 +144,23 @@ class GrammarWorkers:
         """Waits at most ``timeout`` for a free worker (Overloaded past it: under a stream of hostile schemas the queue
         held requests over 30 s with no answer), then compiles within ``timeout`` of its own (a schema is never judged
         slow for the time it waited)."""
-        try:
-            worker = self._free.get(timeout=timeout)
-        except queue.Empty:
-            raise Overloaded(f"every schema compile worker stayed busy for {timeout:g}s; try again shortly") from None
+        now = time.monotonic()
+        behind_compiles, behind_starts = now + timeout, now + timeout + START_TIMEOUT_S
+        while True:
+            try:
+                worker = self._free.get(timeout=max(0.01, behind_compiles - now) if now < behind_compiles else 0.1)
+                break
+            except queue.Empty:
+                now = time.monotonic()  # past the budget, it waits on only for workers that are starting (none compiles)
+                if now >= behind_starts or (now >= behind_compiles and self._busy > 0):
+                    raise Overloaded(f"every schema compile worker stayed busy for {timeout:g}s; try again shortly") from None
+        with self._busy_lock:
+            self._busy += 1
         try:
             return worker.compile(schema, timeout)
         finally:
+            with self._busy_lock:
+                self._busy -= 1
             if worker.alive:
                 self._free.put(worker)
             else:
@@ -150,4 +172,4 @@ class GrammarWorkers:
             worker.kill()
 
 if __name__ == "__main__":  # pragma: no cover - the child's entry: python -m lorafleet.server.engine.grammar_worker FD
-    serve(Connection(int(sys.argv[1])))
+    serve(Connection(int(sys.argv[1])), sys.argv[2] == "nice-first")

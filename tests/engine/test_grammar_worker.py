@@ -25,10 +25,10 @@ def nice_and_cpu_seconds(pid: int) -> tuple[int, float]:
     return int(fields[16]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_a_starting_compile_worker_never_runs_at_the_engines_priority(tiny_models: dict[str, Path]) -> None:
+def test_a_restarting_compile_worker_never_runs_at_the_engines_priority(tiny_models: dict[str, Path]) -> None:
     info = make_engine(tiny_models["llama"]).grammar()._info.serialize_json()
     worker = _Worker(info)
-    starting = threading.Thread(target=worker._start)
+    starting = threading.Thread(target=worker._start, kwargs={"nice_first": True})  # a restart, after a kill
     starting.start()
     samples = []
     try:

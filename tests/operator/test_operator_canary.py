@@ -171,3 +171,26 @@ def test_a_moving_hub_revision_is_resolved_to_one_commit_that_every_replica_load
         wait_until(lambda: (entry(replicas, "it") or {}).get("revision") == tagged, timeout=15, what="the tag's commit serving")
         wait_until(lambda: custom(api, "adapters", "it")["status"].get("resolvedRevision") == tagged and phase(api, "it") == "Ready")
     assert not any(ref.revision in ("main", "v2") for r in replicas.values() for ref in r.refs.values())
+
+
+def test_the_old_version_leaves_only_after_every_replica_holds_the_catalogue_without_it(operator_env) -> None:
+    """The gateways learn where a name goes from the replicas' catalogue: a version unloaded before a replica held the
+    promoted catalogue met that replica's last requests for it and loaded again, cold (the rollout e2e test's rare
+    'loading' answer). One replica takes 4 s to hold each catalogue; the old version stays until it holds v2's."""
+    kubectl, api, replicas, _ = operator_env
+    start_fleet(kubectl, api, replicas)
+    rollout = {"steps": [{"weight": 50, "pause": "1s"}], "analysis": {"minRequests": 5, "interval": "200ms"}}
+    kubectl("apply", "-f", "-", input=canary_adapter("it", rollout))
+    wait_until(lambda: phase(api, "it") == "Ready", what="v1 Ready")
+    slow = next(iter(replicas.values()))
+    slow.catalogue_delay = 4.0
+    with Traffic(replicas, {"team/it@v1": (5, 0, 0.05), "team/it@v2": (5, 0, 0.05)}):
+        kubectl("patch", "adapter", "it", "--type", "merge", "-p", '{"spec": {"revision": "v2"}}')
+        wait_until(lambda: custom(api, "adapters", "it").get("status", {}).get("rollout", {}).get("phase") == "Promoted", timeout=30,
+                   what="promoted")
+    wait_until(lambda: not any("team/it@v1" in r.loaded for r in replicas.values()), timeout=40, what="v1 unloaded")
+    v2 = {"name": "it", "id": "team/it", "source": "local", "revision": "v2"}
+    wait_until(lambda: any(v2 in sent for _, sent in slow.catalogues), timeout=20, what="the slow replica holding v2's catalogue")
+    held_v2 = min(at for at, sent in slow.catalogues if v2 in sent)
+    unloads = [r.answered[("unload", "team/it@v1")] for r in replicas.values() if ("unload", "team/it@v1") in r.answered]
+    assert unloads and min(unloads) >= held_v2, (min(unloads) - held_v2)

@@ -62,6 +62,8 @@ class StubReplica:
         self.listings = 0  # GET /adapters answered
         self.slow: dict[str, float] = {}  # adapter id (or id@revision) → seconds its load takes
         self.catalogue: list[dict] = []  # what the operator registered (PUT /adapters/catalogue)
+        self.catalogue_delay = 0.0  # seconds a PUT of the catalogue takes before it is held
+        self.catalogues: list[tuple[float, list[dict]]] = []  # (when held, what): every catalogue it was sent
         self.counts: dict[str, VersionCounts] = {}  # ring key -> the outcomes GET /adapters/stats reports (the test's traffic)
         self.metrics: str | Callable[[], str] = ""  # what GET /metrics answers (the autoscaler's signals), or what makes it each read
         stub = self
@@ -111,7 +113,10 @@ class StubReplica:
                 self._reply(200, {"id": ref.id, "key": ref.key, "tier": "device", "pinned": request.get("pin", False), "digest": digest(ref.ring_key)})
 
             def do_PUT(self) -> None:
-                stub.catalogue = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))["adapters"]
+                sent = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))["adapters"]
+                time.sleep(stub.catalogue_delay)
+                stub.catalogue = sent
+                stub.catalogues.append((time.monotonic(), sent))
                 self._reply(200, {"adapters": len(stub.catalogue)})
 
             def do_DELETE(self) -> None:
