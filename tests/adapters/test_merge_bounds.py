@@ -1,6 +1,7 @@
 """Merged adapters cannot crowd out anyone else: their own small pool, a cost bound, cancellation when nobody waits,
-and a bounded share of the CPU tier and of the replica's state (the third adversarial run: abandoned 16-member
-merges held the hub pool for minutes, and ~350 distinct specs evicted every tenant's real adapters)."""
+and a bounded share of the CPU tier, of the device slots and of the replica's state (the third adversarial run: abandoned
+16-member merges held the hub pool for minutes, and ~350 distinct specs evicted every tenant's real adapters; in the hostile
+soak, abandoned specs each held a device slot for a whole cycle: normal clients' stream TTFT 13x)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,40 @@ def test_one_identified_caller_holds_at_most_half_the_merge_queue(tiny_models, m
     run_until(engine, lambda: all(s.finished for s in waiting))
     assert all(s.finish_reason is not FinishReason.ERROR for s in waiting)
     manager.request(manager.merges.define(spec(0.7)), caller=b"tenant-a")  # its merges done, its share is back
+
+
+def test_an_adapter_whose_requests_all_left_gives_up_its_slot_at_once(tiny_models, members, tmp_path) -> None:
+    """Brought in for requests that then hung up before they ran, an adapter protected its slot for a whole cycle
+    (30 s here) and the next tenant's adapter waited that long."""
+    engine = engine_for(tiny_models, members, tmp_path, adapter_cycle_time_s=30.0, max_active_adapters=2, max_running_requests=1)
+    manager = engine.adapters
+    engine.add_request(PROMPT, SamplingParams(max_new_tokens=200, ignore_eos=True))  # holds the only running place
+    engine.step()
+    left = [engine.add_request(PROMPT, SamplingParams(max_new_tokens=2), manager.request(AdapterRef("local", n))) for n in NAMES[:2]]
+    run_until(engine, lambda: all(manager.states[s.adapter].status == "device" for s in left))
+    for seq in left:
+        engine.cancel(seq)  # their clients hung up
+    newcomer = manager.request(AdapterRef("local", NAMES[2]))
+    engine.add_request(PROMPT, SamplingParams(max_new_tokens=2), newcomer)
+    run_until(engine, lambda: manager.states[newcomer].status == "device", timeout=10)
+
+
+def test_merged_specs_take_turns_in_their_share_of_the_slots(tiny_models, members, tmp_path) -> None:
+    engine = engine_for(tiny_models, members, tmp_path, max_active_adapters=4, adapter_cycle_time_s=0.05)
+    manager = engine.adapters
+    assert max(1, int(4 * manager_module.MERGED_SLOT_SHARE)) == 1
+    tenants = [engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), manager.request(AdapterRef("local", n))) for n in NAMES]
+    run_until(engine, lambda: all(s.finished for s in tenants))
+    for i in range(6):  # a new spec each time: each is a new adapter wanting a slot
+        merged = manager.merges.define(spec(0.1 * (i + 1), NAMES[:2]))
+        seq = engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), manager.request(merged))
+        run_until(engine, lambda seq=seq: seq.finished)
+        assert seq.finish_reason is not FinishReason.ERROR
+        resident = set(manager.slots.slot_of)
+        assert {f"local:{n}" for n in NAMES} <= resident  # every tenant's adapter kept its slot
+        assert sum(k.startswith("merged:") for k in resident) == 1
+    # A tenant's adapter still gets a slot as before (the share bounds merged adapters only; the victim is the LRU one).
+    make_lora_adapter(tiny_models["llama"], members / "late", seed=70, target_modules=["q_proj", "v_proj"])
+    seq = engine.add_request(PROMPT, SamplingParams(max_new_tokens=1), manager.request(AdapterRef("local", "late")))
+    run_until(engine, lambda: seq.finished)
+    assert "local:late" in manager.slots.slot_of
