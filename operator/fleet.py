@@ -164,6 +164,7 @@ class Fleet(Wakeable):
             self._canaries.forget(uid)
             self._scope.forget(uid)
             self._rolling.discard(uid)
+            self._awaiting_catalogue.discard(uid)
 
     def _serving(self, record: AdapterRecord) -> AdapterRef:
         """The version the Adapter's name goes to: the spec's once it is hot on every owner, until then the one before."""
