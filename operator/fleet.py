@@ -265,6 +265,7 @@ class Fleet(Wakeable):
             # it: until then they may still send its traffic to the old holder. A version the name no longer serves
             # (a rollout promoted, a revision moved) waits first for every replica to hold the catalogue that says so
             # (the gateways read it from them): unloaded before, it met its last requests and loaded again, cold.
+            # the name's version as of this pass counts as a change already (reconcile records it again after _place)
             self._catalogue.name(record.uid, (record.name, self._serving(record)))
             renamed = any(held != ref.key for _, held in leftovers)
             if book.unload_at is None and renamed and not self._catalogue.delivered(members):

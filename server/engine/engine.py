@@ -142,9 +142,8 @@ class LLMEngine:
         # what a decode step's rows cost: the speculator's measure of what pays (nothing to measure without it)
         decode_only = self.speculator is not None and all(c.num_tokens == 1 and c.seq.num_computed > 0 for c in chunks)
         for chunk in chunks:  # grammar masks fill on their own threads while the forward pass runs (grammar_mask.py)
-            seq = chunk.seq
-            if seq.constraint is not None and seq.num_computed + chunk.num_tokens >= len(seq.token_ids):
-                seq.constraint.start()
+            if chunk.seq.constraint is not None and chunk.samples:
+                chunk.seq.constraint.start()
         started = time.perf_counter()
         hidden = self.runner.run(chunks, self.adapters.slots)
         outputs += self.output.process(chunks, hidden)

@@ -144,15 +144,14 @@ class GrammarWorkers:
         """Waits at most ``timeout`` for a free worker (Overloaded past it: under a stream of hostile schemas the queue
         held requests over 30 s with no answer), then compiles within ``timeout`` of its own (a schema is never judged
         slow for the time it waited)."""
-        now = time.monotonic()
-        behind_compiles, behind_starts = now + timeout, now + timeout + START_TIMEOUT_S
+        budget_ends = time.monotonic() + timeout
         while True:
             try:
-                worker = self._free.get(timeout=max(0.01, behind_compiles - now) if now < behind_compiles else 0.1)
+                worker = self._free.get(timeout=0.1)
                 break
             except queue.Empty:
-                now = time.monotonic()  # past the budget, it waits on only for workers that are starting (none compiles)
-                if now >= behind_starts or (now >= behind_compiles and self._busy > 0):
+                now = time.monotonic()  # past the budget, it waits on only while workers start (none compiles), for a start's time
+                if now >= budget_ends + START_TIMEOUT_S or (now >= budget_ends and self._busy > 0):
                     raise Overloaded(f"every schema compile worker stayed busy for {timeout:g}s; try again shortly") from None
         with self._busy_lock:
             self._busy += 1

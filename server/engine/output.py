@@ -53,6 +53,7 @@ class OutputProcessor:
         for chunk in chunks:
             seq = chunk.seq
             end = offset + chunk.num_tokens
+            samples = chunk.samples
             if seq.params.prefill_logprobs and seq.num_computed < seq.num_prompt and seq.num_preemptions == 0:
                 self._record_prefill_logprobs(seq, hidden[offset:end])
             seq.num_computed += chunk.num_tokens
@@ -61,7 +62,7 @@ class OutputProcessor:
             if chunk.draft:
                 verify.append(chunk)
                 verify_rows.extend(range(end - 1, end + len(chunk.draft)))  # the last token's row and each proposal's
-            elif seq.num_computed == len(seq.token_ids):
+            elif samples:
                 sample_rows.append(end - 1)
                 sample_seqs.append(seq)
             offset = end + len(chunk.draft)

@@ -34,6 +34,11 @@ class ScheduledChunk:
         """Rows this chunk takes in the forward pass."""
         return self.num_tokens + len(self.draft)
 
+    @property
+    def samples(self) -> bool:
+        """Whether this pass chooses a next token for its sequence (the chunk reaches its last token; before the pass)."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: BlockAllocator, adapter_ready: Callable[[str | None], bool] | None = None,

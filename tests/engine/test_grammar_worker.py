@@ -25,8 +25,13 @@ def nice_and_cpu_seconds(pid: int) -> tuple[int, float]:
     return int(fields[16]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_a_restarting_compile_worker_never_runs_at_the_engines_priority(tiny_models: dict[str, Path]) -> None:
-    info = make_engine(tiny_models["llama"]).grammar()._info.serialize_json()
+@pytest.fixture(scope="module")
+def info(tiny_models: dict[str, Path]) -> str:
+    """The tiny model's vocabulary as a worker is sent it."""
+    return make_engine(tiny_models["llama"]).grammar()._info.serialize_json()
+
+
+def test_a_restarting_compile_worker_never_runs_at_the_engines_priority(info: str) -> None:
     worker = _Worker(info)
     starting = threading.Thread(target=worker._start, kwargs={"nice_first": True})  # a restart, after a kill
     starting.start()
@@ -49,14 +54,13 @@ def test_a_restarting_compile_worker_never_runs_at_the_engines_priority(tiny_mod
         worker.kill()
 
 
-def test_a_compile_waits_for_a_busy_pool_only_as_long_as_its_budget(tiny_models: dict[str, Path]) -> None:
+def test_a_compile_waits_for_a_busy_pool_only_as_long_as_its_budget(info: str) -> None:
     """One worker busy with a schema that compiles for seconds: the next compile gets a 429 within its budget rather
     than waiting for it (the hostile soak: queued compiles went 30 s with no answer), and its schema is not marked slow."""
     from lorafleet.server.api.errors import classify
     from lorafleet.server.engine.grammar_worker import GrammarWorkers
     from lorafleet.server.errors import Overloaded
 
-    info = make_engine(tiny_models["llama"]).grammar()._info.serialize_json()
     workers = GrammarWorkers(info, 1)
     slow = json.dumps({"type": "string", "pattern": "^((.{1,20}){1,20}){1,20}$"})  # compiles for seconds on this vocabulary
 
