@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from lorafleet.cache_salt import HOP_TOKEN_HEADER, MAX_SALT_LENGTH, SALT_HEADER
 from lorafleet.server.api.errors import classify
@@ -25,7 +26,10 @@ async def read_json(request: Request) -> Any:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in ("application/json", ""):
         raise RequestError(f"Content-Type must be application/json, got {content_type!r}", 415, "validation")
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # it hung up mid-body (a gateway's timeout while this replica was stopped): a 499, not a 500
+        raise ClientGone("the client closed the connection before its request body arrived") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -49,9 +49,13 @@ def serve(conn: Connection, nice_first: bool) -> None:  # pragma: no cover - run
         except EOFError:
             return
         try:
-            conn.send(("ok", compiler.compile_json_schema(schema, any_whitespace=False).serialize_json()))
+            answer = ("ok", compiler.compile_json_schema(schema, any_whitespace=False).serialize_json())
         except Exception as exc:  # xgrammar reports schema errors as RuntimeError
-            conn.send(("error", str(exc).splitlines()[-1] if str(exc) else type(exc).__name__))
+            answer = ("error", str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
+        try:
+            conn.send(answer)
+        except OSError:  # the replica went away (killed) while this compiled: nobody to answer, nothing to log
+            return
 
 
 class CompileTimeout(TimeoutError):
@@ -105,9 +109,15 @@ class _Worker:
         return payload
 
     def kill(self) -> None:
+        """SIGKILL, reaped in the background if it does not go at once: a niced worker holding a large compile's
+        memory took over 5 s to exit on a loaded machine, and waiting for it here turned the request's 422 into a 500."""
         if self._process is not None:
-            self._process.kill()
-            self._process.wait(5)
+            process = self._process
+            process.kill()
+            try:
+                process.wait(0.5)
+            except subprocess.TimeoutExpired:
+                threading.Thread(target=process.wait, name="lorafleet-grammar-reap", daemon=True).start()
         if self._conn is not None:
             self._conn.close()
         self._process, self._conn = None, None

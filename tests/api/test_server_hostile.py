@@ -309,6 +309,28 @@ async def test_a_hang_up_before_a_plain_answer_is_a_499_not_an_error_with_a_trac
                for line in metrics.splitlines()), [line for line in metrics.splitlines() if line.startswith("lorafleet_requests_total")]
 
 
+def test_a_hang_up_mid_body_is_a_499_not_an_error_with_a_traceback(server, caplog) -> None:
+    """A gateway that gives up on a replica (SIGSTOPped in the soak) while its request body is still arriving."""
+    import logging
+
+    def answered_499() -> int:
+        metrics = httpx.get(server.url + "/metrics").text
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in metrics.splitlines()
+                   if line.startswith("lorafleet_requests_total{") and 'route="/generate"' in line and 'status="499"' in line)
+
+    before = answered_499()
+    caplog.set_level(logging.ERROR)
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"inp")
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while answered_499() == before:
+        assert time.monotonic() < deadline, "the hang-up was not answered as a 499"
+        time.sleep(0.05)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_a_stream_abandoned_while_it_waits_leaves_the_queue_at_once(server, tiny_models, monkeypatch) -> None:
     """A client that hangs up before its first token (its adapter still loading) gives up its place then,
     not after the load and a whole generation nobody reads."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -84,3 +85,41 @@ def test_a_compile_waits_for_a_busy_pool_only_as_long_as_its_budget(info: str) -
         if busy.is_alive():
             busy.join()
         workers.close()
+
+
+class SlowToDie:
+    """A worker process that outlives its SIGKILL for seconds, as a niced one tearing down a large compile's memory
+    did on a loaded machine (the soak's one unexplained 500: ``wait(5)`` after the kill timed out)."""
+
+    def __init__(self, exits_after_s: float) -> None:
+        self.exits_at, self.pid, self.args = None, 0, ["grammar-worker"]
+        self.exits_after_s = exits_after_s
+
+    def kill(self) -> None:
+        self.exits_at = time.monotonic() + self.exits_after_s
+
+    def poll(self) -> int | None:
+        return -9 if self.exits_at is not None and time.monotonic() >= self.exits_at else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        while self.poll() is None:
+            if timeout is not None and self.exits_at is not None and self.exits_at - time.monotonic() > timeout:
+                time.sleep(timeout)
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.05)
+        return -9
+
+
+def test_a_timed_out_compile_is_a_422_even_when_its_worker_is_slow_to_exit() -> None:
+    from multiprocessing.connection import Connection
+
+    worker = _Worker("{}")
+    ours, theirs = socket.socketpair()
+    worker._process, worker._conn = SlowToDie(exits_after_s=8.0), Connection(ours.detach())  # a worker that never answers
+    started = time.monotonic()
+    with pytest.raises(CompileTimeout):  # the request's 422 (structured.py), not a TimeoutExpired's 500
+        worker.compile('{"type": "object"}', timeout=0.2)
+    assert time.monotonic() - started < 2.0  # not held until the process is gone
+    theirs.close()
