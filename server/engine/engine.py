@@ -27,6 +27,9 @@ from lorafleet.server.engine.speculation import NgramSpeculator
 from lorafleet.server.lora.adapter_format import LoraAdapter
 
 log = logging.getLogger(__name__)
+# With only parked rows (grammar masks filling) and nothing to run: how long a step waits on a mask before it looks
+# for new arrivals again.
+PARKED_POLL_S = 0.005
 
 
 class LLMEngine:
@@ -129,6 +132,7 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         outputs = [self.output.end(seq, FinishReason.CANCELLED) for seq in self.scheduler.take_cancelled()]
+        outputs += self.output.unpark()  # their masks filled since the last step: they decode in this one
         outputs += self._fail_adapter_waiters()
         running, waiting = self.scheduler.adapters_in_use()
         if running or waiting or self.adapters.states:
@@ -137,6 +141,7 @@ class LLMEngine:
             self.speculator.begin_step(len(self.scheduler.running))
         chunks = self.scheduler.schedule()
         if not chunks:
+            self.output.wait_parked(PARKED_POLL_S)
             return outputs
         self.adapters.ran({c.seq.adapter for c in chunks if c.seq.adapter is not None})
         # what a decode step's rows cost: the speculator's measure of what pays (nothing to measure without it)

@@ -1,11 +1,13 @@
 """One request's grammar state, and the bound on what its per-token mask may cost the engine that steps everyone.
 
 Each mask is computed on a thread of its own (xgrammar releases the GIL while it fills the bitmask), started before
-the forward pass where the engine knows a row will sample, so an ordinary JSON mask costs the step nothing and a
-costly one costs it at most ``MASK_DEADLINE_S``: the engine stops waiting, the row fails alone with a 422, and the
-thread that is still filling is niced and left to finish (xgrammar cannot be interrupted). Before, a mask ran on the
-engine thread and the last step of a costly pattern stalled every request on the replica for up to 0.7 s (the soak's
-slow-schema attackers: normal clients' TTFT p99 2.9x).
+the forward pass where the engine knows a row will sample, so an ordinary JSON mask costs the step nothing. A mask not
+ready when the pass ends costs the step nothing either: its row is parked with its logits (output.py) while the other
+rows go on, and is sampled at the first step after the mask is filled. Past ``MASK_DEADLINE_S`` the row fails alone
+with a 422 and the thread that is still filling is niced and left to finish (xgrammar cannot be interrupted). Before,
+a mask ran on the engine thread and the last step of a costly pattern stalled every request on the replica for up to
+0.7 s (the soak's slow-schema attackers: normal clients' TTFT p99 2.9x); then the engine waited up to the deadline for
+it, every row with it (2.2x).
 
 A mask's cost is the filling thread's own CPU time, not wall time: on a loaded machine a 2 ms mask can wait for a
 core, and that is not the grammar's fault (nor a reason to refuse the schema to everyone afterwards).
@@ -29,8 +31,8 @@ from lorafleet.server.errors import ValidationError
 # 25 ms is 12x the worst JSON mask measured; a grammar that crossed it is remembered and refused at once next time.
 MASK_BUDGET_S = 0.025
 MASK_OVER_BUDGET_IN_A_ROW = 2  # one costly position may be the schema's (a long enum); two in a row are its pattern
-# The longest the engine thread waits for one row's mask (past the forward pass it overlapped): 4x the budget, so a
-# mask within budget that waited for a core on a loaded machine is not cut short.
+# The longest one row waits for its mask (past the forward pass it overlapped) before it fails: 4x the budget, so a
+# mask within budget that waited for a core on a loaded machine is not cut short. Only that row waits (it is parked).
 MASK_DEADLINE_S = 0.1
 
 
@@ -86,6 +88,7 @@ class Constraint:
         self.over_budget = 0  # steps in a row whose mask took more than MASK_BUDGET_S
         self.on_too_costly = on_too_costly
         self._fill: _Fill | None = None
+        self._wanted_at: float | None = None  # when the engine first asked for the current mask (its deadline counts from it)
         self.abandoned = False  # a mask ran past the deadline: the matcher is its thread's until it ends
 
     def start(self) -> None:
@@ -95,6 +98,20 @@ class Constraint:
             self._fill = _Fill(self.matcher, self.bitmask, self.on_too_costly)
             self._fill.start()
 
+    def ready(self) -> bool:
+        """Whether ``mask`` would answer without waiting: the mask is filled, or its deadline has passed (``mask`` then
+        fails the row). The first call after a token starts the deadline's clock."""
+        self.start()
+        now = time.monotonic()
+        if self._wanted_at is None:
+            self._wanted_at = now
+        return self._fill is None or self._fill.done.is_set() or now - self._wanted_at >= MASK_DEADLINE_S
+
+    def wait(self, timeout: float) -> None:
+        """Until the mask is filled, at most ``timeout`` (an engine with nothing else to run)."""
+        if self._fill is not None:
+            self._fill.done.wait(timeout)
+
     def mask(self, scores: torch.Tensor) -> None:
         """Set every token the grammar forbids to -inf in a [vocab] row, in place; GrammarTooCostly when the mask is not
         ready ``MASK_DEADLINE_S`` after the engine asked for it, or cost more than ``MASK_BUDGET_S`` of CPU
@@ -102,7 +119,8 @@ class Constraint:
         self.start()
         fill = self._fill
         assert fill is not None, "mask() after the row's grammar was abandoned"
-        if not fill.done.wait(MASK_DEADLINE_S) and fill.abandon():
+        wanted_at, self._wanted_at = self._wanted_at or time.monotonic(), None
+        if not fill.done.wait(max(0.0, wanted_at + MASK_DEADLINE_S - time.monotonic())) and fill.abandon():
             self.abandoned = True
             if self.over_budget + 1 >= MASK_OVER_BUDGET_IN_A_ROW:
                 self.on_too_costly()  # else remembered once the thread ends, if its CPU time says so
@@ -124,4 +142,5 @@ class Constraint:
         if self._fill is not None:  # a mask filled ahead for a step that did not sample this row: stale after this token
             self._fill.done.wait()
             self._fill = None
+        self._wanted_at = None
         self.matcher.accept_token(token_id)

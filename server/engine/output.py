@@ -1,7 +1,9 @@
 """What a step's forward pass means for each request: computed tokens advance, prompt logprobs are recorded, full
 blocks are offered to the prefix cache, the next token is sampled and appended (detokenized, checked against stop
 strings, EOS and the length limit), and a request that ends is finished. A row that fails (no token could be chosen,
-its grammar or detokenizing raised) ends alone with its error; the batch goes on.
+its grammar or detokenizing raised) ends alone with its error; the batch goes on. A row whose grammar mask is still
+filling when the pass ends is parked with its logits instead of holding up the batch, and sampled from them at a
+later step (the same token it would have had: nothing it is sampled from changes while it waits).
 
 nano-vllm's ``Scheduler.postprocess`` and vLLM's output processor have this job.
 """
@@ -71,15 +73,7 @@ class OutputProcessor:
         logits = self.logits(hidden[sample_rows + verify_rows])  # one projection onto the vocabulary for the whole step
         at = len(sample_seqs)
         if sample_seqs:
-            tokens, logprobs, failed = sample(logits[:at], sample_seqs)
-            for row, (seq, token_id) in enumerate(zip(sample_seqs, tokens)):
-                if row not in failed:
-                    try:
-                        outputs.append(self._append(seq, token_id, logprobs[row]))
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - detokenizing or the grammar: this row's failure alone
-                        failed[row] = exc
-                outputs.append(self._fail_row(seq, failed[row]))
+            outputs += self._sample_rows(logits[:at], sample_seqs)
         spans, rows, row_seqs = [], [], []
         for chunk in verify:
             width, free = len(chunk.draft) + 1, _position_free(chunk.seq)
@@ -98,6 +92,46 @@ class OutputProcessor:
                 offset += width
             outputs.extend(self._verify(chunk.seq, chunk.draft, logits[at:at + width], pre))
         return outputs
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[StepOutput]:
+        """Sample and append one token per row; a row whose grammar mask is not filled yet is parked instead."""
+        waiting = {row for row, seq in enumerate(seqs) if seq.constraint is not None and not seq.constraint.ready()}
+        for row in waiting:
+            seqs[row].parked_logits = logits[row].clone()
+            self.scheduler.park(seqs[row])
+        if waiting:
+            keep = [row for row in range(len(seqs)) if row not in waiting]
+            logits, seqs = logits[keep], [seqs[row] for row in keep]
+        if not seqs:
+            return []
+        outputs = []
+        tokens, logprobs, failed = sample(logits, seqs)
+        for row, (seq, token_id) in enumerate(zip(seqs, tokens)):
+            if row not in failed:
+                try:
+                    outputs.append(self._append(seq, token_id, logprobs[row]))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - detokenizing or the grammar: this row's failure alone
+                    failed[row] = exc
+            outputs.append(self._fail_row(seq, failed[row]))
+        return outputs
+
+    def unpark(self) -> list[StepOutput]:
+        """Parked rows whose mask is filled, or whose deadline has passed (they fail), chosen from their kept logits:
+        they are running again, and decode in the step that follows."""
+        ready = [seq for seq in self.scheduler.parked if seq.constraint.ready()]
+        if not ready:
+            return []
+        logits = torch.stack([seq.parked_logits for seq in ready])
+        for seq in ready:
+            seq.parked_logits = None
+            self.scheduler.unpark(seq)
+        return self._sample_rows(logits, ready)
+
+    def wait_parked(self, timeout: float) -> None:
+        """Nothing else can run: wait for the oldest parked row's mask, at most ``timeout``, instead of spinning."""
+        if self.scheduler.parked:
+            self.scheduler.parked[0].constraint.wait(timeout)
 
     def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor, pre: tuple | None = None) -> list[StepOutput]:
         """Emit tokens position by position, each sampled as plain decoding would (the request's penalties, grammar and

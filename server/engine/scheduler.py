@@ -5,7 +5,9 @@ first served, their prompts prefilled in chunks that share the step within the p
 When the block pool runs dry the newest running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue to be recomputed later, so the oldest requests always make
 progress (no starvation) and nothing is ever cut short. A waiting request that does not fit stops
-admission (head of line), so a large request is never overtaken forever by small ones.
+admission (head of line), so a large request is never overtaken forever by small ones. A sequence whose next token
+waits for its grammar mask is parked (output.py): it keeps its blocks and its adapter, and is not scheduled, preempted
+or counted as running until its token is chosen.
 """
 
 from __future__ import annotations
@@ -50,29 +52,41 @@ class Scheduler:
         self.draft = draft  # when speculating: a decoding sequence's proposed tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.parked: list[Sequence] = []  # computed up to their last token, waiting for its grammar mask
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.parked)
+
+    def park(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.parked.append(seq)
+
+    def unpark(self, seq: Sequence) -> None:
+        self.parked.remove(seq)
+        self.running.append(seq)
 
     def adapters_in_use(self) -> tuple[set[str], list[str]]:
         """(the adapters of running sequences, those waiting sequences want, oldest first): what the adapter manager
         must keep in its slots, and what it should bring into them next."""
-        running = {s.adapter for s in self.running if s.adapter is not None}
+        running = {s.adapter for s in [*self.running, *self.parked] if s.adapter is not None}
         return running, list(dict.fromkeys(s.adapter for s in self.waiting if s.adapter is not None))
 
     def finish(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
+        seq.parked_logits = None
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.parked:
+            self.parked.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
     def take_cancelled(self) -> list[Sequence]:
-        cancelled = [s for s in [*self.running, *self.waiting] if s.cancelled]
+        cancelled = [s for s in [*self.running, *self.parked, *self.waiting] if s.cancelled]
         for seq in cancelled:
             self.finish(seq)
         return cancelled
@@ -133,9 +147,9 @@ class Scheduler:
                 if num_tokens > 1:
                     prefill_budget -= num_tokens
 
-        total_tokens = sum(len(s.token_ids) for s in self.running)
+        total_tokens = sum(len(s.token_ids) for s in [*self.running, *self.parked])
         for seq in list(self.waiting):
-            if prefill_budget <= 0 or len(self.running) >= self.config.max_running_requests:
+            if prefill_budget <= 0 or len(self.running) + len(self.parked) >= self.config.max_running_requests:
                 break
             if not self.adapter_ready(seq.adapter):
                 continue  # its adapter is not on the device yet; it must not hold up the others

@@ -99,6 +99,7 @@ class Sequence:
     generator: torch.Generator | None = None
     seed_used: int | None = None
     constraint: Any = None  # a structured.Constraint when the output must follow a grammar
+    parked_logits: torch.Tensor | None = None  # its last pass's logits while its grammar mask is still filling (output.py)
     adapter_tier: str = ""  # the adapter's tier when the request arrived (device = hot), for headers and benchmarks
     # the adapter's load as it went (seconds per step, and where it was found), copied on the engine thread when the
     # request ends, so the HTTP layer's trace never reads the adapter state another thread writes

@@ -26,6 +26,9 @@ class ExplodingGrammar:
     def start(self) -> None:
         pass
 
+    def ready(self) -> bool:
+        return True
+
     def mask(self, scores) -> None:  # noqa: ANN001
         raise RuntimeError("grammar matcher crashed")
 

@@ -178,3 +178,50 @@ def test_a_mask_past_its_deadline_fails_its_row_without_stalling_the_step(tiny_m
             break
         assert time.monotonic() < deadline, "the costly grammar was not remembered"
         time.sleep(0.05)
+
+
+class GatedAtThird:
+    """A matcher whose third mask is filled only once the test opens its gate (a slow mask, without the CPU)."""
+
+    def __init__(self, real) -> None:  # noqa: ANN001
+        self.real, self.calls, self.gate = real, 0, threading.Event()
+
+    def fill_next_token_bitmask(self, bitmask) -> None:  # noqa: ANN001
+        self.calls += 1
+        if self.calls == 3:
+            self.gate.wait(30)
+        self.real.fill_next_token_bitmask(bitmask)
+
+    def accept_token(self, token_id: int) -> None:
+        self.real.accept_token(token_id)
+
+
+def test_a_row_waiting_for_its_mask_is_parked_and_the_batch_goes_on(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mask within its deadline but slower than a step (a loaded machine, a long enum) held every row of the step
+    until it was filled; now its row waits alone, and gets the very token it would have had."""
+    from lorafleet.server.engine import grammar_mask
+
+    monkeypatch.setattr(grammar_mask, "MASK_DEADLINE_S", 30.0)  # this mask is slow, not too costly: it must not fail
+    prompt, plain = [1, 5, 6], SamplingParams(max_new_tokens=12, ignore_eos=True)
+    constrained = SamplingParams(max_new_tokens=12, response_format={"type": "json_schema", "schema": SCHEMA}, do_sample=True, seed=11)
+    alone = make_engine(tiny_models["llama"])
+    reference_plain, reference_constrained = alone.add_request(prompt, plain), alone.add_request(prompt, constrained)
+    alone.run_to_completion()
+    engine = make_engine(tiny_models["llama"])
+    slow = engine.add_request(prompt, constrained)
+    gated = slow.constraint.matcher = GatedAtThird(slow.constraint.matcher)
+    neighbour = engine.add_request(prompt, plain)
+    while len(slow.generated_ids) < 2:
+        engine.step()
+    for _ in range(5):  # the slow row's third mask is filling: five steps go on without it, none waits for it
+        started = time.perf_counter()
+        engine.step()
+        assert time.perf_counter() - started < 5.0
+    assert len(slow.generated_ids) == 2 and engine.scheduler.parked == [slow]
+    assert len(neighbour.generated_ids) >= 7
+    gated.gate.set()
+    engine.run_to_completion()
+    assert slow.finish_reason is not FinishReason.ERROR, slow.error
+    assert slow.generated_ids == reference_constrained.generated_ids
+    assert neighbour.generated_ids == reference_plain.generated_ids
+    assert not engine.scheduler.parked and engine.allocator.num_free == engine.allocator.num_blocks
