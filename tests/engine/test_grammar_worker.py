@@ -1,12 +1,12 @@
-"""Schema compile workers run below the engine's priority from their first instruction on: a hostile schema stream
-restarts them often (every timed-out compile kills one), and each start imports xgrammar and torch (~3 s of CPU)."""
+"""Schema compile workers run below the engine's priority from their first instruction on, and a hostile schema stream
+restarts them often (every timed-out compile kills one): a restart is a fork of a zygote that imported xgrammar (and
+torch, ~3.5 s of CPU) once."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,7 +15,7 @@ import pytest
 from support.engine import make_engine
 
 from lorafleet.server.background import NICENESS
-from lorafleet.server.engine.grammar_worker import CompileTimeout, _Worker
+from lorafleet.server.engine.grammar_worker import CompileTimeout, _exists, _kill_and_reap, _Worker, _Zygote
 
 pytestmark = pytest.mark.slow  # over ~5 s in process: kept out of `make test-fast`
 
@@ -32,27 +32,29 @@ def info(tiny_models: dict[str, Path]) -> str:
     return make_engine(tiny_models["llama"]).grammar()._info.serialize_json()
 
 
-def test_a_restarting_compile_worker_never_runs_at_the_engines_priority(info: str) -> None:
-    worker = _Worker(info)
-    starting = threading.Thread(target=worker._start, kwargs={"nice_first": True})  # a restart, after a kill
-    starting.start()
-    samples = []
+def test_a_restarted_compile_worker_is_a_niced_fork_not_a_fresh_import(info: str) -> None:
+    """A hostile schema stream kills a worker per schema; a worker started from scratch imported xgrammar and torch at
+    each restart (~3.5 s of CPU on the replica's cores). A restart is a fork of the zygote: niced from its first
+    instruction, and ready for a fraction of the import's CPU."""
+    zygote = _Zygote(info)
+    worker = _Worker(zygote)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
     try:
-        while starting.is_alive():
-            if worker._process is not None:
-                try:
-                    samples.append(nice_and_cpu_seconds(worker._process.pid))
-                except (FileNotFoundError, ProcessLookupError):
-                    pass
-            time.sleep(0.01)
-        ours = os.getpriority(os.PRIO_PROCESS, 0)
-        busy = [nice for nice, cpu in samples if cpu >= 0.2]  # past the interpreter's own start (~0.05 s)
-        assert busy, "the worker started too fast to be observed"
-        assert set(busy) == {min(19, ours + NICENESS)}, samples  # it imported xgrammar at the engine's priority
+        worker.ensure_started()  # the zygote imports xgrammar once, then forks
         assert worker.compile('{"type": "object"}', timeout=30)
+        assert nice_and_cpu_seconds(zygote._process.pid)[0] == min(19, ours + NICENESS)
+        first = worker._pid
+        worker.kill()  # as after a timed-out compile
+        worker.ensure_started()
+        assert worker._pid != first and zygote._process is not None
+        nice, cpu = nice_and_cpu_seconds(worker._pid)
+        assert nice == min(19, ours + NICENESS)
+        assert cpu < 1.0, cpu  # a fresh interpreter importing xgrammar: ~3.5 s
+        assert worker.compile('{"type": "array"}', timeout=30)
     finally:
-        starting.join()
         worker.kill()
+        zygote.close()
+    assert not _exists(first)
 
 
 def test_a_compile_waits_for_a_busy_pool_only_as_long_as_its_budget(info: str) -> None:
@@ -112,14 +114,9 @@ class SlowToDie:
         return -9
 
 
-def test_a_timed_out_compile_is_a_422_even_when_its_worker_is_slow_to_exit() -> None:
-    from multiprocessing.connection import Connection
-
-    worker = _Worker("{}")
-    ours, theirs = socket.socketpair()
-    worker._process, worker._conn = SlowToDie(exits_after_s=8.0), Connection(ours.detach())  # a worker that never answers
+def test_a_process_slow_to_exit_after_its_kill_is_not_waited_for() -> None:
+    """The soak's one unexplained 500: a timed-out compile waited 5 s for its killed worker, which was still tearing
+    down, and the TimeoutExpired replaced the request's 422."""
     started = time.monotonic()
-    with pytest.raises(CompileTimeout):  # the request's 422 (structured.py), not a TimeoutExpired's 500
-        worker.compile('{"type": "object"}', timeout=0.2)
-    assert time.monotonic() - started < 2.0  # not held until the process is gone
-    theirs.close()
+    _kill_and_reap(SlowToDie(exits_after_s=8.0))
+    assert time.monotonic() - started < 2.0
