@@ -281,7 +281,7 @@ class ReplicaService:
     def in_flight_by_adapter(self) -> dict[str, int]:
         """Requests per adapter; on the engine thread (the scheduler's queues change under any other)."""
         counts: dict[str, int] = {}
-        for seq in [*self.engine.scheduler.running, *self.engine.scheduler.parked, *self.engine.scheduler.waiting]:
+        for seq in [*self.engine.scheduler.admitted, *self.engine.scheduler.waiting]:
             if seq.adapter:
                 counts[seq.adapter] = counts.get(seq.adapter, 0) + 1
         return counts
@@ -307,7 +307,7 @@ class ReplicaService:
         slots = manager.slots
         return {
             "waiting": len(scheduler.waiting),
-            "running": len(scheduler.running) + len(scheduler.parked),
+            "running": len(scheduler.admitted),
             "kv_usage": 1.0 - allocator.num_free / allocator.num_blocks,
             "prefix_cache": (prefix.queried_tokens, prefix.hit_tokens) if (prefix := self.engine.prefix) is not None else (0, 0),
             "speculative": (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) if (spec := self.engine.speculator) else (0, 0, 0),

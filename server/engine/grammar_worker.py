@@ -106,7 +106,7 @@ class _Zygote:
                                              pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         self._control, self._conn = ours, Connection(os.dup(ours.fileno()))
         self._conn.send(self._info)
-        if not self._conn.poll(START_TIMEOUT_S) or self._conn.recv()[0] != "ready":
+        if not _said_ready(self._conn):
             self._close()
             raise RuntimeError("the grammar compile zygote did not start")
 
@@ -156,6 +156,11 @@ def _kill_and_reap(process: subprocess.Popen) -> None:
         threading.Thread(target=process.wait, name="lorafleet-grammar-reap", daemon=True).start()
 
 
+def _said_ready(conn: Connection) -> bool:
+    """Whether a started zygote or worker answered "ready" within START_TIMEOUT_S."""
+    return conn.poll(START_TIMEOUT_S) and conn.recv()[0] == "ready"
+
+
 def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -172,7 +177,7 @@ class _Worker:
 
     def _start(self) -> None:
         self._pid, self._conn = self._zygote.fork()
-        if not self._conn.poll(START_TIMEOUT_S) or self._conn.recv()[0] != "ready":
+        if not _said_ready(self._conn):
             self.kill()
             raise RuntimeError("the grammar worker process did not start")
 

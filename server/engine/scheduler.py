@@ -61,6 +61,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.parked)
 
+    @property
+    def admitted(self) -> list[Sequence]:
+        """Every sequence that holds blocks: running, or parked until its grammar mask is filled."""
+        return [*self.running, *self.parked]
+
     def park(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.parked.append(seq)
@@ -72,7 +77,7 @@ class Scheduler:
     def adapters_in_use(self) -> tuple[set[str], list[str]]:
         """(the adapters of running sequences, those waiting sequences want, oldest first): what the adapter manager
         must keep in its slots, and what it should bring into them next."""
-        running = {s.adapter for s in [*self.running, *self.parked] if s.adapter is not None}
+        running = {s.adapter for s in self.admitted if s.adapter is not None}
         return running, list(dict.fromkeys(s.adapter for s in self.waiting if s.adapter is not None))
 
     def finish(self, seq: Sequence) -> None:
@@ -86,7 +91,7 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def take_cancelled(self) -> list[Sequence]:
-        cancelled = [s for s in [*self.running, *self.parked, *self.waiting] if s.cancelled]
+        cancelled = [s for s in [*self.admitted, *self.waiting] if s.cancelled]
         for seq in cancelled:
             self.finish(seq)
         return cancelled
@@ -147,9 +152,9 @@ class Scheduler:
                 if num_tokens > 1:
                     prefill_budget -= num_tokens
 
-        total_tokens = sum(len(s.token_ids) for s in [*self.running, *self.parked])
+        total_tokens = sum(len(s.token_ids) for s in self.admitted)
         for seq in list(self.waiting):
-            if prefill_budget <= 0 or len(self.running) + len(self.parked) >= self.config.max_running_requests:
+            if prefill_budget <= 0 or len(self.admitted) >= self.config.max_running_requests:
                 break
             if not self.adapter_ready(seq.adapter):
                 continue  # its adapter is not on the device yet; it must not hold up the others
